@@ -1,0 +1,194 @@
+"""The ``surgery`` command line: parses options, calls the library, prints.
+
+Results go to stdout (``--json`` for machines), logs and progress bars to stderr (bars only on a terminal).
+Exit codes: 0 success, 2 bad input or usage (one line, no traceback), 1 internal error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+import typer
+
+from surgery import __version__
+from surgery.errors import BadInput
+
+app = typer.Typer(
+    help="Model surgery for LLM checkpoints: inspect, diff and convert, streaming one tensor at a time.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+)
+
+JSON_OPTION = typer.Option(False, "--json", help="Print the result as JSON on stdout.")
+SHARD_OPTION = typer.Option("5GB", "--max-shard-size", help="Largest shard file, e.g. 5GB, 500MB (powers of ten).")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"surgery {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """Streaming model surgery for Hugging Face checkpoints (safetensors, GGUF, Hub repo ids)."""
+
+
+def _print_json(value: dict) -> None:
+    typer.echo(json.dumps(value, indent=2, default=str))
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(nbytes) < 1000 or unit == "TB":
+            return f"{nbytes:.1f} {unit}" if unit != "B" else f"{int(nbytes)} B"
+        nbytes /= 1000
+    raise AssertionError("unreachable")
+
+
+@contextmanager
+def _progress(total: int | None, unit: str, description: str) -> Iterator:
+    """A tqdm bar on stderr when stderr is a terminal; otherwise a silent counter."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit=unit, unit_scale=unit == "B", desc=description, file=sys.stderr,
+               disable=not sys.stderr.isatty(), leave=False)
+    try:
+        yield bar.update
+    finally:
+        bar.close()
+
+
+@app.command()
+def inspect(
+    source: str = typer.Argument(..., help="Model directory, .safetensors or .gguf file, or Hub repo id org/name[@rev]."),
+    tensors: bool = typer.Option(False, "--tensors", help="Also list every tensor (name, dtype, shape, role)."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Architecture, parameter count, dtypes, shards, tied embeddings and rope settings of a checkpoint."""
+    from surgery.io import open_checkpoint
+    from surgery.report import inspect_checkpoint
+
+    with open_checkpoint(source) as ckpt:
+        report = inspect_checkpoint(ckpt, with_tensors=tensors)
+    if as_json:
+        return _print_json(report)
+    arch = report["architecture"]
+    lines = [
+        f"source        {report['source']} ({report['format']})",
+        f"architecture  {', '.join(arch['architectures']) or '?'} (model_type {arch['model_type']}"
+        + ("" if arch["known_family"] else ", unknown family: roles guessed from names") + ")",
+        f"parameters    {report['parameters']:,} in {report['num_tensors']} tensors ({_size(report['tensor_bytes'])})",
+        "dtypes        " + ", ".join(f"{name} ×{d['tensors']}" for name, d in report["dtypes"].items()),
+        f"layers        {arch['num_layers']}, hidden {arch['hidden_size']}, heads {arch['num_attention_heads']}"
+        f" / kv {arch['num_key_value_heads']}, head_dim {arch['head_dim']}, vocab {arch['vocab_size']}",
+        f"embeddings    {'tied (no lm_head tensor)' if report['tied_embeddings'] else 'separate lm_head'}",
+        f"context       {arch['max_position_embeddings']}, rope {json.dumps(arch['rope'], sort_keys=True)}",
+        "files         " + ", ".join(f"{name} ({_size(size)})" for name, size in report["files"].items()),
+    ]
+    typer.echo("\n".join(lines))
+    for row in report.get("tensors", []):
+        layer = "" if row["layer"] is None else f" L{row['layer']}"
+        typer.echo(f"  {row['name']}  {row['dtype']}  {tuple(row['shape'])}  {row['role']}{layer}")
+
+
+@app.command()
+def diff(
+    a: str = typer.Argument(..., help="Reference checkpoint (any source inspect accepts)."),
+    b: str = typer.Argument(..., help="Checkpoint compared against A."),
+    top: int = typer.Option(10, "--top", help="How many most-changed tensors to list (text output)."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Missing / extra / shape-mismatched tensors, and per tensor ‖B−A‖/‖A‖ and cosine(A, B)."""
+    from surgery.io import open_checkpoint
+    from surgery.report import diff_checkpoints
+
+    with open_checkpoint(a) as ckpt_a, open_checkpoint(b) as ckpt_b:
+        with _progress(len(ckpt_a.tensors), "tensor", "diff") as advance:
+            report = diff_checkpoints(ckpt_a, ckpt_b, progress=advance)
+    if as_json:
+        return _print_json(report)
+    summary = report["summary"]
+    typer.echo(f"compared {summary['compared']} tensors ({summary['identical']} identical); "
+               f"missing in B {len(report['missing'])}, extra in B {len(report['extra'])}, "
+               f"shape mismatches {len(report['shape_mismatch'])}")
+    cosine = summary["min_cosine"]
+    typer.echo(f"relative delta max {summary['max_relative_delta']:.3e}, mean {summary['mean_relative_delta']:.3e}; "
+               f"min cosine {'n/a' if cosine is None else f'{cosine:.6f}'}")
+    for name in report["missing"]:
+        typer.echo(f"  missing in B: {name}")
+    for name in report["extra"]:
+        typer.echo(f"  extra in B:   {name}")
+    for row in report["shape_mismatch"]:
+        typer.echo(f"  shape:        {row['name']} {tuple(row['shape_a'])} vs {tuple(row['shape_b'])}")
+    changed = sorted(report["tensors"], key=lambda row: -row["relative_delta"])[:top]
+    for row in changed:
+        if row["delta_norm"] > 0:
+            cos = "n/a" if row["cosine"] is None else f"{row['cosine']:.6f}"
+            typer.echo(f"  {row['relative_delta']:.3e}  cos {cos}  {row['name']}")
+
+
+@app.command()
+def convert(
+    source: str = typer.Argument(..., help="Model directory, .safetensors or .gguf file, or Hub repo id."),
+    output: str = typer.Option(..., "-o", "--output", help="Output directory (written atomically)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Cast floating tensors: float32, bfloat16, float16."),
+    max_shard_size: str = SHARD_OPTION,
+    force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists (only once the new one is complete)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan without writing anything."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Re-shard, cast, or import a GGUF file into a safetensors checkpoint that transformers loads."""
+    from surgery import convert as conversion
+    from surgery.io import open_checkpoint
+
+    if dry_run:
+        with open_checkpoint(source) as ckpt:
+            plan = {"output": output, **conversion.plan_conversion(ckpt, dtype, max_shard_size)}
+        if as_json:
+            return _print_json(plan)
+        typer.echo(f"would write {output}: {len(plan['shards'])} shard(s), {_size(plan['total_bytes'])}, "
+                   f"dtype {plan['dtype']}")
+        for file, shard in plan["shards"].items():
+            typer.echo(f"  {file}: {shard['tensors']} tensors, {_size(shard['bytes'])}")
+        return
+    with _progress(None, "B", "convert") as advance:
+        result = conversion.convert(source, output, dtype, max_shard_size, force, progress=advance)
+    summary = {"output": str(result.directory), "shards": len(result.shards), "total_bytes": result.total_size,
+               "files": result.files}
+    if as_json:
+        return _print_json(summary)
+    typer.echo(f"wrote {result.directory}: {len(result.shards)} shard(s), {_size(result.total_size)}, "
+               f"{len(result.files)} files")
+
+
+def _terminate(signum, frame):  # pragma: no cover - exercised by the kill tests through a subprocess
+    raise SystemExit(128 + signum)
+
+
+def main() -> None:
+    """Console-script entry point: one-line errors with exit 2 for bad input, 1 for internal errors."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    logging.basicConfig(level=logging.WARNING, format="surgery: %(levelname)s: %(message)s", stream=sys.stderr)
+    signal.signal(signal.SIGTERM, _terminate)  # run cleanups (staging directories) on `kill` too
+    try:
+        app()
+    except BadInput as err:
+        typer.echo(f"surgery: error: {err}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("surgery: interrupted", err=True)
+        sys.exit(130)
+    except Exception as err:  # noqa: BLE001 - the one place that turns crashes into a one-line report
+        if os.environ.get("SURGERY_DEBUG"):
+            raise
+        typer.echo(f"surgery: internal error: {type(err).__name__}: {err} (set SURGERY_DEBUG=1 for a traceback)",
+                   err=True)
+        sys.exit(1)

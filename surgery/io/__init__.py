@@ -1,0 +1,44 @@
+"""Streaming checkpoint I/O: :func:`open_checkpoint` reads any supported source, :func:`write_checkpoint` writes.
+
+Sources: a model directory (``config.json`` + ``model.safetensors`` or a sharded index), a single ``.safetensors``
+file, a ``.gguf`` file, or a Hub repo id ``org/name[@revision]`` (resolved through the Hugging Face cache)::
+
+    from surgery.io import open_checkpoint, write_checkpoint
+
+    with open_checkpoint("org/model@main") as ckpt:
+        write_checkpoint("out", ckpt.tensors.values(), ckpt.get, config=ckpt.config, max_shard_size="2GB")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from surgery.errors import BadInput
+from surgery.io.checkpoint import Checkpoint, TensorInfo
+from surgery.io.writer import WriteResult, atomic_directory, plan_shards, write_checkpoint
+
+__all__ = [
+    "Checkpoint", "TensorInfo", "WriteResult", "atomic_directory", "open_checkpoint", "plan_shards",
+    "write_checkpoint",
+]
+
+
+def open_checkpoint(source: str | Path) -> Checkpoint:
+    """Open a checkpoint lazily; raises :class:`BadInput` with a one-line reason when it cannot be read."""
+    from surgery.hub import looks_like_repo_id, resolve_repo
+
+    text = str(source)
+    path = Path(text).expanduser()
+    if not path.exists():
+        if isinstance(source, Path) or not looks_like_repo_id(text):
+            raise BadInput(f"{text}: no such file or directory")
+        path = resolve_repo(text)
+    if path.is_file() and path.suffix == ".gguf":
+        from surgery.io.gguf_reader import GGUFCheckpoint
+
+        return GGUFCheckpoint(text, path)
+    from surgery.io.safetensors_reader import SafetensorsCheckpoint
+
+    if path.is_dir() or path.suffix == ".safetensors":
+        return SafetensorsCheckpoint(text, path)
+    raise BadInput(f"{text}: expected a model directory, a .safetensors file, a .gguf file or a Hub repo id")

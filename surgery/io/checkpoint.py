@@ -1,0 +1,112 @@
+"""The lazy checkpoint interface every reader implements.
+
+A :class:`Checkpoint` knows its config and, for every tensor, the name, dtype and shape without reading any data;
+:meth:`Checkpoint.get` reads one tensor at a time, so memory stays bounded by the tensors in use::
+
+    with open_checkpoint("path/to/model") as ckpt:
+        for name, info in ckpt.tensors.items():
+            tensor = ckpt.get(name)      # read-only: clone before in-place math
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, attr)
+    for name, attr in {
+        "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "I32": "int32",
+        "U32": "uint32", "I64": "int64", "U64": "uint64", "F16": "float16", "BF16": "bfloat16", "F32": "float32",
+        "F64": "float64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "C64": "complex64",
+    }.items()
+    if hasattr(torch, attr)
+}
+TORCH_TO_SAFETENSORS: dict[torch.dtype, str] = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+
+OUTPUT_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """``"bfloat16"`` → ``torch.bfloat16``; only the floating dtypes a checkpoint is written in are accepted."""
+    from surgery.errors import BadInput
+
+    try:
+        return OUTPUT_DTYPES[name]
+    except KeyError:
+        raise BadInput(f"--dtype {name!r}: expected one of {', '.join(OUTPUT_DTYPES)}") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` → ``"bfloat16"``, the spelling config.json uses."""
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What is known about a tensor without reading it."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: str = ""  # the file that holds it, relative to the checkpoint (informational)
+
+    @property
+    def numel(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key that orders ``layers.2`` before ``layers.10``."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
+
+
+class Checkpoint:
+    """Base class of the readers: config, a lazy tensor table, one tensor at a time, and files to carry over.
+
+    Subclasses fill ``config`` (a dict, or None when the source has none), ``tensors`` (name → TensorInfo, in
+    natural name order) and implement :meth:`get` and :meth:`auxiliary_files`.
+    """
+
+    source: str
+    path: Path
+    format: str
+    config: dict | None
+    tensors: Mapping[str, TensorInfo]
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor's data. It may share memory with a file mapping: clone before modifying it in place."""
+        raise NotImplementedError
+
+    def auxiliary_files(self) -> dict[str, bytes]:
+        """Tokenizer, generation config and chat template files to carry into an output, name → content."""
+        return {}
+
+    def files(self) -> dict[str, int]:
+        """The files that hold the tensors, name → size in bytes."""
+        return {}
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.source!r}: {len(self.tensors)} tensors>"

@@ -1,0 +1,127 @@
+"""Read safetensors checkpoints lazily: a model directory (single file or sharded index) or one ``.safetensors`` file.
+
+Headers are validated by the safetensors library when a file is opened (truncation, overlapping offsets, unknown
+dtypes, oversized headers...); data is memory-mapped and read one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from surgery.errors import BadInput
+from surgery.io.checkpoint import SAFETENSORS_DTYPES, Checkpoint, TensorInfo, natural_key
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+# Files that belong to a model besides its weights and config, carried over to every output.
+AUXILIARY_FILES = (
+    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def read_json(path: Path, what: str) -> dict:
+    """Parse a JSON object from ``path`` or raise a one-line :class:`BadInput` naming it."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BadInput(f"{path}: {what} is missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BadInput(f"{path}: {what} is not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise BadInput(f"{path}: {what} must be a JSON object, found {type(value).__name__}")
+    return value
+
+
+class SafetensorsCheckpoint(Checkpoint):
+    """A checkpoint stored as one or more safetensors files."""
+
+    format = "safetensors"
+
+    def __init__(self, source: str, path: Path):
+        self.source = source
+        self.path = path
+        self._handles: dict[Path, object] = {}
+        try:
+            if path.is_dir():
+                self.directory = path
+                self.config = read_json(path / "config.json", "config.json")
+                shard_of = self._shard_map(path)
+            else:
+                self.directory = path.parent
+                config_path = path.parent / "config.json"
+                self.config = read_json(config_path, "config.json") if config_path.exists() else None
+                shard_of = None
+            self.tensors = self._read_headers(path, shard_of)
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def _shard_map(directory: Path) -> dict[str, str] | None:
+        """tensor → shard file from the index, or None for a single ``model.safetensors``."""
+        index_path = directory / INDEX_FILE
+        if index_path.exists():
+            weight_map = read_json(index_path, "the shard index").get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise BadInput(f"{index_path}: 'weight_map' must map tensor names to shard file names")
+            return weight_map
+        if (directory / SINGLE_FILE).exists():
+            return None
+        raise BadInput(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE} in this directory")
+
+    def _open(self, file: Path):
+        if file not in self._handles:
+            if not file.is_file():
+                raise BadInput(f"{file}: shard file is missing")
+            try:
+                self._handles[file] = safe_open(str(file), framework="pt")
+            except (SafetensorError, OSError) as err:
+                raise BadInput(f"{file}: not a valid safetensors file ({err})") from None
+        return self._handles[file]
+
+    def _describe(self, file: Path, name: str) -> TensorInfo:
+        view = self._open(file).get_slice(name)
+        dtype_code = view.get_dtype()
+        if dtype_code not in SAFETENSORS_DTYPES:
+            raise BadInput(f"{file}: tensor {name!r} has dtype {dtype_code}, which torch cannot represent")
+        return TensorInfo(name, SAFETENSORS_DTYPES[dtype_code], tuple(view.get_shape()), file.name)
+
+    def _read_headers(self, path: Path, shard_of: dict[str, str] | None) -> dict[str, TensorInfo]:
+        infos: dict[str, TensorInfo] = {}
+        if shard_of is None:
+            file = path / SINGLE_FILE if path.is_dir() else path
+            for name in self._open(file).keys():
+                infos[name] = self._describe(file, name)
+        else:
+            for shard in sorted(set(shard_of.values())):
+                file = path / shard
+                present = set(self._open(file).keys())
+                for name in sorted(name for name, s in shard_of.items() if s == shard):
+                    if name not in present:
+                        raise BadInput(f"{file}: tensor {name!r} is listed in {INDEX_FILE} but not in this shard")
+                    infos[name] = self._describe(file, name)
+        return {name: infos[name] for name in sorted(infos, key=natural_key)}
+
+    def get(self, name: str) -> torch.Tensor:
+        info = self.tensors[name]
+        return self._open(self.directory / info.file).get_tensor(name)
+
+    def files(self) -> dict[str, int]:
+        return {file.name: file.stat().st_size for file in sorted(self._handles)}
+
+    def auxiliary_files(self) -> dict[str, bytes]:
+        return {
+            name: (self.directory / name).read_bytes()
+            for name in AUXILIARY_FILES
+            if (self.directory / name).is_file()
+        }
+
+    def close(self) -> None:
+        self._handles.clear()

@@ -1,0 +1,209 @@
+"""Write sharded safetensors checkpoints atomically, deterministically, one tensor in memory at a time.
+
+The shard plan is made from names, dtypes and shapes alone (huggingface_hub's splitter, so names and index follow the
+Hugging Face convention), then each shard is streamed: header first, then every tensor's bytes as the caller
+produces it. The whole output is built in a hidden sibling directory and renamed into place at the end, so a failed
+or killed run never leaves a half-written output behind::
+
+    write_checkpoint("out", specs, load=lambda name: tensors[name], config=config, max_shard_size="5GB")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from surgery.errors import BadInput
+from surgery.io.checkpoint import TORCH_TO_SAFETENSORS, TensorInfo
+
+INDEX_FILE = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+PARTIAL_MARK = ".partial-"
+
+
+@dataclass
+class WriteResult:
+    """What was written: the directory, shard file → tensor names, and the total tensor bytes."""
+
+    directory: Path
+    shards: dict[str, list[str]]
+    total_size: int
+    files: list[str] = field(default_factory=list)
+
+
+def plan_shards(specs: Iterable[TensorInfo], max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> dict:
+    """Shard file name → the specs it holds, in the order given (Hugging Face's greedy splitter)."""
+    from huggingface_hub import split_state_dict_into_shards_factory
+
+    by_name = {spec.name: spec for spec in specs}
+    try:
+        split = split_state_dict_into_shards_factory(
+            by_name, get_storage_size=lambda spec: spec.nbytes, filename_pattern="model{suffix}.safetensors",
+            max_shard_size=max_shard_size,
+        )
+    except ValueError as err:
+        raise BadInput(f"--max-shard-size {max_shard_size!r}: {err}") from None
+    if isinstance(max_shard_size, int) and max_shard_size <= 0:
+        raise BadInput(f"--max-shard-size {max_shard_size!r}: must be positive")
+    return {file: [by_name[name] for name in names] for file, names in split.filename_to_tensors.items()}
+
+
+def _header(specs: list[TensorInfo]) -> tuple[bytes, list[TensorInfo]]:
+    """The safetensors header for ``specs`` and the order their data follows in.
+
+    Like the reference serializer, data is ordered by decreasing element size (then name) so every tensor starts at
+    an offset aligned to its dtype, and the header is padded with spaces to a multiple of 8 bytes.
+    """
+    order = sorted(specs, key=lambda spec: (-spec.dtype.itemsize, spec.name))
+    entries: dict[str, dict] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for spec in order:
+        if spec.dtype not in TORCH_TO_SAFETENSORS:
+            raise BadInput(f"tensor {spec.name!r}: dtype {spec.dtype} cannot be stored in safetensors")
+        entries[spec.name] = {
+            "dtype": TORCH_TO_SAFETENSORS[spec.dtype], "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
+        offset += spec.nbytes
+    header = json.dumps(entries, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return struct.pack("<Q", len(header)) + header, order
+
+
+def _write_shard(path: Path, specs: list[TensorInfo], load: Callable[[str], torch.Tensor],
+                 progress: Callable[[int], None]) -> None:
+    header, order = _header(specs)
+    with open(path, "wb") as out:
+        out.write(header)
+        for spec in order:
+            tensor = load(spec.name)
+            if tuple(tensor.shape) != spec.shape:
+                raise RuntimeError(f"tensor {spec.name!r}: produced shape {tuple(tensor.shape)}, planned {spec.shape}")
+            tensor = tensor.detach().to("cpu", spec.dtype).contiguous()
+            out.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+            del tensor
+            progress(spec.nbytes)
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def _json_bytes(value: dict) -> bytes:
+    return (json.dumps(value, indent=2, sort_keys=True) + "\n").encode()
+
+
+def write_checkpoint(
+    directory: str | Path,
+    specs: Iterable[TensorInfo],
+    load: Callable[[str], torch.Tensor],
+    *,
+    config: dict | None = None,
+    files: dict[str, bytes] | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    force: bool = False,
+    progress: Callable[[int], None] = lambda nbytes: None,
+) -> WriteResult:
+    """Write a checkpoint directory: safetensors shards (+ index when sharded), ``config.json`` and ``files``.
+
+    ``specs`` fixes the name, dtype and shape of every output tensor; ``load(name)`` is called once per tensor, in
+    shard order, and its result is cast to the planned dtype. Same specs and tensors → byte-identical files.
+    An existing ``directory`` is an error unless ``force``; it is then replaced only once the new one is complete.
+    """
+    specs = list(specs)
+    shards = plan_shards(specs, max_shard_size)
+    total_size = sum(spec.nbytes for spec in specs)
+    directory = Path(directory)
+    with atomic_directory(directory, force=force) as staging:
+        for file, shard_specs in shards.items():
+            _write_shard(staging / file, shard_specs, load, progress)
+        extra = dict(files or {})
+        if len(shards) > 1:
+            weight_map = {spec.name: file for file, shard_specs in shards.items() for spec in shard_specs}
+            extra[INDEX_FILE] = _json_bytes({"metadata": {"total_size": total_size}, "weight_map": weight_map})
+        if config is not None:
+            extra["config.json"] = _json_bytes(config)
+        for name, content in extra.items():
+            (staging / name).write_bytes(content)
+        written = sorted(path.name for path in staging.iterdir())
+    return WriteResult(directory, {file: [s.name for s in ss] for file, ss in shards.items()}, total_size, written)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_abandoned(directory: Path) -> None:
+    """Delete staging directories that killed runs left beside ``directory`` (their process is gone)."""
+    for candidate in directory.parent.glob(f".{directory.name}{PARTIAL_MARK}*"):
+        pid_text = candidate.name[len(f".{directory.name}{PARTIAL_MARK}"):].split("-", 1)[0]
+        if pid_text.isdigit() and not _process_alive(int(pid_text)):
+            shutil.rmtree(candidate, ignore_errors=True)
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_output_available(directory: str | Path, force: bool = False) -> Path:
+    """Fail early (BadInput) when ``directory`` exists and may not be replaced; returns it as an absolute path."""
+    directory = Path(directory).absolute()
+    if directory.exists() and not force:
+        raise BadInput(f"{directory}: already exists (pass --force to replace it)")
+    if directory.exists() and not directory.is_dir():
+        raise BadInput(f"{directory}: exists and is not a directory")
+    return directory
+
+
+@contextmanager
+def atomic_directory(directory: str | Path, force: bool = False) -> Iterator[Path]:
+    """Yield a hidden staging directory beside ``directory``; on success it is renamed to ``directory``.
+
+    On any error (or KeyboardInterrupt) the staging directory is deleted and ``directory`` is left as it was.
+    A run killed outright leaves only the hidden staging directory, which the next run beside it removes.
+    """
+    directory = check_output_available(directory, force)
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise BadInput(f"{directory.parent}: cannot create the output's parent directory ({err.strerror})") from None
+    _remove_abandoned(directory)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}{PARTIAL_MARK}{os.getpid()}-", dir=directory.parent))
+    try:
+        yield staging
+        os.chmod(staging, 0o777 & ~_umask())
+        _fsync_directory(staging)
+        if directory.exists():
+            replaced = Path(tempfile.mkdtemp(prefix=f".{directory.name}.replaced-", dir=directory.parent))
+            os.rename(directory, replaced / directory.name)
+            os.rename(staging, directory)
+            shutil.rmtree(replaced)
+        else:
+            os.rename(staging, directory)
+        _fsync_directory(directory.parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
