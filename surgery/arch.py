@@ -37,11 +37,14 @@ LAYER_MODULES = {
 FALLBACK_PATTERNS = [
     (r"(^|\.)(embed_tokens|wte|word_embeddings|tok_embeddings|embed_in)$", "embedding"),
     (r"(^|\.)(lm_head|embed_out|output)$", "lm_head"),
-    (r"(norm|ln_\w+|layernorm|ln)$", "norm"),
+    (r"(norm|ln_\w+|ln_?\d*|layernorm)$", "norm"),
+    (r"(mlp|ffn|feed_forward)\.(gate_proj|w1)$", "mlp_gate"),
+    (r"(mlp|ffn|feed_forward)\.(up_proj|w3|c_fc|fc1|fc_in|dense_h_to_4h)$", "mlp_up"),
+    (r"(mlp|ffn|feed_forward)\.(down_proj|w2|c_proj|fc2|fc_out|dense_4h_to_h)$", "mlp_down"),
+    (r"(mlp|ffn|feed_forward)\.gate_up_proj$", "mlp_gate_up"),
     (r"(q_proj|query|wq)$", "attn_q"), (r"(k_proj|key|wk)$", "attn_k"), (r"(v_proj|value|wv)$", "attn_v"),
-    (r"(qkv_proj|c_attn|query_key_value|Wqkv)$", "attn_qkv"), (r"(o_proj|out_proj|dense|c_proj|wo)$", "attn_o"),
-    (r"(gate_proj|w1)$", "mlp_gate"), (r"(up_proj|w3|c_fc|fc1|dense_h_to_4h)$", "mlp_up"),
-    (r"(down_proj|w2|fc2|dense_4h_to_h)$", "mlp_down"),
+    (r"(qkv_proj|c_attn|query_key_value|Wqkv)$", "attn_qkv"),
+    (r"(o_proj|out_proj|dense|c_proj|wo)$", "attn_o"),
 ]
 LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer|block)\.(\d+)\.")
 # transformers' default for tie_word_embeddings when config.json omits it (the base config class says True).

@@ -44,6 +44,8 @@ def plan_shards(specs: Iterable[TensorInfo], max_shard_size: int | str = DEFAULT
     """Shard file name → the specs it holds, in the order given (Hugging Face's greedy splitter)."""
     from huggingface_hub import split_state_dict_into_shards_factory
 
+    if isinstance(max_shard_size, int) and max_shard_size <= 0:
+        raise BadInput(f"--max-shard-size {max_shard_size!r}: must be positive")
     by_name = {spec.name: spec for spec in specs}
     try:
         split = split_state_dict_into_shards_factory(
@@ -52,8 +54,6 @@ def plan_shards(specs: Iterable[TensorInfo], max_shard_size: int | str = DEFAULT
         )
     except ValueError as err:
         raise BadInput(f"--max-shard-size {max_shard_size!r}: {err}") from None
-    if isinstance(max_shard_size, int) and max_shard_size <= 0:
-        raise BadInput(f"--max-shard-size {max_shard_size!r}: must be positive")
     return {file: [by_name[name] for name in names] for file, names in split.filename_to_tensors.items()}
 
 
@@ -190,6 +190,8 @@ def atomic_directory(directory: str | Path, force: bool = False) -> Iterator[Pat
         yield staging
         os.chmod(staging, 0o777 & ~_umask())
         _fsync_directory(staging)
+        if directory.exists() and not force:
+            raise BadInput(f"{directory}: appeared while this run was writing (pass --force to replace it)")
         if directory.exists():
             replaced = Path(tempfile.mkdtemp(prefix=f".{directory.name}.replaced-", dir=directory.parent))
             os.rename(directory, replaced / directory.name)

