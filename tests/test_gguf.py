@@ -99,9 +99,15 @@ def test_config_and_tensor_table(converted):
     assert report["roles"]["attn_q"] == 30 and report["roles"]["norm"] == 61
 
 
-def test_unreadable_gguf_is_bad_input(tmp_path):
+@pytest.mark.parametrize("damage", ["garbage", "truncated metadata", "truncated tensors"])
+def test_unreadable_gguf_is_bad_input(damage, smollm2_gguf, tmp_path):
     bogus = tmp_path / "model.gguf"
-    bogus.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)
+    original = smollm2_gguf.read_bytes()
+    bogus.write_bytes({
+        "garbage": b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64,
+        "truncated metadata": original[:3000],
+        "truncated tensors": original[: len(original) // 2],
+    }[damage])
     result = run_surgery("convert", bogus, "-o", tmp_path / "out")
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and str(bogus) in result.stderr
