@@ -5,8 +5,8 @@ Usage::
     python benchmarks/convert_bench.py [--small] [--repeat N] [--data-dir DIR]
 
 The first run generates a synthetic Llama-layout checkpoint set (``base`` plus fine-tunes ``ft1`` and ``ft2`` =
-base + N(0, 0.002) noise; bf16, 1 GB shards; ~0.85 B parameters, ~1.7 GB each) under ``benchmarks/data/``, one
-tensor at a time with surgery's streaming writer; later runs reuse it. ``--small`` uses a tiny layout for a smoke
+base + N(0, 0.002) noise; bf16, 1 GB shards; ~0.85 B parameters, ~1.7 GB each; see ``synthetic.py``) under
+``benchmarks/data/``, one tensor at a time with surgery's streaming writer; later runs reuse it. ``--small`` uses a tiny layout for a smoke
 test. Each command then runs ``--repeat`` times on a warm page cache, measured with :mod:`surgery.procmem` (peak
 RssAnon of the process tree; mmapped file pages are not counted). A Markdown table goes to stdout and the same
 numbers to ``benchmarks/results/convert_bench.json`` (``convert_bench.small.json`` with ``--small``). Every output
@@ -20,26 +20,16 @@ import inspect
 import json
 import shutil
 import sys
-import zlib
 from pathlib import Path
 
 import torch
 
-from surgery.io import TensorInfo, open_checkpoint, write_checkpoint
+from surgery.io import open_checkpoint
 from surgery.procmem import measure
+from synthetic import prepare, warm_page_cache  # benchmarks/ is on sys.path when run as a script
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-MARKER = ".complete"
-FINE_TUNES = {"ft1": 1, "ft2": 2}  # name -> noise seed offset
-NOISE_STD = 0.002
-
-LAYOUTS = {
-    "full": dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=5632, vocab_size=32000,
-                 num_attention_heads=16, num_key_value_heads=4),
-    "small": dict(hidden_size=256, num_hidden_layers=2, intermediate_size=704, vocab_size=1000,
-                  num_attention_heads=4, num_key_value_heads=2),
-}
 
 # The baseline: what a user would write without surgery, shard by shard. safetensors >= 0.8 maps the file
 # (load_file's default backend="mmap"); backend="pread" reads each whole shard into memory, as older releases did
@@ -58,77 +48,7 @@ for extra in ("config.json", "model.safetensors.index.json"):
 """
 
 
-# ---------------------------------------------------------------------------------------------- synthetic data
-
-def llama_config(layout: dict) -> dict:
-    from transformers import LlamaConfig
-
-    config = LlamaConfig(**layout, tie_word_embeddings=False, dtype="bfloat16").to_dict()
-    config["architectures"] = ["LlamaForCausalLM"]
-    return config
-
-
-def llama_specs(layout: dict) -> list[TensorInfo]:
-    """Names and shapes of a Hugging Face Llama checkpoint with an untied lm_head, all bf16."""
-    hidden, inter, vocab = layout["hidden_size"], layout["intermediate_size"], layout["vocab_size"]
-    kv = hidden // layout["num_attention_heads"] * layout["num_key_value_heads"]
-    per_layer = {
-        "self_attn.q_proj.weight": (hidden, hidden), "self_attn.k_proj.weight": (kv, hidden),
-        "self_attn.v_proj.weight": (kv, hidden), "self_attn.o_proj.weight": (hidden, hidden),
-        "mlp.gate_proj.weight": (inter, hidden), "mlp.up_proj.weight": (inter, hidden),
-        "mlp.down_proj.weight": (hidden, inter),
-        "input_layernorm.weight": (hidden,), "post_attention_layernorm.weight": (hidden,),
-    }
-    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
-    for layer in range(layout["num_hidden_layers"]):
-        shapes.update({f"model.layers.{layer}.{suffix}": shape for suffix, shape in per_layer.items()})
-    shapes.update({"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)})
-    return [TensorInfo(name, torch.bfloat16, shape) for name, shape in shapes.items()]
-
-
-def _normal(name: str, salt: int, shape: tuple, std: float) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(zlib.crc32(name.encode()) * 8 + salt)
-    return torch.empty(shape).normal_(0.0, std, generator=generator)
-
-
-def synthetic_tensor(name: str, shape: tuple, noise_salt: int = 0) -> torch.Tensor:
-    """Base weight (N(0, 0.02), norms = 1) plus, for a fine-tune, N(0, 0.002) noise; float32 then bf16."""
-    tensor = torch.ones(shape) if name.endswith("norm.weight") else _normal(name, 0, shape, 0.02)
-    if noise_salt:
-        tensor += _normal(name, noise_salt, shape, NOISE_STD)
-    return tensor.to(torch.bfloat16)
-
-
-def ensure_checkpoint(directory: Path, layout: dict, noise_salt: int) -> None:
-    """Write one synthetic checkpoint unless a matching one is already complete."""
-    stamp = json.dumps({"layout": layout, "noise_salt": noise_salt, "noise_std": NOISE_STD}, sort_keys=True)
-    marker = directory / MARKER
-    if marker.exists() and marker.read_text() == stamp:
-        return
-    print(f"generating {directory} ...", file=sys.stderr, flush=True)
-    specs = llama_specs(layout)
-    shapes = {spec.name: spec.shape for spec in specs}
-    write_checkpoint(directory, specs, lambda name: synthetic_tensor(name, shapes[name], noise_salt),
-                     config=llama_config(layout), max_shard_size="1GB", force=True)
-    marker.write_text(stamp)
-
-
-def ensure_data(data_dir: Path, layout: dict) -> Path:
-    """The base and fine-tune checkpoints; returns the base directory."""
-    ensure_checkpoint(data_dir / "base", layout, 0)
-    for name, salt in FINE_TUNES.items():
-        ensure_checkpoint(data_dir / name, layout, salt)
-    return data_dir / "base"
-
-
 # ---------------------------------------------------------------------------------------------- measurement
-
-def warm_page_cache(directory: Path) -> None:
-    for path in sorted(directory.iterdir()):
-        with open(path, "rb") as file:
-            while file.read(64 << 20):
-                pass
-
 
 def plain_copy(base: Path, out: Path, load_kwargs: dict | None = None) -> list[str]:
     return [sys.executable, "-c", PLAIN_COPY.replace("LOAD_KWARGS", repr(load_kwargs or {})), str(base), str(out)]
@@ -201,12 +121,8 @@ def main() -> None:
     args = parser.parse_args()
 
     size = "small" if args.small else "full"
-    layout = LAYOUTS[size]
-    params = sum(spec.numel for spec in llama_specs(layout))
-    print(f"layout {size}: {params / 1e9:.3f} B parameters ({params:,}), {2 * params / 1e9:.2f} GB in bf16",
-          file=sys.stderr)
-    data_dir = args.data_dir / size
-    base = ensure_data(data_dir, layout)
+    data_dir, params = prepare(size, args.data_dir)
+    base = data_dir / "base"
     warm_page_cache(base)
     rows = benchmark(base, data_dir / "bench-out", args.repeat)
 

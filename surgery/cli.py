@@ -169,6 +169,120 @@ def convert(
                f"{len(result.files)} files")
 
 
+def _method_help() -> str:
+    from surgery.merge import METHODS, get_method
+
+    get_method("linear")  # registers the built-in methods
+    return "\n\n".join(f"{m.name} — {m.summary}" for m in METHODS.values())
+
+
+def _float_list(text: str | None, option: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise BadInput(f"{option} {text!r}: expected comma-separated numbers") from None
+
+
+MERGE_HELP = " ".join("""
+Merge checkpoints (task arithmetic, TIES, DARE, SLERP, Model Stock...), one tensor at a time.
+Long-to-short: surgery merge short-model long-model --method ties --density 0.2 --lambda 1.0 -o out
+""".split("\n")).strip() + "\n\nMethods:\n\n" + _method_help() + "\n\n" + " ".join("""
+Same names and parameter meanings as mergekit (density = fraction KEPT). Deliberate differences: math is always
+float32; DARE/DELLA masks come from --seed and the tensor name (same seed, identical bytes); among entries of equal
+magnitude at the TIES cut the first in memory order are kept. Models with other vocabulary sizes are merged over the
+output vocabulary (the tokenizer source's); rows a model lacks contribute no task vector. The output holds a README.md
+model card and surgery.json, from which --recipe OUT/surgery.json reproduces it bit for bit.
+""".split("\n")).strip()
+
+
+@app.command(help=MERGE_HELP)
+def merge(
+    models: list[str] = typer.Argument(None, help="Models to merge (any source inspect accepts). Without --base, "
+                                                   "the FIRST is the base for methods that use one."),
+    output: str = typer.Option(..., "-o", "--output", help="Output directory (written atomically)."),
+    method: Optional[str] = typer.Option(None, "--method", help="Merge method (listed above)."),
+    base: Optional[str] = typer.Option(None, "--base", help="Base model; task vectors are model − base."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="W1,W2,...: one per non-base model (default 1)."),
+    lambda_: Optional[float] = typer.Option(None, "--lambda", "--alpha", help="Scale of the merged task vector."),
+    density: Optional[float] = typer.Option(None, "--density", help="Fraction of task-vector entries KEPT."),
+    t: Optional[float] = typer.Option(None, "--t", help="slerp: 0 gives the base, 1 the other model."),
+    gamma: Optional[float] = typer.Option(None, "--gamma", help="breadcrumbs: top fraction dropped (0.01)."),
+    epsilon: Optional[float] = typer.Option(None, "--epsilon", help="della: keep-probability spread (0.15)."),
+    normalize: Optional[bool] = typer.Option(None, "--normalize/--no-normalize",
+                                             help="Divide by the summed weights (method default)."),
+    dare_rescale: Optional[str] = typer.Option(None, "--dare-rescale",
+                                               help="DARE/DELLA rescale: l1 (mergekit, default), inverse (1/p, "
+                                                    "the papers), none."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of DARE/DELLA masks: same seed, same bytes."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype: float32, bfloat16, float16 (math is "
+                                                              "always float32)."),
+    tokenizer_source: Optional[str] = typer.Option(None, "--tokenizer-source",
+                                                   help="Vocabulary of the output: base (default) or a model."),
+    recipe_file: Optional[str] = typer.Option(None, "--recipe", help="Recipe: our YAML, a mergekit YAML config, "
+                                                                     "or an earlier output's surgery.json."),
+    device: str = typer.Option("cpu", "--device", help="Where the math runs: cpu or cuda."),
+    max_shard_size: str = SHARD_OPTION,
+    force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists (once the new one is complete)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check the inputs and print the plan; write nothing."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Merge checkpoints (task arithmetic, TIES, DARE, SLERP, Model Stock...), one tensor at a time."""
+    from surgery.merge import ModelEntry, Recipe, load_recipe, merge as run_merge, plan_merge
+
+    if recipe_file:
+        recipe = load_recipe(recipe_file)
+        if models:
+            raise BadInput("--recipe: give the models in the recipe, not on the command line")
+    else:
+        if not models:
+            raise BadInput("no models given (pass MODEL... or --recipe FILE)")
+        if method is None:
+            raise BadInput("--method is required without --recipe")
+        recipe = Recipe(method=method, models=[ModelEntry(m) for m in models], base=base)
+    if method is not None:
+        recipe.method = method
+    non_base = len(recipe.models) - (1 if recipe.base is None and recipe.method != "linear" else 0)
+    weight_list = _float_list(weights, "--weights")
+    if weight_list is not None:
+        if len(weight_list) != non_base:
+            raise BadInput(f"--weights: {len(weight_list)} value(s) for {non_base} non-base model(s)")
+        offset = len(recipe.models) - non_base
+        for entry, value in zip(recipe.models[offset:], weight_list):
+            entry.parameters["weight"] = value
+    for key, value in (("lambda", lambda_), ("density", density), ("t", t), ("gamma", gamma),
+                       ("epsilon", epsilon), ("normalize", normalize)):
+        if value is not None:
+            recipe.parameters[key] = value
+    if seed is not None:
+        recipe.seed = seed
+    if dtype is not None:
+        recipe.dtype = dtype
+    if dare_rescale is not None:
+        recipe.dare_rescale = dare_rescale
+    if tokenizer_source is not None:
+        recipe.tokenizer_source = tokenizer_source
+    if dry_run:
+        plan = {"output": output, **plan_merge(recipe, max_shard_size)}
+        if as_json:
+            return _print_json(plan)
+        typer.echo(f"would merge {len(plan['models'])} model(s) into {output} with {plan['method']}"
+                   + (f" on base {plan['base']}" if plan["base"] else ""))
+        typer.echo(f"  {plan['tensors']} tensors, {_size(plan['total_bytes'])} in {plan['shards']} shard(s), "
+                   f"dtype {plan['dtype']}, seed {plan['seed']}, parameters {json.dumps(plan['parameters'])}")
+        return
+    with _progress(None, "B", "merge") as advance:
+        result = run_merge(recipe, output, device=device, max_shard_size=max_shard_size, force=force,
+                           progress=advance)
+    summary = {"output": str(result.write.directory), "method": recipe.method, "shards": len(result.write.shards),
+               "total_bytes": result.write.total_size, "files": result.write.files}
+    if as_json:
+        return _print_json(summary)
+    typer.echo(f"wrote {result.write.directory}: {recipe.method} merge, {len(result.write.shards)} shard(s), "
+               f"{_size(result.write.total_size)}")
+
+
 def _terminate(signum, frame):  # pragma: no cover - exercised by the kill tests through a subprocess
     raise SystemExit(128 + signum)
 

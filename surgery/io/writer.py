@@ -106,12 +106,13 @@ def write_checkpoint(
     load: Callable[[str], torch.Tensor],
     *,
     config: dict | None = None,
-    files: dict[str, bytes] | None = None,
+    files: dict[str, bytes] | Callable[[], dict[str, bytes]] | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     force: bool = False,
     progress: Callable[[int], None] = lambda nbytes: None,
 ) -> WriteResult:
-    """Write a checkpoint directory: safetensors shards (+ index when sharded), ``config.json`` and ``files``.
+    """Write a checkpoint directory: safetensors shards (+ index when sharded), ``config.json`` and ``files``
+    (name → content, or a function returning them, called once the tensors are written).
 
     ``specs`` fixes the name, dtype and shape of every output tensor; ``load(name)`` is called once per tensor, in
     shard order, and its result is cast to the planned dtype. Same specs and tensors → byte-identical files.
@@ -124,7 +125,7 @@ def write_checkpoint(
     with atomic_directory(directory, force=force) as staging:
         for file, shard_specs in shards.items():
             _write_shard(staging / file, shard_specs, load, progress)
-        extra = dict(files or {})
+        extra = dict((files() if callable(files) else files) or {})
         if len(shards) > 1:
             weight_map = {spec.name: file for file, shard_specs in shards.items() for spec in shard_specs}
             extra[INDEX_FILE] = _json_bytes({"metadata": {"total_size": total_size}, "weight_map": weight_map})

@@ -1,0 +1,164 @@
+"""The built-in merge methods, with mergekit's names and parameter meanings (density = fraction KEPT).
+
+Notation: base θ0, other models θi, task vectors δi = θi − θ0, weights wi, global scale λ.
+
+Deliberate differences from mergekit 0.1.5, all documented in ``surgery merge --help``:
+- math is always float32 (mergekit subtracts in the configured dtype, so a bf16 config loses precision);
+- random masks (DARE, DELLA) come from a generator seeded by ``--seed`` and the tensor name, so the same seed gives
+  identical bytes; ``--dare-rescale inverse`` gives the papers' exact 1/p rescale instead of the L1 default;
+- among entries of exactly equal magnitude at the TIES cut, the first in memory order are kept (a sort's order is
+  arbitrary there).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from surgery.merge import sparsify
+from surgery.merge.registry import TensorMerge, register
+
+TASK_VECTOR_PARAMETERS = {"weight", "lambda", "normalize"}
+
+
+def _stacked_weights(x: TensorMerge, like: torch.Tensor) -> torch.Tensor:
+    weights = torch.tensor(x.weight, dtype=torch.float32, device=like.device)
+    return weights.reshape(-1, *([1] * like.dim()))
+
+
+def _combine_task_vectors(x: TensorMerge, deltas: list[torch.Tensor], sign_consensus: bool,
+                          normalize_default: bool) -> torch.Tensor:
+    """θ0 + λ · (weighted sum of δi, over entries agreeing with the elected sign when ``sign_consensus``),
+    divided by the summed weights when normalizing."""
+    weights = _stacked_weights(x, deltas[0])
+    weighted = torch.stack(deltas) * weights
+    if sign_consensus:
+        elected = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0)
+        agrees = weighted.sign() == elected
+        mixed = (weighted * agrees).sum(dim=0)
+        divisor = (weights * agrees).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = weighted.sum(dim=0)
+        divisor = weights.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    normalize = normalize_default if x.normalize is None else x.normalize
+    if normalize:
+        mixed = mixed / divisor
+    return x.base + x.lambda_ * mixed
+
+
+def _deltas(x: TensorMerge) -> list[torch.Tensor]:
+    return [model - x.base for model in x.models]
+
+
+@register("linear", uses_base=False, parameters={"weight", "normalize"}, min_models=2)
+def linear(x: TensorMerge) -> torch.Tensor:
+    """Weighted average Σ wi θi / Σ wi of all models (no base)."""
+    weights = _stacked_weights(x, x.models[0])
+    total = (torch.stack(x.models) * weights).sum(dim=0)
+    normalize = True if x.normalize is None else x.normalize
+    return total / weights.sum() if normalize else total
+
+
+@register("task_arithmetic", uses_base=True, parameters=TASK_VECTOR_PARAMETERS)
+def task_arithmetic(x: TensorMerge) -> torch.Tensor:
+    """θ0 + λ Σ wi δi."""
+    return _combine_task_vectors(x, _deltas(x), sign_consensus=False, normalize_default=False)
+
+
+@register("ties", uses_base=True, parameters=TASK_VECTOR_PARAMETERS | {"density"})
+def ties(x: TensorMerge) -> torch.Tensor:
+    """TIES: keep the top-density |δi|, elect signs, weighted disjoint mean, times λ (the long-to-short method)."""
+    deltas = [sparsify.magnitude(d, p) for d, p in zip(_deltas(x), x.density)]
+    return _combine_task_vectors(x, deltas, sign_consensus=True, normalize_default=True)
+
+
+def _dare(x: TensorMerge) -> list[torch.Tensor]:
+    return [sparsify.bernoulli(d, p, x.generator, x.rescale) for d, p in zip(_deltas(x), x.density)]
+
+
+@register("dare_linear", uses_base=True, parameters=TASK_VECTOR_PARAMETERS | {"density", "rescale"}, random=True)
+def dare_linear(x: TensorMerge) -> torch.Tensor:
+    """DARE: drop δ entries with probability 1 − density, rescale, then task arithmetic."""
+    return _combine_task_vectors(x, _dare(x), sign_consensus=False, normalize_default=False)
+
+
+@register("dare_ties", uses_base=True, parameters=TASK_VECTOR_PARAMETERS | {"density", "rescale"}, random=True)
+def dare_ties(x: TensorMerge) -> torch.Tensor:
+    """DARE drop and rescale, then TIES sign election and disjoint mean."""
+    return _combine_task_vectors(x, _dare(x), sign_consensus=True, normalize_default=False)
+
+
+def _breadcrumbs(x: TensorMerge) -> list[torch.Tensor]:
+    return [sparsify.magnitude_outliers(d, p, g) for d, p, g in zip(_deltas(x), x.density, x.gamma)]
+
+
+@register("breadcrumbs", uses_base=True, parameters=TASK_VECTOR_PARAMETERS | {"density", "gamma"})
+def breadcrumbs(x: TensorMerge) -> torch.Tensor:
+    """Model Breadcrumbs: drop the top gamma and the smallest |δ| entries (keeping density), task arithmetic."""
+    return _combine_task_vectors(x, _breadcrumbs(x), sign_consensus=False, normalize_default=False)
+
+
+@register("breadcrumbs_ties", uses_base=True, parameters=TASK_VECTOR_PARAMETERS | {"density", "gamma"})
+def breadcrumbs_ties(x: TensorMerge) -> torch.Tensor:
+    """Breadcrumbs trimming with TIES sign election."""
+    return _combine_task_vectors(x, _breadcrumbs(x), sign_consensus=True, normalize_default=False)
+
+
+def _della(x: TensorMerge) -> list[torch.Tensor]:
+    return [sparsify.rank_sampling(d, p, e, x.generator, x.rescale)
+            for d, p, e in zip(_deltas(x), x.density, x.epsilon)]
+
+
+@register("della", uses_base=True, parameters=TASK_VECTOR_PARAMETERS | {"density", "epsilon", "rescale"},
+          random=True)
+def della(x: TensorMerge) -> torch.Tensor:
+    """DELLA: keep probabilities density ± epsilon by magnitude rank, rescale, TIES sign election."""
+    return _combine_task_vectors(x, _della(x), sign_consensus=True, normalize_default=True)
+
+
+@register("della_linear", uses_base=True, parameters=TASK_VECTOR_PARAMETERS | {"density", "epsilon", "rescale"},
+          random=True)
+def della_linear(x: TensorMerge) -> torch.Tensor:
+    """DELLA sampling and rescale, then task arithmetic."""
+    return _combine_task_vectors(x, _della(x), sign_consensus=False, normalize_default=False)
+
+
+@register("slerp", uses_base=True, parameters={"t"}, max_models=1)
+def slerp(x: TensorMerge, dot_threshold: float = 0.9995, eps: float = 1e-8) -> torch.Tensor:
+    """Spherical interpolation from the base (t = 0) to the other model (t = 1); lerp when nearly colinear."""
+    v0, v1, t = x.base, x.models[0], x.t
+    if v0.numel() == 0:
+        return v0
+    norm0, norm1 = v0.norm(), v1.norm()
+    norm0 = norm0 if norm0 > eps else torch.ones_like(norm0)
+    norm1 = norm1 if norm1 > eps else torch.ones_like(norm1)
+    dot = float(((v0 / norm0) * (v1 / norm1)).sum().clamp(-1, 1))
+    if abs(dot) > dot_threshold:
+        return (1 - t) * v0 + t * v1
+    theta = math.acos(dot)
+    return (math.sin((1 - t) * theta) * v0 + math.sin(t * theta) * v1) / math.sin(theta)
+
+
+@register("model_stock", uses_base=True, parameters=set(), min_models=2)
+def model_stock(x: TensorMerge) -> torch.Tensor:
+    """Model Stock: t = N·cos / (1 + (N − 1)·cos) from the mean pairwise cosine of the δi; θ0 + t (mean θi − θ0)."""
+    deltas = [d.reshape(-1) for d in _deltas(x)]
+    cosines = []
+    for i, a in enumerate(deltas):
+        for b in deltas[i + 1:]:
+            cosines.append(float(((a * b).sum() / (a.norm() * b.norm()).clamp(min=1e-6)).clamp(-1, 1)))
+    cosine = sum(cosines) / len(cosines)
+    count = len(deltas)
+    denominator = 1 + (count - 1) * cosine
+    t = 0.0 if abs(denominator) < 1e-6 else count * cosine / denominator
+    average = sum(x.models) / count
+    return t * average + (1 - t) * x.base
+
+
+@register("passthrough", uses_base=False, parameters={"scale"}, max_models=1)
+def passthrough(x: TensorMerge) -> torch.Tensor:
+    """Copy the single model's tensors, optionally multiplied by scale."""
+    return x.models[0] if x.scale is None else x.models[0] * x.scale
