@@ -111,3 +111,17 @@ def test_tensor_larger_than_the_shard_limit_gets_its_own_shard(tmp_path):
     specs = [TensorInfo(name, torch.float32, shape) for name, shape in shapes.items()]
     result = write_checkpoint(tmp_path / "out", specs, lambda name: torch.zeros(shapes[name]), max_shard_size=1000)
     assert sorted(result.shards.values()) == [["huge"], ["small1", "small2"]]  # Hugging Face's splitter
+
+
+def test_workers_do_not_change_the_bytes(tmp_path):
+    shapes = {f"t{i}": (1000 + i,) for i in range(20)}
+    specs = [TensorInfo(name, torch.bfloat16, shape) for name, shape in shapes.items()]
+
+    def load(name):
+        return torch.randn(shapes[name], generator=torch.Generator().manual_seed(int(name[1:])))
+
+    write_checkpoint(tmp_path / "serial", specs, load, max_shard_size="10KB")
+    write_checkpoint(tmp_path / "threads", specs, load, max_shard_size="10KB", workers=3)
+    names = sorted(p.name for p in (tmp_path / "serial").iterdir())
+    assert len(names) > 3 and names == sorted(p.name for p in (tmp_path / "threads").iterdir())
+    assert all((tmp_path / "serial" / n).read_bytes() == (tmp_path / "threads" / n).read_bytes() for n in names)

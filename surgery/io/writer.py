@@ -15,7 +15,10 @@ import os
 import shutil
 import struct
 import tempfile
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from itertools import islice
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -79,13 +82,35 @@ def _header(specs: list[TensorInfo]) -> tuple[bytes, list[TensorInfo]]:
     return struct.pack("<Q", len(header)) + header, order
 
 
-def _write_shard(path: Path, specs: list[TensorInfo], load: Callable[[str], torch.Tensor],
+def _produce(order: list[TensorInfo], load: Callable[[str], torch.Tensor],
+             workers: int) -> Iterator[tuple[TensorInfo, torch.Tensor]]:
+    """``(spec, load(spec.name))`` in ``order``; with ``workers`` > 1 the next tensors are computed ahead on worker
+    threads (torch releases the GIL), so at most ``workers`` + 1 tensors are in memory at once."""
+    if workers <= 1:
+        for spec in order:
+            yield spec, load(spec.name)
+        return
+    specs = iter(order)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending = deque((spec, pool.submit(load, spec.name)) for spec in islice(specs, workers))
+        try:
+            while pending:
+                spec, future = pending.popleft()
+                following = next(specs, None)
+                if following is not None:
+                    pending.append((following, pool.submit(load, following.name)))
+                yield spec, future.result()
+        finally:
+            for _, future in pending:
+                future.cancel()
+
+
+def _write_shard(path: Path, header: bytes, tensors: Iterator[tuple[TensorInfo, torch.Tensor]], count: int,
                  progress: Callable[[int], None]) -> None:
-    header, order = _header(specs)
     with open(path, "wb") as out:
         out.write(header)
-        for spec in order:
-            tensor = load(spec.name)
+        for _ in range(count):
+            spec, tensor = next(tensors)
             if tuple(tensor.shape) != spec.shape:
                 raise RuntimeError(f"tensor {spec.name!r}: produced shape {tuple(tensor.shape)}, planned {spec.shape}")
             tensor = tensor.detach().to("cpu", spec.dtype).contiguous()
@@ -110,21 +135,29 @@ def write_checkpoint(
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     force: bool = False,
     progress: Callable[[int], None] = lambda nbytes: None,
+    workers: int = 1,
 ) -> WriteResult:
     """Write a checkpoint directory: safetensors shards (+ index when sharded), ``config.json`` and ``files``
     (name → content, or a function returning them, called once the tensors are written).
 
     ``specs`` fixes the name, dtype and shape of every output tensor; ``load(name)`` is called once per tensor, in
-    shard order, and its result is cast to the planned dtype. Same specs and tensors → byte-identical files.
+    shard order (``workers`` > 1 computes that many ahead on threads), and its result is cast to the planned dtype.
+    Same specs and tensors → byte-identical files.
     An existing ``directory`` is an error unless ``force``; it is then replaced only once the new one is complete.
     """
     specs = list(specs)
     shards = plan_shards(specs, max_shard_size)
     total_size = sum(spec.nbytes for spec in specs)
     directory = Path(directory)
+    headers = {file: _header(shard_specs) for file, shard_specs in shards.items()}
+    order = [spec for header, shard_order in headers.values() for spec in shard_order]
     with atomic_directory(directory, force=force) as staging:
-        for file, shard_specs in shards.items():
-            _write_shard(staging / file, shard_specs, load, progress)
+        tensors = _produce(order, load, workers)
+        try:
+            for file, (header, shard_order) in headers.items():
+                _write_shard(staging / file, header, tensors, len(shard_order), progress)
+        finally:
+            tensors.close()
         extra = dict((files() if callable(files) else files) or {})
         if len(shards) > 1:
             weight_map = {spec.name: file for file, shard_specs in shards.items() for spec in shard_specs}

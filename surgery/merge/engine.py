@@ -13,11 +13,12 @@ a model does not know contributes no task vector.
 
 from __future__ import annotations
 
+import os
 import zlib
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -263,6 +264,23 @@ def merge(recipe: Recipe, output: str | Path, *, device: str = "cpu",
                 method=inputs.method.name, checkpoints=inputs.all, body=_card_body(recipe, inputs))
             return aux
 
-        result = write_checkpoint(output, specs, merger, config=_output_config(inputs, specs, dtype), files=files,
-                                  max_shard_size=max_shard_size, force=force, progress=progress)
+        with _cpu_workers(merger.device) as workers:
+            result = write_checkpoint(output, specs, merger, config=_output_config(inputs, specs, dtype),
+                                      files=files, max_shard_size=max_shard_size, force=force, progress=progress,
+                                      workers=workers)
     return MergeResult(result, recipe)
+
+
+@contextmanager
+def _cpu_workers(device: torch.device) -> Iterator[int]:
+    """On CPU, merge one tensor per core with one torch thread each: the chunked loops are many small operations,
+    and per-operation thread fan-out costs more than it gains (it collapses when another process is busy)."""
+    if device.type != "cpu":
+        yield 1
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield max(1, min(threads, os.cpu_count() or 1))
+    finally:
+        torch.set_num_threads(threads)

@@ -13,6 +13,7 @@ Deliberate differences from mergekit 0.1.5, all documented in ``surgery merge --
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -27,26 +28,49 @@ def _stacked_weights(x: TensorMerge, like: torch.Tensor) -> torch.Tensor:
     return weights.reshape(-1, *([1] * like.dim()))
 
 
-def _combine_task_vectors(x: TensorMerge, deltas: list[torch.Tensor], sign_consensus: bool,
+DeltaSource = Callable[[int, slice], torch.Tensor]
+
+
+def _combine_task_vectors(x: TensorMerge, delta_of: DeltaSource, sign_consensus: bool,
                           normalize_default: bool) -> torch.Tensor:
-    """θ0 + λ · (weighted sum of δi, over entries agreeing with the elected sign when ``sign_consensus``),
-    divided by the summed weights when normalizing."""
-    weights = _stacked_weights(x, deltas[0])
-    weighted = torch.stack(deltas) * weights
-    if sign_consensus:
-        elected = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0)
-        agrees = weighted.sign() == elected
-        mixed = (weighted * agrees).sum(dim=0)
-        divisor = (weights * agrees).sum(dim=0)
-        divisor[divisor == 0] = 1
-    else:
-        mixed = weighted.sum(dim=0)
-        divisor = weights.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
+    """θ0 + λ · (Σ wi δi, over entries agreeing with the elected sign when ``sign_consensus``), divided by the
+    summed weights (of the agreeing entries) when normalizing.
+
+    Works through the flattened tensor in cache-sized chunks; ``delta_of(i, chunk)`` gives model i's (sparsified)
+    task vector on that chunk as a fresh tensor.
+    """
+    base = x.base.reshape(-1)
+    out = torch.empty_like(base)
     normalize = normalize_default if x.normalize is None else x.normalize
-    if normalize:
-        mixed = mixed / divisor
-    return x.base + x.lambda_ * mixed
+    for part in sparsify.chunk_slices(base.numel()):
+        weighted = [delta_of(i, part).mul_(w) for i, w in enumerate(x.weight)]
+        if sign_consensus:
+            positive = sum(weighted) >= 0
+            mixed = torch.zeros_like(weighted[0])
+            divisor = torch.zeros_like(weighted[0])
+            for w, delta in zip(x.weight, weighted):
+                agrees = torch.where(positive, delta > 0, delta < 0)
+                mixed += delta * agrees
+                divisor += agrees * w
+            divisor[divisor == 0] = 1
+        else:
+            mixed = sum(weighted)
+            divisor = torch.full_like(mixed, sum(x.weight))
+            divisor[divisor.abs() < 1e-8] = 1
+        if normalize:
+            mixed /= divisor
+        out[part] = base[part] + x.lambda_ * mixed
+    return out.reshape(x.base.shape)
+
+
+def _plain_deltas(x: TensorMerge) -> DeltaSource:
+    base, models = x.base.reshape(-1), [m.reshape(-1) for m in x.models]
+    return lambda i, part: models[i][part] - base[part]
+
+
+def _precomputed(deltas: list[torch.Tensor]) -> DeltaSource:
+    flat = [d.reshape(-1) for d in deltas]
+    return lambda i, part: flat[i][part].clone()
 
 
 def _deltas(x: TensorMerge) -> list[torch.Tensor]:
@@ -65,14 +89,27 @@ def linear(x: TensorMerge) -> torch.Tensor:
 @register("task_arithmetic", uses_base=True, parameters=TASK_VECTOR_PARAMETERS)
 def task_arithmetic(x: TensorMerge) -> torch.Tensor:
     """θ0 + λ Σ wi δi."""
-    return _combine_task_vectors(x, _deltas(x), sign_consensus=False, normalize_default=False)
+    return _combine_task_vectors(x, _plain_deltas(x), sign_consensus=False, normalize_default=False)
 
 
 @register("ties", uses_base=True, parameters=TASK_VECTOR_PARAMETERS | {"density"})
 def ties(x: TensorMerge) -> torch.Tensor:
     """TIES: keep the top-density |δi|, elect signs, weighted disjoint mean, times λ (the long-to-short method)."""
-    deltas = [sparsify.magnitude(d, p) for d, p in zip(_deltas(x), x.density)]
-    return _combine_task_vectors(x, deltas, sign_consensus=True, normalize_default=True)
+    plain = _plain_deltas(x)
+    numel = x.base.numel()
+    cuts = [None if p >= 1 else sparsify.magnitude_cut(lambda part, i=i: sparsify.magnitude_bits(plain(i, part)),
+                                                       numel, sparsify.kept_count(numel, p))
+            for i, p in enumerate(x.density)]
+    ties_seen = [0] * len(cuts)
+
+    def trimmed(i: int, part: slice) -> torch.Tensor:
+        delta = plain(i, part)
+        if cuts[i] is not None:
+            keep, ties_seen[i] = cuts[i].mask(sparsify.magnitude_bits(delta), ties_seen[i])
+            delta *= keep
+        return delta
+
+    return _combine_task_vectors(x, trimmed, sign_consensus=True, normalize_default=True)
 
 
 def _dare(x: TensorMerge) -> list[torch.Tensor]:
@@ -82,13 +119,13 @@ def _dare(x: TensorMerge) -> list[torch.Tensor]:
 @register("dare_linear", uses_base=True, parameters=TASK_VECTOR_PARAMETERS | {"density", "rescale"}, random=True)
 def dare_linear(x: TensorMerge) -> torch.Tensor:
     """DARE: drop δ entries with probability 1 − density, rescale, then task arithmetic."""
-    return _combine_task_vectors(x, _dare(x), sign_consensus=False, normalize_default=False)
+    return _combine_task_vectors(x, _precomputed(_dare(x)), sign_consensus=False, normalize_default=False)
 
 
 @register("dare_ties", uses_base=True, parameters=TASK_VECTOR_PARAMETERS | {"density", "rescale"}, random=True)
 def dare_ties(x: TensorMerge) -> torch.Tensor:
     """DARE drop and rescale, then TIES sign election and disjoint mean."""
-    return _combine_task_vectors(x, _dare(x), sign_consensus=True, normalize_default=False)
+    return _combine_task_vectors(x, _precomputed(_dare(x)), sign_consensus=True, normalize_default=False)
 
 
 def _breadcrumbs(x: TensorMerge) -> list[torch.Tensor]:
@@ -98,13 +135,13 @@ def _breadcrumbs(x: TensorMerge) -> list[torch.Tensor]:
 @register("breadcrumbs", uses_base=True, parameters=TASK_VECTOR_PARAMETERS | {"density", "gamma"})
 def breadcrumbs(x: TensorMerge) -> torch.Tensor:
     """Model Breadcrumbs: drop the top gamma and the smallest |δ| entries (keeping density), task arithmetic."""
-    return _combine_task_vectors(x, _breadcrumbs(x), sign_consensus=False, normalize_default=False)
+    return _combine_task_vectors(x, _precomputed(_breadcrumbs(x)), sign_consensus=False, normalize_default=False)
 
 
 @register("breadcrumbs_ties", uses_base=True, parameters=TASK_VECTOR_PARAMETERS | {"density", "gamma"})
 def breadcrumbs_ties(x: TensorMerge) -> torch.Tensor:
     """Breadcrumbs trimming with TIES sign election."""
-    return _combine_task_vectors(x, _breadcrumbs(x), sign_consensus=True, normalize_default=False)
+    return _combine_task_vectors(x, _precomputed(_breadcrumbs(x)), sign_consensus=True, normalize_default=False)
 
 
 def _della(x: TensorMerge) -> list[torch.Tensor]:
@@ -116,14 +153,14 @@ def _della(x: TensorMerge) -> list[torch.Tensor]:
           random=True)
 def della(x: TensorMerge) -> torch.Tensor:
     """DELLA: keep probabilities density ± epsilon by magnitude rank, rescale, TIES sign election."""
-    return _combine_task_vectors(x, _della(x), sign_consensus=True, normalize_default=True)
+    return _combine_task_vectors(x, _precomputed(_della(x)), sign_consensus=True, normalize_default=True)
 
 
 @register("della_linear", uses_base=True, parameters=TASK_VECTOR_PARAMETERS | {"density", "epsilon", "rescale"},
           random=True)
 def della_linear(x: TensorMerge) -> torch.Tensor:
     """DELLA sampling and rescale, then task arithmetic."""
-    return _combine_task_vectors(x, _della(x), sign_consensus=False, normalize_default=False)
+    return _combine_task_vectors(x, _precomputed(_della(x)), sign_consensus=False, normalize_default=False)
 
 
 @register("slerp", uses_base=True, parameters={"t"}, max_models=1)

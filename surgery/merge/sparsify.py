@@ -8,6 +8,9 @@ which gives the same threshold as a sort in linear time.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 
 
@@ -34,22 +37,80 @@ def kth_largest_magnitude(magnitudes: torch.Tensor, k: int) -> tuple[torch.Tenso
     return torch.tensor((bucket << 16) | low_value, dtype=torch.int32), greater
 
 
+@dataclass(frozen=True)
+class MagnitudeCut:
+    """Where the top-k by magnitude ends: entries whose |value| bits exceed ``threshold`` are kept, and of those
+    exactly at it, the first ``ties_kept`` in memory order."""
+
+    threshold: int
+    ties_kept: int
+
+    def mask(self, bits: torch.Tensor, ties_seen: int = 0) -> tuple[torch.Tensor, int]:
+        """Keep-mask for a consecutive run of magnitude ``bits`` that follows ``ties_seen`` tied entries."""
+        keep = bits > self.threshold
+        ties = bits == self.threshold
+        count = int(ties.sum())
+        budget = max(0, self.ties_kept - ties_seen)
+        if count > budget:
+            ties.view(-1)[ties.view(-1).nonzero()[budget:, 0]] = False
+        return keep | ties, ties_seen + count
+
+
+SAMPLE_SIZE = 1 << 16
+CHUNK = 1 << 18  # elements per step of the chunked loops: small enough to stay in cache
+
+
+def magnitude_bits(tensor: torch.Tensor) -> torch.Tensor:
+    """|tensor| as float32 bit patterns (int32): they order exactly as the magnitudes do."""
+    return tensor.abs().to(torch.float32).view(torch.int32).reshape(-1)
+
+
+def chunk_slices(numel: int, size: int = CHUNK) -> list[slice]:
+    return [slice(start, min(start + size, numel)) for start in range(0, numel, size)]
+
+
+def magnitude_cut(bits_of: Callable[[slice], torch.Tensor], numel: int, k: int) -> MagnitudeCut:
+    """The cut keeping the ``k`` largest magnitudes, as a sort would place it; ``bits_of(slice)`` gives the
+    magnitude bits (:func:`magnitude_bits`) of any stretch of the flattened tensor.
+
+    A strided sample brackets the k-th largest value; one pass over chunks counts the entries above the bracket and
+    collects the (few) inside it, which locates the cut exactly. If the bracket misses, a radix select decides.
+    """
+    if numel > 4 * SAMPLE_SIZE:
+        step = numel // SAMPLE_SIZE
+        sample = bits_of(slice(0, numel, step)).sort().values
+        position = (1 - k / numel) * (sample.numel() - 1)
+        margin = int(6 * (sample.numel() * (k / numel) * (1 - k / numel)) ** 0.5) + 32
+        low = int(sample[max(0, int(position) - margin)])
+        high = int(sample[min(sample.numel() - 1, int(position) + margin + 1)])
+        above, inside = 0, []
+        for part in chunk_slices(numel):
+            bits = bits_of(part)
+            above += int((bits > high).sum())
+            inside.append(bits[(bits >= low) & (bits <= high)])
+        candidates = torch.cat(inside)
+        wanted = k - above
+        if 0 < wanted <= candidates.numel():
+            threshold = int(torch.kthvalue(candidates, candidates.numel() - wanted + 1).values)
+            greater = above + int((candidates > threshold).sum())
+            return MagnitudeCut(threshold, k - greater)
+    threshold, greater = kth_largest_magnitude(bits_of(slice(0, numel)).view(torch.float32), k)
+    return MagnitudeCut(int(threshold), k - greater)
+
+
 def top_k_mask(tensor: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the ``k`` largest |values|; among equal magnitudes at the cut, the first in memory order win."""
-    flat = tensor.reshape(-1).abs().to(torch.float32)
-    if k >= flat.numel():
+    if k >= tensor.numel():
         return torch.ones_like(tensor, dtype=torch.bool)
     if k <= 0:
         return torch.zeros_like(tensor, dtype=torch.bool)
-    threshold, greater = kth_largest_magnitude(flat.cpu() if flat.device.type != "cpu" else flat, k)
-    bits = flat.view(torch.int32)
-    threshold = threshold.to(flat.device)
-    mask = bits > threshold
-    ties = bits == threshold
-    needed = k - greater
-    if int(ties.sum()) > needed:  # keep only the first `needed` of the tied elements
-        ties &= ties.cumsum(0) <= needed
-    return (mask | ties).reshape(tensor.shape)
+    bits = magnitude_bits(tensor)
+    return magnitude_cut(bits.__getitem__, bits.numel(), k).mask(bits)[0].reshape(tensor.shape)
+
+
+def kept_count(numel: int, density: float) -> int:
+    """How many entries TIES keeps: at least one, ``int(density · n)`` otherwise (mergekit's rule)."""
+    return numel if density >= 1 else (0 if density <= 0 or numel == 0 else max(1, int(density * numel)))
 
 
 def rescale_l1(original: torch.Tensor, kept: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -64,10 +125,7 @@ def magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the top ``density`` fraction of entries by magnitude (at least one), zero the rest (TIES)."""
     if density >= 1:
         return delta
-    if density <= 0 or delta.numel() == 0:
-        return torch.zeros_like(delta)
-    k = max(1, int(density * delta.numel()))
-    return delta * top_k_mask(delta, k)
+    return delta * top_k_mask(delta, kept_count(delta.numel(), density))
 
 
 def bernoulli(delta: torch.Tensor, density: float, generator: torch.Generator, rescale: str | None) -> torch.Tensor:
