@@ -6,11 +6,11 @@ Usage::
 
 The first run generates a synthetic Llama-layout checkpoint set (``base`` plus fine-tunes ``ft1`` and ``ft2`` =
 base + N(0, 0.002) noise; bf16, 1 GB shards; ~0.85 B parameters, ~1.7 GB each; see ``synthetic.py``) under
-``benchmarks/data/``, one tensor at a time with surgery's streaming writer; later runs reuse it. ``--small`` uses a tiny layout for a smoke
-test. Each command then runs ``--repeat`` times on a warm page cache, measured with :mod:`surgery.procmem` (peak
-RssAnon of the process tree; mmapped file pages are not counted). A Markdown table goes to stdout and the same
-numbers to ``benchmarks/results/convert_bench.json`` (``convert_bench.small.json`` with ``--small``). Every output
-is checked against the base before it is deleted.
+``benchmarks/data/``, one tensor at a time with surgery's streaming writer; later runs reuse it. ``--small`` uses a
+tiny layout for a smoke test. Each command then runs ``--repeat`` times on a warm page cache, measured with
+:mod:`surgery.procmem` (peak RssAnon of the process tree; mmapped file pages are not counted). A Markdown table
+goes to stdout and the same numbers to ``benchmarks/results/convert_bench.json`` (``convert_bench.small.json``
+with ``--small``). Every output is checked against the base before it is deleted.
 """
 
 from __future__ import annotations
