@@ -29,6 +29,7 @@ test: venv
 
 bench: venv
 	$(BIN)/python benchmarks/convert_bench.py
+	$(BIN)/python benchmarks/merge_bench.py
 
 clean:
 	rm -rf $(VENV) build

@@ -239,16 +239,7 @@ def run_once(run: dict):
     writeback included): well above a few seconds means another job competed for the cores."""
     shutil.rmtree(run["output"], ignore_errors=True)
     busy, own = busy_cpu_s(), own_cpu_s()
-    for attempt in range(3):
-        try:
-            result = measure(run["argv"], env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
-            break
-        except FileNotFoundError as err:  # procmem can race a process that exits while its /proc is read
-            print(f"  measure() raised {err!r}; running {run['label']} again", file=sys.stderr, flush=True)
-            shutil.rmtree(run["output"], ignore_errors=True)
-            busy, own = busy_cpu_s(), own_cpu_s()
-    else:
-        sys.exit(f"FAIL: measure() kept raising FileNotFoundError for {run['label']}")
+    result = measure(run["argv"], env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     result.other_cpu_s = max(0.0, (busy_cpu_s() - busy) - (own_cpu_s() - own))
     if result.returncode != 0:
         print(f"FAIL ({result.returncode}): {run['label']}\n$ {' '.join(run['argv'])}\n"

@@ -1,6 +1,6 @@
 """Provenance written next to every output: the ``surgery.json`` manifest and the ``README.md`` model card.
 
-The manifest names the inputs (with Hub revisions and SHA-256 content hashes), the full recipe, the seed and the
+The manifest names the inputs (with Hub revisions and SHA-256 content hashes, remembered between runs), the full recipe, the seed and the
 surgery version; ``surgery merge --recipe OUT/surgery.json`` reproduces the output bit for bit. It holds no
 timestamps or output paths, so identical runs write identical manifests.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -18,6 +19,7 @@ from surgery.io.checkpoint import Checkpoint
 
 HASH_CHUNK = 8 << 20
 SNAPSHOT_REVISION = re.compile(r"/snapshots/([0-9a-f]{40})(/|$)")
+BLOB_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def sha256_file(path: Path) -> str:
@@ -28,19 +30,64 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def hash_cache_path() -> Path:
+    """Where known file hashes are remembered: $SURGERY_CACHE or ~/.cache/surgery, file sha256.json."""
+    root = os.environ.get("SURGERY_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "surgery"
+    return Path(root) / "sha256.json"
+
+
+def content_hash(path: Path, cache: dict) -> str:
+    """SHA-256 of a file's content, without reading it when that is already known.
+
+    A Hub cache names LFS blobs by their SHA-256, so a snapshot's weights cost nothing; other files are hashed once
+    and remembered by (path, size, modification time, inode) in ``cache``, like make and git remember theirs.
+    """
+    resolved = path.resolve()
+    if BLOB_SHA256.fullmatch(resolved.name) and resolved.parent.name == "blobs":
+        return resolved.name
+    stat = resolved.stat()
+    key = f"{resolved}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}"
+    if key not in cache:
+        cache[key] = sha256_file(resolved)
+    return cache[key]
+
+
+def _load_cache(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+        return value if isinstance(value, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_cache(path: Path, cache: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}")
+        temporary.write_text(json.dumps(cache, sort_keys=True))
+        os.replace(temporary, path)
+    except OSError:
+        pass  # a cache we cannot write only costs time next run
+
+
 def hash_inputs_in_background(checkpoints: list[Checkpoint]) -> Future:
     """Start hashing every input file on a worker thread (hashlib releases the GIL); the result is a list of
     input records for the manifest."""
     pool = ThreadPoolExecutor(max_workers=1)
 
     def work() -> list[dict]:
+        cache_file = hash_cache_path()
+        cache = _load_cache(cache_file)
+        known = len(cache)
         records = []
         for ckpt in checkpoints:
             directory = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
-            files = {name: sha256_file(directory / name) for name in ckpt.files()}
+            files = {name: content_hash(directory / name, cache) for name in ckpt.files()}
             match = SNAPSHOT_REVISION.search(str(ckpt.path))
             records.append({"source": ckpt.source, "revision": match.group(1) if match else None,
                             "sha256": files})
+        if len(cache) != known:
+            _save_cache(cache_file, cache)
         return records
 
     future = pool.submit(work)

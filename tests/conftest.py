@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
+import tempfile
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+
+# Remembered content hashes go to a scratch cache, not the user's ~/.cache/surgery.
+os.environ.setdefault("SURGERY_CACHE", tempfile.mkdtemp(prefix="surgery-test-cache-"))
 
 # Tiny configs of several families; sizes are small but exercise GQA, biases, fused projections and q/k norms.
 COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -84,8 +89,6 @@ class Result:
 
 def run_surgery(*args: str, env: dict | None = None, timeout: float = 300) -> Result:
     """Run the real command line in a subprocess (exit codes, stderr and all)."""
-    import os
-
     done = subprocess.run([sys.executable, "-m", "surgery", *map(str, args)], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=timeout)
     return Result(done.returncode, done.stdout, done.stderr)

@@ -171,3 +171,32 @@ def test_dry_run_prints_the_plan(family, tmp_path):
     plan = json.loads(result.stdout)
     assert plan["method"] == "ties" and plan["base"] == str(base) and plan["models"] == [str(ft1), str(ft2)]
     assert plan["tensors"] == len(read_numpy(base)) and not (tmp_path / "out").exists()
+
+
+def test_content_hashes_are_real_and_remembered(family, tmp_path, monkeypatch):
+    import hashlib
+
+    from surgery import provenance
+
+    base = family[0]
+    monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))
+    cache: dict = {}
+    expected = hashlib.sha256((base / "model.safetensors").read_bytes()).hexdigest()
+    assert provenance.content_hash(base / "model.safetensors", cache) == expected
+    assert list(cache.values()) == [expected]
+    # a Hub blob is named by its SHA-256: nothing is read
+    blob = tmp_path / "blobs" / ("ab" * 32)
+    blob.parent.mkdir()
+    blob.write_bytes(b"not really")
+    link = tmp_path / "model.safetensors"
+    link.symlink_to(blob)
+    assert provenance.content_hash(link, {}) == "ab" * 32
+    # touching the file invalidates the remembered hash
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(b"one")
+    first = provenance.content_hash(copy, cache)
+    copy.write_bytes(b"two")
+    import os
+
+    os.utime(copy, ns=(1, 1))
+    assert provenance.content_hash(copy, cache) != first

@@ -18,7 +18,6 @@ import tempfile
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from itertools import islice
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -82,24 +81,36 @@ def _header(specs: list[TensorInfo]) -> tuple[bytes, list[TensorInfo]]:
     return struct.pack("<Q", len(header)) + header, order
 
 
+AHEAD_BYTES = 256 << 20  # how many output bytes may be computed ahead of the one being written
+
+
 def _produce(order: list[TensorInfo], load: Callable[[str], torch.Tensor],
              workers: int) -> Iterator[tuple[TensorInfo, torch.Tensor]]:
-    """``(spec, load(spec.name))`` in ``order``; with ``workers`` > 1 the next tensors are computed ahead on worker
-    threads (torch releases the GIL), so at most ``workers`` + 1 tensors are in memory at once."""
+    """``(spec, load(spec.name))`` in ``order``. With ``workers`` > 1 the following tensors are computed ahead on
+    worker threads (torch releases the GIL) while their planned bytes stay under AHEAD_BYTES, so memory stays a
+    few tensors, and a large tensor is computed alone."""
     if workers <= 1:
         for spec in order:
             yield spec, load(spec.name)
         return
-    specs = iter(order)
+    upcoming = deque(order)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending = deque((spec, pool.submit(load, spec.name)) for spec in islice(specs, workers))
+        pending: deque = deque()
+
+        def top_up() -> None:
+            while upcoming and len(pending) < workers and (
+                    not pending or sum(s.nbytes for s, _ in pending) + upcoming[0].nbytes <= AHEAD_BYTES):
+                spec = upcoming.popleft()
+                pending.append((spec, pool.submit(load, spec.name)))
+
         try:
+            top_up()
             while pending:
                 spec, future = pending.popleft()
-                following = next(specs, None)
-                if following is not None:
-                    pending.append((following, pool.submit(load, following.name)))
-                yield spec, future.result()
+                result = future.result()
+                top_up()
+                yield spec, result
+                del result
         finally:
             for _, future in pending:
                 future.cancel()

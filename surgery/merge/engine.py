@@ -28,6 +28,7 @@ from surgery.io import open_checkpoint, plan_shards, write_checkpoint
 from surgery.io.checkpoint import Checkpoint, TensorInfo, dtype_name, parse_dtype
 from surgery.io.writer import DEFAULT_MAX_SHARD_SIZE, WriteResult, check_output_available
 from surgery.merge.params import layer_position, resolve_value
+from surgery.merge.sparsify import chunk_slices
 from surgery.merge.recipe import Recipe, recipe_json
 from surgery.merge.registry import MergeMethod, TensorMerge, get_method
 from surgery.provenance import hash_inputs_in_background, manifest_bytes, model_card_bytes
@@ -151,15 +152,31 @@ class TensorMerger:
         self.recipe, self.inputs, self.device = recipe, inputs, torch.device(device)
         self.arch = Architecture.from_config(inputs.reference.config)
         self.shapes = {spec.name: spec.shape for spec in specs}
+        self.dtypes = {spec.name: spec.dtype if spec.dtype.is_floating_point else torch.float32 for spec in specs}
 
-    def _read(self, ckpt: Checkpoint, name: str, rows: int | None, fill: torch.Tensor | None) -> torch.Tensor:
+    def _read(self, ckpt: Checkpoint, name: str, rows: int | None = None) -> torch.Tensor:
+        """The tensor as stored (no float32 copy: methods convert chunk by chunk), cut or padded to ``rows``."""
         held = _tensor_name_in(ckpt, name, self.arch)
-        tensor = ckpt.get(held).to(self.device, torch.float32)
-        if not torch.isfinite(tensor).all():
-            raise BadInput(f"{ckpt.source}: tensor {held!r} contains NaN or Inf")
+        tensor = ckpt.get(held).to(self.device)
         if rows is not None and tensor.shape[0] != rows:
-            tensor = tensor[:rows] if tensor.shape[0] > rows else torch.cat([tensor, fill[tensor.shape[0]:]])
+            if tensor.shape[0] > rows:
+                tensor = tensor[:rows]
+            else:
+                fill = self._read(self.inputs.tokenizer_source, name)
+                tensor = torch.cat([tensor, fill[tensor.shape[0]:].to(tensor.dtype)])
         return tensor
+
+    def _check_finite(self, name: str, result: torch.Tensor) -> None:
+        """NaN/Inf in any input reaches the output, so one check of the output suffices; on failure, find the input."""
+        flat = result.reshape(-1)
+        if all(torch.isfinite(flat[part]).all() for part in chunk_slices(flat.numel())):
+            return
+        for ckpt in self.inputs.all:
+            held = _tensor_name_in(ckpt, name, self.arch)
+            if not torch.isfinite(ckpt.get(held)).all():
+                raise BadInput(f"{ckpt.source}: tensor {held!r} contains NaN or Inf")
+        raise BadInput(f"tensor {name!r}: the {self.inputs.method.name} merge produced NaN or Inf from finite inputs "
+                       "(check the weights and parameters)")
 
     def _value(self, key: str, setting_sources: list[dict], name: str, t: float):
         for settings in setting_sources:
@@ -172,9 +189,8 @@ class TensorMerger:
     def __call__(self, name: str) -> torch.Tensor:
         role = self.arch.role(name)
         rows = self.shapes[name][0] if role.kind in VOCAB_ROLES else None
-        fill = self._read(self.inputs.tokenizer_source, name, None, None) if rows is not None else None
-        base = self._read(self.inputs.base, name, rows, fill) if self.inputs.base else None
-        models = [self._read(ckpt, name, rows, fill) for ckpt in self.inputs.models]
+        base = self._read(self.inputs.base, name, rows) if self.inputs.base else None
+        models = [self._read(ckpt, name, rows) for ckpt in self.inputs.models]
         t = layer_position(role.layer, self.arch.num_layers)
         globals_ = self.recipe.parameters
         per_model = {key: [self._value(key, [entry.parameters, globals_], name, t) for entry in self.inputs.entries]
@@ -189,9 +205,11 @@ class TensorMerger:
             lambda_=self._value("lambda", [globals_], name, t), t=self._value("t", [globals_], name, t),
             scale=self._value("scale", [globals_], name, t), normalize=self._value("normalize", [globals_], name, t),
             rescale=None if not rescale or self.recipe.dare_rescale == "none" else self.recipe.dare_rescale,
-            generator=generator,
+            generator=generator, out_dtype=self.dtypes[name],
         )
-        return self.inputs.method.function(merge_input)
+        result = self.inputs.method.function(merge_input)
+        self._check_finite(name, result)
+        return result
 
 
 @dataclass

@@ -28,7 +28,7 @@ def _stacked_weights(x: TensorMerge, like: torch.Tensor) -> torch.Tensor:
     return weights.reshape(-1, *([1] * like.dim()))
 
 
-DeltaSource = Callable[[int, slice], torch.Tensor]
+DeltaSource = Callable[[int, slice, torch.Tensor], torch.Tensor]
 
 
 def _combine_task_vectors(x: TensorMerge, delta_of: DeltaSource, sign_consensus: bool,
@@ -36,50 +36,59 @@ def _combine_task_vectors(x: TensorMerge, delta_of: DeltaSource, sign_consensus:
     """θ0 + λ · (Σ wi δi, over entries agreeing with the elected sign when ``sign_consensus``), divided by the
     summed weights (of the agreeing entries) when normalizing.
 
-    Works through the flattened tensor in cache-sized chunks; ``delta_of(i, chunk)`` gives model i's (sparsified)
-    task vector on that chunk as a fresh tensor.
+    Works through the flattened tensor in cache-sized chunks; ``delta_of(i, chunk, base_chunk)`` gives model i's
+    (sparsified) float32 task vector on that chunk as a fresh tensor.
     """
     base = x.base.reshape(-1)
-    out = torch.empty_like(base)
+    out = torch.empty(base.shape, dtype=x.out_dtype, device=base.device)
     normalize = normalize_default if x.normalize is None else x.normalize
     for part in sparsify.chunk_slices(base.numel()):
-        weighted = [delta_of(i, part).mul_(w) for i, w in enumerate(x.weight)]
+        base_chunk = base[part].to(torch.float32)
+        weighted = [delta_of(i, part, base_chunk).mul_(w) for i, w in enumerate(x.weight)]
+        mixed = weighted[0].clone()
+        for delta in weighted[1:]:
+            mixed += delta
         if sign_consensus:
-            positive = sum(weighted) >= 0
-            mixed = torch.zeros_like(weighted[0])
-            divisor = torch.zeros_like(weighted[0])
+            # elected sign s = +1 where Σ wi δi ≥ 0, else −1; an entry agrees when wi δi · s > 0, and then
+            # max(wi δi · s, 0) · s is wi δi (else 0)
+            elected = torch.where(mixed >= 0, 1.0, -1.0)
+            mixed.zero_()
+            divisor = torch.zeros_like(mixed)
             for w, delta in zip(x.weight, weighted):
-                agrees = torch.where(positive, delta > 0, delta < 0)
-                mixed += delta * agrees
-                divisor += agrees * w
+                delta.mul_(elected)
+                divisor.add_(delta > 0, alpha=w)
+                mixed += delta.clamp_(min=0)
+            mixed *= elected
             divisor[divisor == 0] = 1
         else:
-            mixed = sum(weighted)
             divisor = torch.full_like(mixed, sum(x.weight))
             divisor[divisor.abs() < 1e-8] = 1
         if normalize:
             mixed /= divisor
-        out[part] = base[part] + x.lambda_ * mixed
+        out[part] = mixed.mul_(x.lambda_).add_(base_chunk)
     return out.reshape(x.base.shape)
 
 
 def _plain_deltas(x: TensorMerge) -> DeltaSource:
-    base, models = x.base.reshape(-1), [m.reshape(-1) for m in x.models]
-    return lambda i, part: models[i][part] - base[part]
+    models = [m.reshape(-1) for m in x.models]
+    return lambda i, part, base_chunk: models[i][part].to(torch.float32) - base_chunk
 
 
 def _precomputed(deltas: list[torch.Tensor]) -> DeltaSource:
     flat = [d.reshape(-1) for d in deltas]
-    return lambda i, part: flat[i][part].clone()
+    return lambda i, part, base_chunk: flat[i][part].clone()
 
 
 def _deltas(x: TensorMerge) -> list[torch.Tensor]:
-    return [model - x.base for model in x.models]
+    """Whole float32 task vectors (for sparsifications that need the whole tensor at once)."""
+    base = x.base.to(torch.float32)
+    return [model.to(torch.float32) - base for model in x.models]
 
 
 @register("linear", uses_base=False, parameters={"weight", "normalize"}, min_models=2)
 def linear(x: TensorMerge) -> torch.Tensor:
     """Weighted average Σ wi θi / Σ wi of all models (no base)."""
+    x = x.as_float32()
     weights = _stacked_weights(x, x.models[0])
     total = (torch.stack(x.models) * weights).sum(dim=0)
     normalize = True if x.normalize is None else x.normalize
@@ -96,14 +105,19 @@ def task_arithmetic(x: TensorMerge) -> torch.Tensor:
 def ties(x: TensorMerge) -> torch.Tensor:
     """TIES: keep the top-density |δi|, elect signs, weighted disjoint mean, times λ (the long-to-short method)."""
     plain = _plain_deltas(x)
-    numel = x.base.numel()
-    cuts = [None if p >= 1 else sparsify.magnitude_cut(lambda part, i=i: sparsify.magnitude_bits(plain(i, part)),
-                                                       numel, sparsify.kept_count(numel, p))
+    base = x.base.reshape(-1)
+    numel = base.numel()
+
+    def magnitudes(i: int, part: slice) -> torch.Tensor:
+        return sparsify.magnitude_bits(plain(i, part, base[part].to(torch.float32)))
+
+    cuts = [None if p >= 1 else sparsify.magnitude_cut(lambda part, i=i: magnitudes(i, part), numel,
+                                                       sparsify.kept_count(numel, p))
             for i, p in enumerate(x.density)]
     ties_seen = [0] * len(cuts)
 
-    def trimmed(i: int, part: slice) -> torch.Tensor:
-        delta = plain(i, part)
+    def trimmed(i: int, part: slice, base_chunk: torch.Tensor) -> torch.Tensor:
+        delta = plain(i, part, base_chunk)
         if cuts[i] is not None:
             keep, ties_seen[i] = cuts[i].mask(sparsify.magnitude_bits(delta), ties_seen[i])
             delta *= keep
@@ -166,6 +180,7 @@ def della_linear(x: TensorMerge) -> torch.Tensor:
 @register("slerp", uses_base=True, parameters={"t"}, max_models=1)
 def slerp(x: TensorMerge, dot_threshold: float = 0.9995, eps: float = 1e-8) -> torch.Tensor:
     """Spherical interpolation from the base (t = 0) to the other model (t = 1); lerp when nearly colinear."""
+    x = x.as_float32()
     v0, v1, t = x.base, x.models[0], x.t
     if v0.numel() == 0:
         return v0
@@ -182,6 +197,7 @@ def slerp(x: TensorMerge, dot_threshold: float = 0.9995, eps: float = 1e-8) -> t
 @register("model_stock", uses_base=True, parameters=set(), min_models=2)
 def model_stock(x: TensorMerge) -> torch.Tensor:
     """Model Stock: t = N·cos / (1 + (N − 1)·cos) from the mean pairwise cosine of the δi; θ0 + t (mean θi − θ0)."""
+    x = x.as_float32()
     deltas = [d.reshape(-1) for d in _deltas(x)]
     cosines = []
     for i, a in enumerate(deltas):
@@ -198,4 +214,4 @@ def model_stock(x: TensorMerge) -> torch.Tensor:
 @register("passthrough", uses_base=False, parameters={"scale"}, max_models=1)
 def passthrough(x: TensorMerge) -> torch.Tensor:
     """Copy the single model's tensors, optionally multiplied by scale."""
-    return x.models[0] if x.scale is None else x.models[0] * x.scale
+    return x.models[0] if x.scale is None else x.models[0].to(torch.float32) * x.scale

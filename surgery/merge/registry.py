@@ -10,7 +10,7 @@ and the parameters resolved for this tensor — and returns the merged float32 t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -20,7 +20,10 @@ from surgery.errors import BadInput
 
 @dataclass
 class TensorMerge:
-    """One tensor's inputs and parameters. Per-model lists follow ``models``' order."""
+    """One tensor's inputs and parameters. Per-model lists follow ``models``' order.
+
+    Tensors arrive in their stored dtype (often bf16, possibly memory-mapped: never modify them in place); methods
+    compute in float32, either chunk by chunk or after :meth:`as_float32`."""
 
     name: str
     base: torch.Tensor | None
@@ -35,6 +38,14 @@ class TensorMerge:
     normalize: bool | None = None  # None: the method's default
     rescale: str | None = "l1"  # DARE / DELLA rescale: "l1" (mergekit), "inverse" (1/p, the papers), or None
     generator: torch.Generator | None = None
+    out_dtype: torch.dtype = torch.float32  # what chunked methods write their result in
+
+    def as_float32(self) -> "TensorMerge":
+        """The same inputs converted to float32 whole (for methods that do not work in chunks)."""
+        def f32(tensor):
+            return None if tensor is None else tensor.to(torch.float32)
+
+        return replace(self, base=f32(self.base), models=[f32(m) for m in self.models])
 
 
 @dataclass(frozen=True)

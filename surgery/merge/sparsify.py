@@ -49,11 +49,13 @@ class MagnitudeCut:
         """Keep-mask for a consecutive run of magnitude ``bits`` that follows ``ties_seen`` tied entries."""
         keep = bits > self.threshold
         ties = bits == self.threshold
-        count = int(ties.sum())
+        count = int(torch.count_nonzero(ties))
         budget = max(0, self.ties_kept - ties_seen)
-        if count > budget:
-            ties.view(-1)[ties.view(-1).nonzero()[budget:, 0]] = False
-        return keep | ties, ties_seen + count
+        if count and budget:
+            if count > budget:
+                ties.view(-1)[ties.view(-1).nonzero()[budget:, 0]] = False
+            keep |= ties
+        return keep, ties_seen + count
 
 
 SAMPLE_SIZE = 1 << 16
@@ -86,13 +88,13 @@ def magnitude_cut(bits_of: Callable[[slice], torch.Tensor], numel: int, k: int) 
         above, inside = 0, []
         for part in chunk_slices(numel):
             bits = bits_of(part)
-            above += int((bits > high).sum())
+            above += int(torch.count_nonzero(bits > high))
             inside.append(bits[(bits >= low) & (bits <= high)])
         candidates = torch.cat(inside)
         wanted = k - above
         if 0 < wanted <= candidates.numel():
             threshold = int(torch.kthvalue(candidates, candidates.numel() - wanted + 1).values)
-            greater = above + int((candidates > threshold).sum())
+            greater = above + int(torch.count_nonzero(candidates > threshold))
             return MagnitudeCut(threshold, k - greater)
     threshold, greater = kth_largest_magnitude(bits_of(slice(0, numel)).view(torch.float32), k)
     return MagnitudeCut(int(threshold), k - greater)
