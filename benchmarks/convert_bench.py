@@ -15,7 +15,6 @@ with ``--small``). Every output is checked against the base before it is deleted
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import json
 import shutil
@@ -26,7 +25,7 @@ import torch
 
 from surgery.io import open_checkpoint
 from surgery.procmem import measure
-from synthetic import prepare, warm_page_cache  # benchmarks/ is on sys.path when run as a script
+from synthetic import benchmark_arguments, prepare, warm_page_cache  # benchmarks/ is on sys.path when run as a script
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -114,10 +113,7 @@ def markdown(rows: list[dict]) -> str:
 # ---------------------------------------------------------------------------------------------- main
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--small", action="store_true", help="tiny layout for a quick smoke test")
-    parser.add_argument("--repeat", type=int, default=2, help="runs per command (best wall, max peak reported)")
-    parser.add_argument("--data-dir", type=Path, default=HERE / "data", help="where the checkpoints are kept")
+    parser = benchmark_arguments(__doc__.split("\n\n")[0], repeat=2)
     args = parser.parse_args()
 
     size = "small" if args.small else "full"

@@ -27,7 +27,6 @@ Markdown table goes to stdout, the same numbers and the checks to ``benchmarks/r
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -40,7 +39,7 @@ import torch
 import yaml
 
 from surgery.procmem import measure
-from synthetic import prepare, warm_page_cache  # benchmarks/ is on sys.path when run as a script
+from synthetic import benchmark_arguments, prepare, warm_page_cache  # benchmarks/ is on sys.path when run as a script
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -332,10 +331,7 @@ def markdown(rows: list[dict]) -> str:
 # ---------------------------------------------------------------------------------------------- main
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--small", action="store_true", help="tiny layout for a quick smoke test")
-    parser.add_argument("--repeat", type=int, default=1, help="runs per command (best wall, max peak reported)")
-    parser.add_argument("--data-dir", type=Path, default=HERE / "data", help="where the checkpoints are kept")
+    parser = benchmark_arguments(__doc__.split("\n\n")[0], repeat=1)
     parser.add_argument("--skip-mergekit", action="store_true", help="leave out the mergekit runs")
     args = parser.parse_args()
     if not args.skip_mergekit and not MERGEKIT.exists():

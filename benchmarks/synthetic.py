@@ -115,3 +115,15 @@ def warm_page_cache(*directories: Path) -> None:
                 with open(path, "rb") as file:
                     while file.read(64 << 20):
                         pass
+
+
+def benchmark_arguments(description: str, repeat: int):
+    """The options every benchmark takes: --small, --repeat, --data-dir."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--small", action="store_true", help="tiny layout for a quick smoke test")
+    parser.add_argument("--repeat", type=int, default=repeat, help="runs per command (best wall, max peak reported)")
+    parser.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parent / "data",
+                        help="where the checkpoints are kept")
+    return parser
