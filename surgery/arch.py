@@ -46,6 +46,7 @@ FALLBACK_PATTERNS = [
     (r"(qkv_proj|c_attn|query_key_value|Wqkv)$", "attn_qkv"),
     (r"(o_proj|out_proj|dense|c_proj|wo)$", "attn_o"),
 ]
+_WARNED: set = set()  # model types already warned about in this process
 LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer|block)\.(\d+)\.")
 # transformers' default for tie_word_embeddings when config.json omits it (the base config class says True).
 UNTIED_BY_DEFAULT = {"llama", "mistral", "qwen2", "qwen3", "phi3"}
@@ -85,7 +86,8 @@ class Architecture:
         text = config.get("text_config") or config  # multimodal wrappers (gemma3) keep the LM in text_config
         model_type = config.get("model_type")
         known = model_type in KNOWN_FAMILIES
-        if not known:
+        if not known and model_type not in _WARNED:
+            _WARNED.add(model_type)
             log.warning("unknown architecture %r: tensor roles are guessed from their names", model_type)
         heads = text.get("num_attention_heads")
         hidden = text.get("hidden_size")

@@ -23,9 +23,10 @@ from typing import Callable, Iterator
 import torch
 
 from surgery.arch import Architecture
+from surgery.convert import output_config
 from surgery.errors import BadInput
 from surgery.io import open_checkpoint, plan_shards, write_checkpoint
-from surgery.io.checkpoint import Checkpoint, TensorInfo, dtype_name, parse_dtype
+from surgery.io.checkpoint import Checkpoint, TensorInfo, parse_dtype
 from surgery.io.writer import DEFAULT_MAX_SHARD_SIZE, WriteResult, check_output_available
 from surgery.merge.params import layer_position, resolve_value
 from surgery.merge.sparsify import chunk_slices
@@ -219,13 +220,11 @@ class MergeResult:
 
 
 def _output_config(inputs: MergeInputs, specs: list[TensorInfo], dtype: torch.dtype | None) -> dict | None:
-    config = dict(inputs.reference.config or {})
+    """The reference model's config with the output dtype and the output vocabulary size."""
+    config = output_config(inputs.reference.config, dtype)
     if not config:
         return None
-    if dtype is not None:
-        config["dtype"] = dtype_name(dtype)
-        if "torch_dtype" in config:
-            config["torch_dtype"] = dtype_name(dtype)
+    config = dict(config)
     arch = Architecture.from_config(config)
     embedding = [s for s in specs if arch.role(s.name).kind == "embedding"]
     if embedding and "vocab_size" in config:
