@@ -229,7 +229,7 @@ def merge(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Merge checkpoints (task arithmetic, TIES, DARE, SLERP, Model Stock...), one tensor at a time."""
-    from surgery.merge import ModelEntry, Recipe, load_recipe, merge as run_merge, plan_merge
+    from surgery.merge import ModelEntry, Recipe, get_method, load_recipe, merge as run_merge, plan_merge
 
     if recipe_file:
         recipe = load_recipe(recipe_file)
@@ -243,7 +243,8 @@ def merge(
         recipe = Recipe(method=method, models=[ModelEntry(m) for m in models], base=base)
     if method is not None:
         recipe.method = method
-    non_base = len(recipe.models) - (1 if recipe.base is None and recipe.method != "linear" else 0)
+    first_is_base = recipe.base is None and get_method(recipe.method).uses_base
+    non_base = len(recipe.models) - (1 if first_is_base else 0)
     weight_list = _float_list(weights, "--weights")
     if weight_list is not None:
         if len(weight_list) != non_base:

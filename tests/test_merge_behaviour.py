@@ -56,6 +56,8 @@ def test_errors_are_one_line(family, qwen, tmp_path):
     assert_bad_input(run_surgery("merge", base, ft1, "--method", "model_stock", "-o", out), "model_stock")
     assert_bad_input(run_surgery("merge", base, ft1, ft2, "--method", "ties", "--weights", "1", "-o", out),
                      "--weights")
+    assert_bad_input(run_surgery("merge", ft1, "--method", "passthrough", "--weights", "2", "-o", out),
+                     "'weight'", "passthrough")
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
 
