@@ -42,6 +42,9 @@ def _combine_task_vectors(x: TensorMerge, delta_of: DeltaSource, sign_consensus:
     base = x.base.reshape(-1)
     out = torch.empty(base.shape, dtype=x.out_dtype, device=base.device)
     normalize = normalize_default if x.normalize is None else x.normalize
+    weight_sum = torch.tensor(sum(x.weight), dtype=torch.float32, device=base.device)
+    if weight_sum.abs() < 1e-8:
+        weight_sum.fill_(1)
     for part in sparsify.chunk_slices(base.numel()):
         base_chunk = base[part].to(torch.float32)
         weighted = [delta_of(i, part, base_chunk).mul_(w) for i, w in enumerate(x.weight)]
@@ -50,19 +53,19 @@ def _combine_task_vectors(x: TensorMerge, delta_of: DeltaSource, sign_consensus:
             mixed += delta
         if sign_consensus:
             # elected sign s = +1 where Σ wi δi ≥ 0, else −1; an entry agrees when wi δi · s > 0, and then
-            # max(wi δi · s, 0) · s is wi δi (else 0)
-            elected = torch.where(mixed >= 0, 1.0, -1.0)
+            # max(wi δi · s, 0) · s is wi δi (else 0). Comparisons write float32 masks: bool ones are far slower.
+            scratch = torch.empty_like(mixed)
+            elected = torch.ge(mixed, 0, out=torch.empty_like(mixed)).mul_(2).sub_(1)
             mixed.zero_()
             divisor = torch.zeros_like(mixed)
             for w, delta in zip(x.weight, weighted):
                 delta.mul_(elected)
-                divisor.add_(delta > 0, alpha=w)
+                divisor.add_(torch.gt(delta, 0, out=scratch), alpha=w)
                 mixed += delta.clamp_(min=0)
             mixed *= elected
-            divisor[divisor == 0] = 1
+            divisor += torch.eq(divisor, 0, out=scratch)  # no agreeing entry: divide by 1
         else:
-            divisor = torch.full_like(mixed, sum(x.weight))
-            divisor[divisor.abs() < 1e-8] = 1
+            divisor = weight_sum
         if normalize:
             mixed /= divisor
         out[part] = mixed.mul_(x.lambda_).add_(base_chunk)
@@ -109,7 +112,7 @@ def ties(x: TensorMerge) -> torch.Tensor:
     numel = base.numel()
 
     def magnitudes(i: int, part: slice) -> torch.Tensor:
-        return sparsify.magnitude_bits(plain(i, part, base[part].to(torch.float32)))
+        return plain(i, part, base[part].to(torch.float32)).abs_()
 
     cuts = [None if p >= 1 else sparsify.magnitude_cut(lambda part, i=i: magnitudes(i, part), numel,
                                                        sparsify.kept_count(numel, p))
@@ -119,7 +122,7 @@ def ties(x: TensorMerge) -> torch.Tensor:
     def trimmed(i: int, part: slice, base_chunk: torch.Tensor) -> torch.Tensor:
         delta = plain(i, part, base_chunk)
         if cuts[i] is not None:
-            keep, ties_seen[i] = cuts[i].mask(sparsify.magnitude_bits(delta), ties_seen[i])
+            keep, ties_seen[i] = cuts[i].keep(delta.abs(), ties_seen[i])
             delta *= keep
         return delta
 

@@ -39,65 +39,83 @@ def kth_largest_magnitude(magnitudes: torch.Tensor, k: int) -> tuple[torch.Tenso
 
 @dataclass(frozen=True)
 class MagnitudeCut:
-    """Where the top-k by magnitude ends: entries whose |value| bits exceed ``threshold`` are kept, and of those
-    exactly at it, the first ``ties_kept`` in memory order."""
+    """Where the top-k by magnitude ends: entries whose magnitude exceeds ``threshold`` are kept, and of the
+    ``ties_total`` entries exactly at it, the first ``ties_kept`` in memory order."""
 
-    threshold: int
+    threshold: float
     ties_kept: int
+    ties_total: int
 
-    def mask(self, bits: torch.Tensor, ties_seen: int = 0) -> tuple[torch.Tensor, int]:
-        """Keep-mask for a consecutive run of magnitude ``bits`` that follows ``ties_seen`` tied entries."""
-        keep = bits > self.threshold
-        ties = bits == self.threshold
-        count = int(torch.count_nonzero(ties))
+    def keep(self, magnitudes: torch.Tensor, ties_seen: int = 0) -> tuple[torch.Tensor, int]:
+        """Keep-mask (float32 ones and zeros) for a consecutive run of float32 ``magnitudes`` that follows
+        ``ties_seen`` tied entries; returns the mask and the tied entries seen after this run.
+
+        Comparisons write float32 (``out=``): this is the hot loop of TIES, and bool-producing comparisons are
+        several times slower on CPU."""
+        keep = torch.gt(magnitudes, self.threshold, out=torch.empty_like(magnitudes))
+        if self.ties_kept == 0:
+            return keep, ties_seen
+        ties = torch.eq(magnitudes, self.threshold, out=torch.empty_like(magnitudes))
+        if self.ties_kept == self.ties_total:
+            return keep.add_(ties), ties_seen
+        count = int(ties.sum())
         budget = max(0, self.ties_kept - ties_seen)
-        if count and budget:
-            if count > budget:
-                ties.view(-1)[ties.view(-1).nonzero()[budget:, 0]] = False
-            keep |= ties
-        return keep, ties_seen + count
+        if count > budget:
+            flat = ties.view(-1)
+            flat[flat.bool().nonzero()[budget:, 0]] = 0
+        return keep.add_(ties), ties_seen + count
 
 
 SAMPLE_SIZE = 1 << 16
 CHUNK = 1 << 18  # elements per step of the chunked loops: small enough to stay in cache
 
 
-def magnitude_bits(tensor: torch.Tensor) -> torch.Tensor:
-    """|tensor| as float32 bit patterns (int32): they order exactly as the magnitudes do."""
-    return tensor.abs().to(torch.float32).view(torch.int32).reshape(-1)
+def magnitudes_of(tensor: torch.Tensor) -> torch.Tensor:
+    """|tensor| as a flat float32 tensor."""
+    return tensor.abs().to(torch.float32).reshape(-1)
 
 
 def chunk_slices(numel: int, size: int = CHUNK) -> list[slice]:
     return [slice(start, min(start + size, numel)) for start in range(0, numel, size)]
 
 
-def magnitude_cut(bits_of: Callable[[slice], torch.Tensor], numel: int, k: int) -> MagnitudeCut:
-    """The cut keeping the ``k`` largest magnitudes, as a sort would place it; ``bits_of(slice)`` gives the
-    magnitude bits (:func:`magnitude_bits`) of any stretch of the flattened tensor.
+def _count(flags: torch.Tensor) -> int:
+    """How many ones a float32 0/1 tensor of at most ``CHUNK`` entries holds (exact: float32 sums integers
+    exactly up to 2**24)."""
+    return int(flags.sum())
+
+
+def magnitude_cut(magnitudes_in: Callable[[slice], torch.Tensor], numel: int, k: int) -> MagnitudeCut:
+    """The cut keeping the ``k`` largest magnitudes, as a sort would place it; ``magnitudes_in(slice)`` gives the
+    float32 magnitudes of any stretch of the flattened tensor.
 
     A strided sample brackets the k-th largest value; one pass over chunks counts the entries above the bracket and
     collects the (few) inside it, which locates the cut exactly. If the bracket misses, a radix select decides.
     """
     if numel > 4 * SAMPLE_SIZE:
         step = numel // SAMPLE_SIZE
-        sample = bits_of(slice(0, numel, step)).sort().values
+        sample = magnitudes_in(slice(0, numel, step)).sort().values
         position = (1 - k / numel) * (sample.numel() - 1)
         margin = int(6 * (sample.numel() * (k / numel) * (1 - k / numel)) ** 0.5) + 32
-        low = int(sample[max(0, int(position) - margin)])
-        high = int(sample[min(sample.numel() - 1, int(position) + margin + 1)])
+        low = float(sample[max(0, int(position) - margin)])
+        high = float(sample[min(sample.numel() - 1, int(position) + margin + 1)])
         above, inside = 0, []
         for part in chunk_slices(numel):
-            bits = bits_of(part)
-            above += int(torch.count_nonzero(bits > high))
-            inside.append(bits[(bits >= low) & (bits <= high)])
+            magnitudes = magnitudes_in(part)
+            over = torch.gt(magnitudes, high, out=torch.empty_like(magnitudes))
+            above += _count(over)
+            within = torch.ge(magnitudes, low, out=torch.empty_like(magnitudes)).sub_(over)
+            inside.append(magnitudes[within.bool()])
         candidates = torch.cat(inside)
         wanted = k - above
         if 0 < wanted <= candidates.numel():
-            threshold = int(torch.kthvalue(candidates, candidates.numel() - wanted + 1).values)
+            threshold = candidates.kthvalue(candidates.numel() - wanted + 1).values
             greater = above + int(torch.count_nonzero(candidates > threshold))
-            return MagnitudeCut(threshold, k - greater)
-    threshold, greater = kth_largest_magnitude(bits_of(slice(0, numel)).view(torch.float32), k)
-    return MagnitudeCut(int(threshold), k - greater)
+            return MagnitudeCut(float(threshold), k - greater, int(torch.count_nonzero(candidates == threshold)))
+    magnitudes = magnitudes_in(slice(0, numel))
+    threshold_bits, greater = kth_largest_magnitude(magnitudes, k)
+    threshold = threshold_bits.view(torch.float32)
+    return MagnitudeCut(float(threshold), k - greater, int(torch.count_nonzero(magnitudes == threshold)))
 
 
 def top_k_mask(tensor: torch.Tensor, k: int) -> torch.Tensor:
@@ -106,8 +124,8 @@ def top_k_mask(tensor: torch.Tensor, k: int) -> torch.Tensor:
         return torch.ones_like(tensor, dtype=torch.bool)
     if k <= 0:
         return torch.zeros_like(tensor, dtype=torch.bool)
-    bits = magnitude_bits(tensor)
-    return magnitude_cut(bits.__getitem__, bits.numel(), k).mask(bits)[0].reshape(tensor.shape)
+    magnitudes = magnitudes_of(tensor)
+    return magnitude_cut(magnitudes.__getitem__, magnitudes.numel(), k).keep(magnitudes)[0].bool().reshape(tensor.shape)
 
 
 def kept_count(numel: int, density: float) -> int:
