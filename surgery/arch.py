@@ -53,6 +53,15 @@ UNTIED_BY_DEFAULT = {"llama", "mistral", "qwen2", "qwen3", "phi3"}
 VISION_MODULE = re.compile(r"(^|\.)(vision_tower|vision_model|multi_modal_projector)\.")
 
 
+def with_layer_index(name: str, layer: int) -> str:
+    """``name`` moved to decoder layer ``layer``: ``with_layer_index("model.layers.3.mlp.up_proj.weight", 7)`` is
+    ``"model.layers.7.mlp.up_proj.weight"``."""
+    match = LAYER_INDEX.search(name)
+    if match is None:
+        raise ValueError(f"{name!r} is not inside a decoder layer")
+    return name[:match.start(1)] + str(layer) + name[match.end(1):]
+
+
 @dataclass(frozen=True)
 class TensorRole:
     """What a tensor is: ``kind`` (embedding, lm_head, attn_q/k/v/o/qkv, mlp_gate/up/down/gate_up, norm, vision,

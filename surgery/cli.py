@@ -191,9 +191,10 @@ Long-to-short: surgery merge short-model long-model --method ties --density 0.2 
 """.split("\n")).strip() + "\n\nMethods:\n\n" + _method_help() + "\n\n" + " ".join("""
 Same names and parameter meanings as mergekit (density = fraction KEPT). Deliberate differences: math is always
 float32; DARE/DELLA masks come from --seed and the tensor name (same seed, identical bytes); among entries of equal
-magnitude at the TIES cut the first in memory order are kept. Models with other vocabulary sizes are merged over the
-output vocabulary (the tokenizer source's); rows a model lacks contribute no task vector. The output holds a README.md
-model card and surgery.json, from which --recipe OUT/surgery.json reproduces it bit for bit.
+magnitude at the TIES cut the first in memory order are kept. Models whose tokenizers differ are merged over the
+output vocabulary (--tokenizer-source: the base's, a model's, or the union), embedding rows matched by token; rows a
+model lacks contribute no task vector. Recipes may stack or cut layer ranges (slices, as in mergekit). The output
+holds a README.md model card and surgery.json, from which --recipe OUT/surgery.json reproduces it bit for bit.
 """.split("\n")).strip()
 
 
@@ -219,7 +220,8 @@ def merge(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype: float32, bfloat16, float16 (math is "
                                                               "always float32)."),
     tokenizer_source: Optional[str] = typer.Option(None, "--tokenizer-source",
-                                                   help="Vocabulary of the output: base (default) or a model."),
+                                                   help="Vocabulary of the output: base (default), union, or "
+                                                        "one of the models."),
     recipe_file: Optional[str] = typer.Option(None, "--recipe", help="Recipe: our YAML, a mergekit YAML config, "
                                                                      "or an earlier output's surgery.json."),
     device: str = typer.Option("cpu", "--device", help="Where the math runs: cpu or cuda."),
@@ -246,6 +248,8 @@ def merge(
     first_is_base = recipe.base is None and get_method(recipe.method).uses_base
     non_base = len(recipe.models) - (1 if first_is_base else 0)
     weight_list = _float_list(weights, "--weights")
+    if weight_list is not None and recipe.slices:
+        raise BadInput("--weights: this recipe has slices; give the weights in it, per source")
     if weight_list is not None:
         if len(weight_list) != non_base:
             raise BadInput(f"--weights: {len(weight_list)} value(s) for {non_base} non-base model(s)")

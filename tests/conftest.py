@@ -30,11 +30,11 @@ TINY_CONFIGS = {
 }
 
 
-def make_tiny_model(model_type: str, seed: int = 0):
+def make_tiny_model(model_type: str, seed: int = 0, **overrides):
     import transformers
 
     class_name, fields = TINY_CONFIGS[model_type]
-    config = getattr(transformers, class_name)(**fields)
+    config = getattr(transformers, class_name)(**{**fields, **overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # random norms too, so a lost or misplaced norm tensor changes the logits

@@ -3,18 +3,11 @@ float32 tensors (within 1e-6) for the deterministic methods both implement."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-import yaml
 
-from conftest import run_surgery
-from merge_helpers import read_numpy, save_family
-
-MERGEKIT = Path(sys.executable).parent / "mergekit-yaml"
+from merge_helpers import MERGEKIT, assert_same_as_mergekit, save_family
 
 
 @pytest.fixture(scope="module")
@@ -54,13 +47,4 @@ CASES = [(method, "llama") for method in ("linear", "task_arithmetic", "ties", "
 def test_same_tensors_as_mergekit(method, arch, paths, tmp_path):
     base, *fine_tunes = paths[arch]
     config = {"merge_method": method, "dtype": "float32", **configs(base, fine_tunes)[method]}
-    recipe = tmp_path / "config.yml"
-    recipe.write_text(yaml.safe_dump(config))
-    done = subprocess.run([str(MERGEKIT), str(recipe), str(tmp_path / "mergekit")], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = run_surgery("merge", "--recipe", recipe, "-o", tmp_path / "surgery")
-    assert result.returncode == 0, result.stderr
-    ours, theirs = read_numpy(tmp_path / "surgery"), read_numpy(tmp_path / "mergekit")
-    assert ours.keys() == theirs.keys()
-    for name in ours:
-        np.testing.assert_allclose(ours[name], theirs[name], rtol=0, atol=1e-6, err_msg=f"{method} {arch} {name}")
+    assert_same_as_mergekit(config, tmp_path, f"{method} {arch}")

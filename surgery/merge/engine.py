@@ -6,9 +6,9 @@ Memory is one tensor per input model (plus the method's work) at a time; the out
     recipe = Recipe("ties", [ModelEntry("org/short"), ModelEntry("org/long")], parameters={"density": 0.2})
     merge(recipe, "out")
 
-Vocabulary rule: the output keeps the tokenizer source's vocabulary (the base's by default). Each model's
-embedding and lm_head rows are cut or padded to that many rows, padding with the tokenizer source's rows, so a token
-a model does not know contributes no task vector.
+Vocabulary rule: the output keeps the tokenizer source's vocabulary (the base's by default, a model's, or the
+``union`` of all); embedding and lm_head rows are matched by token, and a model lacking a token gets a stand-in row
+that adds no task vector (see :mod:`surgery.merge.vocab`).
 """
 
 from __future__ import annotations
@@ -16,22 +16,23 @@ from __future__ import annotations
 import os
 import zlib
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
-from surgery.arch import Architecture
+from surgery.arch import Architecture, with_layer_index
 from surgery.convert import output_config
 from surgery.errors import BadInput
 from surgery.io import open_checkpoint, plan_shards, write_checkpoint
-from surgery.io.checkpoint import Checkpoint, TensorInfo, parse_dtype
+from surgery.io.checkpoint import Checkpoint, TensorInfo, natural_key, parse_dtype
 from surgery.io.writer import DEFAULT_MAX_SHARD_SIZE, WriteResult, check_output_available
-from surgery.merge.params import layer_position, resolve_value
+from surgery.merge.params import resolve_value
 from surgery.merge.sparsify import chunk_slices
-from surgery.merge.recipe import Recipe, recipe_json
+from surgery.merge.recipe import ModelEntry, Recipe, Slice, recipe_json
 from surgery.merge.registry import MergeMethod, TensorMerge, get_method
+from surgery.merge.vocab import TOKENIZER_FILES, VocabularyPlan, VocabularySource, align_rows, plan_vocabulary
 from surgery.provenance import hash_inputs_in_background, manifest_bytes, model_card_bytes
 
 DEFAULTS = {"weight": 1.0, "density": 1.0, "gamma": 0.01, "epsilon": 0.15, "lambda": 1.0, "t": 0.5,
@@ -42,27 +43,61 @@ DARE_RESCALES = {"l1", "inverse", "none"}
 
 
 @dataclass
+class SliceInputs:
+    """One output slice, opened: its base and other models, where each one's layers start, how many layers."""
+
+    base: Checkpoint | None
+    base_start: int
+    models: list[Checkpoint]
+    entries: list[ModelEntry]  # the recipe's entry (parameters, layer range) for each of ``models``
+    length: int
+    parameters: dict
+
+    @property
+    def reference(self) -> tuple[Checkpoint, int]:
+        return (self.base, self.base_start) if self.base else (self.models[0], self.entries[0].layer_range[0])
+
+
+@dataclass
 class MergeInputs:
-    """The opened checkpoints of a recipe: the base (None for base-free methods) and the other models."""
+    """The opened checkpoints of a recipe, slice by slice (a ``models`` recipe is one slice of all layers)."""
 
     method: MergeMethod
-    base: Checkpoint | None
-    models: list[Checkpoint]
-    entries: list  # the recipe's ModelEntry for each of `models`
-    tokenizer_source: Checkpoint
+    slices: list[SliceInputs]
+    checkpoints: list[Checkpoint]  # each input once, base first
+    auxiliary: dict[str, dict[str, bytes]]  # source → its tokenizer and generation files
+    vocabulary: VocabularyPlan | None  # None when the models have no embedding
+    tokenizer_source: Checkpoint  # whose auxiliary files the output carries (the base's for union)
 
     @property
     def reference(self) -> Checkpoint:
-        return self.base or self.models[0]
+        return self.slices[0].reference[0]
 
     @property
-    def all(self) -> list[Checkpoint]:
-        return ([self.base] if self.base else []) + self.models
+    def base(self) -> Checkpoint | None:
+        return self.slices[0].base
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One output tensor: its spec, the slice it comes from, the input tensor names and the layer position t."""
+
+    spec: TensorInfo
+    part: SliceInputs
+    base_name: str | None
+    model_names: list[str]
+    t: float
+
+    def inputs(self) -> list[tuple[Checkpoint, str]]:
+        pairs = [(self.part.base, self.base_name)] if self.part.base else []
+        return pairs + list(zip(self.part.models, self.model_names))
 
 
 def _check_parameters(recipe: Recipe, method: MergeMethod) -> None:
     given = {("global", key) for key in recipe.parameters}
-    given |= {(entry.model, key) for entry in recipe.models for key in entry.parameters}
+    entries = recipe.models + [source for part in recipe.slices or [] for source in part.sources]
+    given |= {(entry.model, key) for entry in entries for key in entry.parameters}
+    given |= {(f"slice {number}", key) for number, part in enumerate(recipe.slices or []) for key in part.parameters}
     for where, key in sorted(given):
         if key not in method.parameters:
             accepted = ", ".join(sorted(method.parameters)) or "none"
@@ -72,28 +107,97 @@ def _check_parameters(recipe: Recipe, method: MergeMethod) -> None:
         raise BadInput(f"--dare-rescale {recipe.dare_rescale!r}: expected l1, inverse or none")
 
 
+def _layer_count(ckpt: Checkpoint) -> int:
+    arch = Architecture.from_config(ckpt.config)
+    if arch.num_layers is not None:
+        return arch.num_layers
+    layers = [arch.role(name).layer for name in ckpt.tensors]
+    return max((layer for layer in layers if layer is not None), default=-1) + 1
+
+
+def _as_slices(recipe: Recipe, method: MergeMethod) -> list[Slice]:
+    """The recipe's slices; a ``models`` recipe becomes one slice, base first, of every layer."""
+    if recipe.slices:
+        return recipe.slices
+    entries = list(recipe.models)
+    base = recipe.base
+    if method.uses_base and base is None:
+        base, entries = entries[0].model, entries[1:]
+    if not method.uses_base and base is not None:
+        raise BadInput(f"--base: method {method.name!r} does not use a base model")
+    return [Slice(([ModelEntry(base)] if base else []) + entries, base=base)]
+
+
+def _open_slice(number: int, part: Slice, recipe: Recipe, method: MergeMethod, opened) -> SliceInputs:
+    where = f"slice {number}" if recipe.slices else "merge"
+    sources = [replace(e, layer_range=e.layer_range or (0, _layer_count(opened(e.model)))) for e in part.sources]
+    for entry in sources:
+        count = _layer_count(opened(entry.model))
+        if entry.layer_range[1] > count:
+            raise BadInput(f"{where}: layer_range {list(entry.layer_range)} of {entry.model} goes past its "
+                           f"{count} layers")
+    lengths = {end - start for start, end in (entry.layer_range for entry in sources)}
+    if len(lengths) > 1:
+        raise BadInput(f"{where}: every source needs the same number of layers (layer ranges "
+                       f"{[list(e.layer_range) for e in sources]})")
+    base_name = part.base or recipe.base
+    base_index = None
+    if method.uses_base:
+        if base_name is None or not recipe.slices:
+            base_index = 0
+        else:
+            base_index = next((i for i, e in enumerate(sources) if e.model == base_name), None)
+            if base_index is None:
+                raise BadInput(f"{where}: the base {base_name} is not among its sources")
+    elif part.base:
+        raise BadInput(f"{where}: method {method.name!r} does not use a base model")
+    others = [e for i, e in enumerate(sources) if i != base_index]
+    method.check_model_count(len(others))
+    base_entry = sources[base_index] if base_index is not None else None
+    return SliceInputs(
+        base=opened(base_entry.model) if base_entry else None,
+        base_start=base_entry.layer_range[0] if base_entry else 0,
+        models=[opened(e.model) for e in others], entries=others, length=lengths.pop(),
+        parameters=part.parameters)
+
+
 def open_inputs(recipe: Recipe, stack: ExitStack) -> MergeInputs:
-    """Open every checkpoint of ``recipe`` (closed with ``stack``) and check method, counts and parameters."""
+    """Open every checkpoint of ``recipe`` once (closed with ``stack``); check method, counts, ranges, parameters."""
     method = get_method(recipe.method)
     _check_parameters(recipe, method)
-    entries = list(recipe.models)
-    base_source = recipe.base
-    if method.uses_base and base_source is None:
-        base_source, entries = entries[0].model, entries[1:]
-    if not method.uses_base and base_source is not None:
-        raise BadInput(f"--base: method {method.name!r} does not use a base model")
-    method.check_model_count(len(entries))
-    base = stack.enter_context(open_checkpoint(base_source)) if base_source else None
-    models = [stack.enter_context(open_checkpoint(entry.model)) for entry in entries]
+    opened: dict[str, Checkpoint] = {}
+
+    def open_once(source: str) -> Checkpoint:
+        if source not in opened:
+            opened[source] = stack.enter_context(open_checkpoint(source))
+        return opened[source]
+
+    slices = [_open_slice(n, part, recipe, method, open_once) for n, part in enumerate(_as_slices(recipe, method))]
+    checkpoints = list(dict.fromkeys(
+        ([p.base for p in slices if p.base]) + [c for p in slices for c in p.models]))
     source_name = recipe.tokenizer_source
-    if source_name == "base":
-        tokenizer_source = base or models[0]
-    else:
-        matches = [c for c in ([base] if base else []) + models if c.source == source_name]
-        if not matches:
-            raise BadInput(f"tokenizer_source {source_name!r}: expected 'base' or one of the merged models")
-        tokenizer_source = matches[0]
-    return MergeInputs(method, base, models, entries, tokenizer_source)
+    names = [c.source for c in checkpoints]
+    if source_name not in ("base", "union") and source_name not in names:
+        raise BadInput(f"tokenizer_source {source_name!r}: expected base, union or one of the merged models")
+    reference = slices[0].reference[0]
+    tokenizer_source = reference if source_name in ("base", "union") else checkpoints[names.index(source_name)]
+    auxiliary = {c.source: c.auxiliary_files() for c in checkpoints}
+    arch = Architecture.from_config(reference.config)
+    rows = {c.source: _embedding_rows(c, arch) for c in checkpoints}
+    vocabulary = None
+    if all(count is not None for count in rows.values()):
+        sources = [VocabularySource(c.source, auxiliary[c.source], rows[c.source]) for c in checkpoints]
+        vocabulary = plan_vocabulary(sources, source_name, reference.source)
+    return MergeInputs(method, slices, checkpoints, auxiliary, vocabulary, tokenizer_source)
+
+
+def _embedding_rows(ckpt: Checkpoint, arch: Architecture) -> int | None:
+    """Rows of the token embedding (or of the lm_head when there is no embedding)."""
+    for kind in ("embedding", "lm_head"):
+        names = [name for name in ckpt.tensors if arch.role(name).kind == kind]
+        if names:
+            return ckpt.tensors[names[0]].shape[0]
+    return None
 
 
 def _identity(ckpt: Checkpoint) -> tuple:
@@ -111,34 +215,67 @@ def _tensor_name_in(ckpt: Checkpoint, name: str, arch: Architecture) -> str | No
     return None
 
 
-def plan_tensors(inputs: MergeInputs, dtype: torch.dtype | None) -> list[TensorInfo]:
-    """Output tensors (names, dtypes, shapes) after checking every input has each one in a compatible shape."""
+def _layer_names(ckpt: Checkpoint, arch: Architecture, layer: int) -> list[str]:
+    return [name for name in ckpt.tensors if arch.role(name).layer == layer]
+
+
+def _check_and_spec(inputs: MergeInputs, arch: Architecture, out_name: str, pairs: list[tuple[Checkpoint, str]],
+                    dtype: torch.dtype | None) -> TensorInfo:
+    """The output spec of one tensor, after checking each input has it in a compatible shape."""
+    reference, reference_name = pairs[0]
+    info = reference.tensors[reference_name]
+    shape = info.shape
+    vocab = arch.role(out_name).kind in VOCAB_ROLES and inputs.vocabulary is not None
+    if vocab:
+        shape = (inputs.vocabulary.rows, *shape[1:])
+    for ckpt, name in pairs:
+        held = _tensor_name_in(ckpt, name, arch)
+        if held is None:
+            raise BadInput(f"{ckpt.source}: tensor {name!r} is missing (present in {reference.source})")
+        other = ckpt.tensors[held].shape
+        if other != info.shape and not (vocab and other[1:] == info.shape[1:]):
+            raise BadInput(f"tensor {name!r}: shape {info.shape} in {reference.source} but {other} in "
+                           f"{ckpt.source}")
+    out_dtype = dtype if dtype is not None and info.dtype.is_floating_point else info.dtype
+    return TensorInfo(out_name, out_dtype, shape)
+
+
+def plan_tensors(inputs: MergeInputs, dtype: torch.dtype | None) -> list[PlannedTensor]:
+    """Every output tensor and where it comes from, after checking architectures, names and shapes.
+
+    Tensors outside the decoder layers come from the first slice (embeddings) or the last (the rest: final norm,
+    lm_head); decoder layers follow slice by slice, renumbered from 0. The layer position t (for gradients) runs
+    from 0 to 1 over each slice's layers (1 for a single-layer slice), 0 outside the layers, as in mergekit.
+    """
     reference = inputs.reference
     arch = Architecture.from_config(reference.config)
-    for ckpt in inputs.all:
+    for ckpt in inputs.checkpoints:
         if _identity(ckpt) != _identity(reference):
             raise BadInput(f"architecture mismatch: {reference.source} is {_identity(reference)[0]} "
                            f"{list(_identity(reference)[1])}, {ckpt.source} is {_identity(ckpt)[0]} "
                            f"{list(_identity(ckpt)[1])}")
-    specs = []
-    for name, info in reference.tensors.items():
-        shape = info.shape
-        vocab = arch.role(name).kind in VOCAB_ROLES
-        if vocab:
-            source_name = _tensor_name_in(inputs.tokenizer_source, name, arch)
-            if source_name is not None:
-                shape = (inputs.tokenizer_source.tensors[source_name].shape[0], *shape[1:])
-        for ckpt in inputs.all:
-            held = _tensor_name_in(ckpt, name, arch)
-            if held is None:
-                raise BadInput(f"{ckpt.source}: tensor {name!r} is missing (present in {reference.source})")
-            other = ckpt.tensors[held].shape
-            if other != info.shape and not (vocab and other[1:] == info.shape[1:]):
-                raise BadInput(f"tensor {name!r}: shape {info.shape} in {reference.source} but {other} in "
-                               f"{ckpt.source}")
-        out_dtype = dtype if dtype is not None and info.dtype.is_floating_point else info.dtype
-        specs.append(TensorInfo(name, out_dtype, shape))
-    return specs
+
+    def planned(part: SliceInputs, out_name: str, rename, t: float) -> PlannedTensor:
+        base_name = rename(part.base_start) if part.base else None
+        model_names = [rename(entry.layer_range[0]) for entry in part.entries]
+        pairs = ([(part.base, base_name)] if part.base else []) + list(zip(part.models, model_names))
+        return PlannedTensor(_check_and_spec(inputs, arch, out_name, pairs, dtype), part, base_name, model_names, t)
+
+    plan = []
+    for name in reference.tensors:
+        if arch.role(name).layer is None:
+            part = inputs.slices[0] if arch.role(name).kind == "embedding" else inputs.slices[-1]
+            plan.append(planned(part, name, lambda start, name=name: name, 0.0))
+    out_layer = 0
+    for part in inputs.slices:
+        ckpt, start = part.reference
+        for index in range(part.length):
+            t = index / (part.length - 1) if part.length > 1 else 1.0
+            for name in _layer_names(ckpt, arch, start + index):
+                rename = lambda first, name=name, index=index: with_layer_index(name, first + index)
+                plan.append(planned(part, with_layer_index(name, out_layer), rename, t))
+            out_layer += 1
+    return sorted(plan, key=lambda p: natural_key(p.spec.name))
 
 
 def _seed_for(seed: int, name: str) -> int:
@@ -149,35 +286,26 @@ def _seed_for(seed: int, name: str) -> int:
 class TensorMerger:
     """Computes one merged output tensor at a time (the ``load`` callback handed to the writer)."""
 
-    def __init__(self, recipe: Recipe, inputs: MergeInputs, specs: list[TensorInfo], device: str):
+    def __init__(self, recipe: Recipe, inputs: MergeInputs, plan: list[PlannedTensor], device: str):
         self.recipe, self.inputs, self.device = recipe, inputs, torch.device(device)
         self.arch = Architecture.from_config(inputs.reference.config)
-        self.shapes = {spec.name: spec.shape for spec in specs}
-        self.dtypes = {spec.name: spec.dtype if spec.dtype.is_floating_point else torch.float32 for spec in specs}
+        self.plan = {planned.spec.name: planned for planned in plan}
 
-    def _read(self, ckpt: Checkpoint, name: str, rows: int | None = None) -> torch.Tensor:
-        """The tensor as stored (no float32 copy: methods convert chunk by chunk), cut or padded to ``rows``."""
-        held = _tensor_name_in(ckpt, name, self.arch)
-        tensor = ckpt.get(held).to(self.device)
-        if rows is not None and tensor.shape[0] != rows:
-            if tensor.shape[0] > rows:
-                tensor = tensor[:rows]
-            else:
-                fill = self._read(self.inputs.tokenizer_source, name)
-                tensor = torch.cat([tensor, fill[tensor.shape[0]:].to(tensor.dtype)])
-        return tensor
+    def _read(self, ckpt: Checkpoint, name: str) -> torch.Tensor:
+        """The tensor as stored (no float32 copy: methods convert chunk by chunk)."""
+        return ckpt.get(_tensor_name_in(ckpt, name, self.arch)).to(self.device)
 
-    def _check_finite(self, name: str, result: torch.Tensor) -> None:
+    def _check_finite(self, planned: PlannedTensor, result: torch.Tensor) -> None:
         """NaN/Inf in any input reaches the output, so one check of the output suffices; on failure, find the input."""
         flat = result.reshape(-1)
         if all(torch.isfinite(flat[part]).all() for part in chunk_slices(flat.numel())):
             return
-        for ckpt in self.inputs.all:
+        for ckpt, name in planned.inputs():
             held = _tensor_name_in(ckpt, name, self.arch)
             if not torch.isfinite(ckpt.get(held)).all():
                 raise BadInput(f"{ckpt.source}: tensor {held!r} contains NaN or Inf")
-        raise BadInput(f"tensor {name!r}: the {self.inputs.method.name} merge produced NaN or Inf from finite inputs "
-                       "(check the weights and parameters)")
+        raise BadInput(f"tensor {planned.spec.name!r}: the {self.inputs.method.name} merge produced NaN or Inf from "
+                       "finite inputs (check the weights and parameters)")
 
     def _value(self, key: str, setting_sources: list[dict], name: str, t: float):
         for settings in setting_sources:
@@ -188,28 +316,36 @@ class TensorMerger:
         return DEFAULTS[key]
 
     def __call__(self, name: str) -> torch.Tensor:
-        role = self.arch.role(name)
-        rows = self.shapes[name][0] if role.kind in VOCAB_ROLES else None
-        base = self._read(self.inputs.base, name, rows) if self.inputs.base else None
-        models = [self._read(ckpt, name, rows) for ckpt in self.inputs.models]
-        t = layer_position(role.layer, self.arch.num_layers)
-        globals_ = self.recipe.parameters
-        per_model = {key: [self._value(key, [entry.parameters, globals_], name, t) for entry in self.inputs.entries]
+        planned = self.plan[name]
+        part, t = planned.part, planned.t
+        tensors = [self._read(ckpt, input_name) for ckpt, input_name in planned.inputs()]
+        vocabulary = self.inputs.vocabulary
+        if self.arch.role(name).kind in VOCAB_ROLES and vocabulary is not None:
+            indices = [vocabulary.index[ckpt.source] for ckpt, _ in planned.inputs()]
+            tensors = align_rows(tensors, [None if i is None else i.to(self.device) for i in indices],
+                                 vocabulary.rows, base_position=0 if part.base else None)
+        base, models = (tensors[0], tensors[1:]) if part.base else (None, tensors)
+        globals_ = [part.parameters, self.recipe.parameters]
+        per_model = {key: [self._value(key, [entry.parameters, *globals_], name, t) for entry in part.entries]
                      for key in PER_MODEL}
-        rescale = self._value("rescale", [globals_], name, t)
+
+        def value(key):
+            return self._value(key, globals_, name, t)
+
+        rescale = value("rescale")
         generator = None
         if self.inputs.method.random:
             generator = torch.Generator(device=self.device).manual_seed(_seed_for(self.recipe.seed, name))
+        dtype = planned.spec.dtype if planned.spec.dtype.is_floating_point else torch.float32
         merge_input = TensorMerge(
             name=name, base=base, models=models, weight=per_model["weight"], density=per_model["density"],
-            gamma=per_model["gamma"], epsilon=per_model["epsilon"],
-            lambda_=self._value("lambda", [globals_], name, t), t=self._value("t", [globals_], name, t),
-            scale=self._value("scale", [globals_], name, t), normalize=self._value("normalize", [globals_], name, t),
+            gamma=per_model["gamma"], epsilon=per_model["epsilon"], lambda_=value("lambda"), t=value("t"),
+            scale=value("scale"), normalize=value("normalize"),
             rescale=None if not rescale or self.recipe.dare_rescale == "none" else self.recipe.dare_rescale,
-            generator=generator, out_dtype=self.dtypes[name],
+            generator=generator, out_dtype=dtype,
         )
         result = self.inputs.method.function(merge_input)
-        self._check_finite(name, result)
+        self._check_finite(planned, result)
         return result
 
 
@@ -220,7 +356,7 @@ class MergeResult:
 
 
 def _output_config(inputs: MergeInputs, specs: list[TensorInfo], dtype: torch.dtype | None) -> dict | None:
-    """The reference model's config with the output dtype and the output vocabulary size."""
+    """The reference model's config with the output dtype, vocabulary size and (for slices) layer count."""
     config = output_config(inputs.reference.config, dtype)
     if not config:
         return None
@@ -229,7 +365,20 @@ def _output_config(inputs: MergeInputs, specs: list[TensorInfo], dtype: torch.dt
     embedding = [s for s in specs if arch.role(s.name).kind == "embedding"]
     if embedding and "vocab_size" in config:
         config["vocab_size"] = embedding[0].shape[0]
+    layers = [(part.reference, index) for part in inputs.slices for index in range(part.length)]
+    for text in [config] + ([dict(config["text_config"])] if isinstance(config.get("text_config"), dict) else []):
+        if "num_hidden_layers" in text:
+            text["num_hidden_layers"] = len(layers)
+        if isinstance(text.get("layer_types"), list):  # per-layer attention kinds follow the layers they came from
+            text["layer_types"] = [_layer_types(ckpt)[start + index] for (ckpt, start), index in layers]
+        if text is not config:
+            config["text_config"] = text
     return config
+
+
+def _layer_types(ckpt: Checkpoint) -> list:
+    config = ckpt.config or {}
+    return (config.get("text_config") or config).get("layer_types")
 
 
 def _card_body(recipe: Recipe, inputs: MergeInputs) -> str:
@@ -237,7 +386,7 @@ def _card_body(recipe: Recipe, inputs: MergeInputs) -> str:
     lines = [f"Merged with [surgery](https://pypi.org/project/surgery/) using **{method.name}**: {method.summary}", ""]
     if inputs.base:
         lines.append(f"- base: `{inputs.base.source}`")
-    lines += [f"- model: `{ckpt.source}`" for ckpt in inputs.models]
+    lines += [f"- model: `{ckpt.source}`" for ckpt in inputs.checkpoints if ckpt is not inputs.base]
     lines += ["", "Recipe (reproduce with `surgery merge --recipe surgery.json -o OUT`):", "", "```json",
               recipe_json(recipe), "```"]
     return "\n".join(lines)
@@ -248,12 +397,20 @@ def plan_merge(recipe: Recipe, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZ
     dtype = parse_dtype(recipe.dtype) if recipe.dtype else None
     with ExitStack() as stack:
         inputs = open_inputs(recipe, stack)
-        specs = plan_tensors(inputs, dtype)
+        specs = [planned.spec for planned in plan_tensors(inputs, dtype)]
         shards = plan_shards(specs, max_shard_size)
+        entries = [entry for part in inputs.slices for entry in part.entries]
         return {
             "method": inputs.method.name, "base": inputs.base.source if inputs.base else None,
-            "models": [c.source for c in inputs.models], "parameters": recipe.parameters,
-            "per_model_parameters": {e.model: e.parameters for e in inputs.entries if e.parameters},
+            "models": [c.source for c in inputs.checkpoints if c is not inputs.base],
+            "parameters": recipe.parameters,
+            "per_model_parameters": {e.model: e.parameters for e in entries if e.parameters},
+            "slices": [{"base": [part.base.source, part.base_start] if part.base else None,
+                        "models": [[c.source, e.layer_range[0]] for c, e in zip(part.models, part.entries)],
+                        "layers": part.length} for part in inputs.slices] if recipe.slices else None,
+            "vocabulary_rows": inputs.vocabulary.rows if inputs.vocabulary else None,
+            "reindexed_vocabulary": sorted(name for name, index in inputs.vocabulary.index.items() if index is not None)
+            if inputs.vocabulary else [],
             "tensors": len(specs), "total_bytes": sum(s.nbytes for s in specs), "shards": len(shards),
             "dtype": recipe.dtype or "as the inputs", "seed": recipe.seed,
         }
@@ -269,16 +426,19 @@ def merge(recipe: Recipe, output: str | Path, *, device: str = "cpu",
     check_output_available(output, force)
     with ExitStack() as stack:
         inputs = open_inputs(recipe, stack)
-        specs = plan_tensors(inputs, dtype)
-        hashes = hash_inputs_in_background(inputs.all)
-        merger = TensorMerger(recipe, inputs, specs, device)
+        plan = plan_tensors(inputs, dtype)
+        specs = [planned.spec for planned in plan]
+        hashes = hash_inputs_in_background(inputs.checkpoints)
+        merger = TensorMerger(recipe, inputs, plan, device)
 
         def files() -> dict[str, bytes]:
-            aux = inputs.tokenizer_source.auxiliary_files()
+            aux = dict(inputs.auxiliary[inputs.tokenizer_source.source])
+            if inputs.vocabulary is not None and inputs.vocabulary.tokenizer_files:  # a union tokenizer
+                aux = {n: d for n, d in aux.items() if n not in TOKENIZER_FILES} | inputs.vocabulary.tokenizer_files
             aux["surgery.json"] = manifest_bytes("merge", recipe.to_dict(), hashes.result())
             aux["README.md"] = model_card_bytes(
                 title=f"A {inputs.method.name} merge", relation="merge",
-                method=inputs.method.name, checkpoints=inputs.all, body=_card_body(recipe, inputs))
+                method=inputs.method.name, checkpoints=inputs.checkpoints, body=_card_body(recipe, inputs))
             return aux
 
         with _cpu_workers(merger.device) as workers:

@@ -1,8 +1,9 @@
 """Merge parameters as recipes write them, resolved per tensor (filters and per-layer gradients).
 
-A parameter value is a number, a list of numbers (a gradient, interpolated over the decoder layers: layer i of n sits
-at t = i / (n − 1), tensors outside the layers at t = 0), or a list of ``{filter, value}`` conditions where the first
-whose filter is a substring of the tensor name (or is absent / ``*``) applies — mergekit's conventions::
+A parameter value is a number, a list of numbers (a gradient, interpolated over the decoder layers: layer i of n
+sits at t = i / (n − 1), the only layer of a one-layer slice at 1, tensors outside the layers at 0), or a list of
+``{filter, value}`` conditions where the first whose filter is a substring of the tensor name (or is absent / ``*``)
+applies — mergekit's conventions::
 
     resolve_value([{"filter": "self_attn", "value": [0.0, 1.0]}, {"value": 0.5}], "model.layers.3.mlp.up_proj.weight",
                   t=0.5)   # → 0.5
@@ -42,9 +43,3 @@ def resolve_value(setting: Any, tensor_name: str, t: float) -> Any:
         return None
     raise BadInput(f"parameter value {setting!r}: expected a number, a list of numbers, or {{filter, value}} entries")
 
-
-def layer_position(layer: int | None, num_layers: int | None) -> float:
-    """mergekit's gradient position: i / (n − 1) inside the decoder layers, 0 elsewhere."""
-    if layer is None or not num_layers or num_layers <= 1:
-        return 0.0
-    return layer / (num_layers - 1)

@@ -15,8 +15,20 @@ Our YAML format::
     dtype: bfloat16                   # output dtype; math is always float32
     tokenizer_source: base            # base, or one of the models
 
-mergekit configs (``merge_method``, ``base_model``, ``models``, ``parameters``, ``dtype``, ``out_dtype``,
-``tokenizer_source``, full-range ``slices``) are read into the same structure.
+Instead of ``models``, ``slices`` stack or cut layer ranges (mergekit's ``slices``). Each output slice merges the
+given layer range of each of its sources (ranges of equal length) and the output layers follow slice by slice;
+embeddings come from the first slice's sources, the final norm and lm_head from the last's::
+
+    method: passthrough                # a 40-layer "frankenmerge" of two 32-layer models
+    slices:
+      - sources: [{model: org/a, layer_range: [0, 24]}]
+      - sources: [{model: org/b, layer_range: [16, 32]}]
+
+A slice may carry ``parameters`` (between the sources' and the global ones in precedence) and a ``base`` (one of its
+sources); gradients run over each slice's own layers, as in mergekit.
+
+mergekit configs (``merge_method``, ``base_model``, ``models``, ``slices``, ``parameters``, ``dtype``, ``out_dtype``,
+``tokenizer_source``) are read into the same structure.
 """
 
 from __future__ import annotations
@@ -28,13 +40,26 @@ from typing import Any
 
 from surgery.errors import BadInput
 
-RECIPE_KEYS = {"method", "base", "models", "parameters", "seed", "dtype", "tokenizer_source", "dare_rescale"}
+RECIPE_KEYS = {"method", "base", "models", "slices", "parameters", "seed", "dtype", "tokenizer_source",
+               "dare_rescale"}
 
 
 @dataclass
 class ModelEntry:
+    """One input model; in a slice, ``layer_range`` [start, end) picks its decoder layers (None: all of them)."""
+
     model: str
     parameters: dict[str, Any] = field(default_factory=dict)
+    layer_range: tuple[int, int] | None = None
+
+
+@dataclass
+class Slice:
+    """A run of output layers merged from the same-length layer ranges of ``sources``."""
+
+    sources: list[ModelEntry]
+    parameters: dict[str, Any] = field(default_factory=dict)
+    base: str | None = None
 
 
 @dataclass
@@ -43,6 +68,7 @@ class Recipe:
     models: list[ModelEntry]
     base: str | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
+    slices: list[Slice] | None = None
     seed: int = 0
     dtype: str | None = None
     tokenizer_source: str = "base"
@@ -56,54 +82,83 @@ class Recipe:
         unknown = set(data) - RECIPE_KEYS
         if unknown:
             raise BadInput(f"{origin}: unknown recipe key(s) {', '.join(sorted(unknown))}")
-        if "method" not in data or not data.get("models"):
-            raise BadInput(f"{origin}: a recipe needs 'method' and a non-empty 'models' list")
-        models = []
-        for entry in data["models"]:
-            if isinstance(entry, str):
-                entry = {"model": entry}
-            if not isinstance(entry, dict) or "model" not in entry:
-                raise BadInput(f"{origin}: each entry of 'models' needs a 'model' key")
-            models.append(ModelEntry(str(entry["model"]), dict(entry.get("parameters") or {})))
-        return cls(method=data["method"], models=models, base=data.get("base"),
-                   parameters=dict(data.get("parameters") or {}), seed=int(data.get("seed", 0)),
-                   dtype=data.get("dtype"), tokenizer_source=data.get("tokenizer_source") or "base",
+        if "method" not in data or bool(data.get("models")) == bool(data.get("slices")):
+            raise BadInput(f"{origin}: a recipe needs 'method' and either a non-empty 'models' or 'slices' list")
+        models = [_model_entry(e, origin) for e in data.get("models") or []]
+        if any(entry.layer_range for entry in models):
+            raise BadInput(f"{origin}: layer_range belongs in 'slices', not 'models'")
+        slices = [_slice(entry, f"{origin}: slice {number}") for number, entry in enumerate(data.get("slices") or [])]
+        return cls(method=data["method"], models=models,
+                   base=data.get("base"), parameters=dict(data.get("parameters") or {}), slices=slices or None,
+                   seed=int(data.get("seed", 0)), dtype=data.get("dtype"),
+                   tokenizer_source=data.get("tokenizer_source") or "base",
                    dare_rescale=data.get("dare_rescale", "l1"))
+
+    @property
+    def sources(self) -> list[str]:
+        """Every model the recipe reads, base first, each once."""
+        names = [self.base] if self.base else []
+        for entry in self.models + [source for part in self.slices or [] for source in part.sources]:
+            names.append(entry.model)
+        return list(dict.fromkeys(names))
+
+
+def _model_entry(entry: Any, origin: str) -> ModelEntry:
+    if isinstance(entry, str):
+        entry = {"model": entry}
+    if not isinstance(entry, dict) or "model" not in entry:
+        raise BadInput(f"{origin}: each model entry needs a 'model' key")
+    layer_range = entry.get("layer_range")
+    if layer_range is not None:
+        if (not isinstance(layer_range, (list, tuple)) or len(layer_range) != 2
+                or not all(isinstance(v, int) for v in layer_range) or not 0 <= layer_range[0] < layer_range[1]):
+            raise BadInput(f"{origin}: layer_range {layer_range!r} of {entry['model']}: expected [start, end) "
+                           "with 0 <= start < end")
+        layer_range = tuple(layer_range)
+    return ModelEntry(str(entry["model"]), dict(entry.get("parameters") or {}), layer_range)
+
+
+def _slice(entry: Any, origin: str) -> Slice:
+    if not isinstance(entry, dict) or not entry.get("sources"):
+        raise BadInput(f"{origin}: needs a non-empty 'sources' list")
+    unknown = set(entry) - {"sources", "parameters", "base"}
+    if unknown:
+        raise BadInput(f"{origin}: unknown key(s) {', '.join(sorted(unknown))}")
+    sources = [_model_entry(source, origin) for source in entry["sources"]]
+    if any(source.layer_range is None for source in sources):
+        raise BadInput(f"{origin}: every source needs a layer_range")
+    return Slice(sources, dict(entry.get("parameters") or {}), entry.get("base"))
+
+
+def _model_name(entry: Any) -> Any:
+    """mergekit writes a model as a string, {model: path} or {model: {model: path, lora: ...}}."""
+    model = entry.get("model") if isinstance(entry, dict) else entry
+    if isinstance(model, dict):
+        model = model.get("model") or model.get("path")
+    return model
 
 
 def _from_mergekit(config: dict, origin: str) -> Recipe:
-    """Translate a mergekit YAML config; BadInput for features we do not run yet."""
-    models = list(config.get("models") or [])
-    if config.get("slices"):
-        models = _models_from_full_range_slices(config["slices"], origin)
+    """Translate a mergekit YAML config; BadInput for features we do not run."""
     tokenizer = config.get("tokenizer_source")
-    if isinstance(tokenizer, dict) or tokenizer == "union":
-        raise BadInput(f"{origin}: tokenizer_source {tokenizer!r} is not supported yet (use base or a model)")
-    entries = []
-    for entry in models:
-        if isinstance(entry, dict) and isinstance(entry.get("model"), dict):  # {model: {model: path}} form
-            entry = {**entry, "model": entry["model"].get("model") or entry["model"].get("path")}
-        entries.append(entry)
+    if isinstance(tokenizer, dict) or config.get("tokenizer"):
+        raise BadInput(f"{origin}: per-token tokenizer settings are not supported (use base, union or a model)")
     base = config.get("base_model")
-    if base is not None:  # mergekit lists the base among the models too; we keep it apart
-        entries = [e for e in entries if (e["model"] if isinstance(e, dict) else e) != base]
-    return Recipe.from_dict({
-        "method": config["merge_method"], "base": base, "models": entries,
-        "parameters": config.get("parameters") or {},
-        "dtype": config.get("out_dtype") or config.get("dtype"),
-        "tokenizer_source": tokenizer or "base",
-    }, origin)
-
-
-def _models_from_full_range_slices(slices: list, origin: str) -> list:
-    """mergekit ``slices`` that each cover a whole model are the same as a ``models`` list."""
-    if len(slices) != 1:
-        raise BadInput(f"{origin}: slices that stack or cut layer ranges are not supported yet")
-    models = []
-    for source in slices[0].get("sources", []):
-        entry = {"model": source["model"], "parameters": source.get("parameters") or {}}
-        models.append(entry)
-    return models
+    data = {"method": config["merge_method"], "base": base, "parameters": config.get("parameters") or {},
+            "dtype": config.get("out_dtype") or config.get("dtype"), "tokenizer_source": tokenizer or "base"}
+    if config.get("modules"):
+        raise BadInput(f"{origin}: mergekit 'modules' are not supported (use models or slices)")
+    if config.get("slices"):
+        data["slices"] = []
+        for part in config["slices"]:
+            sources = [{**source, "model": _model_name(source)} for source in part.get("sources") or []]
+            data["slices"].append({"sources": sources, "parameters": part.get("parameters"),
+                                   "base": part.get("base_model")})
+    else:
+        # mergekit lists the base among the models too; we keep it apart
+        data["models"] = [{**e, "model": _model_name(e)} if isinstance(e, dict) else e
+                          for e in config.get("models") or [] if _model_name(e) != base]
+    return Recipe.from_dict(data, origin)
 
 
 def load_recipe(path: str | Path) -> Recipe:
