@@ -20,7 +20,7 @@ from surgery import __version__
 from surgery.errors import BadInput
 
 app = typer.Typer(
-    help="Model surgery for LLM checkpoints: inspect, diff and convert, streaming one tensor at a time.",
+    help="Model surgery for LLM checkpoints: inspect, diff, convert, merge and extend, streaming one tensor at a time.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
 
@@ -286,6 +286,158 @@ def merge(
         return _print_json(summary)
     typer.echo(f"wrote {result.write.directory}: {recipe.method} merge, {len(result.write.shards)} shard(s), "
                f"{_size(result.write.total_size)}")
+
+
+EXTEND_HELP = " ".join("""
+Stretch a model's context by rewriting its RoPE configuration (weights copied unchanged), verified against the
+frequencies transformers derives from the written config. Methods: linear (--factor), ntk (static: new rope base),
+dynamic, yarn (--beta-fast, --beta-slow), llama3 (--low-freq-factor, --high-freq-factor), power (Giraffe power
+basis, --power k), truncated (Giraffe truncated basis, --cut-length L_t, optional --factor on top). power and
+truncated are written as per-pair longrope factors (magnitude 1), which transformers and vLLM honour.
+--target-length N sets the factor to N over the trained length.
+""".split("\n")).strip()
+
+
+def _print_pairs(pairs: list[dict]) -> None:
+    typer.echo(f"{'pair':>4}  {'wavelength':>12}  {'new wavelength':>14}  status")
+    for row in pairs:
+        new = "∞ (no rotation)" if row["new_wavelength"] is None else f"{row['new_wavelength']:.1f}"
+        typer.echo(f"{row['pair']:>4}  {row['wavelength']:>12.1f}  {new:>14}  {row['status']}")
+
+
+@app.command(help=EXTEND_HELP)
+def extend(
+    source: str = typer.Argument(..., help="Model directory, .safetensors or .gguf file, or Hub repo id."),
+    output: str = typer.Option(..., "-o", "--output", help="Output directory (written atomically)."),
+    rope: str = typer.Option(..., "--rope", help="linear, ntk, dynamic, yarn, llama3, power or truncated."),
+    factor: Optional[float] = typer.Option(None, "--factor", help="Scale s: new length over the trained one."),
+    target_length: Optional[int] = typer.Option(None, "--target-length", help="New length N (factor = N / L0)."),
+    beta_fast: float = typer.Option(32.0, "--beta-fast", help="yarn: rotations above which pairs are kept."),
+    beta_slow: float = typer.Option(1.0, "--beta-slow", help="yarn: rotations below which pairs are interpolated."),
+    low_freq_factor: float = typer.Option(1.0, "--low-freq-factor", help="llama3: low-frequency bound."),
+    high_freq_factor: float = typer.Option(4.0, "--high-freq-factor", help="llama3: high-frequency bound."),
+    power: Optional[float] = typer.Option(None, "--power", help="power: exponent k of θ_i·(1 − 2i/d)^k."),
+    cut_length: Optional[int] = typer.Option(None, "--cut-length", help="truncated: cut length L_t in tokens."),
+    max_shard_size: str = SHARD_OPTION,
+    force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists (once the new one is complete)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the per-pair table; write nothing."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    from surgery import extend as extension
+
+    options = dict(factor=factor, target_length=target_length, beta_fast=beta_fast, beta_slow=beta_slow,
+                   low_freq_factor=low_freq_factor, high_freq_factor=high_freq_factor, power=power,
+                   cut_length=cut_length)
+    if dry_run:
+        result = extension.plan(source, rope, **options)
+    else:
+        with _progress(None, "B", "extend") as advance:
+            result, _ = extension.extend(source, output, rope, max_shard_size=max_shard_size, force=force,
+                                         progress=advance, **options)
+    pairs = extension.pair_table(result.geometry.inv_freq, result.inv_freq, result.status)
+    summary = {"output": None if dry_run else output, "method": rope, "parameters": result.parameters,
+               "trained_length": result.geometry.trained_length, "new_length": result.new_length,
+               "attention_factor": result.attention_factor, "rope_parameters": result.config.get("rope_parameters"),
+               "pairs": pairs}
+    if as_json:
+        return _print_json(summary)
+    verb = "would write" if dry_run else "wrote"
+    typer.echo(f"{verb} {output}: {rope} RoPE, length {result.geometry.trained_length} → {result.new_length}, "
+               f"attention factor {result.attention_factor:.4g}; verified against transformers")
+    if dry_run:
+        _print_pairs(pairs)
+
+
+@app.command("verify-rope")
+def verify_rope(
+    source: str = typer.Argument(..., help="Model directory, .safetensors or .gguf file, or Hub repo id."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Print the rotary frequencies transformers derives from a checkpoint's config, per pair; for an output of
+    `surgery extend`, check them against the intended ones (a mismatch exits 2)."""
+    from surgery.extend import verify_rope as verification
+
+    report = verification(source)
+    if as_json:
+        _print_json(report)
+    else:
+        typer.echo(f"{source}: rope_type {report['rope_type']}, attention scaling {report['attention_scaling']:.4g}")
+        _print_pairs(report["pairs"])
+        typer.echo("matches the intended frequencies (surgery.json)" if report["intended"] and not report["problems"]
+                   else "no intended frequencies recorded (not written by surgery extend)" if not report["intended"]
+                   else "")
+    if report["problems"]:
+        raise BadInput(f"{source}: config does not give the intended frequencies: " + "; ".join(report["problems"][:3]))
+
+
+eval_app = typer.Typer(help="Long-context evaluations that run offline: passkey retrieval and perplexity.",
+                       no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+LENGTHS_OPTION = typer.Option("1k,2k,4k", "--lengths", help="Comma-separated lengths in tokens (k = 1024).")
+DEVICE_OPTION = typer.Option("cpu", "--device", help="cpu or cuda.")
+
+
+def _eval_model(model: str, device: str):
+    from surgery.evaluation import load_model
+
+    if device.startswith("cuda") and not __import__("torch").cuda.is_available():
+        raise BadInput(f"--device {device}: no CUDA device is available")
+    return load_model(model, device)
+
+
+@eval_app.command("passkey")
+def eval_passkey(
+    model: str = typer.Argument(..., help="Model directory, .gguf file, or Hub repo id."),
+    lengths: str = LENGTHS_OPTION,
+    depths: int = typer.Option(5, "--depths", help="Depths per length, spread evenly through the filler."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the pass keys."),
+    device: str = DEVICE_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Passkey retrieval: accuracy per length (greedy, first integer generated)."""
+    from surgery.evaluation import parse_lengths, passkey
+
+    wanted = parse_lengths(lengths)
+    if depths < 1:
+        raise BadInput(f"--depths {depths}: must be at least 1")
+    loaded, tokenizer = _eval_model(model, device)
+    results = passkey(loaded, tokenizer, wanted, depths, seed)
+    if as_json:
+        return _print_json({"model": model, "passkey": results})
+    for row in results:
+        typer.echo(f"length {row['length']:>6}: accuracy {row['accuracy']:.2f} ({len(row['trials'])} depths)")
+
+
+@eval_app.command("perplexity")
+def eval_perplexity(
+    model: str = typer.Argument(..., help="Model directory, .gguf file, or Hub repo id."),
+    lengths: str = LENGTHS_OPTION,
+    text: Optional[str] = typer.Option(None, "--text", help="UTF-8 text file (default: Python's bundled docs)."),
+    stride: int = typer.Option(256, "--stride", help="Sliding-window stride in tokens."),
+    scored_tokens: int = typer.Option(1024, "--scored-tokens", help="Tokens scored past the first window."),
+    device: str = DEVICE_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Sliding-window perplexity per window length."""
+    from pathlib import Path
+
+    from surgery.evaluation import parse_lengths, perplexity
+
+    wanted = parse_lengths(lengths)
+    if stride < 1 or scored_tokens < 0:
+        raise BadInput("--stride must be positive and --scored-tokens non-negative")
+    content = None
+    if text is not None:
+        try:
+            content = Path(text).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise BadInput(f"--text {text}: cannot read it ({err})") from None
+    loaded, tokenizer = _eval_model(model, device)
+    results = perplexity(loaded, tokenizer, wanted, content, stride, scored_tokens)
+    if as_json:
+        return _print_json({"model": model, "perplexity": results})
+    for row in results:
+        typer.echo(f"length {row['length']:>6}: perplexity {row['perplexity']:.3f} ({row['tokens_scored']} tokens)")
 
 
 def _terminate(signum, frame):  # pragma: no cover - exercised by the kill tests through a subprocess

@@ -115,7 +115,7 @@ def _license(ckpt: Checkpoint) -> str | None:
         return None
 
 
-def model_card_bytes(*, title: str, relation: str, method: str, checkpoints: list[Checkpoint], body: str) -> bytes:
+def model_card_bytes(*, title: str, relation: str | None, method: str, checkpoints: list[Checkpoint], body: str) -> bytes:
     """A Hub model card: YAML front matter (base_model list, base_model_relation, tags, license when the inputs
     agree on one) and a body describing what was done."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -127,7 +127,7 @@ def model_card_bytes(*, title: str, relation: str, method: str, checkpoints: lis
         base_model=[c.source for c in checkpoints if looks_like_repo_id(c.source) and not Path(c.source).exists()]
         or None,
         base_model_relation=relation,
-        tags=["surgery", relation, method],
+        tags=["surgery", *([relation] if relation else []), method],
         library_name="transformers",
         license=licenses.pop() if len(licenses) == 1 and None not in licenses else None,
     )
