@@ -60,7 +60,8 @@ def load_model(source: str, device: str = "cpu"):
 
 
 def passkey_prompt(tokenizer, length: int, depth: float, key: int) -> torch.Tensor:
-    """Token ids of a passkey prompt of about ``length`` tokens with the key at ``depth`` ∈ [0, 1]."""
+    """Token ids of a passkey prompt of about ``length`` tokens with the key at ``depth`` ∈ [0, 1] (the share of the
+    filler that comes before it)."""
     needle = f"The pass key is {key}. Remember it. {key} is the pass key."
     fixed = len(tokenizer(f"{INTRO} {needle} {QUESTION}")["input_ids"])
     per_filler = len(tokenizer(" " + FILLER * 10)["input_ids"]) / 10

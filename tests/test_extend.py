@@ -95,6 +95,16 @@ def test_frequencies_as_transformers_reads_them(method, model_dir, tmp_path):
 
     before, after = load_file(model_dir / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert_runs_past_trained_length(tmp_path / "out")
+
+
+def assert_runs_past_trained_length(directory: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(directory).eval()
+    ids = torch.randint(0, 160, (1, 3 * TRAINED), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
 
 
 def test_dynamic_frequencies_at_the_new_length(model_dir, tmp_path):
@@ -108,6 +118,7 @@ def test_dynamic_frequencies_at_the_new_length(model_dir, tmp_path):
     inv_freq, _ = ROPE_INIT_FUNCTIONS["dynamic"](config, torch.device("cpu"), seq_len=2 * TRAINED)
     new_base = BASE * (2 * 2 - 2 + 1) ** (d / (d - 2))
     np.testing.assert_allclose(inv_freq.double().numpy(), new_base ** (-np.arange(0, d, 2) / d), rtol=2e-6)
+    assert_runs_past_trained_length(tmp_path / "out")
 
 
 def test_giraffe_truncated_counts(tmp_path):
@@ -125,19 +136,6 @@ def test_giraffe_truncated_counts(tmp_path):
     assert plan["rope_parameters"]["short_factor"] == plan["rope_parameters"]["long_factor"]
     assert all(math.isfinite(f) for f in plan["rope_parameters"]["short_factor"])
     assert not (tmp_path / "out").exists()
-
-
-@pytest.mark.parametrize("method", sorted(CASES) + ["dynamic"])
-def test_extended_model_runs_past_its_trained_length(method, model_dir, tmp_path):
-    options = CASES[method][0] if method in CASES else ["--factor", "4"]
-    result = run_surgery("extend", model_dir, "-o", tmp_path / "out", "--rope", method, *options)
-    assert result.returncode == 0, result.stderr
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
-    ids = torch.randint(0, 160, (1, 3 * TRAINED), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert torch.isfinite(model(ids).logits).all()
 
 
 def test_verify_rope_checks_the_written_config(model_dir, tmp_path):
