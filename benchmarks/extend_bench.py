@@ -23,7 +23,7 @@ VARIANTS = {
     "original": None,
     "linear x2": ("linear", {"factor": 2.0}),
     "truncated L_t=8192": ("truncated", {"cut_length": 8192}),
-    "truncated L_t=8192, x2": ("truncated", {"cut_length": 8192, "factor": 2.0}),
+    "truncated L_t=8192 x2": ("truncated", {"cut_length": 8192, "factor": 2.0}),
 }
 
 
@@ -66,9 +66,9 @@ def main() -> None:
     lengths = parse_lengths(args.lengths)
     paths = prepare(args.data_dir)
     rows = []
-    for name in args.variants.split(","):
-        model, tokenizer = load_model(str(paths[name]), args.device)
-        for length in lengths:
+    models = {name: load_model(str(paths[name]), args.device) for name in args.variants.split(",")}
+    for length in lengths:  # shortest first, every variant, so a cut-short run still compares like with like
+        for name, (model, tokenizer) in models.items():
             start = time.perf_counter()
             keys = passkey(model, tokenizer, [length], args.depths, seed=0)[0]
             ppl = perplexity(model, tokenizer, [length], scored_tokens=args.scored_tokens)[0]
@@ -77,7 +77,6 @@ def main() -> None:
                          "seconds": round(time.perf_counter() - start, 1)})
             print(f"  {name} @ {length}: passkey {keys['accuracy']:.2f}, perplexity {ppl['perplexity']:.2f} "
                   f"({rows[-1]['seconds']} s)", flush=True)
-        del model
     lines = ["| variant | " + " | ".join(f"{n} passkey / ppl" for n in lengths) + " |",
              "|---|" + "---|" * len(lengths)]
     for name in dict.fromkeys(row["variant"] for row in rows):
