@@ -58,7 +58,7 @@ class MagnitudeCut:
         ties = torch.eq(magnitudes, self.threshold, out=torch.empty_like(magnitudes))
         if self.ties_kept == self.ties_total:
             return keep.add_(ties), ties_seen
-        count = int(ties.sum())
+        count = int(torch.count_nonzero(ties))  # not a float sum: a whole tensor may exceed 2**24 entries
         budget = max(0, self.ties_kept - ties_seen)
         if count > budget:
             flat = ties.view(-1)
