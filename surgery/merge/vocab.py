@@ -120,12 +120,12 @@ def plan_vocabulary(sources: list[VocabularySource], tokenizer_source: str, base
     reference = by_name[base] if base is not None else sources[0]
     target = reference if tokenizer_source in ("base", "union") else by_name[tokenizer_source]
     same_files = all(not s.tokenizer_files or s.tokenizer_files == target.tokenizer_files for s in sources)
-    if same_files or not target.tokenizer_files:
+    vocabularies = {} if same_files else {s.name: _token_ids(s) for s in sources}
+    if same_files or vocabularies[target.name] is None:
         # one tokenizer (or none known): rows match by id, cut or padded to the tokenizer source's count
         index = {s.name: None if s.rows == target.rows else _index({}, s.rows, {}, target.rows) for s in sources}
         return VocabularyPlan(target.rows, index)
-    vocabularies = {s.name: _token_ids(s) for s in sources}
-    target_ids, _ = vocabularies[target.name]
+    target_ids = vocabularies[target.name][0]
     new_files = {}
     if tokenizer_source == "union":
         others = [(s, *vocabularies[s.name]) for s in sources if s is not target and vocabularies[s.name]]
