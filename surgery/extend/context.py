@@ -14,7 +14,7 @@ import torch
 
 from surgery.convert import output_specs
 from surgery.errors import BadInput
-from surgery.extend.rope import ExtensionPlan, RopeGeometry, plan_extension
+from surgery.extend.rope import ExtensionPlan, classify_pairs, plan_extension, rope_geometry
 from surgery.extend.verify import check_plan, derived_frequencies, mismatches
 from surgery.io import open_checkpoint, write_checkpoint
 from surgery.io.writer import DEFAULT_MAX_SHARD_SIZE, WriteResult, check_output_available
@@ -86,16 +86,12 @@ def verify_rope(source: str | Path) -> dict:
             raise BadInput(f"{source}: no config.json")
     text = config.get("text_config") or config
     rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
-    base = rope.get("rope_theta", text.get("rope_theta"))
+    original = rope_geometry(config, unscaled=False).inv_freq
     intended = None
     if manifest is not None and manifest.is_file():
         intended = json.loads(manifest.read_text()).get("output", {}).get("rope")
     derived, attention = derived_frequencies(config, (intended or {}).get("dynamic_length"))
-    head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
-    partial = rope.get("partial_rotary_factor", text.get("partial_rotary_factor", 1.0))
-    original = RopeGeometry(float(base), int(head_dim * partial), 1).inv_freq
-    status = ["zeroed" if new <= old * 1e-20 else "kept" if math.isclose(new, old, rel_tol=1e-5) else
-              "interpolated" if new < old else "raised" for old, new in zip(original.tolist(), derived.double().tolist())]
+    status = classify_pairs(original, derived.double(), rel_tol=1e-5)  # derived is float32
     report = {"source": str(source), "rope_type": rope.get("rope_type", rope.get("type", "default")),
               "attention_scaling": attention, "pairs": pair_table(original, derived.double(), status),
               "intended": intended is not None, "problems": []}

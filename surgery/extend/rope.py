@@ -56,14 +56,14 @@ def _text_config(config: dict) -> dict:
     return config.get("text_config") or config
 
 
-def rope_geometry(config: dict) -> RopeGeometry:
-    """The unextended rotary geometry of ``config``; BadInput if it is already scaled or not a RoPE model."""
+def rope_geometry(config: dict, unscaled: bool = True) -> RopeGeometry:
+    """The rotary geometry of ``config``; BadInput if it is not a RoPE model, or (``unscaled``) already scaled."""
     text = _text_config(config)
     rope = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
     if rope and any(isinstance(value, dict) for value in rope.values()):
         raise BadInput("config.json: RoPE parameters per layer type (e.g. gemma3) are not supported yet")
     kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind != "default":
+    if unscaled and kind != "default":
         raise BadInput(f"config.json: the model already uses {kind!r} RoPE scaling; extend the unscaled model")
     base = rope.get("rope_theta", text.get("rope_theta"))
     heads, hidden = text.get("num_attention_heads"), text.get("hidden_size")
@@ -75,15 +75,16 @@ def rope_geometry(config: dict) -> RopeGeometry:
     return RopeGeometry(float(base), int(head_dim * partial), int(length), partial)
 
 
-def _classify(before: torch.Tensor, after: torch.Tensor) -> list[str]:
+def classify_pairs(before: torch.Tensor, after: torch.Tensor, rel_tol: float = 1e-9) -> list[str]:
+    """Per rotary pair: zeroed, kept, interpolated (lower frequency) or raised (higher)."""
     status = []
     for old, new in zip(before.tolist(), after.tolist()):
         if new <= old * 1e-20:
             status.append("zeroed")
-        elif math.isclose(new, old, rel_tol=1e-9):
+        elif math.isclose(new, old, rel_tol=rel_tol):
             status.append("kept")
         else:
-            status.append("interpolated")
+            status.append("interpolated" if new < old else "raised")
     return status
 
 
@@ -196,7 +197,7 @@ def plan_extension(config: dict, method: str, *, factor: float | None = None, ta
         rope = {"rope_type": "longrope", "short_factor": ext, "long_factor": ext, "factor": 1.0, "attention_factor": 1.0,
                 "original_max_position_embeddings": new_length}
         new = theta / torch.tensor(ext, dtype=torch.float64)
-    return ExtensionPlan(method, g, new, attention, new_length, status or _classify(theta, new),
+    return ExtensionPlan(method, g, new, attention, new_length, status or classify_pairs(theta, new),
                          _written_config(config, g, rope, length),
                          {k: v for k, v in given.items() if v is not None})
 
