@@ -195,6 +195,13 @@ magnitude at the TIES cut the first in memory order are kept. Models whose token
 output vocabulary (--tokenizer-source: the base's, a model's, or the union), embedding rows matched by token; rows a
 model lacks contribute no task vector. Recipes may stack or cut layer ranges (slices, as in mergekit). The output
 holds a README.md model card and surgery.json, from which --recipe OUT/surgery.json reproduces it bit for bit.
+""".split("\n")).strip() + "\n\n" + " ".join("""
+SVD methods (star, tsv, lore, svd) decompose 2-D weights; norms, biases and embeddings combine as task arithmetic
+with normalised weights. svd is the one to start with: `surgery merge BASE MODEL --method svd -o out` runs STAR
+(--eta 0.4: the top of each task matrix's spectrum holding 40% of its nuclear norm, rescaled to the full norm) and
+with two or more models TSV-M (each task's top rank/T singular vectors, decorrelated, summed; --lambda 1).
+STAR computes every singular value and then only the kept triplets (a seeded randomised SVD when few are kept of a
+large matrix); TSV-M with the default rank and lore need full SVDs.
 """.split("\n")).strip()
 
 
@@ -211,6 +218,12 @@ def merge(
     t: Optional[float] = typer.Option(None, "--t", help="slerp: 0 gives the base, 1 the other model."),
     gamma: Optional[float] = typer.Option(None, "--gamma", help="breadcrumbs: top fraction dropped (0.01)."),
     epsilon: Optional[float] = typer.Option(None, "--epsilon", help="della: keep-probability spread (0.15)."),
+    eta: Optional[float] = typer.Option(None, "--eta", help="star / svd with one model: share of each task "
+                                                            "matrix's spectrum kept (0.4)."),
+    rank: Optional[int] = typer.Option(None, "--rank", help="star, tsv, svd: a fixed rank instead of the eta rule "
+                                                            "(star) or the full rank split over the tasks (tsv)."),
+    mu: Optional[float] = typer.Option(None, "--mu", help="lore: singular-value threshold relative to the largest "
+                                                          "one (0.1)."),
     normalize: Optional[bool] = typer.Option(None, "--normalize/--no-normalize",
                                              help="Divide by the summed weights (method default)."),
     dare_rescale: Optional[str] = typer.Option(None, "--dare-rescale",
@@ -257,7 +270,7 @@ def merge(
         for entry, value in zip(recipe.models[offset:], weight_list):
             entry.parameters["weight"] = value
     for key, value in (("lambda", lambda_), ("density", density), ("t", t), ("gamma", gamma),
-                       ("epsilon", epsilon), ("normalize", normalize)):
+                       ("epsilon", epsilon), ("normalize", normalize), ("eta", eta), ("rank", rank), ("mu", mu)):
         if value is not None:
             recipe.parameters[key] = value
     if seed is not None:

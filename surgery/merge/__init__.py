@@ -1,12 +1,12 @@
 """Merging checkpoints: the task-vector family (task arithmetic, TIES, DARE, breadcrumbs, DELLA), linear, SLERP,
-Model Stock and passthrough, with mergekit's names and parameter meanings.
+Model Stock and passthrough, with mergekit's names and parameter meanings; SVD-based STAR, TSV-M, LoRE and ``svd``.
 
 >>> from surgery.merge import ModelEntry, Recipe, merge
 >>> recipe = Recipe("ties", [ModelEntry("short-model"), ModelEntry("long-model")],
 ...                 parameters={"density": 0.2, "lambda": 1.0})
 >>> merge(recipe, "merged", max_shard_size="2GB")                  # doctest: +SKIP
 
-Each method is one pure function registered in :mod:`surgery.merge.methods`; :mod:`surgery.merge.engine` streams the
+Each method is one pure function registered in :mod:`surgery.merge.methods` or :mod:`surgery.merge.spectral`; :mod:`surgery.merge.engine` streams the
 inputs through it one tensor at a time.
 """
 

@@ -36,7 +36,7 @@ from surgery.merge.vocab import TOKENIZER_FILES, VocabularyPlan, VocabularySourc
 from surgery.provenance import hash_inputs_in_background, manifest_bytes, model_card_bytes
 
 DEFAULTS = {"weight": 1.0, "density": 1.0, "gamma": 0.01, "epsilon": 0.15, "lambda": 1.0, "t": 0.5,
-            "scale": None, "normalize": None, "rescale": True}
+            "scale": None, "normalize": None, "rescale": True, "eta": 0.4, "rank": None, "mu": 0.1}
 PER_MODEL = {"weight", "density", "gamma", "epsilon"}
 VOCAB_ROLES = {"embedding", "lm_head"}
 DARE_RESCALES = {"l1", "inverse", "none"}
@@ -340,7 +340,8 @@ class TensorMerger:
         merge_input = TensorMerge(
             name=name, base=base, models=models, weight=per_model["weight"], density=per_model["density"],
             gamma=per_model["gamma"], epsilon=per_model["epsilon"], lambda_=value("lambda"), t=value("t"),
-            scale=value("scale"), normalize=value("normalize"),
+            scale=value("scale"), normalize=value("normalize"), eta=value("eta"), rank=value("rank"),
+            mu=value("mu"), is_matrix=len(planned.spec.shape) == 2 and self.arch.role(name).kind not in VOCAB_ROLES,
             rescale=None if not rescale or self.recipe.dare_rescale == "none" else self.recipe.dare_rescale,
             generator=generator, out_dtype=dtype,
         )

@@ -37,6 +37,10 @@ class TensorMerge:
     scale: float | None = None
     normalize: bool | None = None  # None: the method's default
     rescale: str | None = "l1"  # DARE / DELLA rescale: "l1" (mergekit), "inverse" (1/p, the papers), or None
+    eta: float = 0.4  # STAR: share of the spectrum kept
+    rank: float | None = None  # SVD methods: a fixed rank instead of the eta rule / the full rank
+    mu: float = 0.1  # LoRE: singular-value threshold, relative to the largest singular value
+    is_matrix: bool = False  # a 2-D weight other than the embedding / lm_head: SVD methods decompose it
     generator: torch.Generator | None = None
     out_dtype: torch.dtype = torch.float32  # what chunked methods write their result in
 
@@ -85,7 +89,7 @@ def register(name: str, *, uses_base: bool, parameters: set[str], min_models: in
 
 
 def get_method(name: str) -> MergeMethod:
-    from surgery.merge import methods  # noqa: F401  (registers the built-in methods)
+    from surgery.merge import methods, spectral  # noqa: F401  (register the built-in methods)
 
     try:
         return METHODS[name]
