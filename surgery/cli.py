@@ -25,6 +25,7 @@ app = typer.Typer(
 )
 
 JSON_OPTION = typer.Option(False, "--json", help="Print the result as JSON on stdout.")
+DEVICE_OPTION = typer.Option("cpu", "--device", help="cpu or cuda.")
 SHARD_OPTION = typer.Option("5GB", "--max-shard-size", help="Largest shard file, e.g. 5GB, 500MB (powers of ten).")
 
 
@@ -176,6 +177,11 @@ def _method_help() -> str:
     return "\n\n".join(f"{m.name} — {m.summary}" for m in METHODS.values())
 
 
+def _check_device(device: str) -> None:
+    if device.startswith("cuda") and not __import__("torch").cuda.is_available():
+        raise BadInput(f"--device {device}: no CUDA device is available")
+
+
 def _float_list(text: str | None, option: str) -> list[float] | None:
     if text is None:
         return None
@@ -202,6 +208,10 @@ with normalised weights. svd is the one to start with: `surgery merge BASE MODEL
 with two or more models TSV-M (each task's top rank/T singular vectors, decorrelated, summed; --lambda 1).
 STAR computes every singular value and then only the kept triplets (a seeded randomised SVD when few are kept of a
 large matrix); TSV-M with the default rank and lore need full SVDs.
+--aim applies activation-informed merging (arXiv 2502.02421) on top of any method with a base: W = W0 + (W − W0) ⊙ r,
+r_j = 1 − (a_j / max a)(1 − ω) per input channel j, a from `surgery calibrate` statistics (--stats) or computed
+now from --calibration text or text the base generates; embeddings keep the merged value. The long-to-short study's
+best merge is `--method ties --density 0.2 --aim --omega 0.4`.
 """.split("\n")).strip()
 
 
@@ -237,6 +247,13 @@ def merge(
                                                         "one of the models."),
     recipe_file: Optional[str] = typer.Option(None, "--recipe", help="Recipe: our YAML, a mergekit YAML config, "
                                                                      "or an earlier output's surgery.json."),
+    aim: bool = typer.Option(False, "--aim", help="Apply AIM on top of the method: each weight's change is scaled "
+                                                  "down on the input channels the base uses most."),
+    omega: Optional[float] = typer.Option(None, "--omega", help="AIM: change kept on the most active channel (0.4)."),
+    calibration: Optional[str] = typer.Option(None, "--calibration", help="AIM: UTF-8 text to calibrate the base on "
+                                                                          "(default: text the base generates)."),
+    stats: Optional[str] = typer.Option(None, "--stats", help="AIM: statistics written by `surgery calibrate`."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="AIM: calibration tokens (2048)."),
     device: str = typer.Option("cpu", "--device", help="Where the math runs: cpu or cuda."),
     max_shard_size: str = SHARD_OPTION,
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists (once the new one is complete)."),
@@ -245,6 +262,7 @@ def merge(
 ) -> None:
     """Merge checkpoints (task arithmetic, TIES, DARE, SLERP, Model Stock...), one tensor at a time."""
     from surgery.merge import ModelEntry, Recipe, get_method, load_recipe, merge as run_merge, plan_merge
+    from surgery.merge.recipe import aim_settings
 
     if recipe_file:
         recipe = load_recipe(recipe_file)
@@ -281,6 +299,12 @@ def merge(
         recipe.dare_rescale = dare_rescale
     if tokenizer_source is not None:
         recipe.tokenizer_source = tokenizer_source
+    aim_options = {"omega": omega, "calibration": calibration, "stats": stats, "max_tokens": max_tokens}
+    given = {key: value for key, value in aim_options.items() if value is not None}
+    if given and not aim:
+        raise BadInput(f"--{next(iter(given)).replace('_', '-')}: applies only with --aim")
+    if aim:
+        recipe.aim = aim_settings({**(recipe.aim or {}), **given}, "--aim")
     if dry_run:
         plan = {"output": output, **plan_merge(recipe, max_shard_size)}
         if as_json:
@@ -299,6 +323,37 @@ def merge(
         return _print_json(summary)
     typer.echo(f"wrote {result.write.directory}: {recipe.method} merge, {len(result.write.shards)} shard(s), "
                f"{_size(result.write.total_size)}")
+
+
+CALIBRATE_HELP = " ".join("""
+Run calibration text through BASE and store, for every module with a weight except embeddings (linear layers,
+norms, lm_head), the per-input-channel activity Σ_blocks mean_tokens |x| (blocks of up to 512 tokens): the
+statistics `surgery merge --aim --stats FILE` uses. One decoder layer is in memory at a time, run by transformers'
+own modules. Without --calibration the base model generates its own text (seeded; it is loaded whole for that).
+""".split("\n")).strip()
+
+
+@app.command(help=CALIBRATE_HELP)
+def calibrate(
+    base: str = typer.Argument(..., help="The base model of the merges the statistics are for."),
+    output: str = typer.Option(..., "-o", "--output", help="Statistics file to write (.safetensors)."),
+    calibration: Optional[str] = typer.Option(None, "--calibration", help="UTF-8 calibration text (default: text "
+                                                                          "the base generates)."),
+    max_tokens: int = typer.Option(2048, "--max-tokens", help="Calibration tokens used."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the self-generated text."),
+    device: str = DEVICE_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    from surgery.merge.aim import calibrate as run_calibrate
+
+    if max_tokens < 1:
+        raise BadInput(f"--max-tokens {max_tokens}: must be at least 1")
+    _check_device(device)
+    summary = run_calibrate(base, output, calibration=calibration, max_tokens=max_tokens, seed=seed, device=device)
+    if as_json:
+        return _print_json(summary)
+    typer.echo(f"wrote {summary['output']}: {summary['modules']} modules, {summary['tokens']} tokens in "
+               f"{summary['blocks']} block(s), {summary['seconds']:.1f} s")
 
 
 EXTEND_HELP = " ".join("""
@@ -387,14 +442,10 @@ eval_app = typer.Typer(help="Long-context evaluations that run offline: passkey 
                        no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
 LENGTHS_OPTION = typer.Option("1k,2k,4k", "--lengths", help="Comma-separated lengths in tokens (k = 1024).")
-DEVICE_OPTION = typer.Option("cpu", "--device", help="cpu or cuda.")
-
-
 def _eval_model(model: str, device: str):
     from surgery.evaluation import load_model
 
-    if device.startswith("cuda") and not __import__("torch").cuda.is_available():
-        raise BadInput(f"--device {device}: no CUDA device is available")
+    _check_device(device)
     return load_model(model, device)
 
 

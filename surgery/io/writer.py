@@ -59,14 +59,15 @@ def plan_shards(specs: Iterable[TensorInfo], max_shard_size: int | str = DEFAULT
     return {file: [by_name[name] for name in names] for file, names in split.filename_to_tensors.items()}
 
 
-def _header(specs: list[TensorInfo]) -> tuple[bytes, list[TensorInfo]]:
+def _header(specs: list[TensorInfo], metadata: dict[str, str] | None = None) -> tuple[bytes, list[TensorInfo]]:
     """The safetensors header for ``specs`` and the order their data follows in.
 
     Like the reference serializer, data is ordered by decreasing element size (then name) so every tensor starts at
-    an offset aligned to its dtype, and the header is padded with spaces to a multiple of 8 bytes.
+    an offset aligned to its dtype, and the header is padded with spaces to a multiple of 8 bytes. Metadata keys are
+    sorted (the safetensors library writes them in hash-map order, so its bytes vary from run to run).
     """
     order = sorted(specs, key=lambda spec: (-spec.dtype.itemsize, spec.name))
-    entries: dict[str, dict] = {"__metadata__": {"format": "pt"}}
+    entries: dict[str, dict] = {"__metadata__": dict(sorted((metadata or {"format": "pt"}).items()))}
     offset = 0
     for spec in order:
         if spec.dtype not in TORCH_TO_SAFETENSORS:
@@ -130,6 +131,31 @@ def _write_shard(path: Path, header: bytes, tensors: Iterator[tuple[TensorInfo, 
             progress(spec.nbytes)
         out.flush()
         os.fsync(out.fileno())
+
+
+def write_tensor_file(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """One small safetensors file (held in memory), written atomically: a temporary file beside ``path``, flushed
+    to disk, renamed over it. Same tensors and metadata → same bytes::
+
+        write_tensor_file("stats.safetensors", {"a": torch.ones(3)}, {"format": "my-format/1"})
+    """
+    path = Path(path)
+    specs = [TensorInfo(name, tensor.dtype, tuple(tensor.shape)) for name, tensor in tensors.items()]
+    header, order = _header(specs, metadata)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.partial-", dir=path.parent)
+    except OSError as err:
+        raise BadInput(f"{path}: cannot write there ({err.strerror})") from None
+    os.close(descriptor)
+    try:
+        _write_shard(Path(temporary), header, ((spec, tensors[spec.name]) for spec in order), len(order),
+                     lambda nbytes: None)
+        os.chmod(temporary, 0o666 & ~_umask())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 def _json_bytes(value: dict) -> bytes:

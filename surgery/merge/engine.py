@@ -283,11 +283,44 @@ def _seed_for(seed: int, name: str) -> int:
     return (seed * 0x9E3779B1 + zlib.crc32(name.encode())) % (1 << 63)
 
 
+def aim_factors_for(recipe: Recipe, inputs: MergeInputs, plan: list[PlannedTensor],
+                    device: str) -> dict[str, torch.Tensor]:
+    """Output tensor name → AIM factors r (per input channel), from the recipe's stats file or from calibrating the
+    base now. Empty when the recipe has no ``aim``."""
+    from surgery.merge import aim
+
+    settings = recipe.aim
+    if settings is None:
+        return {}
+    if recipe.slices or inputs.base is None:
+        raise BadInput(f"aim: needs one base model and no slices (method {inputs.method.name!r}"
+                       + (", slices" if recipe.slices else ", no base") + ")")
+    if settings["stats"]:
+        stats, where = aim.load_stats(settings["stats"]), settings["stats"]
+    else:
+        stats, _ = aim.compute_stats(inputs.base, calibration=settings["calibration"],
+                                     max_tokens=settings["max_tokens"], seed=recipe.seed, device=device)
+        where = f"the statistics of {inputs.base.source}"
+    factors = {}
+    for planned in plan:
+        name = planned.spec.name
+        if name in stats:
+            if stats[name].shape != planned.spec.shape[-1:]:
+                raise BadInput(f"{where}: tensor {name!r} has {tuple(stats[name].shape)} statistics for shape "
+                               f"{planned.spec.shape} (statistics of another model?)")
+            factors[name] = aim.aim_factors(stats[name], settings["omega"])
+    if not factors:
+        raise BadInput(f"{where}: no statistics for any tensor of {inputs.base.source} (statistics of another model?)")
+    return factors
+
+
 class TensorMerger:
     """Computes one merged output tensor at a time (the ``load`` callback handed to the writer)."""
 
-    def __init__(self, recipe: Recipe, inputs: MergeInputs, plan: list[PlannedTensor], device: str):
+    def __init__(self, recipe: Recipe, inputs: MergeInputs, plan: list[PlannedTensor], device: str,
+                 aim_factors: dict[str, torch.Tensor] | None = None):
         self.recipe, self.inputs, self.device = recipe, inputs, torch.device(device)
+        self.aim_factors = aim_factors or {}
         self.arch = Architecture.from_config(inputs.reference.config)
         self.plan = {planned.spec.name: planned for planned in plan}
 
@@ -336,7 +369,8 @@ class TensorMerger:
         generator = None
         if self.inputs.method.random:
             generator = torch.Generator(device=self.device).manual_seed(_seed_for(self.recipe.seed, name))
-        dtype = planned.spec.dtype if planned.spec.dtype.is_floating_point else torch.float32
+        factors = self.aim_factors.get(name)
+        dtype = planned.spec.dtype if planned.spec.dtype.is_floating_point and factors is None else torch.float32
         merge_input = TensorMerge(
             name=name, base=base, models=models, weight=per_model["weight"], density=per_model["density"],
             gamma=per_model["gamma"], epsilon=per_model["epsilon"], lambda_=value("lambda"), t=value("t"),
@@ -346,6 +380,10 @@ class TensorMerger:
             generator=generator, out_dtype=dtype,
         )
         result = self.inputs.method.function(merge_input)
+        if factors is not None:
+            from surgery.merge.aim import apply_aim
+
+            result = apply_aim(base, result, factors.to(self.device))
         self._check_finite(planned, result)
         return result
 
@@ -385,6 +423,9 @@ def _layer_types(ckpt: Checkpoint) -> list:
 def _card_body(recipe: Recipe, inputs: MergeInputs) -> str:
     method = inputs.method
     lines = [f"Merged with [surgery](https://pypi.org/project/surgery/) using **{method.name}**: {method.summary}", ""]
+    if recipe.aim:
+        lines[0] += (f" Then AIM (activation-informed merging, ω = {recipe.aim['omega']}): each weight's change is "
+                     "scaled down on the input channels the base model uses most.")
     if inputs.base:
         lines.append(f"- base: `{inputs.base.source}`")
     lines += [f"- model: `{ckpt.source}`" for ckpt in inputs.checkpoints if ckpt is not inputs.base]
@@ -413,7 +454,7 @@ def plan_merge(recipe: Recipe, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZ
             "reindexed_vocabulary": sorted(name for name, index in inputs.vocabulary.index.items() if index is not None)
             if inputs.vocabulary else [],
             "tensors": len(specs), "total_bytes": sum(s.nbytes for s in specs), "shards": len(shards),
-            "dtype": recipe.dtype or "as the inputs", "seed": recipe.seed,
+            "dtype": recipe.dtype or "as the inputs", "seed": recipe.seed, "aim": recipe.aim,
         }
 
 
@@ -430,7 +471,7 @@ def merge(recipe: Recipe, output: str | Path, *, device: str = "cpu",
         plan = plan_tensors(inputs, dtype)
         specs = [planned.spec for planned in plan]
         hashes = hash_inputs_in_background(inputs.checkpoints)
-        merger = TensorMerger(recipe, inputs, plan, device)
+        merger = TensorMerger(recipe, inputs, plan, device, aim_factors_for(recipe, inputs, plan, device))
 
         def files() -> dict[str, bytes]:
             aux = dict(inputs.auxiliary[inputs.tokenizer_source.source])

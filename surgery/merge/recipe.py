@@ -41,7 +41,8 @@ from typing import Any
 from surgery.errors import BadInput
 
 RECIPE_KEYS = {"method", "base", "models", "slices", "parameters", "seed", "dtype", "tokenizer_source",
-               "dare_rescale"}
+               "dare_rescale", "aim"}
+AIM_KEYS = {"omega", "stats", "calibration", "max_tokens"}
 
 
 @dataclass
@@ -73,6 +74,7 @@ class Recipe:
     dtype: str | None = None
     tokenizer_source: str = "base"
     dare_rescale: str = "l1"
+    aim: dict[str, Any] | None = None  # activation-informed merging: omega and stats, or calibration + max_tokens
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -92,7 +94,7 @@ class Recipe:
                    base=data.get("base"), parameters=dict(data.get("parameters") or {}), slices=slices or None,
                    seed=int(data.get("seed", 0)), dtype=data.get("dtype"),
                    tokenizer_source=data.get("tokenizer_source") or "base",
-                   dare_rescale=data.get("dare_rescale", "l1"))
+                   dare_rescale=data.get("dare_rescale", "l1"), aim=aim_settings(data.get("aim"), origin))
 
     @property
     def sources(self) -> list[str]:
@@ -101,6 +103,24 @@ class Recipe:
         for entry in self.models + [source for part in self.slices or [] for source in part.sources]:
             names.append(entry.model)
         return list(dict.fromkeys(names))
+
+
+def aim_settings(settings: Any, origin: str) -> dict | None:
+    """AIM settings with their defaults (omega 0.4; self-generated calibration of 2048 tokens without stats)."""
+    if settings is None:
+        return None
+    if not isinstance(settings, dict) or set(settings) - AIM_KEYS:
+        raise BadInput(f"{origin}: aim must be a mapping of {', '.join(sorted(AIM_KEYS))}")
+    if settings.get("stats") and settings.get("calibration"):
+        raise BadInput(f"{origin}: aim takes stats (precomputed) or calibration (text), not both")
+    omega = settings.get("omega", 0.4)
+    if isinstance(omega, bool) or not isinstance(omega, (int, float)) or not 0 <= omega <= 1:
+        raise BadInput(f"{origin}: aim omega {omega!r}: must be a number between 0 and 1")
+    max_tokens = settings.get("max_tokens", 2048)
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise BadInput(f"{origin}: aim max_tokens {max_tokens!r}: must be a positive whole number")
+    return {"omega": float(omega), "stats": settings.get("stats"), "calibration": settings.get("calibration"),
+            "max_tokens": max_tokens}
 
 
 def _model_entry(entry: Any, origin: str) -> ModelEntry:
