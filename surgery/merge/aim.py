@@ -164,7 +164,9 @@ def _parameters_on_meta() -> Iterator[None]:
     """Modules built inside get their parameters on the meta device while their buffers are computed for real.
 
     The same trick as accelerate's ``init_empty_weights(include_buffers=False)``: each parameter is moved to meta
-    as it is registered, so the initialisation that follows in the module's constructor costs nothing.
+    as it is registered, so the initialisation that follows in the module's constructor costs nothing. accelerate's
+    version re-wraps a parameter registered again by ``tie_weights``, so a tied lm_head stops being the embedding
+    (tests/test_aim.py, qwen2, fails with it); this one keeps an already-meta parameter as the same object.
     """
     register = nn.Module.register_parameter
 
