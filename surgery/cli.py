@@ -24,6 +24,7 @@ app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
 
+LOG_FORMAT = "surgery: %(levelname)s: %(message)s"
 JSON_OPTION = typer.Option(False, "--json", help="Print the result as JSON on stdout.")
 DEVICE_OPTION = typer.Option("cpu", "--device", help="cpu or cuda.")
 SHARD_OPTION = typer.Option("5GB", "--max-shard-size", help="Largest shard file, e.g. 5GB, 500MB (powers of ten).")
@@ -504,26 +505,109 @@ def eval_perplexity(
         typer.echo(f"length {row['length']:>6}: perplexity {row['perplexity']:.3f} ({row['tokens_scored']} tokens)")
 
 
+RUN_HELP = " ".join("""
+Run the steps of a pipeline file in order. Each step is a command with the CLI's options (positional arguments
+named: models for merge, input for the others, repo for push; output is -o). A step whose output exists and whose
+stamp (OUTPUT.stamp.json; for push INPUT.push.stamp.json) records the same options and input content hashes is
+skipped as up to date; otherwise it runs, replacing its output atomically, and so does every step after it.
+""".split("\n")).strip()
+
+
+@app.command("run", help=RUN_HELP)
+def run_pipeline_file(
+    pipeline: str = typer.Argument(..., help="Pipeline YAML: steps: [{merge: {...}}, {extend: {...}}, ...]."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print which steps would run and why; run nothing."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    from contextlib import redirect_stdout
+
+    from surgery.pipeline import load_pipeline, run_pipeline
+
+    reports, results = [], sys.stdout
+    with redirect_stdout(sys.stderr):  # the steps' own results are logs here; the step reports are the result
+        for report in run_pipeline(load_pipeline(pipeline), dry_run=dry_run):
+            reports.append(report)
+            print(report.describe(), file=sys.stderr if as_json else results, flush=True)
+    if as_json:
+        _print_json({"steps": [{"step": r.step.number, "command": r.step.command, "output": r.step.output,
+                                "status": r.status, "reason": r.reason} for r in reports]})
+
+
+@app.command("push")
+def push(
+    directory: str = typer.Argument(..., help="Checkpoint directory: config.json + safetensors weights (or an "
+                                              "index), or a PEFT adapter."),
+    repo_id: str = typer.Argument(..., help="Hub model repository, namespace/name (created when missing)."),
+    private: bool = typer.Option(False, "--private", help="Create the repository private (an existing one keeps "
+                                                          "its visibility)."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Branch to commit to (made from main when "
+                                                                    "missing)."),
+    commit_message: Optional[str] = typer.Option(None, "--commit-message", help="Title of the commit."),
+    create_pr: bool = typer.Option(False, "--create-pr", help="Open a pull request instead of committing."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List what would be uploaded; no network call."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Upload a checkpoint to the Hugging Face Hub in one commit, with a model card made from surgery.json (an
+    existing README.md is kept, its front matter completed). Hidden files are never sent. Token: HF_TOKEN or
+    `hf auth login`. Interrupted? Run the same command again: what arrived is not sent again."""
+    from surgery import hub
+
+    if not sys.stderr.isatty():
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    try:
+        result = hub.push(directory, repo_id, private=private, revision=revision, commit_message=commit_message,
+                          create_pr=create_pr, dry_run=dry_run)
+    except hub.PushFailed as err:
+        typer.echo(f"surgery: error: {err}", err=True)
+        raise typer.Exit(1)
+    if as_json:
+        return _print_json(result)
+    verb = "would push" if dry_run else "pushed"
+    typer.echo(f"{verb} {len(result['files'])} files ({_size(result['bytes'])}) to "
+               f"{result['repo_id']}@{result['revision']}; model card {result['card']}")
+    if dry_run:
+        for name, size in result["files"].items():
+            typer.echo(f"  {name}  {_size(size)}")
+        return
+    typer.echo(result["commit_url"])
+    if result["pr_url"]:
+        typer.echo(f"pull request: {result['pr_url']}")
+
+
 def _terminate(signum, frame):  # pragma: no cover - exercised by the kill tests through a subprocess
     raise SystemExit(128 + signum)
 
 
-def main() -> None:
-    """Console-script entry point: one-line errors with exit 2 for bad input, 1 for internal errors."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    logging.basicConfig(level=logging.WARNING, format="surgery: %(levelname)s: %(message)s", stream=sys.stderr)
-    signal.signal(signal.SIGTERM, _terminate)  # run cleanups (staging directories) on `kill` too
+def invoke(argv: list[str] | None = None) -> int:
+    """Run the command line on ``argv`` (default: ``sys.argv[1:]``) and return its exit code: 0 success, 2 bad
+    input or usage (one line on stderr), 1 internal error, 130 interrupted::
+
+        invoke(["merge", "base", "ft", "--method", "ties", "-o", "out"])
+    """
     try:
-        app()
+        app(args=argv, prog_name="surgery")
+    except SystemExit as done:  # click ends every run with SystemExit
+        return done.code if isinstance(done.code, int) else 0 if done.code is None else 1
     except BadInput as err:
         typer.echo(f"surgery: error: {err}", err=True)
-        sys.exit(2)
+        return 2
     except KeyboardInterrupt:
         typer.echo("surgery: interrupted", err=True)
-        sys.exit(130)
+        return 130
     except Exception as err:  # noqa: BLE001 - the one place that turns crashes into a one-line report
         if os.environ.get("SURGERY_DEBUG"):
             raise
         typer.echo(f"surgery: internal error: {type(err).__name__}: {err} (set SURGERY_DEBUG=1 for a traceback)",
                    err=True)
-        sys.exit(1)
+        return 1
+    return 0
+
+
+def main() -> None:
+    """Console-script entry point."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT, stream=sys.stderr)
+    signal.signal(signal.SIGTERM, _terminate)  # run cleanups (staging directories) on `kill` too
+    sys.exit(invoke())

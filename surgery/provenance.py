@@ -133,3 +133,18 @@ def model_card_bytes(*, title: str, relation: str | None, method: str, checkpoin
     )
     content = f"---\n{data.to_yaml()}\n---\n\n# {title}\n\n{body}\n"
     return ModelCard(content).content.encode()
+
+
+def content_hashes(paths: list[Path]) -> dict[Path, str]:
+    """SHA-256 of each file (several read at once), read only when not remembered from an earlier run::
+
+        hashes = content_hashes([Path("out/model.safetensors")])   # a rerun on unchanged files reads nothing
+    """
+    cache_file = hash_cache_path()
+    cache = _load_cache(cache_file)
+    known = len(cache)
+    with ThreadPoolExecutor(max_workers=min(8, max(1, len(paths)))) as pool:
+        hashes = dict(zip(paths, pool.map(lambda path: content_hash(path, cache), paths)))
+    if len(cache) != known:
+        _save_cache(cache_file, cache)
+    return hashes

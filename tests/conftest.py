@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
+import io
+import logging
 import os
 import subprocess
 import tempfile
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +18,7 @@ import torch
 
 # Remembered content hashes go to a scratch cache, not the user's ~/.cache/surgery.
 os.environ.setdefault("SURGERY_CACHE", tempfile.mkdtemp(prefix="surgery-test-cache-"))
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # as the command sets it
 
 # Tiny configs of several families; sizes are small but exercise GQA, biases, fused projections and q/k norms.
 COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -87,11 +91,29 @@ class Result:
     stderr: str
 
 
-def run_surgery(*args: str, env: dict | None = None, timeout: float = 300) -> Result:
-    """Run the real command line in a subprocess (exit codes, stderr and all)."""
-    done = subprocess.run([sys.executable, "-m", "surgery", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=timeout)
-    return Result(done.returncode, done.stdout, done.stderr)
+def run_surgery(*args: str, env: dict | None = None, timeout: float = 300, isolated: bool = False) -> Result:
+    """Run the real command line (exit codes, stdout and stderr, one-line errors) on ``args``.
+
+    In this process through ``surgery.cli.invoke`` (what ``surgery`` runs after setting up logging and signals),
+    which spares each call the seconds of importing torch and transformers; in a subprocess of ``python -m surgery``
+    with ``isolated`` or an ``env`` (settings such as HF_HUB_OFFLINE are read once, at import)."""
+    if isolated or env:
+        done = subprocess.run([sys.executable, "-m", "surgery", *map(str, args)], capture_output=True, text=True,
+                              env={**os.environ, **(env or {})}, timeout=timeout)
+        return Result(done.returncode, done.stdout, done.stderr)
+    from surgery.cli import LOG_FORMAT, invoke
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        with redirect_stdout(stdout), redirect_stderr(stderr):
+            code = invoke([str(arg) for arg in args])
+    finally:
+        root.removeHandler(handler)
+    return Result(code, stdout.getvalue(), stderr.getvalue())
 
 
 @pytest.fixture(scope="session")

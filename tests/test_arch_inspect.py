@@ -78,7 +78,7 @@ def test_unknown_architecture_falls_back_to_name_patterns(tmp_path, caplog):
     assert roles["transformer.h.0.mlp.c_proj.weight"].kind == "mlp_down"
     assert roles["transformer.h.0.mlp.c_fc.weight"].kind == "mlp_up"
     assert roles["transformer.h.0.ln_1.weight"].kind == "norm" and roles["transformer.ln_f.bias"].kind == "norm"
-    result = run_surgery("inspect", tmp_path)  # a warning on stderr, a report on stdout, no crash
+    result = run_surgery("inspect", tmp_path, isolated=True)  # a warning on stderr, a report on stdout, no crash
     assert result.returncode == 0 and "unknown architecture" in result.stderr and "gpt2" in result.stdout
 
 

@@ -183,16 +183,10 @@ def _from_mergekit(config: dict, origin: str) -> Recipe:
 
 def load_recipe(path: str | Path) -> Recipe:
     """Read our YAML/JSON recipe, a mergekit config, or a ``surgery.json`` manifest."""
-    import yaml
+    from surgery.yamlfile import read_yaml
 
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BadInput(f"{path}: recipe file not found") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        reason = str(err).replace("\n", " ")
-        raise BadInput(f"{path}: not a valid YAML/JSON recipe ({reason})") from None
+    data = read_yaml(path, "recipe")
     if not isinstance(data, dict):
         raise BadInput(f"{path}: a recipe must be a mapping")
     if "recipe" in data and "surgery_version" in data:  # a manifest written by an earlier merge
