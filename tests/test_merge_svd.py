@@ -9,7 +9,7 @@ import torch
 from conftest import logits, run_surgery
 from merge_helpers import read_numpy, save_family
 from surgery.merge.registry import TensorMerge
-from surgery.merge.spectral import lore, star, svd, top_singular_triplets, tsv
+from surgery.merge.spectral import lore, singular_values, star, svd, top_singular_triplets, tsv
 
 
 def star_reference(base, models, weights, eta=0.4, lam=1.0, rank=None):
@@ -112,6 +112,13 @@ def test_lore_matches_formula_without_a_base():
     _, models = low_rank_models(3)
     np.testing.assert_allclose(run(lore, None, models, [1.0, 0.5, 1.0], mu=0.2, lambda_=0.7),
                                lore_reference(models, [1.0, 0.5, 1.0], mu=0.2, lam=0.7), atol=2e-5)
+
+
+@pytest.mark.parametrize("shape", [(40, 90), (90, 40)])
+def test_singular_values_from_the_gram_matrix(shape):
+    matrices = torch.randn(3, *shape, generator=torch.Generator().manual_seed(0)) * torch.logspace(0, -6, shape[1])
+    expected = np.linalg.svd(matrices.double().numpy(), compute_uv=False)
+    np.testing.assert_allclose(singular_values(matrices).numpy(), expected, rtol=0, atol=1e-7 * expected.max())
 
 
 def test_randomised_top_triplets_match_the_full_svd_and_are_reproducible():

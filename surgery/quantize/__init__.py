@@ -1,4 +1,14 @@
-"""Data-free quantization (RTN, HQQ-style, self-calibrated) into loader-native formats.
+"""Data-free quantization (RTN, HQQ-style, self-calibrated) into loader-native formats, and its verification::
 
-Not implemented yet: see the project's [quantize] issue.
+    from surgery.quantize import quantize, verify
+    quantize("org/model", "model-w4", bits=4, group_size=128, scheme="sym", method="hqq")
+    report = verify("model-w4", reference="org/model")   # per-layer errors, end-to-end KL and top-1
+
+Modules: grid.py (RTN and HQQ on integer grids), formats.py (compressed-tensors pack-quantized, GPTQ v1),
+engine.py (the streaming command), verify.py (per-layer and end-to-end checks). Not yet: selfcal, GGUF output.
 """
+
+from surgery.quantize.engine import quantize
+from surgery.quantize.verify import verify
+
+__all__ = ["quantize", "verify"]
