@@ -6,7 +6,8 @@ for merge, ``input`` for the others, ``repo`` for push) and ``output`` is ``-o``
     steps:
       - merge: {models: [org/short-model, org/long-model], method: ties, density: 0.2, output: out/merged}
       - extend: {input: out/merged, rope: linear, factor: 2, output: out/extended}
-      - push: {input: out/extended, repo: me/short-reasoner}
+      - quantize: {input: out/extended, bits: 4, method: rtn, output: out/q4}
+      - push: {input: out/q4, repo: me/short-reasoner-q4}
 
     from surgery.pipeline import load_pipeline, run_pipeline
     for report in run_pipeline(load_pipeline("pipeline.yaml")):
@@ -35,9 +36,10 @@ COMMANDS = {
     "extend": (["input"], True),
     "convert": (["input"], True),
     "calibrate": (["input"], True),
+    "quantize": (["input"], True),
     "push": (["input", "repo"], False),
 }
-REPLACEABLE = {"merge", "extend", "convert"}  # take --force; calibrate replaces its file anyway
+REPLACEABLE = {"merge", "extend", "convert", "quantize"}  # take --force; calibrate replaces its file anyway
 
 
 @dataclass(frozen=True)

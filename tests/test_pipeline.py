@@ -27,6 +27,7 @@ def write_pipeline(path: Path, base: Path, ft: Path, out: Path, factor: float = 
         {"merge": {"models": [str(base), str(ft)], "method": "ties", "density": 0.5, "output": str(out / "merged")}},
         {"extend": {"input": str(out / "merged"), "rope": "linear", "factor": factor, "output": str(out / "long")}},
         {"convert": {"input": str(out / "long"), "dtype": "bfloat16", "output": str(out / "bf16")}},
+        {"quantize": {"input": str(out / "bf16"), "bits": 4, "group_size": 32, "output": str(out / "q4")}},
     ]
     path.write_text(yaml.safe_dump({"steps": steps}))
     return path
@@ -47,23 +48,23 @@ def test_steps_rerun_only_when_options_or_inputs_change(models, tmp_path):
 
     dry = run_surgery("run", pipeline, "--dry-run")
     assert dry.returncode == 0, dry.stderr
-    assert statuses(dry.stdout) == ["would run (no output yet)"] + ["would run (an earlier step ran)"] * 2
+    assert statuses(dry.stdout) == ["would run (no output yet)"] + ["would run (an earlier step ran)"] * 3
     assert not out.exists()
 
     first = run_surgery("run", pipeline)
     assert first.returncode == 0, first.stderr
-    assert statuses(first.stdout) == ["ran (no output yet)"] + ["ran (an earlier step ran)"] * 2
-    assert (out / "bf16" / "config.json").exists()
-    before = {name: snapshot(out / name) for name in ("merged", "long", "bf16")}
+    assert statuses(first.stdout) == ["ran (no output yet)"] + ["ran (an earlier step ran)"] * 3
+    assert "quantization_config" in (out / "q4" / "config.json").read_text()
+    before = {name: snapshot(out / name) for name in ("merged", "long", "bf16", "q4")}
 
     again = run_surgery("run", pipeline)
-    assert statuses(again.stdout) == ["up to date"] * 3
+    assert statuses(again.stdout) == ["up to date"] * 4
     assert {name: snapshot(out / name) for name in before} == before  # nothing rewritten
 
     write_pipeline(pipeline, base, ft, out, factor=4.0)
     changed = run_surgery("run", pipeline)
     assert changed.returncode == 0, changed.stderr
-    assert statuses(changed.stdout) == ["up to date", "ran (options changed)", "ran (an earlier step ran)"]
+    assert statuses(changed.stdout) == ["up to date", "ran (options changed)"] + ["ran (an earlier step ran)"] * 2
     assert snapshot(out / "merged") == before["merged"]
     assert '"factor": 4.0' in (out / "long" / "config.json").read_text()
 
@@ -72,7 +73,7 @@ def test_steps_rerun_only_when_options_or_inputs_change(models, tmp_path):
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
     rerun = run_surgery("run", pipeline)
-    assert statuses(rerun.stdout) == ["ran (inputs changed)"] + ["ran (an earlier step ran)"] * 2
+    assert statuses(rerun.stdout) == ["ran (inputs changed)"] + ["ran (an earlier step ran)"] * 3
 
 
 def test_bad_pipelines_are_one_line_errors(models, tmp_path):
