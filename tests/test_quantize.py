@@ -208,11 +208,11 @@ def test_verify_reports_layers_and_end_to_end(outputs, tiny_checkpoints):
 
 @pytest.mark.parametrize("args,message", [
     (["--bits", "3"], "--bits 3"),
-    (["--group-size", "48"], "does not divide"),
+    (["--group-size", "24"], "does not divide"),
     (["--scheme", "minmax"], "--scheme"),
     (["--method", "gptq"], "--method"),
     (["--method", "selfcal"], "not implemented"),
-    (["--format", "gguf"], "--format gguf"),
+    (["--format", "gguf", "--scheme", "asym"], "--format gguf"),
     (["--format", "exl2"], "--format"),
     (["--ignore", "re:.*"], "no Linear weights"),
 ])

@@ -7,16 +7,17 @@
 Linear weights inside the decoder layers (attention and MLP projections) are quantized; embeddings, norms and
 biases are copied; ``lm_head`` is ignored by default (``ignore`` takes module names, a trailing part of them such as
 ``mlp.down_proj``, or ``re:REGEX``). One input tensor is quantized at a time; its small side tensors (scales, zero
-points) wait in memory until the writer asks for them. A group size that does not divide a quantized module's input
-dimension is an error (BadInput): silently falling back to another group size would write a different format than
-asked for, so ignore that module or pick a divisor.
+points) wait in memory until the writer asks for them. Where the group size does not divide a module's input
+dimension, groups.py picks the fallback (compressed-tensors: a second config group at 64 or 32 for those modules;
+GPTQ: one smaller power of two for all) and the summary, the manifest and a log line say so.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -26,10 +27,14 @@ from surgery.arch import Architecture
 from surgery.errors import BadInput
 from surgery.io import open_checkpoint, write_checkpoint
 from surgery.io.checkpoint import Checkpoint, TensorInfo
-from surgery.io.writer import DEFAULT_MAX_SHARD_SIZE, check_output_available
+from surgery.io.writer import DEFAULT_MAX_SHARD_SIZE, atomic_directory, check_output_available
 from surgery.provenance import hash_inputs_in_background, manifest_bytes, model_card_bytes
+from surgery.quantize import gguf_format
 from surgery.quantize.formats import FORMATS, scale_dtype
 from surgery.quantize.grid import Grid, Scheme, hqq, rtn
+from surgery.quantize.groups import assign_group_sizes, fallback_targets
+
+log = logging.getLogger(__name__)
 
 METHODS = ("rtn", "hqq", "selfcal")
 QUANTIZED_KINDS = {"attn_q", "attn_k", "attn_v", "attn_o", "attn_qkv", "mlp_gate", "mlp_up", "mlp_down",
@@ -62,13 +67,15 @@ class Options:
         if self.method == "selfcal":
             raise BadInput("--method selfcal: not implemented yet (use rtn or hqq)")
         if self.format == "gguf":
-            raise BadInput("--format gguf: not implemented yet (use compressed-tensors or gptq)")
+            if self.scheme != "sym":
+                raise BadInput("--format gguf --scheme asym: only the symmetric Q4_0 / Q8_0 blocks are written")
+            return Scheme(self.bits, gguf_format.BLOCK, True)
         if self.format not in FORMATS:
-            raise BadInput(f"--format {self.format!r}: expected compressed-tensors or gptq")
+            raise BadInput(f"--format {self.format!r}: expected compressed-tensors, gptq or gguf")
         return Scheme(self.bits, self.group_size, self.scheme == "sym", v1_zeros=self.format == "gptq")
 
     def to_dict(self) -> dict:
-        return {"bits": self.bits, "group_size": self.group_size, "scheme": self.scheme, "method": self.method,
+        return {"bits": self.bits, "group_size": gguf_format.BLOCK if self.format == "gguf" else self.group_size, "scheme": self.scheme, "method": self.method,
                 "format": self.format, "ignore": sorted(self.ignore), "seed": self.seed,
                 **({"selfcal": self.selfcal} if self.method == "selfcal" else {})}
 
@@ -88,18 +95,18 @@ class Plan:
     """Which weights are quantized (module name → input TensorInfo), the output specs and the config."""
 
     modules: dict[str, TensorInfo]
+    schemes: dict[str, Scheme]  # module → its grid (group sizes may differ, see groups.py)
+    fallbacks: dict[int, list[str]]  # fallback group size → config targets (empty when the request fits all)
     specs: list[TensorInfo]
     config: dict
     dtype: torch.dtype
     source_of: dict[str, str]  # output tensor name → module it belongs to (quantized ones only)
 
 
-def plan_quantization(ckpt: Checkpoint, options: Options, scheme: Scheme) -> Plan:
-    if not ckpt.config:
-        raise BadInput(f"{ckpt.source}: has no config.json, so the quantized model could not be loaded")
-    fmt = FORMATS[options.format]
+def select_modules(ckpt: Checkpoint, options: Options) -> tuple[dict[str, TensorInfo], set[str], torch.dtype]:
+    """The Linear modules to quantize (name → weight info), the Linear modules left alone, and the model dtype."""
     arch = Architecture.from_config(ckpt.config)
-    modules, ignored_linear, specs, source_of = {}, set(), [], {}
+    modules, ignored_linear = {}, set()
     dtypes = [info.dtype for info in ckpt.tensors.values() if info.dtype in FLOAT_DTYPES]
     dtype = max(set(dtypes), key=dtypes.count) if dtypes else torch.float32
     for name, info in ckpt.tensors.items():
@@ -107,22 +114,51 @@ def plan_quantization(ckpt: Checkpoint, options: Options, scheme: Scheme) -> Pla
         module = name.removesuffix(".weight")
         linear = name.endswith(".weight") and len(info.shape) == 2 and (kind in QUANTIZED_KINDS or kind == "lm_head")
         if linear and info.dtype in FLOAT_DTYPES and not _ignored(module, options.ignore):
-            scheme.check(name, info.shape)
             modules[module] = info
-            for spec in fmt.specs(module, info.shape, scheme, dtype):
+        elif linear:
+            ignored_linear.add(module)
+    if not modules:
+        raise BadInput(f"{ckpt.source}: no Linear weights to quantize (all ignored, or no decoder layers found)")
+    return modules, ignored_linear, dtype
+
+
+def plan_quantization(ckpt: Checkpoint, options: Options, scheme: Scheme) -> Plan:
+    if not ckpt.config:
+        raise BadInput(f"{ckpt.source}: has no config.json, so the quantized model could not be loaded")
+    fmt = FORMATS[options.format]
+    modules, ignored_linear, dtype = select_modules(ckpt, options)
+    sizes = assign_group_sizes({module: info.shape[1] for module, info in modules.items()}, scheme.group_size,
+                               options.format)
+    schemes = {module: replace(scheme, group_size=size) for module, size in sizes.items()}
+    for module, info in modules.items():
+        schemes[module].check(info.name, info.shape)
+    fallbacks = fallback_targets(sizes, scheme.group_size) if options.format == "compressed-tensors" else {}
+    specs, source_of = [], {}
+    for name, info in ckpt.tensors.items():
+        module = name.removesuffix(".weight")
+        if name.endswith(".weight") and module in modules:
+            for spec in fmt.specs(module, info.shape, schemes[module], dtype):
                 specs.append(spec)
                 source_of[spec.name] = module
         else:
-            if linear:
-                ignored_linear.add(module)
             specs.append(info)
-    if not modules:
-        raise BadInput(f"{ckpt.source}: no Linear weights to quantize (all ignored, or no decoder layers found)")
     if "lm_head" not in modules:
         ignored_linear.add("lm_head")  # a tied or ignored lm_head is still a Linear the loader must skip
     config = dict(ckpt.config)
-    config["quantization_config"] = fmt.config(scheme, sorted(ignored_linear), dtype)
-    return Plan(modules, specs, config, dtype, source_of)
+    global_scheme = next(iter(schemes.values())) if options.format == "gptq" else scheme
+    config["quantization_config"] = fmt.config(global_scheme, sorted(ignored_linear), dtype, fallbacks)
+    return Plan(modules, schemes, fallbacks, specs, config, dtype, source_of)
+
+
+def group_size_note(plan: Plan) -> dict:
+    """What the summary and manifest say about group sizes: the sizes used and how many modules each."""
+    used: dict[int, int] = {}
+    for scheme in plan.schemes.values():
+        used[scheme.group_size] = used.get(scheme.group_size, 0) + 1
+    note = {"group_sizes": {str(size): used[size] for size in sorted(used, reverse=True)}}
+    if plan.fallbacks:
+        note["group_size_fallbacks"] = {str(size): targets for size, targets in plan.fallbacks.items()}
+    return note
 
 
 class _Quantizer:
@@ -130,7 +166,7 @@ class _Quantizer:
     they are asked for."""
 
     def __init__(self, ckpt: Checkpoint, plan: Plan, options: Options, scheme: Scheme,
-                 quantize_module: Callable[[str, torch.Tensor], Grid]):
+                 quantize_module: Callable[[str, torch.Tensor, Scheme], Grid]):
         self.ckpt, self.plan, self.options, self.scheme = ckpt, plan, options, scheme
         self.fmt = FORMATS[options.format]
         self.quantize_module = quantize_module
@@ -145,7 +181,7 @@ class _Quantizer:
         if module is None:
             return self.ckpt.get(name)
         weight = self.ckpt.get(f"{module}.weight").float()
-        grid = self.quantize_module(module, weight)
+        grid = self.quantize_module(module, weight, self.plan.schemes[module])
         error = float((weight - grid.dequantize()).pow(2).sum())
         norm = float(weight.pow(2).sum())
         self.error_sq += error
@@ -157,20 +193,21 @@ class _Quantizer:
         return result
 
 
-def grid_function(options: Options, scheme: Scheme, dtype: torch.dtype) -> Callable[[str, torch.Tensor], Grid]:
-    stored = scale_dtype(FORMATS[options.format], dtype)
+def grid_function(options: Options, stored: torch.dtype) -> Callable[[str, torch.Tensor, Scheme], Grid]:
+    """``fit(module, weight, scheme)`` for the method; scales are rounded to ``stored``, the dtype they are written in."""
     if options.method == "hqq":
-        return lambda module, weight: hqq(weight, scheme, stored)
-    return lambda module, weight: rtn(weight, scheme, stored)
+        return lambda module, weight, scheme: hqq(weight, scheme, stored)
+    return lambda module, weight, scheme: rtn(weight, scheme, stored)
 
 
 def _card_body(options: Options, ckpt: Checkpoint, measurements: dict) -> str:
     return "\n".join([
         f"`{ckpt.source}` quantized by `surgery quantize` to {options.bits}-bit integers, group size "
-        f"{options.group_size}, {'symmetric' if options.scheme == 'sym' else 'asymmetric'}, method "
+        f"{options.to_dict()['group_size']}, {'symmetric' if options.scheme == 'sym' else 'asymmetric'}, method "
         f"`{options.method}`, format `{options.format}`.", "",
         f"- ignored modules: {', '.join(sorted(options.ignore)) or 'none'}",
         f"- quantized Linear modules: {measurements['modules']}",
+        f"- group sizes used (modules each): {measurements['group_sizes']}",
         f"- weight-space relative error (all quantized weights): {measurements['weight_relative_error']:.4f}",
         "", "Reproduce with `surgery quantize` and the recipe in `surgery.json`.",
     ])
@@ -187,13 +224,19 @@ def quantize(source: str | Path, output: str | Path, *, bits: int = 4, group_siz
     check_output_available(output, force)
     started = time.perf_counter()
     with open_checkpoint(source) as ckpt:
+        if options.format == "gguf":
+            return _quantize_to_gguf(ckpt, options, output, force, progress, started)
         plan = plan_quantization(ckpt, options, grid_scheme)
         hashes = hash_inputs_in_background([ckpt])
-        quantize_module = grid_function(options, grid_scheme, plan.dtype)
+        note = group_size_note(plan)
+        if len(note["group_sizes"]) > 1 or str(group_size) not in note["group_sizes"]:
+            log.warning("--group-size %d does not divide every quantized module's input dimension; group sizes used "
+                        "(modules each): %s", group_size, note["group_sizes"])
+        quantize_module = grid_function(options, scale_dtype(FORMATS[options.format], plan.dtype))
         quantizer = _Quantizer(ckpt, plan, options, grid_scheme, quantize_module)
 
         def measurements() -> dict:
-            return {"modules": len(plan.modules),
+            return {"modules": len(plan.modules), **note,
                     "weight_relative_error": round((quantizer.error_sq / quantizer.norm_sq) ** 0.5, 6)}
 
         def files() -> dict[str, bytes]:
@@ -210,3 +253,45 @@ def quantize(source: str | Path, output: str | Path, *, bits: int = 4, group_siz
     return {"output": str(result.directory), **options.to_dict(), **measurements(),
             "shards": len(result.shards), "total_bytes": result.total_size,
             "seconds": round(time.perf_counter() - started, 2), "per_module": quantizer.per_module}
+
+
+def _quantize_to_gguf(ckpt: Checkpoint, options: Options, output: str | Path, force: bool,
+                      progress: Callable[[int], None], started: float) -> dict:
+    """``--format gguf``: one ``model-Q4_0.gguf`` / ``model-Q8_0.gguf`` (gguf_format.py) beside the manifest and card,
+    in one atomic directory."""
+    if not ckpt.config:
+        raise BadInput(f"{ckpt.source}: has no config.json, so no GGUF hyperparameters could be written")
+    gguf_format.check_source(ckpt.config, ckpt.source)
+    modules, _, _ = select_modules(ckpt, options)
+    for module, info in modules.items():
+        if info.shape[1] % gguf_format.BLOCK:
+            raise BadInput(f"{module}: input dimension {info.shape[1]} is not a multiple of GGUF's block of 32 "
+                           f"(--ignore this module)")
+    hashes = hash_inputs_in_background([ckpt])
+    fit = grid_function(options, torch.float16)
+    totals = {"error_sq": 0.0, "norm_sq": 0.0}
+    per_module = {}
+
+    def quantize_module(module: str, weight: torch.Tensor):
+        data = gguf_format.quantize_weight(weight, options.bits, options.method,
+                                           lambda w, scheme: fit(module, w, scheme))
+        error = float((gguf_format.dequantize_bytes(data, options.bits) - weight).pow(2).sum())
+        norm = float(weight.pow(2).sum())
+        totals["error_sq"] += error
+        totals["norm_sq"] += norm
+        per_module[module] = (error / norm) ** 0.5 if norm else 0.0
+        return data
+
+    name = gguf_format.file_name(options.bits)
+    with atomic_directory(output, force=force) as staging:
+        gguf_format.write_gguf(staging / name, ckpt, set(modules), options.bits, quantize_module,
+                               Path(str(ckpt.source)).name, progress)
+        measured = {"modules": len(modules), "group_sizes": {str(gguf_format.BLOCK): len(modules)},
+                    "gguf_file": name, "weight_relative_error": round((totals["error_sq"] / totals["norm_sq"]) ** 0.5, 6)}
+        (staging / "surgery.json").write_bytes(manifest_bytes("quantize", options.to_dict(), hashes.result(), measured))
+        (staging / "README.md").write_bytes(model_card_bytes(
+            title=f"{ckpt.source}, {options.bits}-bit {options.method} (GGUF)", relation="quantized",
+            method=f"quantize-{options.method}", checkpoints=[ckpt], body=_card_body(options, ckpt, measured)))
+        total = (staging / name).stat().st_size
+    return {"output": str(Path(output).absolute()), **options.to_dict(), **measured, "shards": 1,
+            "total_bytes": total, "seconds": round(time.perf_counter() - started, 2), "per_module": per_module}

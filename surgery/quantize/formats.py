@@ -86,15 +86,22 @@ class CompressedTensors:
         return q, scale, zero
 
     @staticmethod
-    def config(scheme: Scheme, ignore: list[str], dtype: torch.dtype) -> dict:
-        return {
-            "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
-            "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": None, "output_activations": None,
-                                          "weights": {
+    def config(scheme: Scheme, ignore: list[str], dtype: torch.dtype,
+               fallbacks: dict[int, list[str]] | None = None) -> dict:
+        """``fallbacks``: group size → targets (names or ``re:`` regexes) of modules the main size does not divide;
+        each becomes another config group, which compressed-tensors prefers over the ``Linear`` class target."""
+        def group(targets: list[str], group_size: int) -> dict:
+            return {"targets": targets, "input_activations": None, "output_activations": None, "weights": {
                 "num_bits": scheme.bits, "type": "int", "symmetric": scheme.symmetric, "strategy": "group",
-                "group_size": scheme.group_size, "dynamic": False, "actorder": None, "observer": "minmax"}}},
-            "ignore": ignore,
-        }
+                "group_size": group_size, "dynamic": False, "actorder": None, "observer": "minmax"}}
+
+        # Fallback groups come first: compressed-tensors matches each module against the targets in config order
+        # (and warns about targets that never came first), though it applies name and regex matches before Linear.
+        members = [(list(targets), size) for size, targets in (fallbacks or {}).items()]
+        members.append((["Linear"], scheme.group_size))
+        groups = {f"group_{index}": group(targets, size) for index, (targets, size) in enumerate(members)}
+        return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+                "config_groups": groups, "ignore": ignore}
 
 
 class GPTQ:
@@ -131,7 +138,9 @@ class GPTQ:
         return q, scale, zero
 
     @staticmethod
-    def config(scheme: Scheme, ignore: list[str], dtype: torch.dtype) -> dict:
+    def config(scheme: Scheme, ignore: list[str], dtype: torch.dtype,
+               fallbacks: dict[int, list[str]] | None = None) -> dict:
+        """One group size for all modules (``scheme``'s; groups.py has already lowered it where needed)."""
         config = {"quant_method": "gptq", "bits": scheme.bits, "group_size": scheme.group_size, "desc_act": False,
                   "sym": scheme.symmetric, "checkpoint_format": "gptq", "true_sequential": True,
                   "static_groups": False, "damp_percent": 0.01, "lm_head": "lm_head" not in ignore}

@@ -16,6 +16,7 @@ is the reference architecture with the decoded weights, so any quantized format 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Iterator
 
 import torch
@@ -26,6 +27,7 @@ from surgery.io.checkpoint import Checkpoint
 from surgery.kernels.dequant_matmul import dequant_matmul
 from surgery.quantize.formats import FORMATS
 from surgery.quantize.grid import Scheme, dequantize
+from surgery.quantize.groups import group_size_of
 
 FIRST_TENSOR = {"compressed-tensors": "weight_packed", "gptq": "qweight"}
 
@@ -34,12 +36,21 @@ def scheme_of(config: dict | None, source: str) -> tuple[str, Scheme]:
     """The format name and grid of a quantized checkpoint's config.json."""
     quant = (config or {}).get("quantization_config") or {}
     if quant.get("quant_method") == "compressed-tensors" and quant.get("format") == "pack-quantized":
-        weights = quant["config_groups"]["group_0"]["weights"]
+        groups = quant["config_groups"].values()
+        weights = next((g for g in groups if "Linear" in g["targets"]), next(iter(groups)))["weights"]
         return "compressed-tensors", Scheme(weights["num_bits"], weights["group_size"], weights["symmetric"])
     if quant.get("quant_method") == "gptq":
         return "gptq", Scheme(quant["bits"], quant["group_size"], quant.get("sym", True), v1_zeros=True)
     raise BadInput(f"{source}: not a compressed-tensors pack-quantized or GPTQ checkpoint (no quantization_config "
                    f"this command reads)")
+
+
+def module_scheme(config: dict | None, module: str, default: Scheme) -> Scheme:
+    """The grid of one module: compressed-tensors may give some modules another group size (groups.py)."""
+    quant = (config or {}).get("quantization_config") or {}
+    if quant.get("quant_method") != "compressed-tensors":
+        return default
+    return replace(default, group_size=group_size_of(module, quant["config_groups"]))
 
 
 def quantized_modules(ckpt: Checkpoint) -> list[str]:
@@ -57,14 +68,16 @@ def module_tensors(ckpt: Checkpoint, module: str) -> dict[str, torch.Tensor]:
 
 def dequantized_weights(ckpt: Checkpoint) -> Iterator[tuple[str, torch.Tensor]]:
     """``(module + ".weight", float32 weight)`` for every quantized module, decoded from the stored bits."""
-    fmt_name, scheme = scheme_of(ckpt.config, ckpt.source)
+    fmt_name, default = scheme_of(ckpt.config, ckpt.source)
     for module in quantized_modules(ckpt):
+        scheme = module_scheme(ckpt.config, module, default)
         q, scale, zero = FORMATS[fmt_name].decode(module_tensors(ckpt, module), scheme)
         yield f"{module}.weight", dequantize(q, scale, zero, scheme.group_size)
 
 
 def _layer_report(ckpt: Checkpoint, reference: Checkpoint, fmt_name: str, scheme: Scheme, module: str,
                   probes: int, generator: torch.Generator, backend: str) -> dict:
+    scheme = module_scheme(ckpt.config, module, scheme)
     tensors = module_tensors(ckpt, module)
     q, scale, zero = FORMATS[fmt_name].decode(tensors, scheme)
     approx = dequantize(q, scale, zero, scheme.group_size)
@@ -80,7 +93,7 @@ def _layer_report(ckpt: Checkpoint, reference: Checkpoint, fmt_name: str, scheme
                              bits=scheme.bits, group_size=scheme.group_size, backend=backend).cpu().float()
     else:
         got = x @ approx.T
-    return {"module": module,
+    return {"module": module, "group_size": scheme.group_size,
             "weight_rel_error": float((approx - weight).norm() / weight.norm().clamp_min(1e-30)),
             "output_rel_error": float((got - expected).norm() / expected.norm().clamp_min(1e-30)),
             "output_cosine": float(torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0))}

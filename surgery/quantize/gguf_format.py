@@ -1,0 +1,237 @@
+"""GGUF output (``--format gguf``): llama-family checkpoints as one ``.gguf`` file, Q4_0 (4 bits) or Q8_0 (8 bits).
+
+    from surgery.quantize import quantize
+    quantize("smollm2-dir", "smol-gguf", bits=4, format="gguf")   # smol-gguf/model-Q4_0.gguf (+ surgery.json)
+
+Written through the ``gguf`` package (``GGUFWriter``, ``gguf.quants``) as llama.cpp's convert_hf_to_gguf.py does for
+the llama family: ``llama.*`` hyperparameters, names from ``gguf.TensorNameMap``, and the Q/K rows permuted into
+llama.cpp's rotary layout (the inverse of what transformers undoes when reading). Decoder Linear weights are
+quantized in blocks of 32 (``--group-size`` does not apply; ignored modules stay float); embeddings and ``lm_head``
+are float16 (float32 when the source is float32), norms float32. Q4_0: per block an fp16 scale d and x = (q − 8)·d;
+Q8_0: x = q·d with q int8. Method rtn is llama.cpp's own reference quantizer (``gguf.quants.quantize``); hqq fits a
+symmetric grid with fp16 scales, packed into the same blocks where it beats llama.cpp's block. The tokenizer: copied from a
+GGUF source's ``tokenizer.*`` metadata, or exported from a byte-level BPE ``tokenizer.json`` (tokens, token types,
+merges, special ids; pre-tokenizer "default"); anything else is BadInput.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from surgery.errors import BadInput
+from surgery.io.checkpoint import Checkpoint
+from surgery.quantize.grid import Grid, Scheme
+
+BLOCK = 32
+SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+
+
+def quant_type(bits: int):
+    from gguf import GGMLQuantizationType
+
+    return GGMLQuantizationType.Q4_0 if bits == 4 else GGMLQuantizationType.Q8_0
+
+
+def file_name(bits: int) -> str:
+    return f"model-{quant_type(bits).name}.gguf"
+
+
+def check_source(config: dict, source: str) -> None:
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise BadInput(f"{source}: --format gguf writes the llama family ({', '.join(SUPPORTED_MODEL_TYPES)}), "
+                       f"not {model_type!r}")
+    if model_type == "mistral" and config.get("sliding_window"):
+        raise BadInput(f"{source}: --format gguf: mistral with a sliding window is not written (llama layout only)")
+    rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+        raise BadInput(f"{source}: --format gguf: rope scaling {rope.get('rope_type', rope.get('type'))!r} is not "
+                       f"written")
+
+
+def permute_for_llama_cpp(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows of a q/k projection from transformers' rotary layout (halves) to llama.cpp's (interleaved pairs)."""
+    rows = weight.shape[0]
+    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def encode_blocks(grid: Grid) -> np.ndarray:
+    """A symmetric grid with group size 32 → Q4_0 / Q8_0 bytes, (rows, blocks · bytes per block) uint8."""
+    rows, columns = grid.q.shape
+    d = grid.scale.to(torch.float16).numpy().view(np.uint8).reshape(rows, -1, 2)
+    q = grid.q.numpy().astype(np.int16).reshape(rows, -1, BLOCK)
+    if grid.scheme.bits == 4:
+        unsigned = (q + 8).astype(np.uint8)
+        packed = unsigned[..., :16] | (unsigned[..., 16:] << 4)  # byte j: q[j] low nibble, q[j + 16] high
+    else:
+        packed = q.astype(np.int8).view(np.uint8)
+    return np.concatenate([d, packed], axis=-1).reshape(rows, -1)
+
+
+def quantize_weight(weight: torch.Tensor, bits: int, method: str,
+                    fit: Callable[[torch.Tensor, Scheme], Grid]) -> np.ndarray:
+    """One weight (already in llama.cpp's row order) → block bytes. rtn: llama.cpp's reference quantizer. Other
+    methods: per block, the fitted grid or llama.cpp's, whichever is closer to the weight (Q4_0's reference uses the
+    signed extreme, so all 16 levels, which a symmetric fit started from amax / 7.5 does not always beat)."""
+    import gguf
+
+    reference = gguf.quants.quantize(weight.float().numpy(), quant_type(bits))
+    if method == "rtn":
+        return reference
+    fitted = encode_blocks(fit(weight.float(), Scheme(bits, BLOCK, True)))
+    rows = weight.shape[0]
+
+    def block_errors(data: np.ndarray) -> torch.Tensor:
+        return (dequantize_bytes(data, bits) - weight).reshape(rows, -1, BLOCK).pow(2).sum(-1)
+
+    better = (block_errors(fitted) < block_errors(reference)).numpy()[..., None]
+    chosen = np.where(better, fitted.reshape(rows, better.shape[1], -1), reference.reshape(rows, better.shape[1], -1))
+    return np.ascontiguousarray(chosen.reshape(rows, -1))
+
+
+def dequantize_bytes(data: np.ndarray, bits: int) -> torch.Tensor:
+    import gguf
+
+    return torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(data, quant_type(bits))))
+
+
+# ------------------------------------------------------------------------------------------------- tokenizer
+
+def _copy_gguf_tokenizer(writer, path: Path) -> None:
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    for field in reader.fields.values():
+        if not field.name.startswith("tokenizer."):
+            continue
+        kind = field.types[0]
+        if kind == gguf.GGUFValueType.ARRAY:
+            writer.add_key_value(field.name, field.contents(), kind, sub_type=field.types[-1])
+        else:
+            writer.add_key_value(field.name, field.contents(), kind)
+
+
+def _special_id(tokenizer: dict, config: dict, vocab: dict, name: str) -> int | None:
+    value = config.get(name)
+    if isinstance(value, dict):
+        value = value.get("content")
+    return vocab.get(value) if isinstance(value, str) else None
+
+
+def _export_bpe_tokenizer(writer, files: dict[str, bytes], source: str) -> None:
+    if "tokenizer.json" not in files:
+        raise BadInput(f"{source}: --format gguf needs the tokenizer: a GGUF source or a tokenizer.json")
+    tokenizer = json.loads(files["tokenizer.json"])
+    model = tokenizer.get("model") or {}
+    byte_level = "ByteLevel" in json.dumps(tokenizer.get("pre_tokenizer")) + json.dumps(tokenizer.get("decoder"))
+    if model.get("type") != "BPE" or not byte_level:
+        raise BadInput(f"{source}: --format gguf exports byte-level BPE tokenizers only (this one is "
+                       f"{model.get('type')!r}); quantize from a GGUF source to keep its tokenizer")
+    vocab = dict(model["vocab"])
+    added = {token["content"]: token for token in tokenizer.get("added_tokens", [])}
+    for content, token in added.items():
+        vocab[content] = token["id"]
+    size = max(vocab.values()) + 1
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    types = [5] * size  # unused
+    for token, index in vocab.items():
+        tokens[index] = token
+        types[index] = (3 if added[token].get("special") else 4) if token in added else 1
+    merges = [" ".join(merge) if isinstance(merge, list) else merge for merge in model.get("merges", [])]
+    config = json.loads(files.get("tokenizer_config.json", b"{}"))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for name, add in (("bos_token", writer.add_bos_token_id), ("eos_token", writer.add_eos_token_id),
+                      ("unk_token", writer.add_unk_token_id), ("pad_token", writer.add_pad_token_id)):
+        index = _special_id(tokenizer, config, vocab, name)
+        if index is not None:
+            add(index)
+    writer.add_add_bos_token(bool(config.get("add_bos_token", False)))
+    if config.get("chat_template"):
+        writer.add_chat_template(config["chat_template"])
+
+
+# ---------------------------------------------------------------------------------------------------- writer
+
+def write_gguf(path: Path, ckpt: Checkpoint, modules: set[str], bits: int,
+               quantize_module: Callable[[str, torch.Tensor], np.ndarray], name: str,
+               progress: Callable[[int], None] = lambda nbytes: None) -> None:
+    """Write ``ckpt`` as one GGUF file at ``path``: ``modules`` (names without ``.weight``) quantized by
+    ``quantize_module(module, weight in llama.cpp row order)``, everything else float. The header needs every
+    tensor's size before the data: quantized tensors are kept as their (small) block bytes between the two passes,
+    float ones are read again."""
+    import gguf
+
+    config = ckpt.config
+    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    hidden, layers = config["hidden_size"], config["num_hidden_layers"]
+    head_dim = config.get("head_dim") or hidden // heads
+    rope = config.get("rope_parameters") or {}
+    names = gguf.TensorNameMap(gguf.MODEL_ARCH.LLAMA, layers)
+    float_dtype = np.float32 if all(info.dtype == torch.float32 for info in ckpt.tensors.values()) else np.float16
+
+    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    writer.add_name(name)
+    writer.add_context_length(config.get("max_position_embeddings", 2048))
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(config.get("rope_theta", rope.get("rope_theta", 10000.0))))
+    writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
+    if head_dim != hidden // heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    writer.add_vocab_size(config["vocab_size"])
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0 if bits == 4 else gguf.LlamaFileType.MOSTLY_Q8_0)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if ckpt.format == "gguf":
+        _copy_gguf_tokenizer(writer, ckpt.path)
+    else:
+        _export_bpe_tokenizer(writer, ckpt.auxiliary_files(), ckpt.source)
+
+    order = []
+    for hf_name in ckpt.tensors:
+        if hf_name == "lm_head.weight" and config.get("tie_word_embeddings"):
+            continue
+        gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise BadInput(f"{ckpt.source}: tensor {hf_name!r} has no GGUF llama name")
+        order.append((hf_name, gguf_name))
+
+    def produce(hf_name: str) -> np.ndarray:
+        weight = ckpt.get(hf_name).float()
+        if hf_name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
+            weight = permute_for_llama_cpp(weight, heads)
+        elif hf_name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
+            weight = permute_for_llama_cpp(weight, kv_heads)
+        module = hf_name.removesuffix(".weight")
+        if module in modules:
+            return quantize_module(module, weight)
+        return weight.numpy().astype(np.float32 if weight.ndim == 1 else float_dtype)
+
+    produced = {}
+    for hf_name, gguf_name in order:  # quantize once; keep only the bytes of quantized tensors (small)
+        data = produce(hf_name)
+        raw = quant_type(bits) if hf_name.removesuffix(".weight") in modules else None
+        writer.add_tensor_info(gguf_name, data.shape, data.dtype, data.nbytes, raw_dtype=raw)
+        produced[hf_name] = data if raw is not None else None
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for hf_name, _ in order:
+        data = produced.pop(hf_name)
+        data = produce(hf_name) if data is None else data
+        writer.write_tensor_data(data)
+        progress(data.nbytes)
+    writer.close()

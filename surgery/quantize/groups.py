@@ -1,0 +1,99 @@
+"""Group sizes per module when the requested one does not divide every quantized module's input dimension.
+
+SmolLM2-135M has hidden size 576 and intermediate size 1536: ``--group-size 128`` divides the down projection's
+input (1536) but not the others' (576). What each format can express decides the fallback::
+
+    sizes = assign_group_sizes({"model.layers.0.mlp.up_proj": 576, "model.layers.0.mlp.down_proj": 1536}, 128,
+                               "compressed-tensors")      # {... up_proj: 64, ... down_proj: 128}
+    fallback_targets(sizes, 128)                          # {64: ["re:^model\\.layers\\.\\d+\\.mlp\\.up_proj$"]}
+
+compressed-tensors: config groups target modules by name or ``re:`` regex ahead of the class name ``Linear``, so a
+module the request does not divide goes to a second config group with the largest of 64 and 32 (the sizes vLLM's
+Marlin kernel takes besides 128 and −1) that divides it and is below the request. GPTQ (one group size in its
+config): the largest power of two not above the request that divides every module. GGUF blocks are fixed (32).
+Nothing fits → BadInput.
+"""
+
+from __future__ import annotations
+
+import re
+
+from surgery.errors import BadInput
+
+FALLBACK_GROUP_SIZES = (64, 32)
+
+
+def _no_fit(module: str, columns: int, requested: int, tried: str) -> BadInput:
+    return BadInput(f"{module}: --group-size {requested} does not divide its input dimension {columns}, nor does "
+                    f"{tried} (choose a divisor, or --ignore this module)")
+
+
+def assign_group_sizes(inputs: dict[str, int], requested: int, fmt: str) -> dict[str, int]:
+    """Module name → group size, given each module's input dimension."""
+    if fmt == "gptq":
+        size = requested
+        if any(columns % size for columns in inputs.values()):
+            size = 1 << (requested.bit_length() - 1)
+            while size >= 8 and any(columns % size for columns in inputs.values()):
+                size //= 2
+            if size < 8:
+                module, columns = next((m, c) for m, c in inputs.items() if c % 8)
+                raise _no_fit(module, columns, requested, "any power of two from 8 up")
+        return {module: size for module in inputs}
+    sizes = {}
+    for module, columns in inputs.items():
+        candidates = [requested] + [size for size in FALLBACK_GROUP_SIZES if size < requested]
+        size = next((size for size in candidates if columns % size == 0), None)
+        if size is None:
+            raise _no_fit(module, columns, requested, " or ".join(map(str, candidates[1:])) or "a smaller size")
+        sizes[module] = size
+    return sizes
+
+
+def _pattern(module: str) -> str:
+    """The module name with its layer index generalised: model.layers.3.mlp.up_proj → model.layers.N.mlp.up_proj."""
+    return re.sub(r"\.\d+\.", ".N.", module)
+
+
+def fallback_targets(sizes: dict[str, int], requested: int) -> dict[int, list[str]]:
+    """Fallback group size → compressed-tensors targets: one ``re:`` regex per kind of module (layer index
+    generalised) when every module of that kind shares the fallback, else the module names themselves."""
+    by_pattern: dict[str, set[int]] = {}
+    for module, size in sizes.items():
+        by_pattern.setdefault(_pattern(module), set()).add(size)
+    targets: dict[int, list[str]] = {}
+    for module, size in sorted(sizes.items()):
+        if size == requested:
+            continue
+        pattern = _pattern(module)
+        if by_pattern[pattern] == {size}:
+            regex = "re:^" + re.escape(pattern).replace(r"\.N\.", r"\.\d+\.") + "$"
+            if regex not in targets.setdefault(size, []):
+                targets[size].append(regex)
+        else:
+            targets.setdefault(size, []).append(module)
+    return {size: sorted(names) for size, names in sorted(targets.items(), reverse=True)}
+
+
+def target_matches(module: str, target: str) -> bool:
+    """compressed-tensors' name matching: an exact name, or ``re:REGEX`` matched from the start."""
+    if target.startswith("re:"):
+        return re.match(target[3:], module) is not None
+    return module == target
+
+
+def group_size_of(module: str, config_groups: dict) -> int:
+    """The group size compressed-tensors applies to ``module``: exact-name targets first, then regex, then
+    ``Linear``."""
+    targets = [(target, group["weights"]["group_size"]) for group in config_groups.values()
+               for target in group["targets"]]
+    for kind in ("exact", "regex", "class"):
+        for target, size in targets:
+            is_regex = target.startswith("re:")
+            if kind == "exact" and not is_regex and target != "Linear" and target == module:
+                return size
+            if kind == "regex" and is_regex and target_matches(module, target):
+                return size
+            if kind == "class" and target == "Linear":
+                return size
+    raise KeyError(module)
