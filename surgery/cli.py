@@ -207,8 +207,9 @@ SVD methods (star, tsv, lore, svd) decompose 2-D weights; norms, biases and embe
 with normalised weights. svd is the one to start with: `surgery merge BASE MODEL --method svd -o out` runs STAR
 (--eta 0.4: the top of each task matrix's spectrum holding 40% of its nuclear norm, rescaled to the full norm) and
 with two or more models TSV-M (each task's top rank/T singular vectors, decorrelated, summed; --lambda 1).
-STAR computes every singular value and then only the kept triplets (a seeded randomised SVD when few are kept of a
-large matrix); TSV-M with the default rank and lore need full SVDs.
+STAR needs the whole spectrum: it takes it from the float64 Gram matrix's eigendecomposition (2-3× cheaper than an
+SVD) and projects on the kept directions; tsv with --rank K uses a seeded randomised SVD; tsv at the default rank
+and lore need full SVDs.
 --aim applies activation-informed merging (arXiv 2502.02421) on top of any method with a base: W = W0 + (W − W0) ⊙ r,
 r_j = 1 − (a_j / max a)(1 − ω) per input channel j, a from `surgery calibrate` statistics (--stats) or computed
 now from --calibration text or text the base generates; embeddings keep the merged value. The long-to-short study's

@@ -14,11 +14,11 @@ the models). Notation: base θ0, models θi, task vectors δi = θi − θ0, wei
   Result θ0 + λ Σ wi δi.
 - ``svd``: STAR for one task vector, TSV-M for two or more, with their defaults.
 
-Cost: STAR needs the whole spectrum to find r and the nuclear norm, so it computes all singular values (from the
-float64 Gram matrix's eigenvalues: ~4× cheaper than a full SVD) and then only the top r triplets — by a seeded
-randomised SVD when r is small next to a large matrix, else a full SVD. TSV-M's top-k
-per task is the same choice (with the default rank and two tasks k is half the rank: a full SVD). LoRE soft-thresholds
-the whole spectrum: full SVDs, ten rounds. The T task matrices of one tensor are decomposed as one batch.
+Cost: STAR needs the whole spectrum (for r and the nuclear norm); it takes it, with the singular vectors of the
+shorter side, from the eigendecomposition of the float64 Gram matrix (2-3× cheaper than an SVD) and truncates by
+projecting on the top r of them. TSV-M's top-k per task is a seeded randomised SVD when k is small next to a large
+matrix, else a full SVD (with the default rank and two tasks k is half the rank: a full SVD). LoRE soft-thresholds the
+whole spectrum: full SVDs, ten rounds. The T task matrices of one tensor are decomposed as one batch.
 """
 
 from __future__ import annotations
@@ -88,15 +88,26 @@ def top_singular_triplets(matrices: torch.Tensor, k: int, generator: torch.Gener
     return (basis @ u_small)[..., :k], s[..., :k], vh[..., :k, :].transpose(-2, -1)
 
 
-def singular_values(matrices: torch.Tensor) -> torch.Tensor:
-    """All singular values of each matrix, descending, as float64: square roots of the eigenvalues of the Gram
-    matrix of the shorter side, computed in float64. About 4× faster than ``torch.linalg.svdvals`` on a
-    2048×5632 matrix on one core, agreeing with it to ~1e-6 of the largest value (svdvals' own float32 accuracy)."""
+def gram_spectrum(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Singular values (descending, float64) of each matrix and the matching singular vectors of its shorter side
+    (left ones for a wide matrix, right ones for a tall one), from the eigendecomposition of the float64 Gram matrix
+    of that side. On one core, for 2048×5632: ~6 s against ~13-18 s for ``torch.linalg.svd``; the values agree with
+    svdvals to ~1e-6 of the largest (svdvals' own float32 accuracy)."""
     wide = matrices.to(torch.float64)
     if wide.shape[-2] > wide.shape[-1]:
         wide = wide.transpose(-2, -1)
-    eigenvalues = torch.linalg.eigvalsh(wide @ wide.transpose(-2, -1))
-    return eigenvalues.clamp(min=0).sqrt().flip(-1)
+    eigenvalues, vectors = torch.linalg.eigh(wide @ wide.transpose(-2, -1))
+    return eigenvalues.clamp(min=0).sqrt().flip(-1), vectors.flip(-1)
+
+
+def project_on_top(matrices: torch.Tensor, vectors: torch.Tensor, ranks: list[int]) -> torch.Tensor:
+    """Each matrix projected on its top ``ranks[i]`` singular directions (``vectors`` of its shorter side, from
+    :func:`gram_spectrum`): U_r U_rᵀ A for a wide matrix, A V_r V_rᵀ for a tall one — its rank-r SVD truncation."""
+    kept = torch.arange(vectors.shape[-1], device=vectors.device) < torch.tensor(ranks, device=vectors.device)[:, None]
+    basis = (vectors * kept[:, None, :]).to(matrices.dtype)
+    if matrices.shape[-2] > matrices.shape[-1]:
+        return (matrices @ basis) @ basis.transpose(-2, -1)
+    return basis @ (basis.transpose(-2, -1) @ matrices)
 
 
 def star_ranks(spectra: torch.Tensor, eta: float) -> list[int]:
@@ -108,19 +119,15 @@ def star_ranks(spectra: torch.Tensor, eta: float) -> list[int]:
 
 def _star_task_vectors(x: TensorMerge, deltas: torch.Tensor) -> torch.Tensor:
     """Each task matrix truncated to its STAR rank, kept singular values rescaled to the full nuclear norm."""
-    spectra = singular_values(deltas)
+    spectra, vectors = gram_spectrum(deltas)
     if x.rank is not None:
         ranks = [min(int(x.rank), spectra.shape[-1])] * len(deltas)
     else:
         ranks = star_ranks(spectra, x.eta)
-    generator = _generator_for(x, deltas.device)
-    u, s, v = top_singular_triplets(deltas, max(ranks), generator)
-    kept = torch.arange(s.shape[-1], device=s.device) < torch.tensor(ranks, device=s.device)[:, None]
-    s = s * kept
-    kept_sum = s.sum(dim=-1, keepdim=True)
-    nuclear_norms = spectra.sum(dim=-1, keepdim=True).to(torch.float32)
-    scale = torch.where(kept_sum > 0, nuclear_norms / kept_sum.clamp(min=1e-30), 0.0)
-    return reconstruct(u, s * scale, v, out_dtype=torch.float32)
+    nuclear_norms = spectra.sum(dim=-1)
+    kept_sums = torch.stack([row[:rank].sum() for row, rank in zip(spectra, ranks)])
+    scales = torch.where(kept_sums > 0, nuclear_norms / kept_sums.clamp(min=1e-300), 0.0).to(deltas.dtype)
+    return project_on_top(deltas, vectors, ranks) * scales[:, None, None]
 
 
 @register("star", uses_base=True, parameters=SVD_PARAMETERS | {"eta", "rank"})
