@@ -20,7 +20,8 @@ from surgery import __version__
 from surgery.errors import BadInput
 
 app = typer.Typer(
-    help="Model surgery for LLM checkpoints: inspect, diff, convert, merge and extend, streaming one tensor at a time.",
+    help="Model surgery for LLM checkpoints: inspect, diff, convert, merge, extend, quantize and push, streaming one "
+         "tensor at a time.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
 
