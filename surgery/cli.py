@@ -333,7 +333,13 @@ Quantize the Linear weights of SRC's decoder layers to 4- or 8-bit integers, gro
 time, into a format stock loaders read: compressed-tensors pack-quantized (vLLM; transformers + compressed-tensors),
 GPTQ v1, or GGUF (llama family; one .gguf file, Q4_0 or Q8_0 blocks of 32, read by llama.cpp and transformers;
 symmetric only). Methods: rtn (round to nearest), hqq (half-quadratic refinement of the scales, and integer zero
-points when asymmetric); selfcal (data-free self-calibration) is not implemented yet. Where --group-size does not
+points when asymmetric), selfcal (data-free self-calibration after AdaDFQ: the model samples its own text, twice
+--calibration-sequences sequences of 128 tokens from random start tokens (4 greedy tokens, then sampling; --seed);
+the hqq model scores each by its mean next-token KL from the full-precision one; the 25% lowest-KL ones plus an even
+spread of those between the 20th and 80th KL percentiles, --calibration-sequences in all, drive GPTQ rounding (H = XᵀX per layer, damping 0.01,
+per-group scales re-fitted on the format's grid, layers quantized in sequence), for --rounds rounds, each re-scored
+by the previous round's model; one decoder layer in memory at a time after the generation, which loads the whole
+model; parameters recorded in surgery.json). Where --group-size does not
 divide a module's input dimension: compressed-tensors puts those modules in a second config group at 64 or 32,
 GPTQ lowers its one group size to the largest power of two that divides all (both reported).
 """.split("\n")).strip()
@@ -351,6 +357,10 @@ def quantize(
     ignore: str = typer.Option("lm_head", "--ignore", help="Comma-separated modules left unquantized: names, "
                                                            "trailing parts (mlp.down_proj) or re:REGEX."),
     seed: int = typer.Option(0, "--seed", help="Seed of selfcal's generated text."),
+    calibration_sequences: int = typer.Option(32, "--calibration-sequences",
+                                              help="selfcal: sequences kept for calibration per round (twice as "
+                                                   "many are generated)."),
+    rounds: int = typer.Option(2, "--rounds", help="selfcal: score → select → calibrate rounds."),
     max_shard_size: str = SHARD_OPTION,
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists (once the new one is complete)."),
     as_json: bool = JSON_OPTION,
@@ -361,7 +371,7 @@ def quantize(
     with _progress(None, "B", "quantize") as advance:
         summary = run_quantize(source, output, bits=bits, group_size=group_size, scheme=scheme, method=method,
                                format=fmt, ignore=ignored, seed=seed, max_shard_size=max_shard_size, force=force,
-                               progress=advance)
+                               selfcal={"sequences": calibration_sequences, "rounds": rounds}, progress=advance)
     if as_json:
         return _print_json({key: value for key, value in summary.items() if key != "per_module"})
     typer.echo(f"wrote {summary['output']}: {summary['modules']} modules at {bits} bits ({method}, {fmt}), "

@@ -211,7 +211,6 @@ def test_verify_reports_layers_and_end_to_end(outputs, tiny_checkpoints):
     (["--group-size", "24"], "does not divide"),
     (["--scheme", "minmax"], "--scheme"),
     (["--method", "gptq"], "--method"),
-    (["--method", "selfcal"], "not implemented"),
     (["--format", "gguf", "--scheme", "asym"], "--format gguf"),
     (["--format", "exl2"], "--format"),
     (["--ignore", "re:.*"], "no Linear weights"),

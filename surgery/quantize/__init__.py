@@ -6,7 +6,8 @@
 
 Modules: grid.py (RTN and HQQ on integer grids), groups.py (group sizes per module where the request does not
 divide), formats.py (compressed-tensors pack-quantized, GPTQ v1), gguf_format.py (GGUF Q4_0 / Q8_0, llama family),
-engine.py (the streaming command), verify.py (per-layer and end-to-end checks). Not yet: selfcal.
+selfcal.py (data-free self-calibration: self-generated text, disagreement-margin selection, GPTQ on the format's
+grid), engine.py (the streaming command), verify.py (per-layer and end-to-end checks).
 """
 
 from surgery.quantize.engine import quantize

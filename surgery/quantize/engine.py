@@ -65,7 +65,9 @@ class Options:
         if self.method not in METHODS:
             raise BadInput(f"--method {self.method!r}: expected one of {', '.join(METHODS)}")
         if self.method == "selfcal":
-            raise BadInput("--method selfcal: not implemented yet (use rtn or hqq)")
+            from surgery.quantize.selfcal import resolve
+
+            self.selfcal = resolve(self.selfcal)
         if self.format == "gguf":
             if self.scheme != "sym":
                 raise BadInput("--format gguf --scheme asym: only the symmetric Q4_0 / Q8_0 blocks are written")
@@ -194,10 +196,20 @@ class _Quantizer:
 
 
 def grid_function(options: Options, stored: torch.dtype) -> Callable[[str, torch.Tensor, Scheme], Grid]:
-    """``fit(module, weight, scheme)`` for the method; scales are rounded to ``stored``, the dtype they are written in."""
+    """``fit(module, weight, scheme)`` for the method; scales are rounded to ``stored``, the dtype they are written in.
+    selfcal's grids are computed beforehand (:func:`_self_calibrated`), not here."""
     if options.method == "hqq":
         return lambda module, weight, scheme: hqq(weight, scheme, stored)
     return lambda module, weight, scheme: rtn(weight, scheme, stored)
+
+
+def _self_calibrated(ckpt: Checkpoint, options: Options, schemes: dict[str, Scheme], stored: torch.dtype):
+    """selfcal.py's grids for every module (computed before the output is streamed; they are small), served by a
+    ``fit(module, weight, scheme)`` that hands each one out once, and the calibration report."""
+    from surgery.quantize.selfcal import self_calibrate
+
+    grids, report = self_calibrate(ckpt, schemes, options.selfcal, options.seed, stored)
+    return (lambda module, weight, scheme: grids.pop(module)), report
 
 
 def _card_body(options: Options, ckpt: Checkpoint, measurements: dict) -> str:
@@ -232,12 +244,17 @@ def quantize(source: str | Path, output: str | Path, *, bits: int = 4, group_siz
         if len(note["group_sizes"]) > 1 or str(group_size) not in note["group_sizes"]:
             log.warning("--group-size %d does not divide every quantized module's input dimension; group sizes used "
                         "(modules each): %s", group_size, note["group_sizes"])
-        quantize_module = grid_function(options, scale_dtype(FORMATS[options.format], plan.dtype))
+        stored = scale_dtype(FORMATS[options.format], plan.dtype)
+        quantize_module = grid_function(options, stored)
+        calibration = {}
+        if options.method == "selfcal":
+            quantize_module, calibration = _self_calibrated(ckpt, options, plan.schemes, stored)
         quantizer = _Quantizer(ckpt, plan, options, grid_scheme, quantize_module)
 
         def measurements() -> dict:
             return {"modules": len(plan.modules), **note,
-                    "weight_relative_error": round((quantizer.error_sq / quantizer.norm_sq) ** 0.5, 6)}
+                    "weight_relative_error": round((quantizer.error_sq / quantizer.norm_sq) ** 0.5, 6),
+                    **({"selfcal": calibration} if calibration else {})}
 
         def files() -> dict[str, bytes]:
             aux = dict(ckpt.auxiliary_files())
@@ -269,12 +286,32 @@ def _quantize_to_gguf(ckpt: Checkpoint, options: Options, output: str | Path, fo
                            f"(--ignore this module)")
     hashes = hash_inputs_in_background([ckpt])
     fit = grid_function(options, torch.float16)
+    calibration = {}
+    if options.method == "selfcal":  # GPTQ on the Q4_0 / Q8_0 grid (symmetric blocks of 32, float16 scales)
+        grid_scheme = Scheme(options.bits, gguf_format.BLOCK, True)
+        fit, calibration = _self_calibrated(ckpt, options, {module: grid_scheme for module in modules}, torch.float16)
+    heads = ckpt.config["num_attention_heads"]
+    kv_heads = ckpt.config.get("num_key_value_heads") or heads
     totals = {"error_sq": 0.0, "norm_sq": 0.0}
     per_module = {}
 
+    def calibrated_blocks(module: str, weight: torch.Tensor):
+        """The selfcal grid (HF row order) in llama.cpp's row order, as blocks: kept as is (GPTQ trades weight
+        error for output error, so no per-block choice against llama.cpp's reference)."""
+        grid = fit(module, weight, None)
+        rows = {"self_attn.q_proj": heads, "self_attn.k_proj": kv_heads}
+        for suffix, count in rows.items():
+            if module.endswith(suffix):
+                grid = Grid(*(gguf_format.permute_for_llama_cpp(t, count) for t in (grid.q, grid.scale, grid.zero)),
+                            grid.scheme)
+        return gguf_format.encode_blocks(grid)
+
     def quantize_module(module: str, weight: torch.Tensor):
-        data = gguf_format.quantize_weight(weight, options.bits, options.method,
-                                           lambda w, scheme: fit(module, w, scheme))
+        if options.method == "selfcal":
+            data = calibrated_blocks(module, weight)
+        else:
+            data = gguf_format.quantize_weight(weight, options.bits, options.method,
+                                               lambda w, scheme: fit(module, w, scheme))
         error = float((gguf_format.dequantize_bytes(data, options.bits) - weight).pow(2).sum())
         norm = float(weight.pow(2).sum())
         totals["error_sq"] += error
@@ -287,7 +324,8 @@ def _quantize_to_gguf(ckpt: Checkpoint, options: Options, output: str | Path, fo
         gguf_format.write_gguf(staging / name, ckpt, set(modules), options.bits, quantize_module,
                                Path(str(ckpt.source)).name, progress)
         measured = {"modules": len(modules), "group_sizes": {str(gguf_format.BLOCK): len(modules)},
-                    "gguf_file": name, "weight_relative_error": round((totals["error_sq"] / totals["norm_sq"]) ** 0.5, 6)}
+                    "gguf_file": name, "weight_relative_error": round((totals["error_sq"] / totals["norm_sq"]) ** 0.5, 6),
+                    **({"selfcal": calibration} if calibration else {})}
         (staging / "surgery.json").write_bytes(manifest_bytes("quantize", options.to_dict(), hashes.result(), measured))
         (staging / "README.md").write_bytes(model_card_bytes(
             title=f"{ckpt.source}, {options.bits}-bit {options.method} (GGUF)", relation="quantized",
