@@ -1,0 +1,102 @@
+"""How well an adapter stands in for its prompt: next-token KL against the model run with the real prompt::
+
+    report = evaluate("HuggingFaceTB/SmolLM2-135M-Instruct", "persona-ntk", "persona.txt")
+    report["kl_adapter"], report["kl_no_prompt"], report["top1_adapter"]
+
+On held-out queries (``--queries FILE``, or ``count`` continuations of the prompt that the model samples itself
+with a seed distinct from the one training uses), at every query position: KL(with prompt ‖ with adapter), the same
+for the model without any prompt, and how often the most likely next token agrees with the prompted model's. The
+sizes compare the adapter's tensors with the prompt's KV cache in the model's dtype. Works for prefix (PEFT) and
+NTK-attention adapters.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from surgery.adapters import prefix
+from surgery.adapters.prompts import (
+    HELD_OUT, Queries, cache_layers, file_queries, mean_kl, plain_logprobs, prefill, prompt_ids, query_seed, read_text,
+    self_generated_queries, with_prompt_logprobs,
+)
+from surgery.errors import BadInput
+from surgery.extend import ntk_attention
+
+QUERY_COUNT = 16
+QUERY_LENGTH = 32
+
+
+def adapter_kind(directory: str | Path) -> str:
+    """"prefix" or "ntk" from the files in ``directory``; BadInput for anything else."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise BadInput(f"{directory}: no such adapter directory")
+    if prefix.is_prefix_adapter(directory):
+        return "prefix"
+    if (directory / ntk_attention.CONFIG_FILE).is_file():
+        return "ntk"
+    raise BadInput(f"{directory}: neither a prefix adapter ({prefix.CONFIG_FILE} with peft_type PREFIX_TUNING) nor "
+                   f"an NTK-attention adapter ({ntk_attention.CONFIG_FILE})")
+
+
+def top1_agreement(reference: torch.Tensor, other: torch.Tensor, mask: torch.Tensor) -> float:
+    return float((reference.argmax(-1) == other.argmax(-1))[mask].float().mean())
+
+
+@torch.no_grad()
+def compare(model, adapter_dir: str | Path, ids: torch.Tensor, queries: Queries) -> dict:
+    """The fidelity figures of the adapter in ``adapter_dir`` for the prompt ``ids`` [1, m] on ``queries``."""
+    kind = adapter_kind(adapter_dir)
+    started = time.perf_counter()
+    prompt_cache, _ = prefill(model, ids)
+    reference = with_prompt_logprobs(model, prompt_cache, queries)
+    without = plain_logprobs(model, queries)
+    itemsize = next(model.parameters()).dtype.itemsize
+    if kind == "prefix":
+        cache, tokens = prefix.load_prefix_cache(adapter_dir, model)
+        adapted = with_prompt_logprobs(model, cache, queries)
+        adapter_bytes = sum(layer.numel() * itemsize for pair in cache_layers(cache) for layer in pair)
+    else:
+        adapter = ntk_attention.apply(model, adapter_dir)
+        try:
+            adapted = plain_logprobs(model, queries)
+        finally:
+            ntk_attention.remove(model)
+        adapter_bytes = 4 * (adapter.z.numel() + adapter.k.numel())
+    mask = queries.mask
+    geometry = prefix.kv_geometry(model) if kind == "prefix" else ntk_attention.model_geometry(model)
+    per_token = 2 * geometry["num_layers"] * geometry["num_key_value_heads"] * geometry["head_dim"] * itemsize
+    return {
+        "adapter": str(adapter_dir), "kind": kind, "queries": len(queries), "positions": int(mask.sum()),
+        "kl_adapter": float(mean_kl(reference, adapted, mask)), "kl_no_prompt": float(mean_kl(reference, without, mask)),
+        "top1_adapter": top1_agreement(reference, adapted, mask),
+        "top1_no_prompt": top1_agreement(reference, without, mask),
+        "prompt_tokens": ids.shape[1], "adapter_bytes": adapter_bytes, "prompt_kv_cache_bytes": per_token * ids.shape[1],
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def held_out_queries(model, tokenizer, ids: torch.Tensor, queries_file: str | Path | None, *, count: int,
+                     length: int, seed: int) -> Queries:
+    """``queries_file``'s texts, or ``count`` × ``length`` continuations sampled with the held-out seed."""
+    if queries_file is not None:
+        return file_queries(tokenizer, queries_file, length)
+    return self_generated_queries(model, ids, count=count, length=length, seed=query_seed(seed, HELD_OUT))
+
+
+def evaluate(model_source: str, adapter_dir: str | Path, prompt_file: str | Path, *,
+             queries_file: str | Path | None = None, count: int = QUERY_COUNT, length: int = QUERY_LENGTH,
+             seed: int = 0, device: str = "cpu") -> dict:
+    """Load ``model_source`` and report :func:`compare` for ``adapter_dir`` against the prompt in ``prompt_file``."""
+    from surgery.evaluation import load_model
+
+    text = read_text(prompt_file, "--prompt-file")
+    kind = adapter_kind(adapter_dir)
+    model, tokenizer = load_model(model_source, device)
+    (prefix.kv_geometry if kind == "prefix" else ntk_attention.model_geometry)(model)  # the family is supported
+    ids = prompt_ids(tokenizer, text)
+    queries = held_out_queries(model, tokenizer, ids, queries_file, count=count, length=length, seed=seed)
+    return {"model": model_source, "prompt_file": str(prompt_file), **compare(model, adapter_dir, ids, queries)}

@@ -1,0 +1,180 @@
+"""The ``surgery adapter prefix`` and ``surgery adapter ntk`` commands as library calls::
+
+    make_prefix_adapter("HuggingFaceTB/SmolLM2-135M-Instruct", "persona.txt", "persona-prefix")
+    make_ntk_adapter("HuggingFaceTB/SmolLM2-135M-Instruct", "persona-ntk", prompt_file="persona.txt", steps=60)
+    make_ntk_adapter("org/model", "task-ntk", train_file="task.jsonl", steps=500, lr=1e-3)   # fine-tuning
+
+Each returns a summary (what was written, the figures measured, the seconds taken) and writes its directory
+atomically with ``surgery.json`` and a model card. Same inputs and seed → identical bytes.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from surgery.adapters import ntk, prefix
+from surgery.adapters.output import json_bytes, write_adapter
+from surgery.adapters.prompts import (
+    TRAINING, file_queries, file_sha256, prefill, prompt_ids, query_seed, read_text, self_generated_queries,
+    with_prompt_logprobs,
+)
+from surgery.errors import BadInput
+from surgery.extend import ntk_attention
+from surgery.io import open_checkpoint
+from surgery.io.writer import check_output_available
+
+NTK_STEPS = 60
+NTK_LR = 1e-2
+NTK_BATCH = 8
+NTK_QUERIES = 64
+NTK_QUERY_LENGTH = 32
+TRAIN_MAX_LENGTH = 256
+MEASURED_QUERIES = 16  # training queries on which the KL before and after distillation is reported
+
+
+def _load(source: str, families: tuple[str, ...], what: str, device: str, loaded: tuple | None):
+    """The opened checkpoint (for provenance), the model and its tokenizer (``loaded`` when given); the family is
+    checked first."""
+    from surgery.evaluation import load_model
+
+    checkpoint = open_checkpoint(source)
+    try:
+        model_type = (checkpoint.config or {}).get("model_type")
+        if model_type not in families:
+            raise BadInput(f"{source}: model type {model_type!r}: {what} supports {', '.join(families)}")
+        model, tokenizer = loaded or load_model(source, device)
+    except BaseException:
+        checkpoint.close()
+        raise
+    return checkpoint, model, tokenizer
+
+
+def _check_length(model, tokens: int, extra: int, source: str) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and tokens + extra > limit:
+        raise BadInput(f"--prompt-file: {tokens} prompt tokens + {extra} query tokens exceed {source}'s "
+                       f"{limit} positions")
+
+
+def make_prefix_adapter(source: str, prompt_file: str | Path, output: str | Path, *, force: bool = False,
+                        device: str = "cpu", loaded: tuple | None = None) -> dict:
+    """Prefill the prompt and write its KV cache as a PEFT prefix-tuning adapter. ``loaded``: the (model,
+    tokenizer) of ``source`` when already in memory."""
+    started = time.perf_counter()
+    check_output_available(output, force)
+    text = read_text(prompt_file, "--prompt-file")
+    checkpoint, model, tokenizer = _load(source, prefix.FAMILIES, "prefix adapters", device, loaded)
+    with checkpoint:
+        ids = prompt_ids(tokenizer, text)
+        _check_length(model, ids.shape[1], 1, source)
+        embeddings = prefix.prefix_tensors(model, ids)
+        geometry = prefix.kv_geometry(model)
+        recipe = {"method": "prefix", "source": source, "prompt_file": str(prompt_file),
+                  "prompt_sha256": file_sha256(prompt_file)}
+        measurements = {"prompt_tokens": ids.shape[1], "adapter_bytes": embeddings.numel() * embeddings.itemsize}
+        body = (f"A PEFT prefix-tuning adapter for `{source}` made by [surgery](https://pypi.org/project/surgery/) "
+                f"from a {ids.shape[1]}-token prompt: its KV cache (keys after RoPE, positions 0..{ids.shape[1] - 1})"
+                ", so that the model with the adapter gives the logits of the model run on prompt + query.\n\n"
+                "```python\nfrom peft import PeftModel\nmodel = PeftModel.from_pretrained(model, ADAPTER_DIR)\n```")
+        files = write_adapter(
+            output, checkpoint, tensors_file=prefix.WEIGHTS_FILE, tensors={"prompt_embeddings": embeddings},
+            files={prefix.CONFIG_FILE: json_bytes(prefix.prefix_config(geometry, ids.shape[1], source))},
+            recipe=recipe, measurements=measurements, method="prefix-tuning", library="peft",
+            title=f"{Path(source).name}: prefix adapter", body=body, force=force)
+    return {"output": str(output), "method": "prefix", **measurements, "files": files,
+            "seconds": time.perf_counter() - started}
+
+
+def _rounded(value: float) -> float:
+    return float(f"{value:.6g}")
+
+
+def make_ntk_adapter(source: str, output: str | Path, *, prompt_file: str | Path | None = None,
+                     train_file: str | Path | None = None, queries_file: str | Path | None = None,
+                     steps: int = NTK_STEPS, lr: float = NTK_LR, batch: int = NTK_BATCH, count: int = NTK_QUERIES,
+                     length: int = NTK_QUERY_LENGTH, least_squares: bool = True, seed: int = 0,
+                     force: bool = False, device: str = "cpu", loaded: tuple | None = None) -> dict:
+    """An NTK-attention adapter distilled from ``prompt_file`` (closed form, least squares, then ``steps`` of KL
+    distillation on ``queries_file`` or ``count`` self-generated queries of ``length`` tokens), or trained from
+    noise on ``train_file`` by next-token loss (``steps`` minibatches of ``batch`` texts). ``loaded``: the (model,
+    tokenizer) of ``source`` when already in memory."""
+    started = time.perf_counter()
+    if (prompt_file is None) == (train_file is None):
+        raise BadInput("give either --prompt-file (distil a prompt) or --train-file (train on task data)")
+    if queries_file is not None and train_file is not None:
+        raise BadInput("--queries is for distilling a prompt; with --train-file the data is the training signal")
+    for value, option in ((steps, "--steps"), (batch, "--batch"), (count, "--count"), (length, "--length")):
+        if value < (0 if option == "--steps" else 1):
+            raise BadInput(f"{option} {value}: must be {'non-negative' if option == '--steps' else 'positive'}")
+    if not lr > 0:
+        raise BadInput(f"--lr {lr}: must be positive")
+    check_output_available(output, force)
+    text = read_text(prompt_file, "--prompt-file") if prompt_file is not None else None
+    checkpoint, model, tokenizer = _load(source, ntk_attention.FAMILIES, "NTK-attention", device, loaded)
+    with checkpoint:
+        recipe = {"method": "ntk", "source": source, "steps": steps, "lr": lr, "batch": batch, "seed": seed}
+        config = {"base_model_name_or_path": source}
+        if text is not None:
+            ids = prompt_ids(tokenizer, text)
+            _check_length(model, ids.shape[1], length, source)
+            recipe.update(prompt_file=str(prompt_file), prompt_sha256=file_sha256(prompt_file),
+                          least_squares=least_squares)
+            if queries_file is not None:
+                queries = file_queries(tokenizer, queries_file, length)
+                recipe.update(queries_file=str(queries_file), queries_sha256=file_sha256(queries_file))
+            else:
+                queries = self_generated_queries(model, ids, count=count, length=length,
+                                                 seed=query_seed(seed, TRAINING))
+                recipe.update(queries="self-generated", count=count, length=length)
+            adapter, measurements = _distil_prompt(model, ids, queries, steps=steps, lr=lr, batch=batch,
+                                                   seed=seed, least_squares=least_squares, config=config)
+            config["prompt_tokens"] = ids.shape[1]
+        else:
+            data = file_queries(tokenizer, train_file, TRAIN_MAX_LENGTH, option="--train-file", special_tokens=True)
+            recipe.update(train_file=str(train_file), train_sha256=file_sha256(train_file),
+                          max_length=TRAIN_MAX_LENGTH)
+            adapter = ntk.random_start(model, seed, **config)
+            losses = ntk.train_on_data(model, adapter, data, steps=steps, lr=lr, batch=batch, seed=seed,
+                                       absolute=True)
+            measurements = {"train_loss_first": _rounded(losses[0]) if losses else None,
+                            "train_loss_last": _rounded(losses[-1]) if losses else None, "texts": len(data)}
+        adapter.config = {**adapter.config, **config}
+        sizes = ntk.sizes(adapter, config.get("prompt_tokens"), next(model.parameters()).dtype.itemsize)
+        measurements.update(sizes)
+        origin = (f"distilled from a {config['prompt_tokens']}-token prompt" if text is not None
+                  else "trained on task data")
+        body = (f"An NTK-attention adapter (arXiv 2406.14036) for `{source}`, {origin}, made by "
+                "[surgery](https://pypi.org/project/surgery/): per layer and KV head a d×d matrix Z and a "
+                "d-vector k that stand in for a prefix of any length.\n\n```python\nfrom surgery.extend import "
+                "ntk_attention\nntk_attention.apply(model, ADAPTER_DIR)   # llama, mistral, qwen2\n```")
+        files = write_adapter(
+            output, checkpoint, tensors_file=ntk_attention.WEIGHTS_FILE, tensors=adapter.tensors(),
+            files={ntk_attention.CONFIG_FILE: adapter.config_json()}, recipe=recipe, measurements=measurements,
+            method="ntk-attention", title=f"{Path(source).name}: NTK-attention adapter", body=body, force=force)
+    return {"output": str(output), "method": "ntk", **measurements, "files": files,
+            "seconds": time.perf_counter() - started}
+
+
+def _distil_prompt(model, ids: torch.Tensor, queries, *, steps: int, lr: float, batch: int, seed: int,
+                   least_squares: bool, config: dict):
+    """Closed form → least squares → KL distillation; the KL on (up to MEASURED_QUERIES) training queries after
+    each stage."""
+    prompt_kv = ntk.prompt_keys_values(model, ids)
+    cache, _ = prefill(model, ids)
+    reference = with_prompt_logprobs(model, cache, queries)
+    measured = queries.subset(torch.arange(min(MEASURED_QUERIES, len(queries))))
+    measured_reference = reference[:len(measured)]
+    adapter = ntk.closed_form(model, prompt_kv, **config)
+    kl = {"closed_form": ntk.adapter_kl(model, adapter, measured, measured_reference)}
+    if least_squares:
+        ntk.least_squares(model, adapter, prompt_kv, queries)
+        kl["least_squares"] = ntk.adapter_kl(model, adapter, measured, measured_reference)
+    if steps:
+        ntk.distill(model, adapter, queries, reference, steps=steps, lr=lr, batch=batch, seed=seed)
+        kl["distilled"] = ntk.adapter_kl(model, adapter, measured, measured_reference)
+    measurements = {"train_kl": {stage: _rounded(value) for stage, value in kl.items()},
+                    "queries": len(queries), "prompt_tokens": ids.shape[1]}
+    return adapter, measurements

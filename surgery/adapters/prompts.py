@@ -1,0 +1,191 @@
+"""What prompt adapters share: reading the prompt and query files, prefilling a prompt into a KV cache, queries the
+model writes itself after the prompt, and the next-token distributions of the model run with the real prompt::
+
+    ids = prompt_ids(tokenizer, read_text("system.txt", "--prompt-file"))
+    cache = prefill(model, ids)                                  # DynamicCache of the prompt, positions 0..m-1
+    queries = self_generated_queries(model, ids, count=16, length=64, seed=0)
+    reference = with_prompt_logprobs(model, cache, queries)      # [16, 64, vocab], float32
+
+Queries are token sequences without special tokens, right-padded into one batch (``Queries``); the positions that
+count are the ``mask``. Right padding needs no attention mask in a causal model: real tokens never see the pads.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import inspect
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from surgery.errors import BadInput
+
+BATCH = 8  # queries per forward pass where a pass over all of them would hold too much
+TRAINING, HELD_OUT = 0, 1  # the two streams of self-generated queries: one seed never gives both
+
+
+def query_seed(seed: int, stream: int) -> int:
+    """The generator seed of ``stream`` (TRAINING or HELD_OUT) for the user's ``seed``."""
+    return 2 * seed + stream
+
+
+@dataclass
+class Queries:
+    """``ids`` [count, length] right-padded with 0, ``mask`` [count, length] True at real tokens."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+
+    @classmethod
+    def from_lists(cls, sequences: list[list[int]]) -> "Queries":
+        length = max(len(sequence) for sequence in sequences)
+        ids = torch.zeros(len(sequences), length, dtype=torch.long)
+        mask = torch.zeros(len(sequences), length, dtype=torch.bool)
+        for row, sequence in enumerate(sequences):
+            ids[row, :len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+            mask[row, :len(sequence)] = True
+        return cls(ids, mask)
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def batches(self, size: int = BATCH):
+        for start in range(0, len(self), size):
+            yield Queries(self.ids[start:start + size], self.mask[start:start + size])
+
+    def subset(self, rows: torch.Tensor) -> "Queries":
+        return Queries(self.ids[rows], self.mask[rows])
+
+
+def read_text(path: str | Path, option: str) -> str:
+    """A UTF-8 text file; BadInput naming ``option`` when it is missing or unreadable."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BadInput(f"{option} {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise BadInput(f"{option} {path}: cannot read it as UTF-8 text ({err})") from None
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def prompt_ids(tokenizer, text: str, option: str = "--prompt-file") -> torch.Tensor:
+    """[1, m] token ids of the prompt, with the special tokens the tokenizer adds at the start (BOS...)."""
+    ids = tokenizer(text)["input_ids"]
+    if not text.strip() or not ids:
+        raise BadInput(f"{option}: the prompt is empty")
+    return torch.tensor([ids], dtype=torch.long)
+
+
+def read_texts(path: str | Path, option: str) -> list[str]:
+    """Texts of a file: one per line of a ``.jsonl`` file (``{"text": ...}``), otherwise one per paragraph
+    (separated by blank lines)."""
+    content = read_text(path, option)
+    if str(path).endswith(".jsonl"):
+        texts = []
+        for number, line in enumerate(content.splitlines(), 1):
+            if line.strip():
+                try:
+                    texts.append(str(json.loads(line)["text"]))
+                except (ValueError, KeyError, TypeError):
+                    raise BadInput(f"{option} {path}: line {number} is not a JSON object with a \"text\"") from None
+    else:
+        texts = [part.strip() for part in content.replace("\r\n", "\n").split("\n\n")]
+    texts = [text for text in texts if text.strip()]
+    if not texts:
+        raise BadInput(f"{option} {path}: no text in it")
+    return texts
+
+
+def file_queries(tokenizer, path: str | Path, max_length: int, option: str = "--queries",
+                 special_tokens: bool = False) -> Queries:
+    """The texts of ``path`` tokenized (without special tokens unless asked), each cut to ``max_length`` tokens."""
+    sequences = []
+    for text in read_texts(path, option):
+        ids = tokenizer(text, add_special_tokens=special_tokens)["input_ids"][:max_length]
+        if ids:
+            sequences.append(ids)
+    if not sequences:
+        raise BadInput(f"{option} {path}: no tokens in it")
+    return Queries.from_lists(sequences)
+
+
+def with_cache(model, cache) -> dict:
+    """Forward keyword arguments that pass ``cache``: transformers 5.2x renamed ``past_key_values`` to ``cache``."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache, "use_cache": True}
+
+
+def prefill(model, ids: torch.Tensor, start: int = 0):
+    """The KV cache (and last logits) of ``ids`` [1, m] placed at positions start..start+m−1."""
+    from transformers import DynamicCache
+
+    positions = torch.arange(start, start + ids.shape[1], device=model.device)[None]
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        logits = model(ids.to(model.device), position_ids=positions, **with_cache(model, cache)).logits
+    return cache, logits[:, -1].float()
+
+
+def expanded(cache, batch: int):
+    """A copy of a batch-1 cache repeated ``batch`` times (the forward pass then appends to the copy)."""
+    copied = copy.deepcopy(cache)
+    copied.batch_repeat_interleave(batch)
+    return copied
+
+
+def cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(keys, values) per layer, each [batch, kv_heads, tokens, head_dim]."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+@torch.no_grad()
+def self_generated_queries(model, ids: torch.Tensor, *, count: int, length: int, seed: int) -> Queries:
+    """``count`` continuations of the prompt ``ids``, ``length`` tokens each, sampled from the model (temperature
+    1, no truncation) with a generator seeded by ``seed``: what the model expects after the prompt, and nothing is
+    downloaded. Same seed → same queries."""
+    generator = torch.Generator().manual_seed(seed)
+    cache, logits = prefill(model, ids)
+    cache.batch_repeat_interleave(count)
+    logits = logits.expand(count, -1)
+    tokens = []
+    for step in range(length):
+        probabilities = torch.softmax(logits.float().cpu(), dim=-1)
+        token = torch.multinomial(probabilities, 1, generator=generator)
+        tokens.append(token)
+        if step + 1 < length:
+            logits = model(token.to(model.device), **with_cache(model, cache)).logits[:, -1]
+    ids = torch.cat(tokens, dim=1)
+    return Queries(ids, torch.ones_like(ids, dtype=torch.bool))
+
+
+@torch.no_grad()
+def with_prompt_logprobs(model, cache, queries: Queries, batch: int = BATCH) -> torch.Tensor:
+    """[count, length, vocab] next-token log-probabilities of the model run on prompt + query (the prompt given as
+    its batch-1 ``cache``), float32, on the CPU."""
+    rows = []
+    for part in queries.batches(batch):
+        logits = model(part.ids.to(model.device), **with_cache(model, expanded(cache, len(part)))).logits
+        rows.append(torch.log_softmax(logits.float(), dim=-1).cpu())
+    return torch.cat(rows)
+
+
+@torch.no_grad()
+def plain_logprobs(model, queries: Queries, batch: int = BATCH, **forward) -> torch.Tensor:
+    """[count, length, vocab] next-token log-probabilities of the model run on the queries alone."""
+    rows = []
+    for part in queries.batches(batch):
+        logits = model(part.ids.to(model.device), **forward).logits
+        rows.append(torch.log_softmax(logits.float(), dim=-1).cpu())
+    return torch.cat(rows)
+
+
+def mean_kl(reference: torch.Tensor, other: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the ``mask``ed positions of KL(reference ‖ other), both log-probabilities [..., vocab]."""
+    per_position = (reference.exp() * (reference - other)).sum(-1)
+    return per_position[mask].mean()
