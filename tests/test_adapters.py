@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -222,14 +223,19 @@ def test_prefix_adapter_fidelity_is_exact(tiny_checkpoints, prompt_file, tmp_pat
 
 def test_same_inputs_and_seed_give_identical_bytes(qwen2_bpe, tmp_path):
     source, prompt_file = qwen2_bpe
+    queries = tmp_path / "queries.txt"
+    queries.write_text("the lazy dog jumps\n\nover the quick brown fox\n\nthe fox, the dog and the librarian")
     runs = []
     for name in ("a", "b"):
-        out = tmp_path / name
-        result = run_surgery("adapter", "ntk", source, "--prompt-file", prompt_file, "-o", out,
-                             "--steps", "3", "--count", "8", "--length", "8", "--seed", "5")
-        assert result.returncode == 0, result.stderr
-        runs.append({path.name: path.read_bytes() for path in out.iterdir()})
-    assert runs[0] == runs[1]
+        made = [run_surgery("adapter", "ntk", source, "--prompt-file", prompt_file, "-o", tmp_path / name / "ntk",
+                            "--queries", queries, "--steps", "3", "--batch", "2", "--seed", "5"),
+                run_surgery("adapter", "prefix", source, "--prompt-file", prompt_file, "-o", tmp_path / name / "pre")]
+        assert all(result.returncode == 0 for result in made), [result.stderr for result in made]
+        runs.append({path.relative_to(tmp_path / name): path.read_bytes()
+                     for path in (tmp_path / name).rglob("*") if path.is_file()})
+    assert len(runs[0]) == 8 and runs[0] == runs[1]
+    recipe = json.loads(runs[0][Path("ntk/surgery.json")])["recipe"]
+    assert recipe["queries_file"] == str(queries) and recipe["seed"] == 5
 
 
 def test_ntk_trained_on_task_data(tiny_checkpoints, tmp_path):
@@ -267,6 +273,10 @@ def test_bad_inputs_are_one_line_errors(tiny_checkpoints, prompt_file, tmp_path)
         ("adapter", "ntk", tiny_checkpoints["gemma2"], "--prompt-file", prompt_file, "-o", tmp_path / "x"):
             "NTK-attention supports llama, mistral, qwen2",
         ("adapter", "ntk", llama, "-o", tmp_path / "x"): "--prompt-file",
+        ("adapter", "ntk", llama, "--train-file", prompt_file, "--queries", prompt_file, "-o", tmp_path / "x"):
+            "--queries is for distilling a prompt",
+        ("adapter", "ntk", llama, "--prompt-file", prompt_file, "--queries", tmp_path / "none.txt", "-o",
+         tmp_path / "x"): "--queries",
         ("adapter", "eval", qwen3, ntk_dir, "--prompt-file", prompt_file): "NTK-attention supports",
         ("adapter", "eval", tiny_checkpoints["mistral"], ntk_dir, "--prompt-file", prompt_file):
             "made for a llama model; this one is mistral",

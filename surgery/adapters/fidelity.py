@@ -12,6 +12,7 @@ NTK-attention adapters.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from surgery.adapters.prompts import (
 from surgery.errors import BadInput
 from surgery.extend import ntk_attention
 
+log = logging.getLogger(__name__)
 QUERY_COUNT = 16
 QUERY_LENGTH = 32
 
@@ -57,6 +59,9 @@ def compare(model, adapter_dir: str | Path, ids: torch.Tensor, queries: Queries)
     itemsize = next(model.parameters()).dtype.itemsize
     if kind == "prefix":
         cache, tokens = prefix.load_prefix_cache(adapter_dir, model)
+        if tokens != ids.shape[1]:
+            log.warning("%s holds %d tokens but the prompt has %d: was it made from another prompt?", adapter_dir,
+                        tokens, ids.shape[1])
         adapted = with_prompt_logprobs(model, cache, queries)
         adapter_bytes = sum(layer.numel() * itemsize for pair in cache_layers(cache) for layer in pair)
     else:

@@ -1,7 +1,7 @@
 """The ``surgery adapter prefix`` and ``surgery adapter ntk`` commands as library calls::
 
     make_prefix_adapter("HuggingFaceTB/SmolLM2-135M-Instruct", "persona.txt", "persona-prefix")
-    make_ntk_adapter("HuggingFaceTB/SmolLM2-135M-Instruct", "persona-ntk", prompt_file="persona.txt", steps=60)
+    make_ntk_adapter("HuggingFaceTB/SmolLM2-135M-Instruct", "persona-ntk", prompt_file="persona.txt", steps=100)
     make_ntk_adapter("org/model", "task-ntk", train_file="task.jsonl", steps=500, lr=1e-3)   # fine-tuning
 
 Each returns a summary (what was written, the figures measured, the seconds taken) and writes its directory
@@ -26,10 +26,10 @@ from surgery.extend import ntk_attention
 from surgery.io import open_checkpoint
 from surgery.io.writer import check_output_available
 
-NTK_STEPS = 60
+NTK_STEPS = 100
 NTK_LR = 1e-2
 NTK_BATCH = 8
-NTK_QUERIES = 64
+NTK_QUERIES = 128
 NTK_QUERY_LENGTH = 32
 TRAIN_MAX_LENGTH = 256
 MEASURED_QUERIES = 16  # training queries on which the KL before and after distillation is reported
@@ -129,19 +129,15 @@ def make_ntk_adapter(source: str, output: str | Path, *, prompt_file: str | Path
                 queries = self_generated_queries(model, ids, count=count, length=length,
                                                  seed=query_seed(seed, TRAINING))
                 recipe.update(queries="self-generated", count=count, length=length)
+            config["prompt_tokens"] = ids.shape[1]
             adapter, measurements = _distil_prompt(model, ids, queries, steps=steps, lr=lr, batch=batch,
                                                    seed=seed, least_squares=least_squares, config=config)
-            config["prompt_tokens"] = ids.shape[1]
         else:
             data = file_queries(tokenizer, train_file, TRAIN_MAX_LENGTH, option="--train-file", special_tokens=True)
             recipe.update(train_file=str(train_file), train_sha256=file_sha256(train_file),
                           max_length=TRAIN_MAX_LENGTH)
-            adapter = ntk.random_start(model, seed, **config)
-            losses = ntk.train_on_data(model, adapter, data, steps=steps, lr=lr, batch=batch, seed=seed,
-                                       absolute=True)
-            measurements = {"train_loss_first": _rounded(losses[0]) if losses else None,
-                            "train_loss_last": _rounded(losses[-1]) if losses else None, "texts": len(data)}
-        adapter.config = {**adapter.config, **config}
+            adapter, measurements = _train_on_task(model, data, steps=steps, lr=lr, batch=batch, seed=seed,
+                                                   config=config)
         sizes = ntk.sizes(adapter, config.get("prompt_tokens"), next(model.parameters()).dtype.itemsize)
         measurements.update(sizes)
         origin = (f"distilled from a {config['prompt_tokens']}-token prompt" if text is not None
@@ -177,4 +173,13 @@ def _distil_prompt(model, ids: torch.Tensor, queries, *, steps: int, lr: float, 
         kl["distilled"] = ntk.adapter_kl(model, adapter, measured, measured_reference)
     measurements = {"train_kl": {stage: _rounded(value) for stage, value in kl.items()},
                     "queries": len(queries), "prompt_tokens": ids.shape[1]}
+    return adapter, measurements
+
+
+def _train_on_task(model, data, *, steps: int, lr: float, batch: int, seed: int, config: dict):
+    """The paper's start (randn / 1e4), then next-token training on the task texts."""
+    adapter = ntk.random_start(model, seed, **config)
+    losses = ntk.train_on_data(model, adapter, data, steps=steps, lr=lr, batch=batch, seed=seed, absolute=True)
+    measurements = {"train_loss_first": _rounded(losses[0]) if losses else None,
+                    "train_loss_last": _rounded(losses[-1]) if losses else None, "texts": len(data)}
     return adapter, measurements

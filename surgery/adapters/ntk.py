@@ -200,8 +200,9 @@ def _optimise(model, adapter: NTKAdapter, loss_of, count: int, *, steps: int, lr
     is the loss of those rows with the adapter applied. Returns the loss of every step."""
     if steps <= 0:
         return []
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    for parameter in trainable:
+        parameter.requires_grad_(False)  # only the adapter learns; restored below
     relative = _Relative(adapter, absolute)
     optimiser = torch.optim.Adam(relative.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=steps)
@@ -225,6 +226,8 @@ def _optimise(model, adapter: NTKAdapter, loss_of, count: int, *, steps: int, lr
     finally:
         ntk_attention.remove(model)
         relative.freeze()
+        for parameter in trainable:
+            parameter.requires_grad_(True)
     return losses
 
 

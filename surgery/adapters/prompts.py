@@ -2,7 +2,7 @@
 model writes itself after the prompt, and the next-token distributions of the model run with the real prompt::
 
     ids = prompt_ids(tokenizer, read_text("system.txt", "--prompt-file"))
-    cache = prefill(model, ids)                                  # DynamicCache of the prompt, positions 0..m-1
+    cache, _ = prefill(model, ids)                               # DynamicCache of the prompt, positions 0..m-1
     queries = self_generated_queries(model, ids, count=16, length=64, seed=0)
     reference = with_prompt_logprobs(model, cache, queries)      # [16, 64, vocab], float32
 
