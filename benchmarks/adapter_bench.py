@@ -30,8 +30,8 @@ RESULTS = HERE / "results" / "adapter_bench.json"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=150, help="NTK distillation steps")
-    parser.add_argument("--count", type=int, default=128, help="NTK training queries (self-generated)")
+    parser.add_argument("--steps", type=int, default=200, help="NTK distillation steps")
+    parser.add_argument("--count", type=int, default=512, help="NTK training queries (self-generated)")
     parser.add_argument("--length", type=int, default=32, help="tokens per query")
     parser.add_argument("--eval-count", type=int, default=16, help="held-out queries")
     parser.add_argument("--workdir", default=None, help="where the adapters are written (default: a temporary dir)")

@@ -621,10 +621,10 @@ def adapter_ntk(
                                                                         "on (.jsonl with \"text\", or paragraphs)."),
     queries: Optional[str] = typer.Option(None, "--queries", help="Distillation queries (.jsonl or paragraphs; "
                                                                   "default: continuations the model samples)."),
-    steps: int = typer.Option(100, "--steps", help="Adam steps of distillation (or of training on --train-file)."),
+    steps: int = typer.Option(200, "--steps", help="Adam steps of distillation (or of training on --train-file)."),
     lr: float = typer.Option(1e-2, "--lr", help="Learning rate; distilling, relative to each head's starting size."),
     batch: int = typer.Option(8, "--batch", help="Queries (or texts) per step."),
-    count: int = typer.Option(128, "--count", help="Self-generated queries."),
+    count: int = typer.Option(512, "--count", help="Self-generated queries."),
     length: int = typer.Option(32, "--length", help="Tokens per query."),
     least_squares: bool = typer.Option(True, "--least-squares/--no-least-squares",
                                        help="Fit each layer by least squares between closed form and distillation."),

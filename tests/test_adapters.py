@@ -179,6 +179,33 @@ def test_generation_with_cache_equals_recomputation():
     torch.testing.assert_close(torch.stack(runs[0].scores), torch.stack(runs[1].scores), rtol=1e-4, atol=1e-4)
 
 
+def test_shared_prompt_equals_a_repeated_cache():
+    """Generation and teacher log-probabilities with the prompt's cache shared by the rows (make's fast path) equal
+    those of the cache repeated per row."""
+    from contextlib import contextmanager
+
+    from surgery.adapters import prompts
+
+    model = make_tiny_model("llama", seed=3, initializer_range=0.1).eval()
+    ids = torch.randint(3, 100, (1, 20), generator=torch.Generator().manual_seed(1))
+    queries = prompts.self_generated_queries(model, ids, count=6, length=8, seed=0, chunk=4)
+    cache, _ = prompts.prefill(model, ids)
+    shared = prompts.with_prompt_logprobs(model, cache, queries, shared=True)
+    torch.testing.assert_close(shared, prompts.with_prompt_logprobs(model, cache, queries), rtol=1e-4, atol=1e-4)
+    assert model.config._attn_implementation == "sdpa"
+
+    @contextmanager
+    def repeated(model, cache):
+        yield None
+
+    original, prompts.shared_prompt = prompts.shared_prompt, repeated
+    try:
+        again = prompts.self_generated_queries(model, ids, count=6, length=8, seed=0, chunk=4)
+    finally:
+        prompts.shared_prompt = original
+    assert torch.equal(queries.ids, again.ids)
+
+
 # --- NTK-attention adapters made from a prompt ----------------------------------------------------------------
 
 

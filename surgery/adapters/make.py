@@ -26,12 +26,13 @@ from surgery.extend import ntk_attention
 from surgery.io import open_checkpoint
 from surgery.io.writer import check_output_available
 
-NTK_STEPS = 100
+NTK_STEPS = 200
 NTK_LR = 1e-2
 NTK_BATCH = 8
-NTK_QUERIES = 128
+NTK_QUERIES = 512
 NTK_QUERY_LENGTH = 32
 TRAIN_MAX_LENGTH = 256
+LEAST_SQUARES_QUERIES = 128  # queries the least squares is fitted on (its cost and memory grow with them)
 MEASURED_QUERIES = 16  # training queries on which the KL before and after distillation is reported
 
 
@@ -160,13 +161,14 @@ def _distil_prompt(model, ids: torch.Tensor, queries, *, steps: int, lr: float, 
     each stage."""
     prompt_kv = ntk.prompt_keys_values(model, ids)
     cache, _ = prefill(model, ids)
-    reference = with_prompt_logprobs(model, cache, queries)
+    reference = with_prompt_logprobs(model, cache, queries, shared=True).half()  # halved: many queries fit
     measured = queries.subset(torch.arange(min(MEASURED_QUERIES, len(queries))))
     measured_reference = reference[:len(measured)]
     adapter = ntk.closed_form(model, prompt_kv, **config)
     kl = {"closed_form": ntk.adapter_kl(model, adapter, measured, measured_reference)}
     if least_squares:
-        ntk.least_squares(model, adapter, prompt_kv, queries)
+        fitted = queries.subset(torch.arange(min(LEAST_SQUARES_QUERIES, len(queries))))
+        ntk.least_squares(model, adapter, prompt_kv, fitted)
         kl["least_squares"] = ntk.adapter_kl(model, adapter, measured, measured_reference)
     if steps:
         ntk.distill(model, adapter, queries, reference, steps=steps, lr=lr, batch=batch, seed=seed)

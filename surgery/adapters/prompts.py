@@ -16,6 +16,7 @@ import copy
 import hashlib
 import inspect
 import json
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import torch
 from surgery.errors import BadInput
 
 BATCH = 8  # queries per forward pass where a pass over all of them would hold too much
+GENERATION_CHUNK = 64  # continuations sampled together (each holds a copy of the prompt's KV cache)
 TRAINING, HELD_OUT = 0, 1  # the two streams of self-generated queries: one seed never gives both
 
 
@@ -144,34 +146,73 @@ def cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
+@contextmanager
+def shared_prompt(model, cache):
+    """Within it, ``model`` runs every row of a batch after the prompt of the batch-1 ``cache`` (positions 0..m−1)
+    without copying the cache per row, when NTK-attention supports its family (exact, up to float rounding); yields
+    m, or None for other families (then repeat the cache)."""
+    from surgery.extend import ntk_attention
+
+    if model.config.model_type not in ntk_attention.FAMILIES:
+        yield None
+        return
+    layers = cache_layers(cache)
+    ntk_attention.apply_prompt(model, [(keys[0], values[0]) for keys, values in layers])
+    try:
+        yield layers[0][0].shape[2]
+    finally:
+        ntk_attention.remove(model)
+
+
+def _positions(start: int, rows: int, length: int, device) -> torch.Tensor:
+    return torch.arange(start, start + length, device=device)[None].expand(rows, length)
+
+
 @torch.no_grad()
-def self_generated_queries(model, ids: torch.Tensor, *, count: int, length: int, seed: int) -> Queries:
+def self_generated_queries(model, ids: torch.Tensor, *, count: int, length: int, seed: int,
+                           chunk: int = GENERATION_CHUNK) -> Queries:
     """``count`` continuations of the prompt ``ids``, ``length`` tokens each, sampled from the model (temperature
-    1, no truncation) with a generator seeded by ``seed``: what the model expects after the prompt, and nothing is
-    downloaded. Same seed → same queries."""
+    1, no truncation) with a generator seeded by ``seed``, ``chunk`` at a time: what the model expects after the
+    prompt, and nothing is downloaded. Same seed → same queries."""
+    from transformers import DynamicCache
+
     generator = torch.Generator().manual_seed(seed)
-    cache, logits = prefill(model, ids)
-    cache.batch_repeat_interleave(count)
-    logits = logits.expand(count, -1)
-    tokens = []
-    for step in range(length):
-        probabilities = torch.softmax(logits.float().cpu(), dim=-1)
-        token = torch.multinomial(probabilities, 1, generator=generator)
-        tokens.append(token)
-        if step + 1 < length:
-            logits = model(token.to(model.device), **with_cache(model, cache)).logits[:, -1]
-    ids = torch.cat(tokens, dim=1)
+    prompt_cache, prompt_logits = prefill(model, ids)
+    parts = []
+    with shared_prompt(model, prompt_cache) as offset:
+        for start in range(0, count, chunk):
+            rows = min(chunk, count - start)
+            cache = expanded(prompt_cache, rows) if offset is None else DynamicCache(config=model.config)
+            logits = prompt_logits.expand(rows, -1)
+            tokens = []
+            for step in range(length):
+                probabilities = torch.softmax(logits.float().cpu(), dim=-1)
+                token = torch.multinomial(probabilities, 1, generator=generator)
+                tokens.append(token)
+                if step + 1 < length:
+                    forward = with_cache(model, cache)
+                    if offset is not None:
+                        forward["position_ids"] = _positions(offset + step, rows, 1, model.device)
+                    logits = model(token.to(model.device), **forward).logits[:, -1]
+            parts.append(torch.cat(tokens, dim=1))
+    ids = torch.cat(parts)
     return Queries(ids, torch.ones_like(ids, dtype=torch.bool))
 
 
 @torch.no_grad()
-def with_prompt_logprobs(model, cache, queries: Queries, batch: int = BATCH) -> torch.Tensor:
+def with_prompt_logprobs(model, cache, queries: Queries, batch: int = BATCH, shared: bool = False) -> torch.Tensor:
     """[count, length, vocab] next-token log-probabilities of the model run on prompt + query (the prompt given as
-    its batch-1 ``cache``), float32, on the CPU."""
+    its batch-1 ``cache``), float32, on the CPU; ``shared``: through :func:`shared_prompt` (no copy of the cache per
+    row) where the family allows."""
     rows = []
-    for part in queries.batches(batch):
-        logits = model(part.ids.to(model.device), **with_cache(model, expanded(cache, len(part)))).logits
-        rows.append(torch.log_softmax(logits.float(), dim=-1).cpu())
+    with (shared_prompt(model, cache) if shared else nullcontext()) as offset:
+        for part in queries.batches(batch):
+            ids = part.ids.to(model.device)
+            if offset is None:
+                logits = model(ids, **with_cache(model, expanded(cache, len(part)))).logits
+            else:
+                logits = model(ids, position_ids=_positions(offset, *ids.shape, model.device)).logits
+            rows.append(torch.log_softmax(logits.float(), dim=-1).cpu())
     return torch.cat(rows)
 
 
@@ -187,5 +228,6 @@ def plain_logprobs(model, queries: Queries, batch: int = BATCH, **forward) -> to
 
 def mean_kl(reference: torch.Tensor, other: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over the ``mask``ed positions of KL(reference ‖ other), both log-probabilities [..., vocab]."""
+    reference = reference.float()  # it may be stored in half precision
     per_position = (reference.exp() * (reference - other)).sum(-1)
     return per_position[mask].mean()

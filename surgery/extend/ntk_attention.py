@@ -119,6 +119,30 @@ class _LayerTerms:
         return self.adapter.z[self.layer].to(device, torch.float32), self.adapter.k[self.layer].to(device, torch.float32)
 
 
+@dataclass
+class _PromptTerms:
+    """What a module patched by :func:`apply_prompt` reads: its layer's prompt keys (after RoPE) and values,
+    [kv_heads, m, d], shared by every row of the batch."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+def with_prompt(output: torch.Tensor, logsumexp: torch.Tensor, query: torch.Tensor, keys: torch.Tensor,
+                values: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The attention output with a real prompt in front, exactly: (e^ℓ O + Σ_j e^{s_j} v_j) / (e^ℓ + Σ_j e^{s_j}),
+    s_j = scaling · q·k_j over the prompt's ``keys`` and ``values`` [kv_heads, m, d] (float32)."""
+    batch, heads, rows, dim = query.shape
+    kv_heads = keys.shape[0]
+    grouped = query.float().reshape(batch, kv_heads, heads // kv_heads, rows, dim)
+    scores = torch.einsum("bhgnd,hmd->bhgnm", grouped, keys.float()) * scaling
+    prompt_lse = torch.logsumexp(scores, dim=-1).reshape(batch, heads, rows)
+    prompt_out = torch.einsum("bhgnm,hme->bhgne", torch.softmax(scores, dim=-1), values.float())
+    share = torch.sigmoid(prompt_lse - logsumexp)[..., None]
+    own = output.float()
+    return own + share * (prompt_out.reshape(batch, heads, rows, -1) - own)
+
+
 def feature_map(x: torch.Tensor) -> torch.Tensor:
     """φ(x) = elu(x / d^¼) + 1, positive everywhere (d = the last dimension)."""
     return F.elu(x / x.shape[-1] ** 0.25) + 1
@@ -175,13 +199,16 @@ def ntk_attention_forward(module, query, key, value, attention_mask, dropout: fl
 
     output, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                        **kwargs)
-    terms: _LayerTerms | None = getattr(module, STATE, None)
+    terms: _LayerTerms | _PromptTerms | None = getattr(module, STATE, None)
     if terms is None:
         return output, None
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     logsumexp = attention_logsumexp(query, key, attention_mask, scaling)
-    z, k = terms.z_k(query.device)
-    mixed = combine(output.transpose(1, 2), logsumexp, query, z, k)  # sdpa returns [batch, queries, heads, d_v]
+    if isinstance(terms, _PromptTerms):
+        mixed = with_prompt(output.transpose(1, 2), logsumexp, query, terms.keys, terms.values, scaling)
+    else:
+        z, k = terms.z_k(query.device)
+        mixed = combine(output.transpose(1, 2), logsumexp, query, z, k)  # sdpa returns [batch, queries, heads, d_v]
     return mixed.transpose(1, 2).to(output.dtype).contiguous(), None
 
 
@@ -223,6 +250,21 @@ def apply(model, adapter: str | Path | NTKAdapter) -> NTKAdapter:
     for layer, module in enumerate(attention_modules(model)):
         setattr(module, STATE, _LayerTerms(adapter, layer))
     return adapter
+
+
+def apply_prompt(model, keys_values: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Patch ``model`` (in place) so that every row of a batch attends to one real prompt: per layer its (keys after
+    RoPE, values) [kv_heads, m, d], not repeated per row. Inputs then need position_ids from m on. Undo with
+    :func:`remove`."""
+    model_geometry(model)
+    _register()
+    if getattr(model, PREVIOUS, None) is None:
+        setattr(model, PREVIOUS, model.config._attn_implementation)
+    model.set_attn_implementation(IMPLEMENTATION)
+    if model.config._attn_implementation != IMPLEMENTATION:
+        raise BadInput(f"{type(model).__name__}: its attention implementation cannot be switched")
+    for module, (keys, values) in zip(attention_modules(model), keys_values, strict=True):
+        setattr(module, STATE, _PromptTerms(keys, values))
 
 
 def remove(model) -> None:
