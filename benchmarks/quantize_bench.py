@@ -4,9 +4,11 @@ compressed-tensors, and rtn / hqq as GGUF Q4_0 (loaded by transformers' GGUF loa
 model: perplexity on the bundled offline text (Python docs, 512-token windows over 1024 tokens), next-token KL(P‖Q) and top-1
 agreement on text the unquantized model generates itself from BOS (seed 0; selfcal's own pool starts from random
 tokens), and quantization time. selfcal runs with a smaller pool than its defaults so the whole run fits about 15
-minutes on 2 cores (--selfcal-sequences 16: 32 generated, 16 kept, 128 tokens, 2 rounds)::
+minutes on 2 cores (--selfcal-sequences 16: 32 generated, 16 kept, 128 tokens, 2 rounds). --methods, --group-sizes
+and --gguf-methods run a subset (the reference rows, bf16 perplexity, are always there)::
 
     python benchmarks/quantize_bench.py [--out results/quantize.json] [--threads N]
+    python benchmarks/quantize_bench.py --methods rtn,hqq --group-sizes 128 --gguf-methods none --threads 1
 """
 
 from __future__ import annotations
@@ -34,6 +36,15 @@ GGUF_METHODS = ("rtn", "hqq")
 GROUPS = (128, 32)
 
 
+def _choices(text: str, known: tuple[str, ...]) -> tuple[str, ...]:
+    """A comma-separated subset of ``known`` (``none``: empty)."""
+    chosen = tuple(part for part in text.split(",") if part and part != "none")
+    unknown = [part for part in chosen if part not in known]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"{unknown[0]!r}: expected some of {', '.join(known)}")
+    return chosen
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="Write the results as JSON here too.")
@@ -42,6 +53,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="selfcal: rounds.")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's; 1 avoids OpenMP stalls when the cores are shared).")
+    parser.add_argument("--methods", type=lambda text: _choices(text, METHODS), default=METHODS,
+                        help=f"compressed-tensors methods, comma-separated (default: {','.join(METHODS)}).")
+    parser.add_argument("--group-sizes", type=lambda text: [int(size) for size in text.split(",")], default=GROUPS,
+                        help=f"compressed-tensors group sizes (default: {','.join(map(str, GROUPS))}).")
+    parser.add_argument("--gguf-methods", type=lambda text: _choices(text, GGUF_METHODS), default=GGUF_METHODS,
+                        help=f"GGUF Q4_0 methods (default: {','.join(GGUF_METHODS)}; none to skip).")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -64,8 +81,8 @@ def main() -> int:
             return row
 
         print(json.dumps(rows[0]), flush=True)
-        for group in GROUPS:
-            for method in METHODS:
+        for group in args.group_sizes:
+            for method in args.methods:
                 output = Path(scratch) / f"{method}-g{group}"
                 started = time.perf_counter()
                 summary = quantize(str(source), output, bits=4, group_size=group, method=method,
@@ -74,7 +91,7 @@ def main() -> int:
                 model, _ = load_model(str(output))  # transformers + compressed-tensors: proves it loads
                 rows.append(score(method, group, "compressed-tensors", seconds, summary, model))
                 del model
-        for method in GGUF_METHODS:
+        for method in args.gguf_methods:
             output = Path(scratch) / f"{method}-gguf"
             started = time.perf_counter()
             summary = quantize(str(source), output, bits=4, method=method, format="gguf")

@@ -333,8 +333,9 @@ Quantize the Linear weights of SRC's decoder layers to 4- or 8-bit integers, gro
 time, into a format stock loaders read: compressed-tensors pack-quantized (vLLM; transformers + compressed-tensors),
 GPTQ v1, or GGUF (llama family; one .gguf file, Q4_0 or Q8_0 blocks of 32, read by llama.cpp and transformers;
 symmetric only). Methods: rtn (round to nearest), hqq (half-quadratic refinement of the scales, and integer zero
-points when asymmetric), selfcal (data-free self-calibration after AdaDFQ: the model samples its own text, twice
---calibration-sequences sequences of 128 tokens from random start tokens (4 greedy tokens, then sampling; --seed);
+points when asymmetric; kept per group only where it lowers the squared error without any weight erring more than
+under rtn, so outlier weights are never clipped), selfcal (data-free self-calibration after AdaDFQ: the model
+samples its own text, twice --calibration-sequences sequences of 128 tokens from random start tokens (4 greedy tokens, then sampling; --seed);
 the hqq model scores each by its mean next-token KL from the full-precision one; the 25% lowest-KL ones plus an even
 spread of those between the 20th and 80th KL percentiles, --calibration-sequences in all, drive GPTQ rounding (H = XᵀX per layer, damping 0.01,
 per-group scales re-fitted on the format's grid, layers quantized in sequence), for --rounds rounds, each re-scored
@@ -361,17 +362,22 @@ def quantize(
                                               help="selfcal: sequences kept for calibration per round (twice as "
                                                    "many are generated)."),
     rounds: int = typer.Option(2, "--rounds", help="selfcal: score → select → calibrate rounds."),
+    device: str = typer.Option("cpu", "--device", help="Where each tensor's grid is fitted (rtn, hqq, selfcal's GPTQ "
+                                                       "rounding): cpu or cuda[:N]; reading, the layers and writing "
+                                                       "stay on the CPU. rtn writes the same bytes on either."),
     max_shard_size: str = SHARD_OPTION,
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists (once the new one is complete)."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     from surgery.quantize import quantize as run_quantize
 
+    _check_device(device)
     ignored = [part.strip() for part in ignore.split(",") if part.strip()]
     with _progress(None, "B", "quantize") as advance:
         summary = run_quantize(source, output, bits=bits, group_size=group_size, scheme=scheme, method=method,
                                format=fmt, ignore=ignored, seed=seed, max_shard_size=max_shard_size, force=force,
-                               selfcal={"sequences": calibration_sequences, "rounds": rounds}, progress=advance)
+                               selfcal={"sequences": calibration_sequences, "rounds": rounds}, progress=advance,
+                               device=device)
     if as_json:
         return _print_json({key: value for key, value in summary.items() if key != "per_module"})
     typer.echo(f"wrote {summary['output']}: {summary['modules']} modules at {bits} bits ({method}, {fmt}), "

@@ -195,20 +195,34 @@ class _Quantizer:
         return result
 
 
-def grid_function(options: Options, stored: torch.dtype) -> Callable[[str, torch.Tensor, Scheme], Grid]:
-    """``fit(module, weight, scheme)`` for the method; scales are rounded to ``stored``, the dtype they are written in.
-    selfcal's grids are computed beforehand (:func:`_self_calibrated`), not here."""
-    if options.method == "hqq":
-        return lambda module, weight, scheme: hqq(weight, scheme, stored)
-    return lambda module, weight, scheme: rtn(weight, scheme, stored)
+def compute_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device: cpu or cuda[:N] (BadInput naming --device otherwise). Whether CUDA is there is
+    the caller's check (the CLI's ``--device`` check, shared with merge and the others)."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        raise BadInput(f"--device {device}: expected cpu or cuda (cuda:N for another GPU)")
+    return parsed
 
 
-def _self_calibrated(ckpt: Checkpoint, options: Options, schemes: dict[str, Scheme], stored: torch.dtype):
+def grid_function(options: Options, stored: torch.dtype,
+                  device: torch.device = torch.device("cpu")) -> Callable[[str, torch.Tensor, Scheme], Grid]:
+    """``fit(module, weight, scheme)`` for the method, run on ``device`` and returned on the CPU; scales are rounded
+    to ``stored``, the dtype they are written in. selfcal's grids are computed beforehand (:func:`_self_calibrated`),
+    not here."""
+    method = hqq if options.method == "hqq" else rtn
+    return lambda module, weight, scheme: method(weight.to(device), scheme, stored).to("cpu")
+
+
+def _self_calibrated(ckpt: Checkpoint, options: Options, schemes: dict[str, Scheme], stored: torch.dtype,
+                     device: torch.device):
     """selfcal.py's grids for every module (computed before the output is streamed; they are small), served by a
     ``fit(module, weight, scheme)`` that hands each one out once, and the calibration report."""
     from surgery.quantize.selfcal import self_calibrate
 
-    grids, report = self_calibrate(ckpt, schemes, options.selfcal, options.seed, stored)
+    grids, report = self_calibrate(ckpt, schemes, options.selfcal, options.seed, stored, device)
     return (lambda module, weight, scheme: grids.pop(module)), report
 
 
@@ -228,16 +242,22 @@ def _card_body(options: Options, ckpt: Checkpoint, measurements: dict) -> str:
 def quantize(source: str | Path, output: str | Path, *, bits: int = 4, group_size: int = 128, scheme: str = "sym",
              method: str = "rtn", format: str = "compressed-tensors", ignore: list[str] | None = None,
              seed: int = 0, selfcal: dict | None = None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-             force: bool = False, progress: Callable[[int], None] = lambda nbytes: None) -> dict:
-    """Quantize ``source`` into ``output`` (atomically). Returns a summary with the measurements."""
+             force: bool = False, progress: Callable[[int], None] = lambda nbytes: None,
+             device: str = "cpu") -> dict:
+    """Quantize ``source`` into ``output`` (atomically). Returns a summary with the measurements.
+
+    ``device`` (cpu, cuda, cuda:N) is where the per-tensor grids are fitted (rtn, hqq; selfcal's GPTQ rounding);
+    tensors are read and written on the CPU. rtn writes the same bytes on any device; it is not part of the
+    recipe in surgery.json."""
     options = Options(bits, group_size, scheme, method, format, list(ignore if ignore is not None else ["lm_head"]),
                       seed, dict(selfcal or {}))
     grid_scheme = options.check()
+    device = compute_device(device)
     check_output_available(output, force)
     started = time.perf_counter()
     with open_checkpoint(source) as ckpt:
         if options.format == "gguf":
-            return _quantize_to_gguf(ckpt, options, output, force, progress, started)
+            return _quantize_to_gguf(ckpt, options, output, force, progress, started, device)
         plan = plan_quantization(ckpt, options, grid_scheme)
         hashes = hash_inputs_in_background([ckpt])
         note = group_size_note(plan)
@@ -245,10 +265,10 @@ def quantize(source: str | Path, output: str | Path, *, bits: int = 4, group_siz
             log.warning("--group-size %d does not divide every quantized module's input dimension; group sizes used "
                         "(modules each): %s", group_size, note["group_sizes"])
         stored = scale_dtype(FORMATS[options.format], plan.dtype)
-        quantize_module = grid_function(options, stored)
+        quantize_module = grid_function(options, stored, device)
         calibration = {}
         if options.method == "selfcal":
-            quantize_module, calibration = _self_calibrated(ckpt, options, plan.schemes, stored)
+            quantize_module, calibration = _self_calibrated(ckpt, options, plan.schemes, stored, device)
         quantizer = _Quantizer(ckpt, plan, options, grid_scheme, quantize_module)
 
         def measurements() -> dict:
@@ -273,7 +293,7 @@ def quantize(source: str | Path, output: str | Path, *, bits: int = 4, group_siz
 
 
 def _quantize_to_gguf(ckpt: Checkpoint, options: Options, output: str | Path, force: bool,
-                      progress: Callable[[int], None], started: float) -> dict:
+                      progress: Callable[[int], None], started: float, device: torch.device) -> dict:
     """``--format gguf``: one ``model-Q4_0.gguf`` / ``model-Q8_0.gguf`` (gguf_format.py) beside the manifest and card,
     in one atomic directory."""
     if not ckpt.config:
@@ -285,11 +305,12 @@ def _quantize_to_gguf(ckpt: Checkpoint, options: Options, output: str | Path, fo
             raise BadInput(f"{module}: input dimension {info.shape[1]} is not a multiple of GGUF's block of 32 "
                            f"(--ignore this module)")
     hashes = hash_inputs_in_background([ckpt])
-    fit = grid_function(options, torch.float16)
+    fit = grid_function(options, torch.float16, device)  # rtn: llama.cpp's own quantizer, on the CPU
     calibration = {}
     if options.method == "selfcal":  # GPTQ on the Q4_0 / Q8_0 grid (symmetric blocks of 32, float16 scales)
         grid_scheme = Scheme(options.bits, gguf_format.BLOCK, True)
-        fit, calibration = _self_calibrated(ckpt, options, {module: grid_scheme for module in modules}, torch.float16)
+        fit, calibration = _self_calibrated(ckpt, options, {module: grid_scheme for module in modules}, torch.float16,
+                                            device)
     heads = ckpt.config["num_attention_heads"]
     kv_heads = ckpt.config.get("num_key_value_heads") or heads
     totals = {"error_sq": 0.0, "norm_sq": 0.0}

@@ -156,18 +156,20 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme,
     H⁻¹ (damped by ``damp``·mean(diag H)), is spread over the columns not yet rounded (lazily, in blocks of
     ``block`` columns). When a group starts, ``fit_group(columns, g)`` gives its scale and integer zero point (per
     row) — fitted on the error-updated columns, or fixed in advance (return a given grid's). Input channels that
-    never fire (diag H = 0) are set to zero first, as GPTQ does. Returns the grid (int8 values, float32 scales)."""
+    never fire (diag H = 0) are set to zero first, as GPTQ does. Runs on ``weight``'s device (``hessian`` is moved
+    there). Returns the grid (int8 values, float32 scales)."""
     group = scheme.group_size
     rows, columns = weight.shape
     block = max(group, block // group * group)
+    device = weight.device
     w = weight.float().clone()
-    h = hessian.double().clone()
+    h = hessian.to(device, torch.float64).clone()
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     extra = damp * float(torch.diagonal(h).mean())
     for _ in range(6):
-        factor, info = torch.linalg.cholesky_ex(h + extra * torch.eye(columns, dtype=h.dtype))
+        factor, info = torch.linalg.cholesky_ex(h + extra * torch.eye(columns, dtype=h.dtype, device=device))
         if not int(info):
             break
         extra *= 10
@@ -175,9 +177,9 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme,
         raise BadInput("--method selfcal: the calibration Hessian is not positive definite even with damping")
     inverse = torch.cholesky_inverse(factor)
     upper = torch.linalg.cholesky(inverse, upper=True).float()
-    q = torch.zeros(rows, columns, dtype=torch.int8)
-    scales = torch.zeros(rows, columns // group)
-    zeros = torch.zeros(rows, columns // group, dtype=torch.int8)
+    q = torch.zeros(rows, columns, dtype=torch.int8, device=device)
+    scales = torch.zeros(rows, columns // group, device=device)
+    zeros = torch.zeros(rows, columns // group, dtype=torch.int8, device=device)
     for start in range(0, columns, block):
         end = min(start + block, columns)
         w1 = w[:, start:end].clone()
@@ -344,16 +346,19 @@ def generate_pool(ckpt: Checkpoint, params: dict, seed: int) -> torch.Tensor:
 
 
 class SelfCalibration:
-    """Runs steps 2–5 for a checkpoint; :meth:`run` returns module → Grid and a report for the manifest."""
+    """Runs steps 2–5 for a checkpoint; :meth:`run` returns module → Grid (on the CPU) and a report for the
+    manifest. The grids (round 0 and GPTQ) are fitted on ``device``; the layers run on the CPU."""
 
-    def __init__(self, ckpt: Checkpoint, modules: dict[str, Scheme], fit: Fit, params: dict, seed: int):
+    def __init__(self, ckpt: Checkpoint, modules: dict[str, Scheme], fit: Fit, params: dict, seed: int,
+                 device: torch.device = torch.device("cpu")):
         self.ckpt, self.schemes, self.fit, self.params, self.seed = ckpt, modules, fit, params, seed
+        self.device = device
 
     def _dequantized(self, grids: dict[str, Grid]) -> dict[str, torch.Tensor]:
         return {module: grid.dequantize() for module, grid in grids.items()}
 
     def round0(self) -> dict[str, Grid]:
-        return {module: self.fit(self.ckpt.get(f"{module}.weight").float(), scheme)
+        return {module: self.fit(self.ckpt.get(f"{module}.weight").float().to(self.device), scheme).to("cpu")
                 for module, scheme in self.schemes.items()}
 
     @torch.no_grad()
@@ -418,9 +423,9 @@ class SelfCalibration:
                     handle.remove()
             for name, module in linears.items():
                 scheme = self.schemes[name]
-                grids[name] = gptq(module.weight.detach(), hessians[name], scheme,
+                grids[name] = gptq(module.weight.detach().to(self.device), hessians[name], scheme,
                                    group_fitter(self.fit, scheme), damp=self.params["damp"],
-                                   block=self.params["block"])
+                                   block=self.params["block"]).to("cpu")
             with streamed.weights(linears, self._dequantized({n: grids[n] for n in linears})):
                 hidden = [_output(layer(hidden[c], **kwargs[c][index])) for c in range(len(hidden))]
             streamed.free_layer(index)
@@ -459,11 +464,12 @@ def fitter(round0: str, stored: torch.dtype) -> Fit:
 
 
 def self_calibrate(ckpt: Checkpoint, schemes: dict[str, Scheme], params: dict, seed: int,
-                   stored: torch.dtype) -> tuple[dict[str, Grid], dict]:
-    """module → Grid for every module in ``schemes`` (HF row order), and the report for the manifest."""
+                   stored: torch.dtype, device: torch.device = torch.device("cpu")) -> tuple[dict[str, Grid], dict]:
+    """module → Grid for every module in ``schemes`` (HF row order), and the report for the manifest; the grids are
+    fitted on ``device`` and returned on the CPU."""
     if not ckpt.config:
         raise BadInput(f"{ckpt.source}: --method selfcal needs a config.json to build the model")
-    run = SelfCalibration(ckpt, schemes, fitter(params["round0"], stored), params, seed)
+    run = SelfCalibration(ckpt, schemes, fitter(params["round0"], stored), params, seed, device)
     torch.set_flush_denormal(True)  # subnormal activations slow CPU matmuls tenfold (tiny random models hit them)
     try:
         return run.run(lambda message: log.info("%s", message))
