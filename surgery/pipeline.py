@@ -23,12 +23,12 @@ atomically — and so does every step after it.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 from surgery.errors import BadInput
+from surgery.io.writer import write_file_atomic
 
 # command → (names of its positional arguments, in order; whether it writes an output directory with -o)
 COMMANDS = {
@@ -144,9 +144,7 @@ def _read_stamp(path: Path) -> dict | None:
 
 
 def _write_stamp(path: Path, stamp: dict) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}")
-    temporary.write_text(json.dumps(stamp, indent=2, sort_keys=True) + "\n")
-    os.replace(temporary, path)
+    write_file_atomic(path, lambda temporary: temporary.write_text(json.dumps(stamp, indent=2, sort_keys=True) + "\n"))
 
 
 @dataclass

@@ -152,3 +152,22 @@ def big_checkpoint(tmp_path_factory, tiny_checkpoints) -> Path:
                      config={"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, max_shard_size="256MB")
     shutil.copy(tiny_checkpoints["llama"] / "tokenizer.json", path)
     return path
+
+
+LONG_TO_SHORT = Path(__file__).parent.parent / "examples" / "long_to_short"
+MINI_TASKS = 24
+MINI_MAX_NEW_TOKENS = 40
+
+
+@pytest.fixture(scope="session")
+def long_to_short(tmp_path_factory) -> Path:
+    """examples/long_to_short run end to end by make at a twentieth of its training steps (minutes → seconds):
+    OUT/models/{base,system1,system2,<merges>}, OUT/tasks.jsonl, OUT/results/. The models are under-trained but
+    real: word problems in, words and numbers out."""
+    out = tmp_path_factory.mktemp("long-to-short")
+    surgery = f"{sys.executable} -m surgery"
+    done = subprocess.run(["make", "-C", str(LONG_TO_SHORT), f"OUT={out}", "SCALE=0.05", f"TASKS={MINI_TASKS}",
+                           f"MAX_NEW_TOKENS={MINI_MAX_NEW_TOKENS}", f"PYTHON={sys.executable}", f"SURGERY={surgery}"],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out

@@ -133,15 +133,13 @@ def _write_shard(path: Path, header: bytes, tensors: Iterator[tuple[TensorInfo, 
         os.fsync(out.fileno())
 
 
-def write_tensor_file(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """One small safetensors file (held in memory), written atomically: a temporary file beside ``path``, flushed
-    to disk, renamed over it. Same tensors and metadata → same bytes::
+def write_file_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Have ``write(temporary)`` fill a temporary file beside ``path``, then rename it over ``path``: readers see
+    the old file or the new one, never part of one::
 
-        write_tensor_file("stats.safetensors", {"a": torch.ones(3)}, {"format": "my-format/1"})
+        write_file_atomic("report.json", lambda temporary: temporary.write_text("{}"))
     """
     path = Path(path)
-    specs = [TensorInfo(name, tensor.dtype, tuple(tensor.shape)) for name, tensor in tensors.items()]
-    header, order = _header(specs, metadata)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.partial-", dir=path.parent)
@@ -149,13 +147,24 @@ def write_tensor_file(path: str | Path, tensors: dict[str, torch.Tensor], metada
         raise BadInput(f"{path}: cannot write there ({err.strerror})") from None
     os.close(descriptor)
     try:
-        _write_shard(Path(temporary), header, ((spec, tensors[spec.name]) for spec in order), len(order),
-                     lambda nbytes: None)
+        write(Path(temporary))
         os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def write_tensor_file(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """One small safetensors file (held in memory), written atomically (``write_file_atomic``). Same tensors and
+    metadata → same bytes::
+
+        write_tensor_file("stats.safetensors", {"a": torch.ones(3)}, {"format": "my-format/1"})
+    """
+    specs = [TensorInfo(name, tensor.dtype, tuple(tensor.shape)) for name, tensor in tensors.items()]
+    header, order = _header(specs, metadata)
+    write_file_atomic(path, lambda temporary: _write_shard(
+        temporary, header, ((spec, tensors[spec.name]) for spec in order), len(order), lambda nbytes: None))
 
 
 def _json_bytes(value: dict) -> bytes:
