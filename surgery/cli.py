@@ -261,6 +261,11 @@ def merge(
     max_shard_size: str = SHARD_OPTION,
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists (once the new one is complete)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Check the inputs and print the plan; write nothing."),
+    executor: str = typer.Option("local", "--executor", help="local, or ray: one Ray task per output shard (pip "
+                                                              "install 'surgery[ray]'; inputs and OUTPUT's parent "
+                                                              "on a path every node sees). Same bytes."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster to run on, HOST:PORT "
+                                                                          "(default: start a local one)."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Merge checkpoints (task arithmetic, TIES, DARE, SLERP, Model Stock...), one tensor at a time."""
@@ -319,7 +324,7 @@ def merge(
         return
     with _progress(None, "B", "merge") as advance:
         result = run_merge(recipe, output, device=device, max_shard_size=max_shard_size, force=force,
-                           progress=advance)
+                           progress=advance, executor=executor, ray_address=ray_address)
     summary = {"output": str(result.write.directory), "method": recipe.method, "shards": len(result.write.shards),
                "total_bytes": result.write.total_size, "files": result.write.files}
     if as_json:

@@ -118,9 +118,11 @@ def _produce(order: list[TensorInfo], load: Callable[[str], torch.Tensor],
 
 
 def _write_shard(path: Path, header: bytes, tensors: Iterator[tuple[TensorInfo, torch.Tensor]], count: int,
-                 progress: Callable[[int], None]) -> None:
+                 progress: Callable[[int], None], after_header: Callable[[], None] = lambda: None) -> None:
     with open(path, "wb") as out:
         out.write(header)
+        out.flush()
+        after_header()
         for _ in range(count):
             spec, tensor = next(tensors)
             if tuple(tensor.shape) != spec.shape:
@@ -167,6 +169,32 @@ def write_tensor_file(path: str | Path, tensors: dict[str, torch.Tensor], metada
         temporary, header, ((spec, tensors[spec.name]) for spec in order), len(order), lambda nbytes: None))
 
 
+def shard_headers(shards: dict[str, list[TensorInfo]]) -> dict[str, tuple[bytes, list[TensorInfo]]]:
+    """Shard file → (its safetensors header, its specs in data order), for a plan from :func:`plan_shards`."""
+    return {file: _header(shard_specs) for file, shard_specs in shards.items()}
+
+
+def write_shard_file(path: str | Path, header: bytes, order: list[TensorInfo], load: Callable[[str], torch.Tensor],
+                     *, workers: int = 1, progress: Callable[[int], None] = lambda nbytes: None,
+                     after_header: Callable[[], None] = lambda: None) -> None:
+    """Write one shard of :func:`write_checkpoint` on its own (a worker's share of the output): ``header`` and
+    ``order`` from :func:`shard_headers`, ``load(name)`` for each tensor. The bytes are those ``write_checkpoint``
+    writes for that shard. Atomic (a temporary file beside ``path``, renamed over it), so a retried worker simply
+    replaces its shard. ``after_header`` runs once the header is on disk (tests use it to kill a worker mid-shard)::
+
+        header, order = shard_headers(plan_shards(specs))["model-00001-of-00003.safetensors"]
+        write_shard_file(staging / "model-00001-of-00003.safetensors", header, order, merger)
+    """
+    def write(temporary: Path) -> None:
+        tensors = _produce(order, load, workers)
+        try:
+            _write_shard(temporary, header, tensors, len(order), progress, after_header)
+        finally:
+            tensors.close()
+
+    write_file_atomic(path, write)
+
+
 def _json_bytes(value: dict) -> bytes:
     return (json.dumps(value, indent=2, sort_keys=True) + "\n").encode()
 
@@ -182,6 +210,7 @@ def write_checkpoint(
     force: bool = False,
     progress: Callable[[int], None] = lambda nbytes: None,
     workers: int = 1,
+    write_shards: Callable[[Path, dict[str, tuple[bytes, list[TensorInfo]]]], None] | None = None,
 ) -> WriteResult:
     """Write a checkpoint directory: safetensors shards (+ index when sharded), ``config.json`` and ``files``
     (name → content, or a function returning them, called once the tensors are written).
@@ -190,20 +219,30 @@ def write_checkpoint(
     shard order (``workers`` > 1 computes that many ahead on threads), and its result is cast to the planned dtype.
     Same specs and tensors → byte-identical files.
     An existing ``directory`` is an error unless ``force``; it is then replaced only once the new one is complete.
+
+    ``write_shards(staging, headers)``, when given, writes the shards instead (``load`` is then unused): ``headers``
+    is shard file → (header, specs in data order), and each shard must end up as ``staging / file``, written with
+    :func:`write_shard_file` (how the Ray executor spreads shards over a cluster: the same bytes).
     """
     specs = list(specs)
     shards = plan_shards(specs, max_shard_size)
     total_size = sum(spec.nbytes for spec in specs)
     directory = Path(directory)
-    headers = {file: _header(shard_specs) for file, shard_specs in shards.items()}
+    headers = shard_headers(shards)
     order = [spec for header, shard_order in headers.values() for spec in shard_order]
     with atomic_directory(directory, force=force) as staging:
-        tensors = _produce(order, load, workers)
-        try:
-            for file, (header, shard_order) in headers.items():
-                _write_shard(staging / file, header, tensors, len(shard_order), progress)
-        finally:
-            tensors.close()
+        if write_shards is not None:
+            write_shards(staging, headers)
+            missing = [file for file in headers if not (staging / file).is_file()]
+            if missing:
+                raise RuntimeError(f"shards not written: {', '.join(missing)}")
+        else:
+            tensors = _produce(order, load, workers)
+            try:
+                for file, (header, shard_order) in headers.items():
+                    _write_shard(staging / file, header, tensors, len(shard_order), progress)
+            finally:
+                tensors.close()
         extra = dict((files() if callable(files) else files) or {})
         if len(shards) > 1:
             weight_map = {spec.name: file for file, shard_specs in shards.items() for spec in shard_specs}

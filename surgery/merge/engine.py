@@ -39,6 +39,7 @@ DEFAULTS = {"weight": 1.0, "density": 1.0, "gamma": 0.01, "epsilon": 0.15, "lamb
             "scale": None, "normalize": None, "rescale": True, "eta": 0.4, "rank": None, "mu": 0.1}
 PER_MODEL = {"weight", "density", "gamma", "epsilon"}
 VOCAB_ROLES = {"embedding", "lm_head"}
+EXECUTORS = ("local", "ray")  # where the shards are computed: this process, or Ray tasks
 DARE_RESCALES = {"l1", "inverse", "none"}
 
 
@@ -460,18 +461,32 @@ def plan_merge(recipe: Recipe, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZ
 
 def merge(recipe: Recipe, output: str | Path, *, device: str = "cpu",
           max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, force: bool = False,
-          progress: Callable[[int], None] = lambda nbytes: None) -> MergeResult:
-    """Merge per ``recipe`` into ``output`` (atomically), with a model card and a ``surgery.json`` manifest."""
+          progress: Callable[[int], None] = lambda nbytes: None, executor: str = "local",
+          ray_address: str | None = None) -> MergeResult:
+    """Merge per ``recipe`` into ``output`` (atomically), with a model card and a ``surgery.json`` manifest.
+
+    ``executor="ray"`` computes and writes the shards as tasks on a Ray cluster (``ray_address``, or a new local
+    one), see :mod:`surgery.merge.ray_executor`; the output's bytes are the same."""
     dtype = parse_dtype(recipe.dtype) if recipe.dtype else None
+    if executor not in EXECUTORS:
+        raise BadInput(f"--executor {executor!r}: expected one of {', '.join(EXECUTORS)}")
+    if ray_address and executor != "ray":
+        raise BadInput("--ray-address: applies only with --executor ray")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise BadInput(f"--device {device}: no CUDA device is available")
     check_output_available(output, force)
     with ExitStack() as stack:
+        if executor == "ray":
+            from surgery.merge.ray_executor import RayShards, ray_connection
+
+            ray = stack.enter_context(ray_connection(ray_address))
         inputs = open_inputs(recipe, stack)
         plan = plan_tensors(inputs, dtype)
         specs = [planned.spec for planned in plan]
         hashes = hash_inputs_in_background(inputs.checkpoints)
-        merger = TensorMerger(recipe, inputs, plan, device, aim_factors_for(recipe, inputs, plan, device))
+        aim_factors = aim_factors_for(recipe, inputs, plan, device)
+        merger = TensorMerger(recipe, inputs, plan, device, aim_factors)
+        shards = RayShards(ray, recipe, device, aim_factors, progress) if executor == "ray" else None
 
         def files() -> dict[str, bytes]:
             aux = dict(inputs.auxiliary[inputs.tokenizer_source.source])
@@ -486,7 +501,7 @@ def merge(recipe: Recipe, output: str | Path, *, device: str = "cpu",
         with _cpu_workers(merger.device) as workers:
             result = write_checkpoint(output, specs, merger, config=_output_config(inputs, specs, dtype),
                                       files=files, max_shard_size=max_shard_size, force=force, progress=progress,
-                                      workers=workers)
+                                      workers=workers, write_shards=shards)
     return MergeResult(result, recipe)
 
 
