@@ -762,6 +762,10 @@ def sweep_command(
     chat_template: Optional[bool] = CHAT_TEMPLATE_OPTION,
     limit: Optional[int] = LIMIT_OPTION,
     keep_models: bool = typer.Option(False, "--keep-models", help="Keep every merge in OUTPUT/models/."),
+    executor: str = typer.Option("local", "--executor", help="local, or ray: every merge + evaluation a Ray task "
+                                                              "(one GPU each with --device cuda)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster, HOST:PORT (default: a "
+                                                                          "local one)."),
     device: str = DEVICE_OPTION,
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists (once the new one is complete)."),
     as_json: bool = JSON_OPTION,
@@ -786,7 +790,8 @@ def sweep_command(
     _check_device(device)
     report = sweep(recipe, settings, chosen, output, max_new_tokens=max_new_tokens, batch_size=batch_size,
                    chat_template=chat_template, device=device, tolerance=tolerance, keep_models=keep_models,
-                   force=force, progress=lambda line: typer.echo(line, err=True))
+                   force=force, executor=executor, ray_address=ray_address,
+                   progress=lambda line: typer.echo(line, err=True))
     if as_json:
         return _print_json({"output": output, **report})
     for row in report["inputs"] + report["points"]:

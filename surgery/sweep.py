@@ -24,9 +24,11 @@ import copy
 import itertools
 import json
 import logging
+import os
 import re
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -138,34 +140,92 @@ def _calibrate_once(recipe: Recipe, staging: Path, device: str, progress) -> Pat
     return path
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """How every model of a sweep is evaluated (picklable: Ray tasks receive it)."""
+
+    tasks: list[dict]
+    max_new_tokens: int
+    batch_size: int
+    chat_template: bool | None
+    device: str
+
+    def __call__(self, model_dir: str) -> dict:
+        from surgery.eval_length import evaluate_length
+        from surgery.evaluation import load_model
+
+        model, tokenizer = load_model(model_dir, self.device)
+        return _measures(evaluate_length(model, tokenizer, self.tasks, max_new_tokens=self.max_new_tokens,
+                                         batch_size=self.batch_size, chat_template=self.chat_template))
+
+
+def merge_and_evaluate(recipe: Recipe, model_dir: str, evaluation: Evaluation) -> dict:
+    """One grid point: merge into ``model_dir`` (replacing what a lost earlier attempt left), then evaluate it."""
+    merge(recipe, model_dir, device=evaluation.device, force=True)
+    return evaluation(model_dir)
+
+
+def _run_local(jobs: list[tuple[Callable, tuple]], labels: list[str], progress) -> list[dict]:
+    results = []
+    for label, (function, args) in zip(labels, jobs):
+        progress(label)
+        results.append(function(*args))
+    return results
+
+
+def _in_directory(directory: str, function: Callable, *args):
+    """A Ray task: relative input paths mean what they meant on the driver."""
+    if os.path.isdir(directory):
+        os.chdir(directory)
+    return function(*args)
+
+
+def _run_on_ray(jobs: list[tuple[Callable, tuple]], labels: list[str], progress, address: str | None,
+                device: str) -> list[dict]:
+    """Every job as a Ray task (one GPU each with ``device`` cuda), retried when its worker is lost."""
+    from surgery.merge.ray_executor import RETRIES, ray_connection
+
+    with ray_connection(address) as ray:
+        task = ray.remote(max_retries=RETRIES, retry_exceptions=False, num_cpus=1,
+                          num_gpus=1 if device.startswith("cuda") else 0)(_in_directory)
+        references = [task.remote(os.getcwd(), function, *args) for function, args in jobs]
+        progress(f"{len(references)} evaluations submitted to Ray")
+        try:
+            results = ray.get(references)
+        except ray.exceptions.RayTaskError as err:
+            if isinstance(err.cause, BadInput):
+                raise err.cause from None
+            raise RuntimeError(f"a sweep task failed: {type(err.cause).__name__}: {err.cause}") from None
+    for label in labels:
+        progress(f"done: {label}")
+    return results
+
+
 def sweep(recipe: Recipe, grid: dict[str, list], tasks: list[dict], output: str | Path, *,
           max_new_tokens: int = 512, batch_size: int = 16, chat_template: bool | None = None, device: str = "cpu",
           tolerance: float = TOLERANCE, keep_models: bool = False, force: bool = False,
+          executor: str = "local", ray_address: str | None = None,
           progress: Callable[[str], None] = log.info) -> dict:
     """Merge and evaluate every grid point; evaluate the recipe's input models as references; write ``output``
-    (atomically): sweep.json, pareto.png, recipes/. With ``keep_models`` the merges stay in ``output/models/``."""
-    from surgery.eval_length import evaluate_length
-    from surgery.evaluation import load_model
+    (atomically): sweep.json, pareto.png, recipes/. With ``keep_models`` the merges stay in ``output/models/``.
+    ``executor="ray"`` runs the evaluations and the merge + evaluation of each point as Ray tasks (``ray_address``
+    or a new local cluster; OUTPUT's parent and the inputs on paths every node sees): the same results."""
     from surgery.plots import accuracy_length_plot
 
+    if executor not in ("local", "ray"):
+        raise BadInput(f"--executor {executor!r}: expected local or ray")
+    if ray_address and executor != "ray":
+        raise BadInput("--ray-address: applies only with --executor ray")
     points = grid_points(grid)
     recipes = [with_setting(recipe, setting) for setting in points]
     check_output_available(output, force)
     began = time.perf_counter()
-
-    def evaluated(model_dir: str) -> dict:
-        model, tokenizer = load_model(model_dir, device)
-        return _measures(evaluate_length(model, tokenizer, tasks, max_new_tokens=max_new_tokens,
-                                         batch_size=batch_size, chat_template=chat_template))
-
-    references = []
-    for source in recipe.sources:
-        progress(f"evaluating input {source}")
-        references.append({"name": source, "kind": "input", **evaluated(source)})
+    evaluation = Evaluation(tasks, max_new_tokens, batch_size, chat_template, device)
     with atomic_directory(output, force) as staging, tempfile.TemporaryDirectory(dir=staging) as scratch:
         (staging / "recipes").mkdir()
         stats = _calibrate_once(recipe, staging, device, progress)
-        rows = []
+        jobs = [(evaluation, (source,)) for source in recipe.sources]
+        labels = [f"evaluating input {source}" for source in recipe.sources]
         for number, (setting, point_recipe) in enumerate(zip(points, recipes), 1):
             name = f"point-{number:02d}"
             if stats:  # merged with the staged file; the saved recipe names where it will be
@@ -174,9 +234,15 @@ def sweep(recipe: Recipe, grid: dict[str, list], tasks: list[dict], output: str 
             if stats:
                 point_recipe.aim["stats"] = str(stats)
             model_dir = (staging / "models" if keep_models else Path(scratch)) / name
-            progress(f"{name} ({number}/{len(points)}): {setting}")
-            merge(point_recipe, model_dir, device=device)
-            rows.append({"name": name, "kind": "merge", "setting": setting, **evaluated(str(model_dir))})
+            jobs.append((merge_and_evaluate, (point_recipe, str(model_dir), evaluation)))
+            labels.append(f"{name} ({number}/{len(points)}): {setting}")
+        results = (_run_on_ray(jobs, labels, progress, ray_address, device) if executor == "ray"
+                   else _run_local(jobs, labels, progress))
+        count = len(recipe.sources)
+        references = [{"name": source, "kind": "input", **measures}
+                      for source, measures in zip(recipe.sources, results[:count])]
+        rows = [{"name": f"point-{number:02d}", "kind": "merge", "setting": setting, **measures}
+                for number, (setting, measures) in enumerate(zip(points, results[count:]), 1)]
         front = pareto_front(rows)
         best_reference = max(reference["accuracy"] for reference in references)
         chosen = recommend(rows, best_reference, tolerance)

@@ -108,3 +108,18 @@ def test_without_address_a_local_cluster_is_started(family, local_output, tmp_pa
     result = run_surgery(*merge_args(family, output), "--executor", "ray", isolated=True, timeout=180)
     assert result.returncode == 0, result.stderr
     assert_same_files(output, local_output)
+
+
+def test_sweep_on_ray_equals_the_local_sweep(ray_cluster, long_to_short, tmp_path):
+    """`surgery sweep --executor ray`: every evaluation and every merge + evaluation a Ray task; same results."""
+    models = long_to_short / "models"
+    args = ["sweep", models / "system1", models / "system2", "--method", "task_arithmetic", "--grid",
+            "lambda=0,0.7", "--eval", long_to_short / "tasks.jsonl", "--limit", "6", "--max-new-tokens", "16"]
+    local = run_surgery(*args, "-o", tmp_path / "local")
+    assert local.returncode == 0, local.stderr
+    on_ray = run_surgery(*args, "--executor", "ray", "-o", tmp_path / "ray")
+    assert on_ray.returncode == 0, on_ray.stderr
+    assert "submitted to Ray" in on_ray.stderr
+    for name in ("sweep.json", "pareto.png", "recipes/point-02.yaml"):
+        assert (tmp_path / "local" / name).read_bytes() == (tmp_path / "ray" / name).read_bytes(), name
+    assert not [path for path in (tmp_path / "ray").iterdir() if path.name.startswith(".")]
