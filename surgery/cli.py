@@ -340,13 +340,13 @@ GPTQ v1, or GGUF (llama family; one .gguf file, Q4_0 or Q8_0 blocks of 32, read 
 symmetric only). Methods: rtn (round to nearest), hqq (half-quadratic refinement of the scales, and integer zero
 points when asymmetric; kept per group only where it lowers the squared error without any weight erring more than
 under rtn, so outlier weights are never clipped), selfcal (data-free self-calibration after AdaDFQ: the model
-samples its own text, twice --calibration-sequences sequences of 128 tokens from random start tokens (4 greedy tokens, then sampling; --seed);
-the hqq model scores each by its mean next-token KL from the full-precision one; the 25% lowest-KL ones plus an even
-spread of those between the 20th and 80th KL percentiles, --calibration-sequences in all, drive GPTQ rounding (H = XᵀX per layer, damping 0.01,
-per-group scales re-fitted on the format's grid, layers quantized in sequence), for --rounds rounds, each re-scored
-by the previous round's model; one decoder layer in memory at a time after the generation, which loads the whole
-model; parameters recorded in surgery.json). Where --group-size does not
-divide a module's input dimension: compressed-tensors puts those modules in a second config group at 64 or 32,
+samples its own text, twice --calibration-sequences sequences of 128 tokens from random start tokens (4 greedy
+tokens, then sampling; --seed); the hqq model scores each by its mean next-token KL from the full-precision one; the
+25% lowest-KL ones plus an even spread of those between the 20th and 80th KL percentiles, --calibration-sequences in
+all, drive GPTQ rounding (H = XᵀX per layer, damping 0.01, per-group scales re-fitted on the format's grid,
+layers quantized in sequence), for --rounds rounds, each re-scored by the previous round's model; one decoder layer
+in memory at a time after the generation, which loads the whole model; parameters recorded in surgery.json). Where
+--group-size does not divide a module's input dimension: compressed-tensors puts those modules in a second config group at 64 or 32,
 GPTQ lowers its one group size to the largest power of two that divides all (both reported).
 """.split("\n")).strip()
 

@@ -92,7 +92,8 @@ def test_aim_sweep_calibrates_once(long_to_short, tmp_path):
         "parameters": {"density": 0.5, "lambda": 1.0},
         "aim": {"calibration": str(long_to_short / "calibration.txt"), "max_tokens": 256}}))
     out = tmp_path / "sweep"
-    result = run_surgery("sweep", "--recipe", recipe, "--grid", "omega=0.2,0.8", "--eval", long_to_short / "tasks.jsonl",
+    result = run_surgery("sweep", "--recipe", recipe, "--grid", "omega=0.2,0.8", "--eval",
+                         long_to_short / "tasks.jsonl",
                          "--limit", "4", "--max-new-tokens", "8", "--keep-models", "-o", out)
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("calibrating") == 1

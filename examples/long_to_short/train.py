@@ -64,7 +64,8 @@ def batches(tokenizer, styles: dict[str, float], difficulties, seed: int, steps:
         yield input_ids, (input_ids != tokenizer.pad_token_id).long(), labels
 
 
-def train(model, tokenizer, styles: dict[str, float], difficulties, steps: int, lr: float, seed: int, whole_text: bool) -> list[float]:
+def train(model, tokenizer, styles: dict[str, float], difficulties, steps: int, lr: float, seed: int,
+          whole_text: bool) -> list[float]:
     torch.manual_seed(seed)
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
@@ -107,7 +108,8 @@ def main() -> None:
         print(f"{name}: {steps} steps on {', '.join(styles)} answers", flush=True)
         started = time.perf_counter()
         losses = train(model, tokenizer, styles, difficulties, steps, lr, seed, whole_text=name == "base")
-        log[name] = {"styles": styles, "difficulties": difficulties, "steps": steps, "lr": lr, "final_loss": round(losses[-1], 4),
+        log[name] = {"styles": styles, "difficulties": difficulties, "steps": steps, "lr": lr,
+                     "final_loss": round(losses[-1], 4),
                      "seconds": round(time.perf_counter() - started, 1)}
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.save_pretrained(output / name)
