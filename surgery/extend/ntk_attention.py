@@ -234,6 +234,16 @@ def check_compatible(adapter: NTKAdapter, model, label: str = "adapter") -> None
                        f"{wanted[0]} × {wanted[1]} × {wanted[2]}")
 
 
+def _switch_attention(model) -> None:
+    """Route ``model``'s attention through this module (remembering the implementation to restore)."""
+    _register()
+    if getattr(model, PREVIOUS, None) is None:
+        setattr(model, PREVIOUS, model.config._attn_implementation)
+    model.set_attn_implementation(IMPLEMENTATION)
+    if model.config._attn_implementation != IMPLEMENTATION:
+        raise BadInput(f"{type(model).__name__}: its attention implementation cannot be switched")
+
+
 def apply(model, adapter: str | Path | NTKAdapter) -> NTKAdapter:
     """Patch ``model`` (in place) so that its attention adds ``adapter``'s terms; returns the adapter. The
     adapter's tensors are read at every call, so training them in place works. Applying again replaces it."""
@@ -241,12 +251,7 @@ def apply(model, adapter: str | Path | NTKAdapter) -> NTKAdapter:
     if not isinstance(adapter, NTKAdapter):
         adapter = NTKAdapter.load(adapter)
     check_compatible(adapter, model, label)
-    _register()
-    if getattr(model, PREVIOUS, None) is None:
-        setattr(model, PREVIOUS, model.config._attn_implementation)
-    model.set_attn_implementation(IMPLEMENTATION)
-    if model.config._attn_implementation != IMPLEMENTATION:
-        raise BadInput(f"{type(model).__name__}: its attention implementation cannot be switched")
+    _switch_attention(model)
     for layer, module in enumerate(attention_modules(model)):
         setattr(module, STATE, _LayerTerms(adapter, layer))
     return adapter
@@ -257,12 +262,7 @@ def apply_prompt(model, keys_values: list[tuple[torch.Tensor, torch.Tensor]]) ->
     RoPE, values) [kv_heads, m, d], not repeated per row. Inputs then need position_ids from m on. Undo with
     :func:`remove`."""
     model_geometry(model)
-    _register()
-    if getattr(model, PREVIOUS, None) is None:
-        setattr(model, PREVIOUS, model.config._attn_implementation)
-    model.set_attn_implementation(IMPLEMENTATION)
-    if model.config._attn_implementation != IMPLEMENTATION:
-        raise BadInput(f"{type(model).__name__}: its attention implementation cannot be switched")
+    _switch_attention(model)
     for module, (keys, values) in zip(attention_modules(model), keys_values, strict=True):
         setattr(module, STATE, _PromptTerms(keys, values))
 
