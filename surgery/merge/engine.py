@@ -29,6 +29,7 @@ from surgery.io import open_checkpoint, plan_shards, write_checkpoint
 from surgery.io.checkpoint import Checkpoint, TensorInfo, natural_key, parse_dtype
 from surgery.io.writer import DEFAULT_MAX_SHARD_SIZE, WriteResult, check_output_available
 from surgery.merge.params import resolve_value
+from surgery.merge.ray_executor import check_executor
 from surgery.merge.sparsify import chunk_slices
 from surgery.merge.recipe import ModelEntry, Recipe, Slice, recipe_json
 from surgery.merge.registry import MergeMethod, TensorMerge, get_method
@@ -39,7 +40,6 @@ DEFAULTS = {"weight": 1.0, "density": 1.0, "gamma": 0.01, "epsilon": 0.15, "lamb
             "scale": None, "normalize": None, "rescale": True, "eta": 0.4, "rank": None, "mu": 0.1}
 PER_MODEL = {"weight", "density", "gamma", "epsilon"}
 VOCAB_ROLES = {"embedding", "lm_head"}
-EXECUTORS = ("local", "ray")  # where the shards are computed: this process, or Ray tasks
 DARE_RESCALES = {"l1", "inverse", "none"}
 
 
@@ -468,10 +468,7 @@ def merge(recipe: Recipe, output: str | Path, *, device: str = "cpu",
     ``executor="ray"`` computes and writes the shards as tasks on a Ray cluster (``ray_address``, or a new local
     one), see :mod:`surgery.merge.ray_executor`; the output's bytes are the same."""
     dtype = parse_dtype(recipe.dtype) if recipe.dtype else None
-    if executor not in EXECUTORS:
-        raise BadInput(f"--executor {executor!r}: expected one of {', '.join(EXECUTORS)}")
-    if ray_address and executor != "ray":
-        raise BadInput("--ray-address: applies only with --executor ray")
+    check_executor(executor, ray_address)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise BadInput(f"--device {device}: no CUDA device is available")
     check_output_available(output, force)

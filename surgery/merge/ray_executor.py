@@ -34,6 +34,17 @@ RETRIES = 3  # attempts after the first when a worker is lost
 KILL_ONCE = "SURGERY_TEST_KILL_ONCE"  # tests: a marker file path; the first shard task to create it dies mid-shard
 
 
+EXECUTORS = ("local", "ray")  # where the work runs: this process, or Ray tasks
+
+
+def check_executor(executor: str, ray_address: str | None) -> None:
+    """The one-line errors of ``--executor`` / ``--ray-address``, for every command that takes them."""
+    if executor not in EXECUTORS:
+        raise BadInput(f"--executor {executor!r}: expected one of {', '.join(EXECUTORS)}")
+    if ray_address and executor != "ray":
+        raise BadInput("--ray-address: applies only with --executor ray")
+
+
 def import_ray():
     try:
         import ray
