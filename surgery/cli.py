@@ -676,11 +676,15 @@ def adapter_ntk(
                                                                         "on (.jsonl with \"text\", or paragraphs)."),
     queries: Optional[str] = typer.Option(None, "--queries", help="Distillation queries (.jsonl or paragraphs; "
                                                                   "default: continuations the model samples)."),
-    steps: int = typer.Option(200, "--steps", help="Adam steps of distillation (or of training on --train-file)."),
+    steps: int = typer.Option(200, "--steps", help="Adam steps of training on --train-file, or at most of "
+                              "distillation: it keeps the values with the lowest KL on held-back queries (a quarter, "
+                              "32 at most) and stops once that KL stops falling."),
     lr: float = typer.Option(1e-2, "--lr", help="Learning rate; distilling, relative to each head's starting size."),
     batch: int = typer.Option(8, "--batch", help="Queries (or texts) per step."),
     count: int = typer.Option(512, "--count", help="Self-generated queries."),
     length: int = typer.Option(32, "--length", help="Tokens per query."),
+    exact_tokens: int = typer.Option(16, "--exact-tokens", help="Distilling: prompt tokens per layer and KV head "
+                                     "kept exactly, those that draw the most attention (0: the paper's pure form)."),
     least_squares: bool = typer.Option(True, "--least-squares/--no-least-squares",
                                        help="Fit each layer by least squares between closed form and distillation."),
     seed: int = typer.Option(0, "--seed", help="Seed of the queries, the minibatches and a from-scratch start."),
@@ -689,20 +693,25 @@ def adapter_ntk(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """NTK-attention adapter (arXiv 2406.14036): per layer and KV head a d×d Z and a d-vector k standing in for
-    the prompt: closed form from the prompt's keys and values, least squares per layer, then distillation (KL to
-    the model run with the real prompt). Or, with --train-file, the same module trained on task data from noise.
-    Use it with surgery.extend.ntk_attention.apply(model, OUTPUT)."""
+    the prompt, plus the --exact-tokens prompt tokens that draw the most attention kept as they are: closed form
+    from the prompt's keys and values, least squares per layer, then distillation (KL to the model run with the
+    real prompt), validated on held-back queries. Or, with --train-file, the same module trained on task data from
+    noise. Use it with surgery.extend.ntk_attention.apply(model, OUTPUT)."""
     from surgery.adapters import make_ntk_adapter
 
     _check_device(device)
     summary = make_ntk_adapter(source, output, prompt_file=prompt_file, train_file=train_file,
                                queries_file=queries, steps=steps, lr=lr, batch=batch, count=count, length=length,
-                               least_squares=least_squares, seed=seed, force=force, device=device)
+                               exact_tokens=exact_tokens, least_squares=least_squares, seed=seed, force=force,
+                               device=device)
     if as_json:
         return _print_json(summary)
     stages = ", ".join(f"{stage} {value:.4f}" for stage, value in summary.get("train_kl", {}).items())
+    validation = summary.get("validation_kl")
+    kept = (f"; validation KL {validation['start']:.4f} before distillation, {validation['kept']:.4f} kept (step "
+            f"{summary['kept_step']} of {summary['steps_run']} run)" if validation else "")
     typer.echo(f"wrote {summary['output']}: NTK-attention, {_size(summary['adapter_bytes'])}"
-               + (f"; training KL: {stages}" if stages else "") + f"; {summary['seconds']:.1f} s")
+               + (f"; training KL: {stages}" if stages else "") + kept + f"; {summary['seconds']:.1f} s")
 
 
 @adapter_app.command("eval")
@@ -712,7 +721,7 @@ def adapter_eval(
     prompt_file: str = PROMPT_OPTION,
     queries: Optional[str] = typer.Option(None, "--queries", help="Held-out queries (.jsonl or paragraphs; "
                                                                   "default: continuations the model samples)."),
-    count: int = typer.Option(16, "--count", help="Self-generated queries."),
+    count: int = typer.Option(64, "--count", help="Self-generated queries."),
     length: int = typer.Option(32, "--length", help="Tokens per query."),
     seed: int = typer.Option(0, "--seed", help="Seed of the held-out queries (never those training drew)."),
     device: str = DEVICE_OPTION,

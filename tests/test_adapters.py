@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from conftest import make_tiny_model, run_surgery, save_tokenizer
 from surgery.extend import ntk_attention
@@ -121,11 +124,11 @@ class AttentionShape(torch.nn.Module):
         self.is_causal = True
 
 
-@pytest.mark.parametrize("case", ["causal", "decode", "padding"])
+@pytest.mark.parametrize("case", ["causal", "decode", "padding", "exact"])
 def test_ntk_attention_matches_the_formula(case):
     generator = torch.Generator().manual_seed(0)
     batch, heads, kv_heads, dim = 2, 4, 2, 8
-    rows, keys = {"causal": (5, 5), "decode": (1, 6), "padding": (5, 5)}[case]
+    rows, keys = {"causal": (5, 5), "decode": (1, 6), "padding": (5, 5), "exact": (5, 5)}[case]
     q = torch.randn(batch, heads, rows, dim, generator=generator) * 2
     k = torch.randn(batch, kv_heads, keys, dim, generator=generator) * 2
     v = torch.randn(batch, kv_heads, keys, dim, generator=generator)
@@ -134,12 +137,46 @@ def test_ntk_attention_matches_the_formula(case):
     allowed = torch.ones(rows, keys, dtype=torch.bool).tril(keys - rows)[None, None].repeat(batch, 1, 1, 1)
     if case == "padding":
         allowed[0, :, :, 1] = False  # a masked-out key (padding) in the first sequence
+    adapter = NTKAdapter(z[None], kk[None])
+    expected_keys, expected_values = k, v
+    if case == "exact":  # 3 tokens kept exactly: keys every row of every sequence sees, ahead of its own
+        exact_k = torch.randn(kv_heads, 3, dim, generator=generator) * 2
+        exact_v = torch.randn(kv_heads, 3, dim, generator=generator)
+        adapter.exact_keys, adapter.exact_values = exact_k[None], exact_v[None]
+        adapter.exact_index = torch.arange(3).expand(1, kv_heads, 3)
+        expected_keys = torch.cat([exact_k[None].expand(batch, -1, -1, -1), k], dim=2)
+        expected_values = torch.cat([exact_v[None].expand(batch, -1, -1, -1), v], dim=2)
+        allowed = torch.cat([torch.ones(batch, 1, rows, 3, dtype=torch.bool), allowed], dim=-1)
     module = AttentionShape(heads // kv_heads)
-    module.ntk_attention = ntk_attention._LayerTerms(NTKAdapter(z[None], kk[None]), 0)
+    module.ntk_attention = ntk_attention._LayerTerms(adapter, 0)
     mask = None if case != "padding" else allowed
     output, _ = ntk_attention.ntk_attention_forward(module, q, k, v, mask, scaling=dim ** -0.5)
-    expected = reference_ntk_attention(q, k, v, z, kk, allowed)
+    expected = reference_ntk_attention(q, expected_keys, expected_values, z, kk, allowed)
     torch.testing.assert_close(output.transpose(1, 2).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_least_squares_solve_matches_a_bounded_solver():
+    """_joint_solve (Z eliminated, NNLS on k) against scipy's bounded least squares on the stacked system:
+    every (row, column) residual aᵀZ_c − out_c aᵀk − t_c, Z free and k ≥ 0."""
+    from scipy.optimize import lsq_linear
+
+    from surgery.adapters.ntk import _joint_solve
+
+    generator = torch.Generator().manual_seed(0)
+    rows, dim, columns = 200, 5, 3
+    a = torch.rand(rows, dim, generator=generator, dtype=torch.float64)
+    out = torch.randn(rows, columns, generator=generator, dtype=torch.float64)
+    t = torch.randn(rows, columns, generator=generator, dtype=torch.float64)
+    design = torch.zeros(rows * columns, dim * columns + dim, dtype=torch.float64)
+    for c in range(columns):
+        design[c::columns, c:dim * columns:columns] = a  # Z[:, c], Z stored row-major as [dim, columns]
+        design[c::columns, dim * columns:] = -out[:, c:c + 1] * a
+    bounded = lsq_linear(design.numpy(), t.flatten().numpy(), tol=1e-12,
+                         bounds=([-np.inf] * (dim * columns) + [0] * dim, [np.inf] * (dim * columns + dim)))
+    assert bounded.x[dim * columns:].min() < 1e-12  # the bound is active: NNLS matters
+    z, k = _joint_solve(a, out, t)
+    np.testing.assert_allclose(z.flatten().numpy(), bounded.x[:dim * columns], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(k.numpy(), bounded.x[dim * columns:], rtol=1e-4, atol=1e-5)
 
 
 # --- NTK-attention: the run-time patch ------------------------------------------------------------------------
@@ -209,10 +246,11 @@ def test_shared_prompt_equals_a_repeated_cache():
 # --- NTK-attention adapters made from a prompt ----------------------------------------------------------------
 
 
-def test_distilled_ntk_adapter_beats_no_prompt(peaked_llama, prompt_file, tmp_path):
+@pytest.mark.parametrize("exact_tokens", ["0", "16"])
+def test_distilled_ntk_adapter_beats_no_prompt(peaked_llama, prompt_file, tmp_path, exact_tokens):
     out = tmp_path / "ntk"
     made = run_surgery("adapter", "ntk", peaked_llama, "--prompt-file", prompt_file, "-o", out, "--steps", "8",
-                       "--count", "16", "--length", "16", "--json")
+                       "--count", "16", "--length", "16", "--exact-tokens", exact_tokens, "--json")
     assert made.returncode == 0, made.stderr
     summary = json.loads(made.stdout)
     assert summary["train_kl"]["least_squares"] < summary["train_kl"]["closed_form"]
@@ -234,6 +272,32 @@ def test_distilled_ntk_adapter_beats_no_prompt(peaked_llama, prompt_file, tmp_pa
     ntk_attention.remove(model)
 
 
+def test_distillation_keeps_the_values_with_the_lowest_validation_kl(peaked_llama, prompt_file):
+    """Validated distillation restores the best values seen (checked by recomputing their KL) and stops once the
+    validation KL has not fallen for two checks; a far too large learning rate makes it keep the start."""
+    from surgery.adapters import ntk, prompts
+
+    model, tokenizer = load(peaked_llama)
+    ids = prompts.prompt_ids(tokenizer, prompt_file.read_text())
+    queries = prompts.self_generated_queries(model, ids, count=24, length=8, seed=0)
+    reference = prompts.with_prompt_logprobs(model, prompts.prefill(model, ids)[0], queries)
+    prompt_kv = ntk.prompt_keys_values(model, ids)
+    train, held = queries.subset(torch.arange(16)), queries.subset(torch.arange(16, 24))
+    for lr, steps in ((1e-2, 30), (5.0, 200)):
+        adapter = ntk.closed_form(model, prompt_kv)
+        ntk.least_squares(model, adapter, prompt_kv, train)
+        start = adapter.z.clone(), adapter.k.clone()
+        training = ntk.distill(model, adapter, train, reference[:16], steps=steps, lr=lr, batch=4, seed=0,
+                               validation=(held, reference[16:]))
+        assert training.kept_step == min(training.validation, key=training.validation.get)
+        assert ntk.adapter_kl(model, adapter, held, reference[16:]) == pytest.approx(
+            training.validation[training.kept_step], rel=1e-5)
+        run = len(training.losses)
+        assert sorted(training.validation) == sorted(set(range(0, run + 1, 25)) | {run})  # start, every 25, end
+    assert training.kept_step == 0 and len(training.losses) == 50  # stopped after two checks without progress
+    assert torch.equal(adapter.z, start[0]) and torch.equal(adapter.k, start[1])
+
+
 def test_prefix_adapter_fidelity_is_exact(tiny_checkpoints, prompt_file, tmp_path):
     out = tmp_path / "prefix"
     assert run_surgery("adapter", "prefix", tiny_checkpoints["llama"], "--prompt-file", prompt_file, "-o",
@@ -246,6 +310,64 @@ def test_prefix_adapter_fidelity_is_exact(tiny_checkpoints, prompt_file, tmp_pat
     assert report["kind"] == "prefix" and report["queries"] == 5
     assert report["kl_adapter"] < 1e-9 and report["top1_adapter"] == 1.0
     assert report["adapter_bytes"] == report["prompt_kv_cache_bytes"]
+
+
+def test_exact_tokens_are_those_that_draw_the_most_attention(peaked_llama, prompt_file):
+    """heaviest_prompt_tokens against the attention probabilities transformers' eager path returns for queries run
+    after the real prompt, summed over the query heads of each KV head and over the query positions."""
+    from surgery.adapters import ntk, prompts
+
+    model, tokenizer = load(peaked_llama)
+    ids = prompts.prompt_ids(tokenizer, prompt_file.read_text())
+    queries = prompts.self_generated_queries(model, ids, count=4, length=6, seed=0)
+    chosen = ntk.heaviest_prompt_tokens(model, ntk.prompt_keys_values(model, ids), queries, 5)
+
+    model.set_attn_implementation("eager")
+    cache, _ = prompts.prefill(model, ids)
+    cache = prompts.expanded(cache, len(queries))
+    m, n = ids.shape[1], queries.ids.shape[1]
+    with torch.no_grad():
+        attentions = model(queries.ids, position_ids=torch.arange(m, m + n)[None].expand(len(queries), n),
+                           output_attentions=True, **prompts.with_cache(model, cache)).attentions
+    kv_heads = model.config.num_key_value_heads
+    for layer, probabilities in enumerate(attentions):  # [batch, heads, n, m + n]
+        drawn = probabilities[..., :m].sum((0, 2)).reshape(kv_heads, -1, m).sum(1)
+        expected = drawn.topk(5, dim=-1).indices.sort(dim=-1).values
+        assert torch.equal(chosen[layer], expected), layer
+
+
+def test_ntk_adapter_keeping_every_prompt_token_is_the_prompt(peaked_llama, prompt_file, tmp_path):
+    """With every prompt token kept exactly the adapter is the prompt itself (Z and k then stand for nothing):
+    its keys sit at the right positions and its merge with the queries' own attention is exact."""
+    out = tmp_path / "ntk-all"
+    made = run_surgery("adapter", "ntk", peaked_llama, "--prompt-file", prompt_file, "-o", out, "--steps", "0",
+                       "--count", "8", "--length", "8", "--exact-tokens", "1000", "--json")
+    assert made.returncode == 0, made.stderr
+    adapter = NTKAdapter.load(out)
+    assert adapter.exact_tokens == json.loads(made.stdout)["prompt_tokens"] > 40
+    assert adapter.z.abs().max() == 0 and adapter.k.abs().max() == 0
+    assert json.loads((out / "ntk_attention_config.json").read_text())["exact_tokens"] == adapter.exact_tokens
+    report = json.loads(run_surgery("adapter", "eval", peaked_llama, out, "--prompt-file", prompt_file, "--count",
+                                    "4", "--length", "8", "--json").stdout)
+    assert report["kl_adapter"] < 1e-6 and report["top1_adapter"] == 1.0 and report["kl_no_prompt"] > 0.05
+
+
+def test_closed_form_sums_over_the_tokens_not_kept(peaked_llama, prompt_file):
+    from surgery.adapters import ntk, prompts
+
+    model, tokenizer = load(peaked_llama)
+    prompt_kv = ntk.prompt_keys_values(model, prompts.prompt_ids(tokenizer, prompt_file.read_text()))
+    exact = [torch.tensor([[0, 3, 7], [1, 2, 40]]) for _ in prompt_kv]
+    adapter = ntk.closed_form(model, prompt_kv, exact)
+    for layer, (keys, values) in enumerate(prompt_kv):
+        for head, kept in enumerate(exact[layer].tolist()):
+            rest = [j for j in range(keys.shape[1]) if j not in kept]
+            phi = F.elu(keys[head, rest].double() / keys.shape[-1] ** 0.25) + 1
+            torch.testing.assert_close(adapter.z[layer, head].double(), phi.T @ values[head, rest].double(),
+                                       rtol=1e-5, atol=1e-5)  # float32 sums against float64 ones
+            torch.testing.assert_close(adapter.k[layer, head].double(), phi.sum(0), rtol=1e-5, atol=1e-5)
+            assert torch.equal(adapter.exact_keys[layer, head], keys[head, kept])
+            assert torch.equal(adapter.exact_values[layer, head], values[head, kept])
 
 
 def test_same_inputs_and_seed_give_identical_bytes(qwen2_bpe, tmp_path):
@@ -294,12 +416,20 @@ def test_bad_inputs_are_one_line_errors(tiny_checkpoints, prompt_file, tmp_path)
                        "--count", "4", "--length", "4", "--no-least-squares").returncode == 0
     prefix_dir = tmp_path / "prefix"
     assert run_surgery("adapter", "prefix", llama, "--prompt-file", prompt_file, "-o", prefix_dir).returncode == 0
+    broken = tmp_path / "broken"  # exact tokens without their values
+    shutil.copytree(ntk_dir, broken)
+    tensors = load_file(broken / "ntk_attention.safetensors")
+    del tensors["exact_values"]
+    save_file(tensors, broken / "ntk_attention.safetensors")
     cases = {
         ("adapter", "prefix", llama, "--prompt-file", tmp_path / "missing.txt", "-o", tmp_path / "x"): "no such file",
         ("adapter", "ntk", llama, "--prompt-file", empty, "-o", tmp_path / "x"): "the prompt is empty",
         ("adapter", "ntk", tiny_checkpoints["gemma2"], "--prompt-file", prompt_file, "-o", tmp_path / "x"):
             "NTK-attention supports llama, mistral, qwen2",
         ("adapter", "ntk", llama, "-o", tmp_path / "x"): "--prompt-file",
+        ("adapter", "ntk", llama, "--prompt-file", prompt_file, "--exact-tokens", "-1", "-o", tmp_path / "x"):
+            "--exact-tokens -1: must be non-negative",
+        ("adapter", "eval", llama, broken, "--prompt-file", prompt_file): "exact_values, exact_index missing or not",
         ("adapter", "ntk", llama, "--train-file", prompt_file, "--queries", prompt_file, "-o", tmp_path / "x"):
             "--queries is for distilling a prompt",
         ("adapter", "ntk", llama, "--prompt-file", prompt_file, "--queries", tmp_path / "none.txt", "-o",

@@ -31,9 +31,11 @@ NTK_LR = 1e-2
 NTK_BATCH = 8
 NTK_QUERIES = 512
 NTK_QUERY_LENGTH = 32
+NTK_EXACT_TOKENS = 16  # prompt tokens per layer and KV head kept exactly (0: the paper's pure NTK-attention)
 TRAIN_MAX_LENGTH = 256
 LEAST_SQUARES_QUERIES = 128  # queries the least squares is fitted on (its cost and memory grow with them)
 MEASURED_QUERIES = 16  # training queries on which the KL before and after distillation is reported
+VALIDATION_QUERIES = 32  # queries kept out of training to choose when distillation stops
 
 
 def _load(source: str, families: tuple[str, ...], what: str, device: str, loaded: tuple | None):
@@ -96,20 +98,24 @@ def _rounded(value: float) -> float:
 def make_ntk_adapter(source: str, output: str | Path, *, prompt_file: str | Path | None = None,
                      train_file: str | Path | None = None, queries_file: str | Path | None = None,
                      steps: int = NTK_STEPS, lr: float = NTK_LR, batch: int = NTK_BATCH, count: int = NTK_QUERIES,
-                     length: int = NTK_QUERY_LENGTH, least_squares: bool = True, seed: int = 0,
+                     length: int = NTK_QUERY_LENGTH, exact_tokens: int = NTK_EXACT_TOKENS,
+                     least_squares: bool = True, seed: int = 0,
                      force: bool = False, device: str = "cpu", loaded: tuple | None = None) -> dict:
-    """An NTK-attention adapter distilled from ``prompt_file`` (closed form, least squares, then ``steps`` of KL
-    distillation on ``queries_file`` or ``count`` self-generated queries of ``length`` tokens), or trained from
-    noise on ``train_file`` by next-token loss (``steps`` minibatches of ``batch`` texts). ``loaded``: the (model,
-    tokenizer) of ``source`` when already in memory."""
+    """An NTK-attention adapter distilled from ``prompt_file`` (``exact_tokens`` per layer and KV head kept exactly,
+    then for the rest closed form, least squares and at most ``steps`` of validated KL distillation on
+    ``queries_file`` or ``count`` self-generated queries of ``length`` tokens), or trained from noise on
+    ``train_file`` by next-token loss (``steps`` minibatches of ``batch`` texts). ``loaded``: the (model, tokenizer)
+    of ``source`` when already in memory."""
     started = time.perf_counter()
     if (prompt_file is None) == (train_file is None):
         raise BadInput("give either --prompt-file (distil a prompt) or --train-file (train on task data)")
     if queries_file is not None and train_file is not None:
         raise BadInput("--queries is for distilling a prompt; with --train-file the data is the training signal")
-    for value, option in ((steps, "--steps"), (batch, "--batch"), (count, "--count"), (length, "--length")):
-        if value < (0 if option == "--steps" else 1):
-            raise BadInput(f"{option} {value}: must be {'non-negative' if option == '--steps' else 'positive'}")
+    for value, option in ((steps, "--steps"), (exact_tokens, "--exact-tokens"), (batch, "--batch"),
+                          (count, "--count"), (length, "--length")):
+        if value < (0 if option in ("--steps", "--exact-tokens") else 1):
+            raise BadInput(f"{option} {value}: must be "
+                           f"{'non-negative' if option in ('--steps', '--exact-tokens') else 'positive'}")
     if not lr > 0:
         raise BadInput(f"--lr {lr}: must be positive")
     check_output_available(output, force)
@@ -122,7 +128,7 @@ def make_ntk_adapter(source: str, output: str | Path, *, prompt_file: str | Path
             ids = prompt_ids(tokenizer, text)
             _check_length(model, ids.shape[1], length, source)
             recipe.update(prompt_file=str(prompt_file), prompt_sha256=file_sha256(prompt_file),
-                          least_squares=least_squares)
+                          exact_tokens=exact_tokens, least_squares=least_squares)
             if queries_file is not None:
                 queries = file_queries(tokenizer, queries_file, length)
                 recipe.update(queries_file=str(queries_file), queries_sha256=file_sha256(queries_file))
@@ -132,7 +138,8 @@ def make_ntk_adapter(source: str, output: str | Path, *, prompt_file: str | Path
                 recipe.update(queries="self-generated", count=count, length=length)
             config["prompt_tokens"] = ids.shape[1]
             adapter, measurements = _distil_prompt(model, ids, queries, steps=steps, lr=lr, batch=batch,
-                                                   seed=seed, least_squares=least_squares, config=config)
+                                                   seed=seed, exact_tokens=exact_tokens,
+                                                   least_squares=least_squares, config=config)
         else:
             data = file_queries(tokenizer, train_file, TRAIN_MAX_LENGTH, option="--train-file", special_tokens=True)
             recipe.update(train_file=str(train_file), train_sha256=file_sha256(train_file),
@@ -145,7 +152,9 @@ def make_ntk_adapter(source: str, output: str | Path, *, prompt_file: str | Path
                   else "trained on task data")
         body = (f"An NTK-attention adapter (arXiv 2406.14036) for `{source}`, {origin}, made by "
                 "[surgery](https://pypi.org/project/surgery/): per layer and KV head a d×d matrix Z and a "
-                "d-vector k that stand in for a prefix of any length.\n\n```python\nfrom surgery.extend import "
+                "d-vector k that stand in for a prefix of any length"
+                + (f", with the {adapter.exact_tokens} prompt tokens that draw the most attention kept exactly"
+                   if adapter.exact_tokens else "") + ".\n\n```python\nfrom surgery.extend import "
                 "ntk_attention\nntk_attention.apply(model, ADAPTER_DIR)   # llama, mistral, qwen2\n```")
         files = write_adapter(
             output, checkpoint, tensors_file=ntk_attention.WEIGHTS_FILE, tensors=adapter.tensors(),
@@ -156,32 +165,44 @@ def make_ntk_adapter(source: str, output: str | Path, *, prompt_file: str | Path
 
 
 def _distil_prompt(model, ids: torch.Tensor, queries, *, steps: int, lr: float, batch: int, seed: int,
-                   least_squares: bool, config: dict):
-    """Closed form → least squares → KL distillation; the KL on (up to MEASURED_QUERIES) training queries after
-    each stage."""
+                   exact_tokens: int, least_squares: bool, config: dict):
+    """Exact tokens → closed form → least squares → KL distillation, validated on the last queries (a quarter, at
+    most VALIDATION_QUERIES), trained on the others; the KL on (up to MEASURED_QUERIES) training queries after each
+    stage."""
     prompt_kv = ntk.prompt_keys_values(model, ids)
     cache, _ = prefill(model, ids)
     reference = with_prompt_logprobs(model, cache, queries, shared=True).half()  # halved: many queries fit
+    validated = min(VALIDATION_QUERIES, len(queries) // 4)
+    trained = len(queries) - validated
+    validation = (queries.subset(torch.arange(trained, len(queries))), reference[trained:])
+    queries, reference = queries.subset(torch.arange(trained)), reference[:trained]
     measured = queries.subset(torch.arange(min(MEASURED_QUERIES, len(queries))))
     measured_reference = reference[:len(measured)]
-    adapter = ntk.closed_form(model, prompt_kv, **config)
+    fitted = queries.subset(torch.arange(min(LEAST_SQUARES_QUERIES, len(queries))))
+    exact = ntk.heaviest_prompt_tokens(model, prompt_kv, fitted, exact_tokens) if exact_tokens else None
+    adapter = ntk.closed_form(model, prompt_kv, exact, **config)
     kl = {"closed_form": ntk.adapter_kl(model, adapter, measured, measured_reference)}
     if least_squares:
-        fitted = queries.subset(torch.arange(min(LEAST_SQUARES_QUERIES, len(queries))))
         ntk.least_squares(model, adapter, prompt_kv, fitted)
         kl["least_squares"] = ntk.adapter_kl(model, adapter, measured, measured_reference)
+    measurements = {"queries": trained, "validation_queries": validated, "prompt_tokens": ids.shape[1]}
     if steps:
-        ntk.distill(model, adapter, queries, reference, steps=steps, lr=lr, batch=batch, seed=seed)
+        training = ntk.distill(model, adapter, queries, reference, steps=steps, lr=lr, batch=batch, seed=seed,
+                               validation=validation if validated else None)
         kl["distilled"] = ntk.adapter_kl(model, adapter, measured, measured_reference)
-    measurements = {"train_kl": {stage: _rounded(value) for stage, value in kl.items()},
-                    "queries": len(queries), "prompt_tokens": ids.shape[1]}
+        measurements["steps_run"] = len(training.losses)
+        if validated:
+            measurements.update(validation_kl={"start": _rounded(training.validation[0]),
+                                               "kept": _rounded(training.validation[training.kept_step])},
+                                kept_step=training.kept_step)
+    measurements["train_kl"] = {stage: _rounded(value) for stage, value in kl.items()}
     return adapter, measurements
 
 
 def _train_on_task(model, data, *, steps: int, lr: float, batch: int, seed: int, config: dict):
     """The paper's start (randn / 1e4), then next-token training on the task texts."""
     adapter = ntk.random_start(model, seed, **config)
-    losses = ntk.train_on_data(model, adapter, data, steps=steps, lr=lr, batch=batch, seed=seed, absolute=True)
+    losses = ntk.train_on_data(model, adapter, data, steps=steps, lr=lr, batch=batch, seed=seed, absolute=True).losses
     measurements = {"train_loss_first": _rounded(losses[0]) if losses else None,
                     "train_loss_last": _rounded(losses[-1]) if losses else None, "texts": len(data)}
     return adapter, measurements

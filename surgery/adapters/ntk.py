@@ -1,20 +1,27 @@
 """NTK-attention adapters (arXiv 2406.14036) made from a prompt, or trained on task data::
 
     prompt_kv = prompt_keys_values(model, ids)                 # the prompt's keys and values, per layer
-    adapter = closed_form(model, prompt_kv)                    # 1.
+    exact = heaviest_prompt_tokens(model, prompt_kv, queries, 16)   # 0.
+    adapter = closed_form(model, prompt_kv, exact)             # 1.
     least_squares(model, adapter, prompt_kv, queries)          # 2.
     distill(model, adapter, queries, reference, steps=60, lr=1e-2, batch=8, seed=0)   # 3.
 
+0. exact tokens (ours, in the spirit of heavy-hitter KV caches, arXiv 2306.14048): per layer and KV head, the prompt
+   tokens that draw the most attention from the queries in the model run with the real prompt (the first token,
+   an attention sink, among them) are kept as they are: their sharply peaked e^{q·k/√d} is what φ(q)ᵀφ(k)
+   approximates worst. Z and k then stand in for the rest of the prompt only.
 1. closed form (the paper's): the prompt is prefilled at positions −m..−1, so that its keys stand where queries that
-   start at position 0 see them, and Z = Σ_j φ(k_j) v_jᵀ, k = Σ_j φ(k_j) per layer and KV head. φ(q)ᵀφ(k) is a poor
-   stand-in for e^{q·k/√d}, so this start is usually worse than no prompt at all.
+   start at position 0 see them, and Z = Σ_j φ(k_j) v_jᵀ, k = Σ_j φ(k_j) per layer and KV head over the tokens
+   not kept exactly. φ(q)ᵀφ(k) is a poor stand-in for e^{q·k/√d}, so this start is usually worse than no prompt.
 2. least squares, layer by layer in one forward pass over the queries (ours; no public work distils a prompt into
    NTK-attention): at each layer, for the queries it really receives (earlier layers already adapted), the output
    with the real prompt o* = (e^ℓ o + N)/(e^ℓ + D), N = Σ_j e^{q·k_j/√d} v_j, D = Σ_j e^{q·k_j/√d}, is known
-   exactly. Z and k ≥ 0 minimise the adapter's output error linearised around it,
-   Σ ‖(e^ℓ o + φ(q)ᵀZ − o* (e^ℓ + φ(q)ᵀk)) / (e^ℓ + D)‖², a quadratic solved in closed form (NNLS for k).
+   exactly (o and ℓ include the exact tokens; N and D sum over the rest). Z and k ≥ 0 minimise the adapter's output
+   error linearised around it, Σ ‖(e^ℓ o + φ(q)ᵀZ − o* (e^ℓ + φ(q)ᵀk)) / (e^ℓ + D)‖², a quadratic solved in closed
+   form (NNLS for k).
 3. distillation: Adam on Z and k (steps relative to each head's size, cosine schedule) minimising
-   KL(with prompt ‖ with adapter) on minibatches of the queries.
+   KL(with prompt ‖ with adapter) on minibatches of the queries; with validation queries, the values with the lowest
+   validation KL are kept (the least-squares start included: with exact tokens, distillation tends to overfit).
 
 :func:`train_on_data` is the paper's other use: the same module trained by next-token loss on task data.
 """
@@ -24,16 +31,21 @@ from __future__ import annotations
 import logging
 import math
 import sys
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from surgery.adapters.prompts import Queries, cache_layers, mean_kl, plain_logprobs, prefill
 from surgery.extend import ntk_attention
-from surgery.extend.ntk_attention import NTKAdapter, attention_logsumexp, attention_modules, feature_map
+from surgery.extend.ntk_attention import (
+    NTKAdapter, attention_logsumexp, attention_modules, feature_map, merge, token_attention,
+)
 
 log = logging.getLogger(__name__)
 RIDGE = 1e-6  # Tikhonov term of the least squares, relative to the mean diagonal of the normal matrix
+VALIDATE_EVERY = 25  # distillation steps between validations
+PATIENCE = 2  # validations without improvement before distillation stops
 
 
 def prompt_keys_values(model, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -42,13 +54,94 @@ def prompt_keys_values(model, ids: torch.Tensor) -> list[tuple[torch.Tensor, tor
     return [(keys[0].float(), values[0].float()) for keys, values in cache_layers(cache)]
 
 
-def closed_form(model, prompt_kv: list[tuple[torch.Tensor, torch.Tensor]], **config) -> NTKAdapter:
-    """Z = Σ_j φ(k_j) v_jᵀ and k = Σ_j φ(k_j) per layer and KV head, from the prompt's keys and values."""
+def split_prompt(keys: torch.Tensor, values: torch.Tensor, exact_index: torch.Tensor | None):
+    """One layer's prompt (keys, values) [kv_heads, m, d] split into the tokens at ``exact_index`` [kv_heads, s]
+    and the rest, each per KV head in prompt order: (exact keys, exact values, rest keys, rest values)."""
+    if exact_index is None:
+        exact_index = torch.empty(keys.shape[0], 0, dtype=torch.long)
+    keep = torch.zeros(keys.shape[:2], dtype=torch.bool, device=keys.device)
+    keep.scatter_(1, exact_index.to(keys.device), True)
+    heads = range(keys.shape[0])
+    return tuple(torch.stack([tensor[head][chosen[head]] for head in heads])
+                 for chosen in (keep, ~keep) for tensor in (keys, values))
+
+
+def _projections(module, hidden: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, ...]:
+    """Query and key (after RoPE) and value [batch, heads, length, d] of an attention module, float32."""
+    batch, length, _ = hidden.shape
+
+    def project(linear) -> torch.Tensor:
+        return linear(hidden).view(batch, length, -1, module.head_dim).transpose(1, 2).float()
+
+    query, key = _rotary(module)(project(module.q_proj), project(module.k_proj), *position_embeddings)
+    return query, key, project(module.v_proj)
+
+
+def _each_layer(model, queries: Queries, visit, prompt_kv=None, adapter: NTKAdapter | None = None) -> None:
+    """Run ``queries`` through ``model`` in one batch, with ``adapter`` (or the real prompt ``prompt_kv``) applied,
+    calling ``visit(layer, module, hidden_states, position_embeddings, mask)`` before each attention module runs."""
+    handles = []
+    mask = queries.mask.to(model.device)
+
+    def hook(layer):
+        def before(module, args, kwargs):
+            visit(layer, module, kwargs["hidden_states"], kwargs["position_embeddings"], mask)
+        return before
+
+    if adapter is not None:
+        ntk_attention.apply(model, adapter)
+    else:
+        ntk_attention.apply_prompt(model, prompt_kv)
+    try:
+        for layer, module in enumerate(attention_modules(model)):
+            handles.append(module.register_forward_pre_hook(hook(layer), with_kwargs=True))
+        with torch.no_grad():
+            model(queries.ids.to(model.device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        ntk_attention.remove(model)
+
+
+def heaviest_prompt_tokens(model, prompt_kv: list[tuple[torch.Tensor, torch.Tensor]], queries: Queries,
+                           count: int) -> list[torch.Tensor]:
+    """Per layer [kv_heads, count] (ascending) the positions of the prompt tokens that draw the most attention,
+    summed over the query heads of each KV head and the real positions of ``queries``, in the model run with the
+    real prompt (``prompt_kv`` from :func:`prompt_keys_values`); ``count`` is capped at the prompt's length."""
+    count = min(count, prompt_kv[0][0].shape[1])
+    chosen: list[torch.Tensor | None] = [None] * len(prompt_kv)
+
+    def visit(layer, module, hidden, position_embeddings, mask):
+        query, key, _ = _projections(module, hidden, position_embeddings)
+        keys = prompt_kv[layer][0].float()
+        batch, heads, length, dim = query.shape
+        own = attention_logsumexp(query, key, None, module.scaling)
+        scores = torch.einsum("bhgnd,hmd->bhgnm", query.reshape(batch, len(keys), heads // len(keys), length, dim),
+                              keys) * module.scaling
+        total = torch.logaddexp(own.reshape(scores.shape[:4]), torch.logsumexp(scores, dim=-1))
+        weights = torch.exp(scores - total[..., None]) * mask[:, None, None, :, None]
+        chosen[layer] = weights.sum((0, 2, 3)).topk(count, dim=-1).indices.sort(dim=-1).values.cpu()
+
+    _each_layer(model, queries, visit, prompt_kv=prompt_kv)
+    return chosen
+
+
+def closed_form(model, prompt_kv: list[tuple[torch.Tensor, torch.Tensor]], exact: list[torch.Tensor] | None = None,
+                **config) -> NTKAdapter:
+    """The prompt tokens at ``exact`` (per layer [kv_heads, s] positions, or None) kept as they are, and
+    Z = Σ_j φ(k_j) v_jᵀ, k = Σ_j φ(k_j) per layer and KV head over the others."""
     adapter = NTKAdapter.zeros(model, **config)
+    kept = []
     for layer, (keys, values) in enumerate(prompt_kv):
-        features = feature_map(keys)
-        adapter.z[layer] = torch.einsum("hmd,hme->hde", features, values).cpu()
+        exact_keys, exact_values, rest_keys, rest_values = split_prompt(keys, values, exact[layer] if exact else None)
+        kept.append((exact_keys.cpu(), exact_values.cpu()))
+        features = feature_map(rest_keys)
+        adapter.z[layer] = torch.einsum("hmd,hme->hde", features, rest_values).cpu()
         adapter.k[layer] = features.sum(1).cpu()
+    if exact is not None and exact[0].shape[1]:
+        adapter.exact_keys = torch.stack([keys for keys, _ in kept])
+        adapter.exact_values = torch.stack([values for _, values in kept])
+        adapter.exact_index = torch.stack(exact)
     return adapter
 
 
@@ -68,37 +161,29 @@ def _nonnegative_solve(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
 def _fit_layer(module, adapter: NTKAdapter, layer: int, keys_values, hidden, position_embeddings,
                mask: torch.Tensor) -> None:
     """Least-squares Z and k of one layer from the queries it receives (see the module docstring)."""
-    batch, length, _ = hidden.shape
-    dim = module.head_dim
-
-    def project(linear) -> torch.Tensor:
-        return linear(hidden).view(batch, length, -1, dim).transpose(1, 2).float()
-
-    query, key = _rotary(module)(project(module.q_proj), project(module.k_proj), *position_embeddings)
-    value = project(module.v_proj)
-    prompt_keys, prompt_values = keys_values
-    kv_heads, groups = prompt_keys.shape[0], query.shape[1] // prompt_keys.shape[0]
-    own_lse = attention_logsumexp(query, key, None, module.scaling).reshape(batch, kv_heads, groups, length)
+    query, key, value = _projections(module, hidden, position_embeddings)
+    index = adapter.exact_index[layer] if adapter.exact_tokens else None
+    exact_keys, exact_values, rest_keys, rest_values = split_prompt(*keys_values, index)
+    kv_heads, groups = rest_keys.shape[0], query.shape[1] // rest_keys.shape[0]
+    own_lse = attention_logsumexp(query, key, None, module.scaling)
     own_out = torch.nn.functional.scaled_dot_product_attention(
         query, key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1), is_causal=True,
-        scale=module.scaling).reshape(batch, kv_heads, groups, length, -1)
-    grouped = query.reshape(batch, kv_heads, groups, length, dim)
-    scores = torch.einsum("bhgnd,hmd->bhgnm", grouped, prompt_keys) * module.scaling
-    prompt_lse = torch.logsumexp(scores, dim=-1)                                     # log D
-    prompt_out = torch.einsum("bhgnm,hme->bhgne", torch.softmax(scores, dim=-1), prompt_values)  # N / D
-    log_total = torch.logaddexp(own_lse, prompt_lse)
-    share = torch.exp(prompt_lse - log_total)[..., None]                             # g = w·D
-    target = (1 - share) * own_out + share * prompt_out                              # o*: the output with the prompt
-    weighted = feature_map(grouped) * torch.exp(-log_total)[..., None]              # a = w·φ(q)
+        scale=module.scaling)
+    own_out, own_lse = merge(own_out, own_lse, *token_attention(query, exact_keys, exact_values, module.scaling))
+    rest_out, rest_lse = token_attention(query, rest_keys, rest_values, module.scaling)   # N / D, log D
+    target, log_total = merge(own_out, own_lse, rest_out, rest_lse)                   # o*: the output with the prompt
+    share = torch.exp(rest_lse - log_total)[..., None]                                # g = w·D
+    weighted = feature_map(query) * torch.exp(-log_total)[..., None]                 # a = w·φ(q)
     # Residual of the output, linearised: r = aᵀZ − o* aᵀk − t with t = (1 − g)(o* − o_s), per output column.
     offset = (1 - share) * (target - own_out)
-    rows = mask[:, None, None, :].expand(batch, kv_heads, groups, length)
+    batch, _, length, _ = query.shape
+
+    def head_rows(tensor: torch.Tensor, head: int) -> torch.Tensor:
+        grouped = tensor.reshape(batch, kv_heads, groups, length, -1)[:, head]
+        return grouped[mask[:, None, :].expand(batch, groups, length)].double()
+
     for head in range(kv_heads):
-        pick = rows[:, head]
-        a = weighted[:, head][pick].double()
-        out = target[:, head][pick].double()
-        t = offset[:, head][pick].double()
-        z, k = _joint_solve(a, out, t)
+        z, k = _joint_solve(head_rows(weighted, head), head_rows(target, head), head_rows(offset, head))
         adapter.z[layer, head] = z.float()
         adapter.k[layer, head] = k.float()
 
@@ -110,8 +195,7 @@ def _joint_solve(a: torch.Tensor, out: torch.Tensor, t: torch.Tensor) -> tuple[t
     gram = a.T @ a
     ridge = torch.eye(dim, dtype=a.dtype) * RIDGE * gram.diagonal().mean().clamp_min(1e-300)
     gram = gram + ridge
-    outer = (a[:, :, None] * a[:, None, :]).reshape(len(a), dim * dim)
-    cross = (out.T @ outer).reshape(-1, dim, dim)                      # H_c = Σ_rows out_c a aᵀ
+    cross = torch.stack([(a * column[:, None]).T @ a for column in out.T])  # H_c = Σ_rows out_c a aᵀ
     rhs = a.T @ t                                                       # b_c as columns [d, d_v]
     inverse = torch.cholesky_inverse(torch.linalg.cholesky(gram))
     solved_cross = inverse @ cross                                      # G⁻¹ H_c
@@ -125,30 +209,13 @@ def _joint_solve(a: torch.Tensor, out: torch.Tensor, t: torch.Tensor) -> tuple[t
     return z, k
 
 
-@torch.no_grad()
 def least_squares(model, adapter: NTKAdapter, prompt_kv, queries: Queries) -> None:
     """Fit every layer's Z and k in one forward pass over ``queries`` with the adapter applied: each layer is
     fitted on the queries it receives, before its attention runs with the new values."""
-    handles = []
-    ntk_attention.apply(model, adapter)
-    current = {}
+    def fit(layer, module, hidden, position_embeddings, mask):
+        _fit_layer(module, adapter, layer, prompt_kv[layer], hidden, position_embeddings, mask)
 
-    def hook(layer):
-        def fit(module, args, kwargs):
-            _fit_layer(module, adapter, layer, prompt_kv[layer], kwargs["hidden_states"],
-                       kwargs["position_embeddings"], current["mask"])
-        return fit
-
-    try:
-        for layer, module in enumerate(attention_modules(model)):
-            handles.append(module.register_forward_pre_hook(hook(layer), with_kwargs=True))
-        for part in queries.batches(len(queries)):
-            current["mask"] = part.mask.to(model.device)
-            model(part.ids.to(model.device))
-    finally:
-        for handle in handles:
-            handle.remove()
-        ntk_attention.remove(model)
+    _each_layer(model, queries, fit, adapter=adapter)
 
 
 def adapter_kl(model, adapter: NTKAdapter, queries: Queries, reference: torch.Tensor) -> float:
@@ -194,12 +261,24 @@ class _Relative:
         return self.adapter
 
 
+@dataclass
+class Training:
+    """What :func:`distill` and :func:`train_on_data` report: the loss of every step and, when validated, the
+    validation loss by step (step 0: the start) and the step whose values were kept."""
+
+    losses: list[float]
+    validation: dict[int, float] = field(default_factory=dict)
+    kept_step: int | None = None
+
+
 def _optimise(model, adapter: NTKAdapter, loss_of, count: int, *, steps: int, lr: float, batch: int, seed: int,
-              absolute: bool = False) -> list[float]:
+              absolute: bool = False, validate=None) -> Training:
     """Adam on the adapter for ``steps`` minibatches of ``batch`` rows drawn (seeded) from ``count``; ``loss_of(rows)``
-    is the loss of those rows with the adapter applied. Returns the loss of every step."""
+    is the loss of those rows with the adapter applied. With ``validate`` (the validation loss with the adapter
+    applied), checked at the start and every VALIDATE_EVERY steps: the best values seen are kept, and training stops
+    after PATIENCE checks without improvement."""
     if steps <= 0:
-        return []
+        return Training([])
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     for parameter in trainable:
         parameter.requires_grad_(False)  # only the adapter learns; restored below
@@ -208,10 +287,26 @@ def _optimise(model, adapter: NTKAdapter, loss_of, count: int, *, steps: int, lr
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=steps)
     generator = torch.Generator().manual_seed(seed)
     order = torch.empty(0, dtype=torch.long)
-    losses = []
+    training = Training([])
+    best = None
+
+    def check(step: int) -> bool:
+        """Validate at ``step``; False when it is time to stop."""
+        nonlocal best
+        with torch.no_grad():
+            relative.refresh()
+            training.validation[step] = float(validate())
+        log.info("step %d/%d: validation loss %.4f", step, steps, training.validation[step])
+        if best is None or training.validation[step] < training.validation[training.kept_step]:
+            best = [parameter.detach().clone() for parameter in relative.parameters()]
+            training.kept_step = step
+        return step - training.kept_step < PATIENCE * VALIDATE_EVERY
+
     ntk_attention.apply(model, adapter)
     try:
-        for step in range(steps):
+        if validate is not None:
+            check(0)
+        for step in range(1, steps + 1):
             if len(order) < batch:
                 order = torch.cat([order, torch.randperm(count, generator=generator)])
             rows, order = order[:batch], order[batch:]
@@ -221,29 +316,42 @@ def _optimise(model, adapter: NTKAdapter, loss_of, count: int, *, steps: int, lr
             loss.backward()
             optimiser.step()
             schedule.step()
-            losses.append(loss.item())
-            log.info("step %d/%d: loss %.4f", step + 1, steps, losses[-1])
+            training.losses.append(loss.item())
+            log.info("step %d/%d: loss %.4f", step, steps, training.losses[-1])
+            if validate is not None and (step % VALIDATE_EVERY == 0 or step == steps) and not check(step):
+                break
+        if best is not None:
+            with torch.no_grad():
+                for parameter, kept in zip(relative.parameters(), best):
+                    parameter.copy_(kept)
     finally:
         ntk_attention.remove(model)
         relative.freeze()
         for parameter in trainable:
             parameter.requires_grad_(True)
-    return losses
+    return training
 
 
 def distill(model, adapter: NTKAdapter, queries: Queries, reference: torch.Tensor, *, steps: int, lr: float,
-            batch: int, seed: int) -> list[float]:
-    """Train Z and k (in place) to minimise KL(with prompt ‖ with adapter) on minibatches of ``queries``."""
+            batch: int, seed: int, validation: tuple[Queries, torch.Tensor] | None = None) -> Training:
+    """Train Z and k (in place) to minimise KL(with prompt ‖ with adapter) on minibatches of ``queries``; with
+    ``validation`` (queries and their reference log-probabilities, none of them trained on), the values with the
+    lowest validation KL are kept (the start included) and training stops once it no longer falls."""
     def loss_of(rows: torch.Tensor) -> torch.Tensor:
         part = queries.subset(rows)
         logits = model(part.ids.to(model.device)).logits.float()
         return mean_kl(reference[rows].to(model.device), torch.log_softmax(logits, dim=-1), part.mask.to(model.device))
 
-    return _optimise(model, adapter, loss_of, len(queries), steps=steps, lr=lr, batch=batch, seed=seed)
+    def validate() -> float:
+        held, held_reference = validation
+        return mean_kl(held_reference, plain_logprobs(model, held), held.mask)
+
+    return _optimise(model, adapter, loss_of, len(queries), steps=steps, lr=lr, batch=batch, seed=seed,
+                     validate=validate if validation is not None else None)
 
 
 def train_on_data(model, adapter: NTKAdapter, data: Queries, *, steps: int, lr: float, batch: int, seed: int,
-                  absolute: bool) -> list[float]:
+                  absolute: bool) -> Training:
     """Train Z and k (in place) by next-token cross-entropy on ``data`` (the paper's parameter-efficient
     fine-tuning); ``absolute`` steps for an adapter started from noise rather than from a prompt."""
     def loss_of(rows: torch.Tensor) -> torch.Tensor:
@@ -266,9 +374,10 @@ def random_start(model, seed: int, **config) -> NTKAdapter:
 
 
 def sizes(adapter: NTKAdapter, prompt_tokens: int | None, kv_itemsize: int) -> dict:
-    """The adapter's float32 bytes against those of the prompt's KV cache in the model's dtype."""
+    """The adapter's bytes as saved against those of the prompt's KV cache in the model's dtype."""
     layers, heads, dim = adapter.k.shape
-    parameters = adapter.z.numel() + adapter.k.numel()
-    kv = None if prompt_tokens is None else 2 * layers * heads * dim * prompt_tokens * kv_itemsize
-    return {"adapter_parameters": parameters, "adapter_bytes": 4 * parameters, "prompt_kv_cache_bytes": kv,
-            "break_even_prompt_tokens": math.ceil(4 * parameters / (2 * layers * heads * dim * kv_itemsize))}
+    per_token = 2 * layers * heads * dim * kv_itemsize
+    kv = None if prompt_tokens is None else per_token * prompt_tokens
+    return {"adapter_parameters": sum(tensor.numel() for tensor in adapter.tensors().values()),
+            "adapter_bytes": adapter.nbytes, "exact_tokens": adapter.exact_tokens, "prompt_kv_cache_bytes": kv,
+            "break_even_prompt_tokens": math.ceil(adapter.nbytes / per_token)}

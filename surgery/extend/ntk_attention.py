@@ -1,5 +1,6 @@
 """NTK-attention at run time (arXiv 2406.14036): a prefix of any length folded, per layer and KV head, into a d×d
-matrix Z and a d-vector k that every query reads through the feature map φ(x) = elu(x / d^¼) + 1::
+matrix Z and a d-vector k that every query reads through the feature map φ(x) = elu(x / d^¼) + 1, optionally with
+a few of the prefix's tokens kept exactly::
 
     from surgery.evaluation import load_model
     from surgery.extend import ntk_attention
@@ -18,9 +19,12 @@ scaled_dot_product_attention called exactly as transformers' "sdpa" calls it (sa
     O = (e^ℓ O_sdpa + φ(Q) Z) / (e^ℓ + φ(Q)|k|)
 
 with ℓ the log-sum-exp of the row's scaled, masked attention scores (computed alongside, in blocks of rows); the
-query heads of a KV group share their KV head's Z and k. A zero adapter returns O_sdpa exactly. :func:`remove` puts
-back the previous implementation. Files: ``ntk_attention_config.json`` and ``ntk_attention.safetensors`` with
-``z`` [layers, kv_heads, d, d] and ``k`` [layers, kv_heads, d], float32.
+query heads of a KV group share their KV head's Z and k. Exact tokens (keys after RoPE at their prompt positions,
+and values, per layer and KV head) are attended to first, as real keys every row sees, and merged into O_sdpa and ℓ
+by their log-sum-exp. A zero adapter returns O_sdpa exactly. :func:`remove` puts back the previous implementation.
+Files: ``ntk_attention_config.json`` and ``ntk_attention.safetensors`` with ``z`` [layers, kv_heads, d, d] and
+``k`` [layers, kv_heads, d], float32, and when tokens are kept exactly ``exact_keys`` / ``exact_values``
+[layers, kv_heads, tokens, d] (float32) and ``exact_index`` [layers, kv_heads, tokens] (their prompt positions).
 """
 
 from __future__ import annotations
@@ -42,16 +46,22 @@ FAMILIES = ("llama", "mistral", "qwen2")
 STATE = "ntk_attention"           # attribute set on each patched attention module
 PREVIOUS = "_ntk_attention_previous"  # the implementation to restore, set on the patched model
 ROW_BLOCK = 512                   # query rows per block when computing ℓ (bounds the score matrix in memory)
+EXACT = ("exact_keys", "exact_values", "exact_index")  # the optional tensors of prompt tokens kept exactly
 
 
 @dataclass
 class NTKAdapter:
-    """Z [layers, kv_heads, d, d_v] and k [layers, kv_heads, d] (float32), and the config that names the model
-    geometry they were made for (``model_type``, ``num_layers``, ``num_key_value_heads``, ``head_dim``...)."""
+    """Z [layers, kv_heads, d, d_v] and k [layers, kv_heads, d] (float32), optionally prompt tokens kept exactly
+    (``exact_keys`` after RoPE, ``exact_values``: [layers, kv_heads, tokens, d]; ``exact_index``: their prompt
+    positions [layers, kv_heads, tokens]), and the config that names the model geometry they were made for
+    (``model_type``, ``num_layers``, ``num_key_value_heads``, ``head_dim``...)."""
 
     z: torch.Tensor
     k: torch.Tensor
     config: dict = field(default_factory=dict)
+    exact_keys: torch.Tensor | None = None
+    exact_values: torch.Tensor | None = None
+    exact_index: torch.Tensor | None = None
 
     @classmethod
     def zeros(cls, model, **config) -> "NTKAdapter":
@@ -70,7 +80,7 @@ class NTKAdapter:
         try:
             config = json.loads((directory / CONFIG_FILE).read_text())
             tensors = load_file(directory / WEIGHTS_FILE)
-            adapter = cls(tensors["z"], tensors["k"], config)
+            adapter = cls(tensors["z"], tensors["k"], config, *(tensors.get(name) for name in EXACT))
         except (OSError, ValueError, KeyError) as err:
             raise BadInput(f"{directory}: unreadable NTK-attention adapter ({err})") from None
         if config.get("format") != FORMAT:
@@ -79,15 +89,36 @@ class NTKAdapter:
         if adapter.z.shape[:3] != (layers, heads, dim):
             raise BadInput(f"{directory / WEIGHTS_FILE}: z {tuple(adapter.z.shape)} does not match k "
                            f"{tuple(adapter.k.shape)}")
+        exact = [getattr(adapter, name) for name in EXACT]
+        if any(tensor is not None for tensor in exact) and (
+                any(tensor is None for tensor in exact) or exact[0].shape[:2] != (layers, heads)
+                or exact[0].shape != exact[1].shape[:3] + (dim,) or exact[2].shape != exact[0].shape[:3]):
+            raise BadInput(f"{directory / WEIGHTS_FILE}: {', '.join(EXACT)} missing or not shaped "
+                           f"[{layers}, {heads}, tokens, {dim}] (index: [{layers}, {heads}, tokens])")
         return adapter
 
+    @property
+    def exact_tokens(self) -> int:
+        """Prompt tokens kept exactly, per layer and KV head."""
+        return 0 if self.exact_keys is None else self.exact_keys.shape[2]
+
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"z": self.z.detach().float().contiguous(), "k": self.k.detach().float().contiguous()}
+        tensors = {"z": self.z.detach().float().contiguous(), "k": self.k.detach().float().contiguous()}
+        if self.exact_tokens:
+            tensors.update(exact_keys=self.exact_keys.float().contiguous(),
+                           exact_values=self.exact_values.float().contiguous(),
+                           exact_index=self.exact_index.long().contiguous())
+        return tensors
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensors as saved."""
+        return sum(tensor.nbytes for tensor in self.tensors().values())
 
     def config_json(self) -> bytes:
         layers, heads, dim = self.k.shape
         config = {**self.config, "format": FORMAT, "num_layers": layers, "num_key_value_heads": heads,
-                  "head_dim": dim, "feature_map": "elu(x / head_dim ** 0.25) + 1"}
+                  "head_dim": dim, "feature_map": "elu(x / head_dim ** 0.25) + 1", "exact_tokens": self.exact_tokens}
         return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
 
 
@@ -118,29 +149,34 @@ class _LayerTerms:
     def z_k(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         return self.adapter.z[self.layer].to(device, torch.float32), self.adapter.k[self.layer].to(device, torch.float32)
 
-
-@dataclass
-class _PromptTerms:
-    """What a module patched by :func:`apply_prompt` reads: its layer's prompt keys (after RoPE) and values,
-    [kv_heads, m, d], shared by every row of the batch."""
-
-    keys: torch.Tensor
-    values: torch.Tensor
+    def exact(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The layer's exact tokens, keys and values [kv_heads, tokens, d], or None."""
+        if not self.adapter.exact_tokens:
+            return None
+        return (self.adapter.exact_keys[self.layer].to(device, torch.float32),
+                self.adapter.exact_values[self.layer].to(device, torch.float32))
 
 
-def with_prompt(output: torch.Tensor, logsumexp: torch.Tensor, query: torch.Tensor, keys: torch.Tensor,
-                values: torch.Tensor, scaling: float) -> torch.Tensor:
-    """The attention output with a real prompt in front, exactly: (e^ℓ O + Σ_j e^{s_j} v_j) / (e^ℓ + Σ_j e^{s_j}),
-    s_j = scaling · q·k_j over the prompt's ``keys`` and ``values`` [kv_heads, m, d] (float32)."""
+def token_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                    scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``query`` [batch, heads, rows, d] to tokens every row sees, ``keys`` and ``values``
+    [kv_heads, m, d] (query heads grouped over KV heads): the output [batch, heads, rows, d_v] and the log-sum-exp
+    of the scores [batch, heads, rows], in float32 (−inf and 0 when m is 0)."""
     batch, heads, rows, dim = query.shape
     kv_heads = keys.shape[0]
     grouped = query.float().reshape(batch, kv_heads, heads // kv_heads, rows, dim)
     scores = torch.einsum("bhgnd,hmd->bhgnm", grouped, keys.float()) * scaling
-    prompt_lse = torch.logsumexp(scores, dim=-1).reshape(batch, heads, rows)
-    prompt_out = torch.einsum("bhgnm,hme->bhgne", torch.softmax(scores, dim=-1), values.float())
-    share = torch.sigmoid(prompt_lse - logsumexp)[..., None]
+    output = torch.einsum("bhgnm,hme->bhgne", torch.softmax(scores, dim=-1).nan_to_num(), values.float())
+    return output.reshape(batch, heads, rows, -1), torch.logsumexp(scores, dim=-1).reshape(batch, heads, rows)
+
+
+def merge(output: torch.Tensor, logsumexp: torch.Tensor, other: torch.Tensor,
+          other_logsumexp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention over two disjoint sets of keys from each set's output and log-sum-exp (float32)."""
+    total = torch.logaddexp(logsumexp, other_logsumexp)
+    share = torch.exp(other_logsumexp - total).nan_to_num()[..., None]
     own = output.float()
-    return own + share * (prompt_out.reshape(batch, heads, rows, -1) - own)
+    return own + share * (other.float() - own), total
 
 
 def feature_map(x: torch.Tensor) -> torch.Tensor:
@@ -199,16 +235,16 @@ def ntk_attention_forward(module, query, key, value, attention_mask, dropout: fl
 
     output, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                        **kwargs)
-    terms: _LayerTerms | _PromptTerms | None = getattr(module, STATE, None)
+    terms: _LayerTerms | None = getattr(module, STATE, None)
     if terms is None:
         return output, None
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     logsumexp = attention_logsumexp(query, key, attention_mask, scaling)
-    if isinstance(terms, _PromptTerms):
-        mixed = with_prompt(output.transpose(1, 2), logsumexp, query, terms.keys, terms.values, scaling)
-    else:
-        z, k = terms.z_k(query.device)
-        mixed = combine(output.transpose(1, 2), logsumexp, query, z, k)  # sdpa returns [batch, queries, heads, d_v]
+    mixed = output.transpose(1, 2)  # sdpa returns [batch, queries, heads, d_v]
+    exact = terms.exact(query.device)
+    if exact is not None:
+        mixed, logsumexp = merge(mixed, logsumexp, *token_attention(query, *exact, scaling))
+    mixed = combine(mixed, logsumexp, query, *terms.z_k(query.device))
     return mixed.transpose(1, 2).to(output.dtype).contiguous(), None
 
 
@@ -259,12 +295,13 @@ def apply(model, adapter: str | Path | NTKAdapter) -> NTKAdapter:
 
 def apply_prompt(model, keys_values: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Patch ``model`` (in place) so that every row of a batch attends to one real prompt: per layer its (keys after
-    RoPE, values) [kv_heads, m, d], not repeated per row. Inputs then need position_ids from m on. Undo with
-    :func:`remove`."""
-    model_geometry(model)
-    _switch_attention(model)
-    for module, (keys, values) in zip(attention_modules(model), keys_values, strict=True):
-        setattr(module, STATE, _PromptTerms(keys, values))
+    RoPE, values) [kv_heads, m, d], kept as exact tokens of a zero adapter, not repeated per row. Inputs then need
+    position_ids from m on. Undo with :func:`remove`."""
+    adapter = NTKAdapter.zeros(model)
+    adapter.exact_keys = torch.stack([keys for keys, _ in keys_values])
+    adapter.exact_values = torch.stack([values for _, values in keys_values])
+    adapter.exact_index = torch.arange(adapter.exact_keys.shape[2]).expand(adapter.exact_keys.shape[:3])
+    apply(model, adapter)
 
 
 def remove(model) -> None:
