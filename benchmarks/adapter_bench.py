@@ -3,13 +3,14 @@ system prompt (a librarian persona with formatting rules, ``adapter_prompt.txt``
 NTK-attention adapters (the paper's pure form, and with the 16 prompt tokens per layer and KV head that draw the
 most attention kept exactly), each scored on the same held-out queries the model samples after the prompt::
 
-    .venv/bin/python benchmarks/adapter_bench.py                       # ~30 min on 2 CPU cores
+    .venv/bin/python benchmarks/adapter_bench.py                       # ~20 min on 2 CPU cores
+    .venv/bin/python benchmarks/adapter_bench.py --prompt benchmarks/adapter_prompt_support.txt --exact-tokens 16
     .venv/bin/python benchmarks/adapter_bench.py --steps 4 --count 8   # smoke test
 
 Reported per adapter: kl_adapter (mean next-token KL against the model run with the real prompt), kl_no_prompt,
 top-1 agreement, bytes against the prompt's KV cache, and the seconds to make it; for NTK also the KL on training
 queries after each stage (closed form, least squares, distillation). Results go to stdout as a Markdown table and
-to ``benchmarks/results/adapter_bench.json``; the adapters to ``--workdir``.
+to ``benchmarks/results/adapter_bench-PROMPT.json``; the adapters to ``--workdir``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 PROMPT = HERE / "adapter_prompt.txt"
-RESULTS = HERE / "results" / "adapter_bench.json"
+RESULTS = HERE / "results"
 
 
 def main() -> None:
@@ -36,6 +37,8 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=32, help="tokens per query")
     parser.add_argument("--exact-tokens", default="0,16", help="NTK adapters to make: exact tokens of each")
     parser.add_argument("--eval-count", type=int, default=64, help="held-out queries")
+    parser.add_argument("--prompt", default=str(PROMPT), help="the prompt file (adapter_prompt_support.txt: a "
+                        "second, unrelated prompt)")
     parser.add_argument("--workdir", default=None, help="where the adapters are written (default: a temporary dir)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
@@ -52,7 +55,8 @@ def main() -> None:
     started = time.perf_counter()
     model, tokenizer = load_model(source)
     load_seconds = time.perf_counter() - started
-    ids = prompt_ids(tokenizer, PROMPT.read_text(encoding="utf-8"))
+    prompt = Path(args.prompt)
+    ids = prompt_ids(tokenizer, prompt.read_text(encoding="utf-8"))
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="adapter-bench-"))
     started = time.perf_counter()
     queries = held_out_queries(model, tokenizer, ids, None, count=args.eval_count, length=args.length, seed=0)
@@ -61,12 +65,12 @@ def main() -> None:
                  query_seconds)
 
     rows = {}
-    made = make_prefix_adapter(source, PROMPT, workdir / "prefix", force=True, loaded=(model, tokenizer))
+    made = make_prefix_adapter(source, prompt, workdir / "prefix", force=True, loaded=(model, tokenizer))
     rows["prefix"] = {"make_seconds": made["seconds"], **compare(model, workdir / "prefix", ids, queries)}
     logging.info("prefix: %s", rows["prefix"])
     for exact in map(int, args.exact_tokens.split(",")):
         name = f"ntk, {exact} exact"
-        made = make_ntk_adapter(source, workdir / f"ntk-{exact}", prompt_file=PROMPT, steps=args.steps,
+        made = make_ntk_adapter(source, workdir / f"ntk-{exact}", prompt_file=prompt, steps=args.steps,
                                 count=args.count, length=args.length, exact_tokens=exact, force=True,
                                 loaded=(model, tokenizer))
         rows[name] = {"make_seconds": made["seconds"], "train_kl": made["train_kl"],
@@ -74,14 +78,16 @@ def main() -> None:
                       **compare(model, workdir / f"ntk-{exact}", ids, queries)}
         logging.info("%s: %s", name, rows[name])
 
-    report = {"model": source, "prompt_tokens": ids.shape[1], "held_out_queries": len(queries),
-              "query_length": args.length, "ntk_steps": args.steps, "ntk_training_queries": args.count,
+    report = {"model": source, "prompt": str(prompt), "prompt_tokens": ids.shape[1],
+              "held_out_queries": len(queries), "query_length": args.length, "ntk_steps": args.steps,
+              "ntk_training_queries": args.count,
               "load_seconds": load_seconds, "held_out_sampling_seconds": query_seconds,
               "threads": torch.get_num_threads(), "adapters": rows}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"SmolLM2-135M-Instruct, {ids.shape[1]}-token prompt, {len(queries)} held-out queries × {args.length} "
-          f"tokens ({int(queries.mask.sum())} positions)\n")
+    results = RESULTS / f"adapter_bench-{prompt.stem}.json"
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"SmolLM2-135M-Instruct, {prompt.name}: {ids.shape[1]} tokens, {len(queries)} held-out queries × "
+          f"{args.length} tokens ({int(queries.mask.sum())} positions)\n")
     print("| adapter | kl_adapter | kl_no_prompt | top-1 adapter | top-1 no prompt | adapter bytes | "
           "prompt KV bytes | make (s) | eval (s) |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -94,7 +100,7 @@ def main() -> None:
             stages = ", ".join(f"{stage} {value:.4f}" for stage, value in row["train_kl"].items())
             print(f"\n{name}: KL on training queries by stage: {stages}; validation KL {row['validation_kl']}, "
                   f"kept step {row['kept_step']} of {row['steps_run']} run")
-    print(f"model load {load_seconds:.0f} s, held-out sampling {query_seconds:.0f} s; results in {RESULTS}")
+    print(f"model load {load_seconds:.0f} s, held-out sampling {query_seconds:.0f} s; results in {results}")
 
 
 if __name__ == "__main__":
