@@ -8,7 +8,8 @@
 
 - prefix (``prefix.py``): the prompt's KV cache in PEFT's PREFIX_TUNING format; exact by construction.
 - NTK-attention (``ntk.py``; run time in :mod:`surgery.extend.ntk_attention`): per layer and KV head a d×d Z and a
-  d-vector k, made from the prompt (closed form, least squares, KL distillation) or trained on task data.
+  d-vector k, plus the few prompt tokens that draw the most attention kept exactly, made from the prompt (closed
+  form, least squares, validated KL distillation) or trained on task data.
 - fidelity (``fidelity.py``): next-token KL against the model run with the real prompt, on held-out queries.
 """
 
