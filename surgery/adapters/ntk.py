@@ -378,6 +378,7 @@ def sizes(adapter: NTKAdapter, prompt_tokens: int | None, kv_itemsize: int) -> d
     layers, heads, dim = adapter.k.shape
     per_token = 2 * layers * heads * dim * kv_itemsize
     kv = None if prompt_tokens is None else per_token * prompt_tokens
-    return {"adapter_parameters": sum(tensor.numel() for tensor in adapter.tensors().values()),
+    return {"adapter_parameters": sum(tensor.numel() for tensor in adapter.tensors().values()
+                                      if tensor.is_floating_point()),  # exact_index holds positions, not values
             "adapter_bytes": adapter.nbytes, "exact_tokens": adapter.exact_tokens, "prompt_kv_cache_bytes": kv,
             "break_even_prompt_tokens": math.ceil(adapter.nbytes / per_token)}
