@@ -17,7 +17,7 @@ from typing import Iterator, Optional
 import typer
 
 from surgery import __version__
-from surgery.errors import BadInput
+from surgery.errors import BadInput, CheckFailed
 
 app = typer.Typer(
     help="Model surgery for LLM checkpoints: inspect, diff, convert, merge, extend, quantize and push, streaming one "
@@ -893,6 +893,9 @@ def invoke(argv: list[str] | None = None) -> int:
     except BadInput as err:
         typer.echo(f"surgery: error: {err}", err=True)
         return 2
+    except CheckFailed as err:
+        typer.echo(f"surgery: error: {err}", err=True)
+        return 1
     except KeyboardInterrupt:
         typer.echo("surgery: interrupted", err=True)
         return 130

@@ -13,6 +13,7 @@ import torch
 
 from surgery.io import open_checkpoint, plan_shards, write_checkpoint
 from surgery.io.checkpoint import Checkpoint, TensorInfo, dtype_name, parse_dtype
+from surgery.io.loader_check import check_transformers
 from surgery.io.writer import DEFAULT_MAX_SHARD_SIZE, WriteResult, check_output_available
 
 
@@ -58,5 +59,5 @@ def convert(source: str | Path, output: str | Path, dtype: str | None = None,
         return write_checkpoint(
             output, output_specs(ckpt, target), ckpt.get,
             config=output_config(ckpt.config, target), files=ckpt.auxiliary_files(),
-            max_shard_size=max_shard_size, force=force, progress=progress,
+            max_shard_size=max_shard_size, force=force, progress=progress, check=check_transformers,
         )

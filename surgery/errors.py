@@ -7,3 +7,8 @@ option). The message names the file, tensor or option and the reason; the CLI pr
 
 class BadInput(Exception):
     """A problem with the user's input: reported in one line, exit code 2."""
+
+
+class CheckFailed(Exception):
+    """A check of a result failed (an output its loader would reject, a verification below its threshold): one line,
+    exit code 1, and nothing written."""

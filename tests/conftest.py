@@ -143,23 +143,33 @@ def logits(model_dir: Path, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
         return model(input_ids).logits
 
 
-BIG_TENSORS = 64
-BIG_TENSOR_ELEMENTS = 4 * 1024 * 1024  # 16 MB in float32: 1 GB in all
+BIG_HIDDEN = 2048  # every matrix of the big checkpoint is 2048 × 2048 float32: 16 MB
+BIG_TENSOR_ELEMENTS = BIG_HIDDEN * BIG_HIDDEN
+BIG_LAYERS = 9  # 7 matrices a layer + embedding and lm_head: about 1 GB in all
 
 
 @pytest.fixture(scope="session")
 def big_checkpoint(tmp_path_factory, tiny_checkpoints) -> Path:
-    """A 1 GB float32 checkpoint of 64 small tensors in 256 MB shards, written with the streaming writer."""
+    """A real 1 GB float32 llama (transformers loads it; 65 matrices of 16 MB) in 256 MB shards, written with the
+    streaming writer from random values."""
     import shutil
+
+    import transformers
 
     from surgery.io import TensorInfo, write_checkpoint
 
     path = tmp_path_factory.mktemp("big") / "model"
-    specs = [TensorInfo(f"model.layers.{i}.mlp.up_proj.weight", torch.float32, (2048, BIG_TENSOR_ELEMENTS // 2048))
-             for i in range(BIG_TENSORS)]
+    config = transformers.LlamaConfig(hidden_size=BIG_HIDDEN, intermediate_size=BIG_HIDDEN, num_hidden_layers=BIG_LAYERS,
+                                      num_attention_heads=16, num_key_value_heads=16, vocab_size=BIG_HIDDEN,
+                                      tie_word_embeddings=False, dtype="float32")
+    config.architectures = ["LlamaForCausalLM"]
+    with torch.device("meta"):
+        skeleton = transformers.LlamaForCausalLM(config)
+    specs = [TensorInfo(name, torch.float32, tuple(tensor.shape)) for name, tensor in skeleton.state_dict().items()]
+    shapes = {spec.name: spec.shape for spec in specs}
     generator = torch.Generator().manual_seed(0)
-    write_checkpoint(path, specs, lambda name: torch.randn(specs[0].shape, generator=generator),
-                     config={"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, max_shard_size="256MB")
+    write_checkpoint(path, specs, lambda name: torch.randn(shapes[name], generator=generator),
+                     config=config.to_dict(), max_shard_size="256MB")
     shutil.copy(tiny_checkpoints["llama"] / "tokenizer.json", path)
     return path
 

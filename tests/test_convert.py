@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,12 +93,35 @@ def test_dry_run_writes_nothing(sharded_llama, tmp_path):
 
 def test_existing_output_needs_force(tiny_checkpoints, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("precious")
+    first = run_surgery("convert", tiny_checkpoints["llama"], "-o", out)
+    assert first.returncode == 0, first.stderr
+    (out / "stale.txt").write_text("from an earlier run")
     refused = run_surgery("convert", tiny_checkpoints["llama"], "-o", out)
     assert refused.returncode == 2 and "already exists" in refused.stderr
-    assert (out / "keep.txt").read_text() == "precious"
+    assert (out / "stale.txt").exists()
     replaced = run_surgery("convert", tiny_checkpoints["llama"], "-o", out, "--force")
     assert replaced.returncode == 0, replaced.stderr
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging or replaced directories left behind
+
+
+def test_force_never_replaces_a_directory_that_holds_no_checkpoint(tiny_checkpoints, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    refused = run_surgery("convert", tiny_checkpoints["llama"], "-o", mine, "--force")
+    assert refused.returncode == 2 and "holds no checkpoint" in refused.stderr
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "precious"
+    assert [p.name for p in tmp_path.iterdir()] == ["mine"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run_surgery("convert", tiny_checkpoints["llama"], "-o", empty, "--force").returncode == 0
+
+
+def test_tilde_in_the_output_is_the_home_directory(tiny_checkpoints, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    done = run_surgery("convert", tiny_checkpoints["llama"], "-o", "~/converted")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "home" / "converted" / "model.safetensors").is_file()
+    assert not Path(tmp_path / "~").exists()

@@ -137,6 +137,18 @@ def test_transformers_loads_compressed_tensors_output_with_the_decoded_logits(ou
     assert not torch.allclose(loaded, original, atol=1e-4)  # it did quantize
 
 
+def test_asymmetric_output_loads_in_transformers_dequantized_with_the_decoded_logits(outputs, tiny_checkpoints):
+    """transformers' compressed path expects unpacked zero points; it reads our (and compressed-tensors' own)
+    asymmetric pack-quantized layout with dequantize=True, which the output check falls back to (with a warning)."""
+    from transformers import CompressedTensorsConfig
+
+    ids = torch.tensor([[1, 5, 9, 13, 40, 77, 100, 3]])
+    loaded = logits(outputs["asym4"], ids, dtype=torch.float32,
+                    quantization_config=CompressedTensorsConfig(dequantize=True))
+    expected = dequantized_model_logits(tiny_checkpoints["llama"], outputs["asym4"], ids)
+    assert torch.allclose(loaded, expected, atol=1e-4, rtol=1e-4)
+
+
 def test_gptq_output_decodes_to_an_independent_quantizer(outputs, tiny_checkpoints):
     """GPTQ v1 decoded per its spec (qweight packed along the input dim, qzeros = zero − 1, float16 scales) gives
     the independent quantizer's grid with float16 scales, and the same weights as the compressed-tensors output up

@@ -17,6 +17,7 @@ from surgery.errors import BadInput
 from surgery.extend.rope import ExtensionPlan, classify_pairs, plan_extension, rope_geometry
 from surgery.extend.verify import check_plan, derived_frequencies, mismatches
 from surgery.io import open_checkpoint, write_checkpoint
+from surgery.io.loader_check import check_transformers
 from surgery.io.writer import DEFAULT_MAX_SHARD_SIZE, WriteResult, check_output_available
 from surgery.provenance import hash_inputs_in_background, manifest_bytes, model_card_bytes
 
@@ -72,7 +73,8 @@ def extend(source: str | Path, output: str | Path, method: str, *, max_shard_siz
             return aux
 
         written = write_checkpoint(output, output_specs(ckpt, None), ckpt.get, config=result.config, files=files,
-                                   max_shard_size=max_shard_size, force=force, progress=progress)
+                                   max_shard_size=max_shard_size, force=force, progress=progress,
+                                   check=check_transformers)
     return result, written
 
 

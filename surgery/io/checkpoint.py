@@ -69,6 +69,19 @@ class TensorInfo:
         return self.numel * self.dtype.itemsize
 
 
+def require_finite(tensor: torch.Tensor, source: str, name: str) -> torch.Tensor:
+    """``tensor`` itself, or BadInput naming it when it holds NaN or Inf (commands that transform weights refuse
+    such inputs instead of carrying them into an output)::
+
+        weight = require_finite(ckpt.get(name), ckpt.source, name)
+    """
+    from surgery.errors import BadInput
+
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise BadInput(f"{source}: tensor {name!r} contains NaN or Inf")
+    return tensor
+
+
 def natural_key(name: str) -> tuple:
     """Sort key that orders ``layers.2`` before ``layers.10``."""
     return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))

@@ -10,6 +10,7 @@ or killed run never leaves a half-written output behind::
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -30,6 +31,7 @@ from surgery.io.checkpoint import TORCH_TO_SAFETENSORS, TensorInfo
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 PARTIAL_MARK = ".partial-"
+REPLACED_MARK = ".replaced-"
 
 
 @dataclass
@@ -141,7 +143,7 @@ def write_file_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
 
         write_file_atomic("report.json", lambda temporary: temporary.write_text("{}"))
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.partial-", dir=path.parent)
@@ -211,6 +213,7 @@ def write_checkpoint(
     progress: Callable[[int], None] = lambda nbytes: None,
     workers: int = 1,
     write_shards: Callable[[Path, dict[str, tuple[bytes, list[TensorInfo]]]], None] | None = None,
+    check: Callable[[Path], None] | None = None,
 ) -> WriteResult:
     """Write a checkpoint directory: safetensors shards (+ index when sharded), ``config.json`` and ``files``
     (name → content, or a function returning them, called once the tensors are written).
@@ -223,14 +226,20 @@ def write_checkpoint(
     ``write_shards(staging, headers)``, when given, writes the shards instead (``load`` is then unused): ``headers``
     is shard file → (header, specs in data order), and each shard must end up as ``staging / file``, written with
     :func:`write_shard_file` (how the Ray executor spreads shards over a cluster: the same bytes).
+
+    ``check(staging)`` runs on the complete output before it appears (:func:`atomic_directory`): commands pass
+    :func:`surgery.io.loader_check.check_transformers`. The file system must have room for the tensors (BadInput
+    before anything is computed otherwise).
     """
     specs = list(specs)
     shards = plan_shards(specs, max_shard_size)
     total_size = sum(spec.nbytes for spec in specs)
-    directory = Path(directory)
+    directory = Path(directory).expanduser()
     headers = shard_headers(shards)
     order = [spec for header, shard_order in headers.values() for spec in shard_order]
-    with atomic_directory(directory, force=force) as staging:
+    check_output_available(directory, force)
+    check_free_space(directory, total_size)
+    with atomic_directory(directory, force=force, check=check, needed_bytes=total_size) as staging:
         if write_shards is not None:
             write_shards(staging, headers)
             missing = [file for file in headers if not (staging / file).is_file()]
@@ -265,12 +274,27 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def _dead(candidate: Path, prefix: str) -> bool:
+    """Whether the process that named ``candidate`` ``prefix + PID-...`` is gone."""
+    pid_text = candidate.name[len(prefix):].split("-", 1)[0]
+    return pid_text.isdigit() and not _process_alive(int(pid_text))
+
+
 def _remove_abandoned(directory: Path) -> None:
-    """Delete staging directories that killed runs left beside ``directory`` (their process is gone)."""
-    for candidate in directory.parent.glob(f".{directory.name}{PARTIAL_MARK}*"):
-        pid_text = candidate.name[len(f".{directory.name}{PARTIAL_MARK}"):].split("-", 1)[0]
-        if pid_text.isdigit() and not _process_alive(int(pid_text)):
+    """Clean up after killed runs beside ``directory``: delete their staging directories, and where a run was killed
+    between moving the old output aside and moving the new one in, put the old output back."""
+    partial = f".{directory.name}{PARTIAL_MARK}"
+    for candidate in directory.parent.glob(f"{partial}*"):
+        if _dead(candidate, partial):
             shutil.rmtree(candidate, ignore_errors=True)
+    replaced = f".{directory.name}{REPLACED_MARK}"
+    for candidate in directory.parent.glob(f"{replaced}*"):
+        if not _dead(candidate, replaced):
+            continue
+        old = candidate / directory.name
+        if old.exists() and not directory.exists():
+            os.rename(old, directory)
+        shutil.rmtree(candidate, ignore_errors=True)
 
 
 def _fsync_directory(path: Path) -> None:
@@ -281,22 +305,61 @@ def _fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
+# What marks a directory as an output that --force may replace: a checkpoint, an adapter, a surgery output.
+OUTPUT_MARKERS = ("config.json", "surgery.json", "adapter_config.json", INDEX_FILE, "sweep.json")
+OUTPUT_SUFFIXES = (".safetensors", ".gguf")
+
+
+def replaceable(directory: Path) -> bool:
+    """Whether ``--force`` may replace ``directory``: it is empty, or holds a checkpoint or an earlier output."""
+    entries = list(directory.iterdir())
+    return not entries or any(entry.name in OUTPUT_MARKERS or entry.suffix in OUTPUT_SUFFIXES for entry in entries)
+
+
 def check_output_available(directory: str | Path, force: bool = False) -> Path:
-    """Fail early (BadInput) when ``directory`` exists and may not be replaced; returns it as an absolute path."""
-    directory = Path(directory).absolute()
+    """Fail early (BadInput) when ``directory`` exists and may not be replaced; returns it as an absolute path
+    (``~`` expanded). With ``force`` only a directory holding a checkpoint (or an earlier output, or nothing) is
+    replaced: a directory of the user's own files never is."""
+    directory = Path(directory).expanduser().absolute()
     if directory.exists() and not force:
         raise BadInput(f"{directory}: already exists (pass --force to replace it)")
     if directory.exists() and not directory.is_dir():
         raise BadInput(f"{directory}: exists and is not a directory")
+    if directory.exists() and not replaceable(directory):
+        raise BadInput(f"{directory}: holds no checkpoint or surgery output, so --force does not replace it "
+                       "(choose another output directory)")
     return directory
 
 
+def _no_space(directory: Path, needed: int | None) -> BadInput:
+    free = shutil.disk_usage(_existing_parent(directory)).free
+    wanted = f"{needed / 1e9:.2f} GB needed, " if needed else ""
+    return BadInput(f"{directory}: no space left on the device ({wanted}{free / 1e9:.2f} GB free)")
+
+
+def _existing_parent(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_free_space(directory: str | Path, needed: int) -> None:
+    """BadInput naming ``directory`` when its file system has less than ``needed`` bytes free."""
+    directory = Path(directory).expanduser().absolute()
+    if shutil.disk_usage(_existing_parent(directory)).free < needed:
+        raise _no_space(directory, needed)
+
+
 @contextmanager
-def atomic_directory(directory: str | Path, force: bool = False) -> Iterator[Path]:
+def atomic_directory(directory: str | Path, force: bool = False, *, check: Callable[[Path], None] | None = None,
+                     needed_bytes: int | None = None) -> Iterator[Path]:
     """Yield a hidden staging directory beside ``directory``; on success it is renamed to ``directory``.
 
-    On any error (or KeyboardInterrupt) the staging directory is deleted and ``directory`` is left as it was.
-    A run killed outright leaves only the hidden staging directory, which the next run beside it removes.
+    ``check(staging)``, when given, runs once the body has written everything and before the rename (the loader
+    checks of :mod:`surgery.io.loader_check`): if it raises, nothing appears. On any error (or KeyboardInterrupt)
+    the staging directory is deleted and ``directory`` is left as it was. A run killed outright leaves only hidden
+    directories, which the next run beside it cleans up (restoring the old output if the kill came mid-swap). A full
+    disk is a one-line BadInput naming the output and the space ``needed_bytes``.
     """
     directory = check_output_available(directory, force)
     try:
@@ -304,21 +367,32 @@ def atomic_directory(directory: str | Path, force: bool = False) -> Iterator[Pat
     except OSError as err:
         raise BadInput(f"{directory.parent}: cannot create the output's parent directory ({err.strerror})") from None
     _remove_abandoned(directory)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}{PARTIAL_MARK}{os.getpid()}-", dir=directory.parent))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}{PARTIAL_MARK}{os.getpid()}-", dir=directory.parent))
+    except OSError as err:
+        raise BadInput(f"{directory.parent}: cannot write there ({err.strerror})") from None
     try:
         yield staging
+        if check is not None:
+            check(staging)
         os.chmod(staging, 0o777 & ~_umask())
         _fsync_directory(staging)
         if directory.exists() and not force:
             raise BadInput(f"{directory}: appeared while this run was writing (pass --force to replace it)")
         if directory.exists():
-            replaced = Path(tempfile.mkdtemp(prefix=f".{directory.name}.replaced-", dir=directory.parent))
+            replaced = Path(tempfile.mkdtemp(prefix=f".{directory.name}{REPLACED_MARK}{os.getpid()}-",
+                                             dir=directory.parent))
             os.rename(directory, replaced / directory.name)
             os.rename(staging, directory)
             shutil.rmtree(replaced)
         else:
             os.rename(staging, directory)
         _fsync_directory(directory.parent)
+    except OSError as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _no_space(directory, needed_bytes) from None
+        raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -26,7 +26,8 @@ import torch
 from surgery.arch import Architecture
 from surgery.errors import BadInput
 from surgery.io import open_checkpoint, write_checkpoint
-from surgery.io.checkpoint import Checkpoint, TensorInfo
+from surgery.io.checkpoint import Checkpoint, TensorInfo, require_finite
+from surgery.io.loader_check import check_gguf, check_transformers
 from surgery.io.writer import DEFAULT_MAX_SHARD_SIZE, atomic_directory, check_output_available
 from surgery.provenance import hash_inputs_in_background, manifest_bytes, model_card_bytes
 from surgery.quantize import gguf_format
@@ -181,8 +182,8 @@ class _Quantizer:
             return self.waiting.pop(name)
         module = self.plan.source_of.get(name)
         if module is None:
-            return self.ckpt.get(name)
-        weight = self.ckpt.get(f"{module}.weight").float()
+            return require_finite(self.ckpt.get(name), self.ckpt.source, name)
+        weight = require_finite(self.ckpt.get(f"{module}.weight"), self.ckpt.source, f"{module}.weight").float()
         grid = self.quantize_module(module, weight, self.plan.schemes[module])
         error = float((weight - grid.dequantize()).pow(2).sum())
         norm = float(weight.pow(2).sum())
@@ -286,7 +287,8 @@ def quantize(source: str | Path, output: str | Path, *, bits: int = 4, group_siz
             return aux
 
         result = write_checkpoint(output, plan.specs, quantizer, config=plan.config, files=files,
-                                  max_shard_size=max_shard_size, force=force, progress=progress)
+                                  max_shard_size=max_shard_size, force=force, progress=progress,
+                                  check=check_transformers)
     return {"output": str(result.directory), **options.to_dict(), **measurements(),
             "shards": len(result.shards), "total_bytes": result.total_size,
             "seconds": round(time.perf_counter() - started, 2), "per_module": quantizer.per_module}
@@ -341,7 +343,7 @@ def _quantize_to_gguf(ckpt: Checkpoint, options: Options, output: str | Path, fo
         return data
 
     name = gguf_format.file_name(options.bits)
-    with atomic_directory(output, force=force) as staging:
+    with atomic_directory(output, force=force, check=lambda staging: check_gguf(staging / name)) as staging:
         gguf_format.write_gguf(staging / name, ckpt, set(modules), options.bits, quantize_module,
                                Path(str(ckpt.source)).name, progress)
         measured = {"modules": len(modules), "group_sizes": {str(gguf_format.BLOCK): len(modules)},

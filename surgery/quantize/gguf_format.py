@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from surgery.errors import BadInput
-from surgery.io.checkpoint import Checkpoint
+from surgery.io.checkpoint import Checkpoint, require_finite
 from surgery.quantize.grid import Grid, Scheme
 
 BLOCK = 32
@@ -210,7 +210,7 @@ def write_gguf(path: Path, ckpt: Checkpoint, modules: set[str], bits: int,
         order.append((hf_name, gguf_name))
 
     def produce(hf_name: str) -> np.ndarray:
-        weight = ckpt.get(hf_name).float()
+        weight = require_finite(ckpt.get(hf_name), ckpt.source, hf_name).float()
         if hf_name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
             weight = permute_for_llama_cpp(weight, heads)
         elif hf_name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):

@@ -65,7 +65,7 @@ import torch
 from torch import nn
 
 from surgery.errors import BadInput
-from surgery.io.checkpoint import Checkpoint
+from surgery.io.checkpoint import Checkpoint, require_finite
 from surgery.quantize.grid import Grid, Scheme, hqq, rtn
 
 log = logging.getLogger(__name__)
@@ -358,7 +358,8 @@ class SelfCalibration:
         return {module: grid.dequantize() for module, grid in grids.items()}
 
     def round0(self) -> dict[str, Grid]:
-        return {module: self.fit(self.ckpt.get(f"{module}.weight").float().to(self.device), scheme).to("cpu")
+        return {module: self.fit(require_finite(self.ckpt.get(f"{module}.weight"), self.ckpt.source,
+                                                 f"{module}.weight").float().to(self.device), scheme).to("cpu")
                 for module, scheme in self.schemes.items()}
 
     @torch.no_grad()

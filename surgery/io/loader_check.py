@@ -1,0 +1,290 @@
+"""Check a written output against the loader it is meant for, before it appears.
+
+Every command that writes a model calls one of these on its staging directory; a failure raises
+:class:`~surgery.errors.CheckFailed` (exit 1, one line naming the tensor) and the output is never renamed into
+place, so an output that its loader would reject — or load with weights missing — cannot appear::
+
+    check_transformers(staging)          # config.json + safetensors, as transformers' from_pretrained reads them
+    check_gguf(staging / "model-Q4_0.gguf")
+    check_peft(staging)                  # a PEFT adapter directory against its base model
+
+The transformers check runs transformers' own loading code (key renames, weight conversions such as fused MoE
+experts, the quantizer of ``quantization_config``, tied weights) on the meta device, feeding it the written tensors'
+names, shapes and dtypes as meta tensors: no weight data is read, so it costs the time to build the model skeleton.
+What it checks: transformers reads the config; every parameter the model expects is present (tied ones aside); no
+written tensor goes unused; shapes match; each tensor's dtype is of the kind (floating / integer) the parameter has.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+from contextlib import contextmanager, redirect_stderr
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from surgery.errors import BadInput, CheckFailed
+
+log = logging.getLogger(__name__)
+SHOWN = 3  # names quoted in a failure message
+
+
+def _names(keys, total: int | None = None) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(repr(key) for key in keys[:SHOWN])
+    more = len(keys) - SHOWN if total is None else total - SHOWN
+    return shown + (f" and {more} more" if more > 0 else "")
+
+
+@contextmanager
+def _quiet() -> Iterator[list[str]]:
+    """transformers' loading report, warnings and progress bars kept off the terminal for the duration of the check;
+    yields the list their messages are collected in (the report explains a failed conversion)."""
+    from transformers.utils import logging as transformers_logging
+
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    handler = Collect()
+    verbosity = transformers_logging.get_verbosity()
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_default_handler()
+    transformers_logging.add_handler(handler)
+    transformers_logging.set_verbosity_warning()
+    transformers_logging.disable_progress_bar()
+    try:
+        with redirect_stderr(io.StringIO()):
+            yield messages
+    finally:
+        transformers_logging.remove_handler(handler)
+        transformers_logging.enable_default_handler()
+        transformers_logging.set_verbosity(verbosity)
+        if bars:
+            transformers_logging.enable_progress_bar()
+
+
+REPORT_ROW = re.compile(r"^(?P<key>\S+(?: \S+)*?)\s+\|\s+(?P<status>MISSING|UNEXPECTED|MISMATCH|CONVERSION)\b", re.M)
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _report_rows(messages: list[str]) -> str:
+    """"parameters missing: …; conversion failed: …" from transformers' loading report (empty when none)."""
+    rows: dict[str, list[str]] = {}
+    for message in messages:
+        for match in REPORT_ROW.finditer(ANSI.sub("", message)):
+            rows.setdefault(match["status"], []).append(match["key"])
+    labels = {"MISSING": "parameters missing", "UNEXPECTED": "tensors the loader does not use",
+              "MISMATCH": "shapes the model does not have", "CONVERSION": "weight conversion failed for"}
+    return "; ".join(f"{labels[status]}: {_names(dict.fromkeys(keys))}" for status, keys in rows.items())
+
+
+def _model_class(config):
+    """The class a user loads this config with: its ``architectures`` entry, else the causal-LM auto class."""
+    import transformers
+
+    for name in config.architectures or []:
+        cls = getattr(transformers, name, None) if isinstance(name, str) else None
+        if cls is not None:
+            return cls
+    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return AutoModelForCausalLM if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else AutoModel
+
+
+def known_to_transformers(config: dict | None) -> bool:
+    """Whether transformers has a config class for this model type (custom code models are not checked)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    model_type = (config or {}).get("model_type")
+    return isinstance(model_type, str) and model_type in CONFIG_MAPPING_NAMES
+
+
+def check_transformers(directory: str | Path) -> None:
+    """CheckFailed unless transformers would load ``directory`` (config.json + safetensors) completely.
+
+    GPTQ checkpoints need a GPU kernel package to load, so their layout is checked against the unquantized model
+    instead (:func:`_gptq_problems`). An asymmetric compressed-tensors checkpoint that transformers reads only with
+    ``CompressedTensorsConfig(dequantize=True)`` passes with a warning saying so. A directory without config.json
+    (bare tensors) and model types transformers does not know are not checked (a warning says so for the latter)."""
+    from surgery.io.safetensors_reader import SafetensorsCheckpoint, read_json
+
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        return
+    raw = read_json(directory / "config.json", "config.json")
+    if not known_to_transformers(raw):
+        log.warning("model type %r is not one transformers knows: the output is not checked against a loader",
+                    raw.get("model_type"))
+        return
+    with SafetensorsCheckpoint(str(directory), directory) as written:
+        specs = dict(written.tensors)
+    config = _transformers_config(directory)
+    method = (raw.get("quantization_config") or {}).get("quant_method")
+    if method == "gptq":
+        del config.quantization_config
+        model, info = _load_on_meta(config, {})
+        problems = _gptq_problems(model, specs, raw["quantization_config"])
+    else:
+        problems = _loading_problems(config, specs)
+        if problems and method == "compressed-tensors":
+            config.quantization_config["dequantize"] = True
+            if not _loading_problems(config, specs):
+                log.warning("transformers loads this checkpoint only with quantization_config="
+                            "CompressedTensorsConfig(dequantize=True): %s", "; ".join(problems))
+                return
+    if problems:
+        raise CheckFailed(f"transformers ({_model_class(config).__name__}) would not load the output correctly: "
+                          + "; ".join(problems))
+
+
+def _transformers_config(directory: Path):
+    from transformers import AutoConfig
+
+    try:
+        with _quiet():
+            return AutoConfig.from_pretrained(directory)
+    except Exception as err:  # noqa: BLE001 - any refusal of the config is the finding
+        raise CheckFailed(f"the written config.json would not load in transformers: {_one_line(err)}") from None
+
+
+def _load_on_meta(config, state: dict) -> tuple:
+    """The model transformers builds for ``config`` and its loading info for ``state`` (meta tensors)."""
+    cls = _model_class(config)
+    try:
+        with _quiet() as messages:
+            return cls.from_pretrained(None, config=config, state_dict=state, device_map="meta",
+                                       output_loading_info=True)
+    except Exception as err:  # noqa: BLE001 - a crash while loading is the finding
+        reason = _report_rows(messages) or _one_line(err)
+        raise CheckFailed(f"transformers ({cls.__name__}) would not load the output: {reason}") from None
+
+
+def _loading_problems(config, specs: dict) -> list[str]:
+    """What goes wrong when transformers loads tensors of ``specs``' names, shapes and dtypes (empty: nothing)."""
+    import copy
+
+    state = {name: torch.empty(info.shape, dtype=info.dtype, device="meta") for name, info in specs.items()}
+    try:
+        model, info = _load_on_meta(copy.deepcopy(config), state)
+    except CheckFailed as err:
+        return [str(err)]
+    problems = []
+    if info.get("missing_keys"):
+        problems.append(f"parameters missing: {_names(info['missing_keys'])}")
+    if info.get("unexpected_keys"):
+        problems.append(f"tensors the loader does not use: {_names(info['unexpected_keys'])}")
+    if info.get("mismatched_keys"):
+        problems.append(f"shapes the model does not have: {_names([key for key, *_ in info['mismatched_keys']])}")
+    if info.get("error_msgs"):
+        problems.append(_one_line(info["error_msgs"][0]))
+    parameters = dict(model.state_dict())
+    wrong_kind = [name for name, spec in specs.items()
+                  if name in parameters and spec.dtype.is_floating_point != parameters[name].dtype.is_floating_point]
+    if wrong_kind:
+        name = wrong_kind[0]
+        problems.append(f"tensor {name!r} is {specs[name].dtype} but the model's parameter is "
+                        f"{parameters[name].dtype}" + (f" (and {len(wrong_kind) - 1} more)" if len(wrong_kind) > 1
+                                                       else ""))
+    return problems
+
+
+GPTQ_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
+
+
+def _gptq_problems(model, specs: dict, quant: dict) -> list[str]:
+    """GPTQ v1's layout checked against the unquantized ``model``: each quantized Linear's weight replaced by
+    qweight (in·b/32, out) int32, qzeros (in/g, out·b/32) int32, scales (in/g, out) float16, g_idx (in,) int32;
+    every other parameter present with its shape."""
+    bits, group = quant.get("bits"), quant.get("group_size")
+    expected = {name: (tuple(tensor.shape), tensor.dtype) for name, tensor in model.state_dict().items()}
+    tied = {name for name in expected if name not in specs and name.endswith("lm_head.weight")
+            and getattr(model.config, "tie_word_embeddings", False)}
+    modules = {name.removesuffix(".qweight") for name in specs if name.endswith(".qweight")}
+    for module in sorted(modules):
+        shape = expected.pop(f"{module}.weight", None)
+        if shape is None:
+            return [f"tensor {module + '.qweight'!r} quantizes a module the model does not have"]
+        kind = type(model.get_submodule(module))
+        if not issubclass(kind, torch.nn.Linear):
+            return [f"module {module!r} is a {kind.__name__}, not the Linear layer GPTQ kernels replace"]
+        out, inputs = shape[0]
+        expected.update({
+            f"{module}.qweight": ((inputs * bits // 32, out), torch.int32),
+            f"{module}.qzeros": ((inputs // group, -(-out * bits // 32)), torch.int32),
+            f"{module}.scales": ((inputs // group, out), torch.float16),
+            f"{module}.g_idx": ((inputs,), torch.int32)})
+    problems = []
+    missing = sorted(set(expected) - set(specs) - tied)
+    unused = sorted(set(specs) - set(expected))
+    if missing:
+        problems.append(f"parameters missing: {_names(missing)}")
+    if unused:
+        problems.append(f"tensors the loader does not use: {_names(unused)}")
+    for name, info in specs.items():
+        if name in expected:
+            shape, dtype = expected[name]
+            quantized = name.rsplit(".", 1)[-1] in GPTQ_TENSORS
+            if info.shape != shape or (quantized and info.dtype != dtype) or (
+                    not quantized and info.dtype.is_floating_point != dtype.is_floating_point):
+                problems.append(f"tensor {name!r} is {info.dtype} {info.shape}, the model needs {dtype} {shape}")
+                break
+    return problems
+
+
+def check_gguf(path: str | Path) -> None:
+    """CheckFailed unless ``path`` reads back as the GGUF checkpoint transformers and llama.cpp load: metadata
+    transformers maps to a config, every tensor inside the file, every tensor the model needs present, with its
+    shape (:class:`~surgery.io.gguf_reader.GGUFCheckpoint` checks all of that when it opens a file)."""
+    from surgery.io.gguf_reader import GGUFCheckpoint
+
+    path = Path(path)
+    try:
+        with _quiet(), GGUFCheckpoint(str(path), path):
+            pass
+    except BadInput as err:
+        raise CheckFailed(f"the written GGUF file would not load: {err}") from None
+
+
+def check_peft(directory: str | Path, base_config: dict) -> None:
+    """CheckFailed unless PEFT loads the adapter in ``directory`` onto a model built (on the meta device) from
+    ``base_config``, using every tensor and missing none it needs."""
+    import peft
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory = Path(directory)
+    fields = {key: value for key, value in base_config.items() if key != "model_type"}
+    try:
+        with _quiet():
+            config = AutoConfig.for_model(base_config["model_type"], **fields)
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config)
+            peft_config = peft.PeftConfig.from_pretrained(directory)
+            adapted = peft.get_peft_model(model, peft_config)
+            result = peft.set_peft_model_state_dict(adapted, _adapter_tensors(directory))
+    except Exception as err:  # noqa: BLE001 - any refusal is the finding
+        raise CheckFailed(f"PEFT would not load the adapter: {_one_line(err)}") from None
+    missing = [key for key in result.missing_keys if "prompt_encoder" in key or "lora_" in key]
+    if result.unexpected_keys or missing:
+        raise CheckFailed("PEFT would not load the adapter correctly: "
+                          + "; ".join(part for part in (
+                              f"tensors PEFT does not use: {_names(result.unexpected_keys)}"
+                              if result.unexpected_keys else "",
+                              f"adapter tensors missing: {_names(missing)}" if missing else "") if part))
+
+
+def _adapter_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(directory / "adapter_model.safetensors")
+
+
+def _one_line(err: object) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= 300 else text[:297] + "..."
