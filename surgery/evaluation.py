@@ -15,7 +15,6 @@ import math
 import random
 import re
 import sys
-from pathlib import Path
 
 import torch
 
@@ -40,24 +39,27 @@ def parse_lengths(text: str) -> list[int]:
 
 
 def load_model(source: str, device: str = "cpu"):
-    """A transformers model and tokenizer from a directory, a Hub repo id (local cache) or a .gguf file."""
+    """A transformers model (float32, eval mode) and tokenizer from a directory, a Hub repo id (local cache) or a
+    .gguf file. The source is opened as every command opens it first (config and safetensors headers checked;
+    pickled ``pytorch_model.bin`` weights are refused, never unpickled)::
+
+        model, tokenizer = load_model("merged")
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as transformers_logging
 
-    from surgery.hub import looks_like_repo_id, resolve_repo
+    from surgery.io import open_checkpoint
 
     if not sys.stderr.isatty():  # progress bars only on a terminal, as everywhere in surgery
         transformers_logging.disable_progress_bar()
-
-    path = Path(source)
-    if not path.exists() and looks_like_repo_id(source):
-        path = resolve_repo(source)
-    if not path.exists():
-        raise BadInput(f"{source}: no such model directory, file or cached Hub repo")
-    kwargs = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
-    directory = path.parent if path.suffix == ".gguf" else path
+    with open_checkpoint(source) as ckpt:
+        path, gguf = ckpt.path, ckpt.format == "gguf"
+    if not gguf and not path.is_dir():
+        raise BadInput(f"{source}: a model directory is needed (config.json + safetensors), not a single file")
+    kwargs = {"gguf_file": path.name} if gguf else {"use_safetensors": True}
+    directory = path.parent if gguf else path
     try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(directory, **({"gguf_file": path.name} if gguf else {}))
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **kwargs)
     except (OSError, ValueError) as err:
         raise BadInput(f"{source}: transformers cannot load it ({str(err).splitlines()[0]})") from None

@@ -124,17 +124,17 @@ def checkpoint_kind(directory: Path) -> str:
     if not has("config.json"):
         raise BadInput(f"{directory}: not a checkpoint (no config.json with safetensors weights, and no "
                        "adapter_config.json with adapter_model.safetensors)")
-    if has(INDEX):
-        try:
-            shards = set(json.loads((directory / INDEX).read_text())["weight_map"].values())
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            raise BadInput(f"{directory}: not a checkpoint ({INDEX} has no readable weight_map)") from None
-        missing = sorted(shard for shard in shards if not has(shard))
-        if missing:
-            raise BadInput(f"{directory}: not a checkpoint ({INDEX} names missing shards: {', '.join(missing[:3])})")
-        return "model"
-    if not any(path.is_file() and not path.name.startswith(".") for path in directory.glob("*.safetensors")):
+    if not has(INDEX) and not any(path.is_file() and not path.name.startswith(".")
+                                  for path in directory.glob("*.safetensors")):
         raise BadInput(f"{directory}: not a checkpoint (config.json but no safetensors weights)")
+    from surgery.io.safetensors_reader import SafetensorsCheckpoint
+
+    if has(INDEX) or has("model.safetensors"):  # config, index and every header as a loader reads them
+        try:
+            with SafetensorsCheckpoint(str(directory), directory):
+                pass
+        except BadInput as err:
+            raise BadInput(f"{directory}: not a checkpoint ({err})") from None
     return "model"
 
 
@@ -175,16 +175,12 @@ def model_card_for(directory: Path, kind: str, repo_id: str) -> tuple[bytes | No
 
 def read_manifest(directory: Path) -> dict:
     """The ``surgery.json`` every surgery output carries ({} when there is none)."""
+    from surgery.io.safetensors_reader import read_json
+
     path = directory / "surgery.json"
     if not path.is_file():
         return {}
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise BadInput(f"{path}: not a readable manifest ({err})") from None
-    if not isinstance(manifest, dict):
-        raise BadInput(f"{path}: not a manifest (expected a JSON object)")
-    return manifest
+    return read_json(path, "the surgery.json manifest")
 
 
 @dataclass

@@ -1,4 +1,10 @@
-"""Reading the YAML (or JSON) files users write — recipes, pipelines — with one-line errors."""
+"""Reading the YAML (or JSON) files users write — recipes, pipelines — with one-line errors.
+
+YAML's aliases let a few lines stand for an exponentially large document ("billion laughs"), or for one that
+contains itself; deep nesting exhausts the parser's recursion. Before anything is built, the document's node graph
+is measured: more than MAX_NODES nodes once aliases are expanded, nesting deeper than MAX_DEPTH, or an alias
+inside its own anchor is a BadInput naming the file.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,48 @@ from pathlib import Path
 from typing import Any
 
 from surgery.errors import BadInput
+
+MAX_NODES = 100_000  # nodes of the document with every alias expanded
+MAX_DEPTH = 64  # nested mappings / lists
+
+
+def _measure(root, path: Path, kind: str) -> None:
+    """BadInput when the composed ``root`` node is too large expanded, too deep, or contains itself."""
+    import yaml
+
+    sizes: dict[int, int] = {}  # id(node) → nodes under it, aliases expanded (each shared node counted once here)
+    on_path: set[int] = set()
+    # Iterative depth-first walk: (node, depth, children visited?)
+    stack = [(root, 1, False)]
+    while stack:
+        node, depth, done = stack.pop()
+        key = id(node)
+        if done:
+            on_path.discard(key)
+            sizes[key] = 1 + sum(sizes[id(child)] for child in _children(node, yaml))
+            if sizes[key] > MAX_NODES:
+                raise BadInput(f"{path}: the {kind} expands to more than {MAX_NODES:,} values (through aliases?)")
+            continue
+        if key in sizes:
+            continue
+        if key in on_path:
+            raise BadInput(f"{path}: the {kind} contains itself (an alias inside its own anchor)")
+        if depth > MAX_DEPTH:
+            raise BadInput(f"{path}: the {kind} is nested more than {MAX_DEPTH} levels deep")
+        on_path.add(key)
+        stack.append((node, depth, True))
+        for child in _children(node, yaml):
+            if id(child) in on_path:
+                raise BadInput(f"{path}: the {kind} contains itself (an alias inside its own anchor)")
+            stack.append((child, depth + 1, False))
+
+
+def _children(node, yaml) -> list:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
 
 
 def read_yaml(path: str | Path, kind: str) -> Any:
@@ -15,11 +63,17 @@ def read_yaml(path: str | Path, kind: str) -> Any:
     """
     import yaml
 
-    path = Path(path)
+    path = Path(path).expanduser()
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        if root is not None:
+            _measure(root, path, kind)
+        return yaml.safe_load(text)
     except FileNotFoundError:
         raise BadInput(f"{path}: {kind} file not found") from None
+    except RecursionError:
+        raise BadInput(f"{path}: the {kind} is nested too deeply") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         reason = " ".join(str(err).split())
         raise BadInput(f"{path}: not a valid YAML/JSON {kind} ({reason})") from None

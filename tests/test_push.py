@@ -320,7 +320,7 @@ def test_bad_input_before_any_request(case, api_hub, checkpoint, sharded_llama, 
         directory = shutil.copytree(sharded_llama, tmp_path / "sharded")
         shard = sorted(directory.glob("*.safetensors"))[0]
         shard.unlink()
-        error = f"{directory}: not a checkpoint (model.safetensors.index.json names missing shards: {shard.name}"
+        error = f"{directory}: not a checkpoint ({shard}: shard file is missing)"
     with pytest.raises(BadInput) as raised:
         push(directory, repo_id)
     assert str(raised.value).startswith(error)

@@ -19,6 +19,7 @@ import torch
 
 from surgery.errors import BadInput
 from surgery.io.checkpoint import Checkpoint, TensorInfo, natural_key
+from surgery.io.config_check import validate_config
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,28 @@ class _ParametersOnly:
         return []
 
 
+def _one_line(err: object) -> str:
+    return " ".join(str(err).split())[:300]
+
+
+def _check_tensor_extents(reader, path: Path) -> None:
+    """BadInput unless every tensor's bytes lie inside the file's data section. The gguf library adds offsets in
+    uint64 (an offset of 2^64 − 1 wraps around into the metadata) and numpy clips slices past the end."""
+    size = path.stat().st_size
+    for tensor in reader.tensors:
+        raw_offset = int(tensor.field.parts[-1][0])
+        elements = 1
+        for dim in tensor.shape.tolist():
+            elements *= int(dim)
+        start = int(reader.data_offset) + raw_offset
+        if elements != int(tensor.n_elements) or start + int(tensor.n_bytes) > size or start < reader.data_offset:
+            raise BadInput(f"{path}: tensor {tensor.name!r} lies outside the file (offset {raw_offset}, "
+                           f"{int(tensor.n_bytes)} bytes, file of {size} bytes)")
+        if int(tensor.data.nbytes) != int(tensor.n_bytes):
+            raise BadInput(f"{path}: tensor {tensor.name!r} holds {int(tensor.data.nbytes)} bytes, its shape needs "
+                           f"{int(tensor.n_bytes)}")
+
+
 class GGUFCheckpoint(Checkpoint):
     """A ``.gguf`` file seen through transformers' names; every tensor is exposed as float32."""
 
@@ -81,10 +104,13 @@ class GGUFCheckpoint(Checkpoint):
         self.path = path
         try:
             self._reader = gguf.GGUFReader(path)
+            _check_tensor_extents(self._reader, path)
             with redirect_stderr(io.StringIO()), _reusing(self._reader):
                 parsed = gguf_utils.load_gguf_checkpoint(str(path), return_tensors=False)
-        except (ValueError, KeyError, IndexError, OSError, NotImplementedError) as err:
-            raise BadInput(f"{path}: not a readable GGUF file ({err})") from None
+        except BadInput:
+            raise
+        except Exception as err:  # noqa: BLE001 - gguf and transformers parse untrusted bytes: any failure is the file's
+            raise BadInput(f"{path}: not a readable GGUF file ({type(err).__name__}: {_one_line(err)})") from None
 
         architecture = gguf_utils.read_field(self._reader, "general.architecture")[0]
         processor_class = gguf_utils.TENSOR_PROCESSORS.get(architecture, gguf_utils.TensorProcessor)
@@ -93,13 +119,14 @@ class GGUFCheckpoint(Checkpoint):
         self._processor = processor_class(config=parsed["config"])
 
         config_fields = dict(parsed["config"])
+        validate_config(config_fields, f"{path} (GGUF metadata)")
         model_type = config_fields.pop("model_type")
         config_fields.pop("_model_name_or_path", None)
         try:
             hf_config = AutoConfig.for_model(model_type, **config_fields)
             with torch.device("meta"):
                 skeleton = AutoModelForCausalLM.from_config(hf_config)
-        except (ValueError, KeyError) as err:
+        except Exception as err:  # noqa: BLE001 - the metadata's values reach transformers' own validation
             raise BadInput(f"{path}: GGUF model type {model_type!r} has no transformers equivalent ({err})") from None
         hf_config.architectures = [type(skeleton).__name__]
         self._hf_config = hf_config
@@ -108,7 +135,8 @@ class GGUFCheckpoint(Checkpoint):
         self.config["dtype"] = "float32"
 
         gguf_to_hf = gguf_utils.get_gguf_hf_weights_map(_ParametersOnly(skeleton), self._processor)
-        expected = set(skeleton.state_dict())
+        parameters = skeleton.state_dict()
+        expected = set(parameters)
         if hf_config.tie_word_embeddings:
             expected.discard("lm_head.weight")
         self._gguf_tensors = {}
@@ -120,6 +148,9 @@ class GGUFCheckpoint(Checkpoint):
                 continue
             self._gguf_tensors[hf_name] = tensor
             shape = tuple(int(size) for size in reversed(tensor.shape.tolist()))
+            if hf_name in parameters and tuple(parameters[hf_name].shape) != shape:
+                raise BadInput(f"{path}: tensor {tensor.name!r} has shape {shape}, the model's {hf_name} needs "
+                               f"{tuple(parameters[hf_name].shape)}")
             infos[hf_name] = TensorInfo(hf_name, torch.float32, shape, path.name)
         missing = sorted(expected - set(infos), key=natural_key)
         if missing:

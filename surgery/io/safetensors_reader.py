@@ -14,6 +14,7 @@ from safetensors import SafetensorError, safe_open
 
 from surgery.errors import BadInput
 from surgery.io.checkpoint import SAFETENSORS_DTYPES, Checkpoint, TensorInfo, natural_key
+from surgery.io.config_check import validate_config
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -32,11 +33,30 @@ def read_json(path: Path, what: str) -> dict:
         value = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise BadInput(f"{path}: {what} is missing") from None
+    except RecursionError:
+        raise BadInput(f"{path}: {what} is nested too deeply to be a {what}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise BadInput(f"{path}: {what} is not valid JSON ({err})") from None
     if not isinstance(value, dict):
         raise BadInput(f"{path}: {what} must be a JSON object, found {type(value).__name__}")
     return value
+
+
+def read_shard_index(directory: Path) -> dict[str, str]:
+    """tensor name → shard file name from ``directory``'s index: BadInput unless every shard is a plain file name
+    inside ``directory`` (no absolute path, no ``..``: a checkpoint never reads outside its directory)."""
+    index_path = directory / INDEX_FILE
+    weight_map = read_json(index_path, "the shard index").get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise BadInput(f"{index_path}: 'weight_map' must map tensor names to shard file names")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise BadInput(f"{index_path}: tensor {name!r} maps to {shard!r}, not a shard file name")
+        parts = Path(shard).parts
+        if Path(shard).is_absolute() or "\\" in shard or ".." in parts or not shard.endswith(".safetensors"):
+            raise BadInput(f"{index_path}: shard {shard!r} of tensor {name!r} is not a .safetensors file inside "
+                           f"{directory}")
+    return weight_map
 
 
 class SafetensorsCheckpoint(Checkpoint):
@@ -49,15 +69,12 @@ class SafetensorsCheckpoint(Checkpoint):
         self.path = path
         self._handles: dict[Path, object] = {}
         try:
-            if path.is_dir():
-                self.directory = path
-                self.config = read_json(path / "config.json", "config.json")
-                shard_of = self._shard_map(path)
-            else:
-                self.directory = path.parent
-                config_path = path.parent / "config.json"
-                self.config = read_json(config_path, "config.json") if config_path.exists() else None
-                shard_of = None
+            self.directory = path if path.is_dir() else path.parent
+            config_path = self.directory / "config.json"
+            self.config = read_json(config_path, "config.json") if path.is_dir() or config_path.exists() else None
+            if self.config is not None:
+                validate_config(self.config, str(config_path))
+            shard_of = self._shard_map(path) if path.is_dir() else None
             self.tensors = self._read_headers(path, shard_of)
         except BaseException:
             self.close()
@@ -66,12 +83,8 @@ class SafetensorsCheckpoint(Checkpoint):
     @staticmethod
     def _shard_map(directory: Path) -> dict[str, str] | None:
         """tensor → shard file from the index, or None for a single ``model.safetensors``."""
-        index_path = directory / INDEX_FILE
-        if index_path.exists():
-            weight_map = read_json(index_path, "the shard index").get("weight_map")
-            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-                raise BadInput(f"{index_path}: 'weight_map' must map tensor names to shard file names")
-            return weight_map
+        if (directory / INDEX_FILE).exists():
+            return read_shard_index(directory)
         if (directory / SINGLE_FILE).exists():
             return None
         raise BadInput(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE} in this directory")
@@ -91,9 +104,11 @@ class SafetensorsCheckpoint(Checkpoint):
         dtype_code = view.get_dtype()
         if dtype_code not in SAFETENSORS_DTYPES:
             raise BadInput(f"{file}: tensor {name!r} has dtype {dtype_code}, which torch cannot represent")
-        return TensorInfo(name, SAFETENSORS_DTYPES[dtype_code], tuple(view.get_shape()), file.name)
+        return TensorInfo(name, SAFETENSORS_DTYPES[dtype_code], tuple(view.get_shape()),
+                          file.relative_to(self.directory).as_posix())
 
     def _read_headers(self, path: Path, shard_of: dict[str, str] | None) -> dict[str, TensorInfo]:
+        """Every tensor's TensorInfo; ``file`` is where its header was read, and where :meth:`get` reads it."""
         infos: dict[str, TensorInfo] = {}
         if shard_of is None:
             file = path / SINGLE_FILE if path.is_dir() else path
@@ -114,7 +129,7 @@ class SafetensorsCheckpoint(Checkpoint):
         return self._open(self.directory / info.file).get_tensor(name)
 
     def files(self) -> dict[str, int]:
-        return {file.name: file.stat().st_size for file in sorted(self._handles)}
+        return {file.relative_to(self.directory).as_posix(): file.stat().st_size for file in sorted(self._handles)}
 
     def auxiliary_files(self) -> dict[str, bytes]:
         return {

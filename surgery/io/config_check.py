@@ -1,0 +1,84 @@
+"""Validate the fields of a model config that surgery and the loaders compute with, where the config is read.
+
+Every reader calls :func:`validate_config` once, so a ``hidden_size`` of 1.5, ``num_attention_heads: 0``, a size of
+2^63 or ``tie_word_embeddings: "yes"`` is a one-line BadInput naming the file and the key — not arithmetic on
+nonsense later, nor a crash deep inside transformers::
+
+    validate_config({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4}, "model/config.json")
+
+Only the generic fields are checked (the same keys across families, also inside ``text_config`` and the other
+sub-configs of multimodal models); family-specific ones are left to transformers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from surgery.errors import BadInput
+
+MAX_SIZE = 1 << 31  # larger than any real dimension, and small enough that products of a few stay exact
+
+POSITIVE_SIZES = (
+    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "vocab_size", "max_position_embeddings", "original_max_position_embeddings", "head_dim", "n_embd", "n_layer",
+    "n_head", "n_positions",
+)
+BOOLEANS = ("tie_word_embeddings", "use_cache", "attention_bias", "mlp_bias")
+DTYPES = {"float32", "float16", "bfloat16", "float64", "float8_e4m3fn", "float8_e5m2", "int8", "uint8", "auto"}
+SUB_CONFIGS = ("text_config", "vision_config", "audio_config")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate_config(config: Any, where: str) -> None:
+    """BadInput naming ``where`` and the key unless the generic fields of ``config`` have sane types and values."""
+    if not isinstance(config, dict):
+        raise BadInput(f"{where}: a config must be a JSON object, found {type(config).__name__}")
+    model_type = config.get("model_type")
+    if model_type is not None and not isinstance(model_type, str):
+        raise BadInput(f"{where}: model_type must be a string, found {model_type!r}")
+    architectures = config.get("architectures")
+    if architectures is not None and (not isinstance(architectures, list)
+                                      or not all(isinstance(name, str) and name for name in architectures)):
+        raise BadInput(f"{where}: architectures must be a list of class names, found {architectures!r}")
+    _check_fields(config, where)
+    for key in SUB_CONFIGS:
+        sub = config.get(key)
+        if sub is not None:
+            if not isinstance(sub, dict):
+                raise BadInput(f"{where}: {key} must be a JSON object, found {type(sub).__name__}")
+            _check_fields(sub, f"{where}: {key}")
+
+
+def _check_fields(config: dict, where: str) -> None:
+    for key in POSITIVE_SIZES:
+        value = config.get(key)
+        if value is None:
+            continue
+        if not _is_int(value) or value <= 0:
+            raise BadInput(f"{where}: {key} must be a positive whole number, found {value!r}")
+        if value > MAX_SIZE:
+            raise BadInput(f"{where}: {key} {value} is larger than any model dimension ({MAX_SIZE})")
+    for key in BOOLEANS:
+        value = config.get(key)
+        if value is not None and not isinstance(value, bool):
+            raise BadInput(f"{where}: {key} must be true or false, found {value!r}")
+    for key in ("dtype", "torch_dtype"):
+        value = config.get(key)
+        if value is not None and value not in DTYPES:
+            raise BadInput(f"{where}: {key} {value!r} is not a dtype a checkpoint is stored in "
+                           f"({', '.join(sorted(DTYPES))})")
+    theta = config.get("rope_theta")
+    if theta is not None and (isinstance(theta, bool) or not isinstance(theta, (int, float))
+                              or not math.isfinite(theta) or theta <= 0):
+        raise BadInput(f"{where}: rope_theta must be a positive number, found {theta!r}")
+    heads, kv_heads = config.get("num_attention_heads"), config.get("num_key_value_heads")
+    if heads and kv_heads and heads % kv_heads:
+        raise BadInput(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+    hidden = config.get("hidden_size")
+    if heads and hidden and config.get("head_dim") is None and hidden % heads:
+        raise BadInput(f"{where}: hidden_size {hidden} is not a multiple of num_attention_heads {heads} "
+                       "(and no head_dim is given)")
