@@ -164,5 +164,6 @@ def test_star_from_the_command_line_and_bad_eta(family, tmp_path):
     np.testing.assert_allclose(out[name], star_reference(inputs[0][name], [inputs[1][name]], [1.0], eta=0.2),
                                atol=1e-5)
     bad = run_surgery("merge", base, ft1, "--method", "star", "--eta", "1.5", "-o", tmp_path / "bad")
-    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == ["surgery: error: --eta 1.5: must be in (0, 1]"]
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == ["surgery: error: parameter eta 1.5 (global): must be in (0, 1]"]
     assert not (tmp_path / "bad").exists()

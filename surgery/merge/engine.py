@@ -27,8 +27,10 @@ from surgery.convert import output_config
 from surgery.errors import BadInput
 from surgery.io import open_checkpoint, plan_shards, write_checkpoint
 from surgery.io.checkpoint import Checkpoint, TensorInfo, natural_key, parse_dtype
+from surgery.io.loader_check import check_transformers
 from surgery.io.writer import DEFAULT_MAX_SHARD_SIZE, WriteResult, check_output_available
-from surgery.merge.params import resolve_value
+from surgery.merge.chat_template import resolve_template, with_chat_template
+from surgery.merge.params import check_setting, resolve_value
 from surgery.merge.ray_executor import check_executor
 from surgery.merge.sparsify import chunk_slices
 from surgery.merge.recipe import ModelEntry, Recipe, Slice, recipe_json
@@ -95,15 +97,18 @@ class PlannedTensor:
 
 
 def _check_parameters(recipe: Recipe, method: MergeMethod) -> None:
-    given = {("global", key) for key in recipe.parameters}
+    """Every parameter given applies to the method and has allowed values (params.RULES), wherever it is set."""
+    given = [("global", key, value) for key, value in recipe.parameters.items()]
     entries = recipe.models + [source for part in recipe.slices or [] for source in part.sources]
-    given |= {(entry.model, key) for entry in entries for key in entry.parameters}
-    given |= {(f"slice {number}", key) for number, part in enumerate(recipe.slices or []) for key in part.parameters}
-    for where, key in sorted(given):
+    given += [(entry.model, key, value) for entry in entries for key, value in entry.parameters.items()]
+    given += [(f"slice {number}", key, value) for number, part in enumerate(recipe.slices or [])
+              for key, value in part.parameters.items()]
+    for where, key, value in sorted(given, key=lambda item: item[:2]):
         if key not in method.parameters:
             accepted = ", ".join(sorted(method.parameters)) or "none"
             raise BadInput(f"parameter {key!r} ({where}) does not apply to method {method.name!r} "
                            f"(it takes: {accepted})")
+        check_setting(key, value, where)
     if recipe.dare_rescale not in DARE_RESCALES:
         raise BadInput(f"--dare-rescale {recipe.dare_rescale!r}: expected l1, inverse or none")
 
@@ -139,8 +144,10 @@ def _open_slice(number: int, part: Slice, recipe: Recipe, method: MergeMethod, o
                            f"{count} layers")
     lengths = {end - start for start, end in (entry.layer_range for entry in sources)}
     if len(lengths) > 1:
-        raise BadInput(f"{where}: every source needs the same number of layers (layer ranges "
-                       f"{[list(e.layer_range) for e in sources]})")
+        counts = ", ".join(f"{e.model} {e.layer_range[1] - e.layer_range[0]}"
+                           + (f" (layers {e.layer_range[0]}-{e.layer_range[1]})" if recipe.slices else "")
+                           for e in sources)
+        raise BadInput(f"{where}: every source needs the same number of layers; layers per model: {counts}")
     base_name = part.base or recipe.base
     base_index = None
     if method.uses_base:
@@ -183,6 +190,8 @@ def open_inputs(recipe: Recipe, stack: ExitStack) -> MergeInputs:
     reference = slices[0].reference[0]
     tokenizer_source = reference if source_name in ("base", "union") else checkpoints[names.index(source_name)]
     auxiliary = {c.source: c.auxiliary_files() for c in checkpoints}
+    if recipe.chat_template:
+        resolve_template(recipe.chat_template, list(auxiliary.values()), "chat_template")
     arch = Architecture.from_config(reference.config)
     rows = {c.source: _embedding_rows(c, arch) for c in checkpoints}
     vocabulary = None
@@ -489,6 +498,7 @@ def merge(recipe: Recipe, output: str | Path, *, device: str = "cpu",
             aux = dict(inputs.auxiliary[inputs.tokenizer_source.source])
             if inputs.vocabulary is not None and inputs.vocabulary.tokenizer_files:  # a union tokenizer
                 aux = {n: d for n, d in aux.items() if n not in TOKENIZER_FILES} | inputs.vocabulary.tokenizer_files
+            aux = with_chat_template(aux, recipe.chat_template, list(inputs.auxiliary.values()), "chat_template")
             aux["surgery.json"] = manifest_bytes("merge", recipe.to_dict(), hashes.result())
             aux["README.md"] = model_card_bytes(
                 title=f"A {inputs.method.name} merge", relation="merge",
@@ -498,7 +508,7 @@ def merge(recipe: Recipe, output: str | Path, *, device: str = "cpu",
         with _cpu_workers(merger.device) as workers:
             result = write_checkpoint(output, specs, merger, config=_output_config(inputs, specs, dtype),
                                       files=files, max_shard_size=max_shard_size, force=force, progress=progress,
-                                      workers=workers, write_shards=shards)
+                                      workers=workers, write_shards=shards, check=check_transformers)
     return MergeResult(result, recipe)
 
 

@@ -20,7 +20,9 @@ import torch
 from surgery.merge import sparsify
 from surgery.merge.registry import TensorMerge, register
 
-TASK_VECTOR_PARAMETERS = {"weight", "lambda", "normalize"}
+# int8_mask: mergekit's option to hold masks as int8 to save memory; accepted so its configs run, and without effect
+# on the result (masks are boolean here).
+TASK_VECTOR_PARAMETERS = {"weight", "lambda", "normalize", "int8_mask"}
 
 
 def _stacked_weights(x: TensorMerge, like: torch.Tensor) -> torch.Tensor:

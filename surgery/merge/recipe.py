@@ -41,8 +41,16 @@ from typing import Any
 from surgery.errors import BadInput
 
 RECIPE_KEYS = {"method", "base", "models", "slices", "parameters", "seed", "dtype", "tokenizer_source",
-               "dare_rescale", "aim"}
+               "dare_rescale", "aim", "chat_template"}
+MODEL_KEYS = {"model", "parameters", "layer_range"}
+SLICE_KEYS = {"sources", "parameters", "base"}
 AIM_KEYS = {"omega", "stats", "calibration", "max_tokens"}
+DARE_RESCALES = ("l1", "inverse", "none")
+# mergekit's MergeConfiguration fields (mergekit/config.py); anything else in a mergekit config is refused by name
+MERGEKIT_KEYS = {"merge_method", "base_model", "models", "slices", "modules", "parameters", "dtype", "out_dtype",
+                 "tokenizer_source", "tokenizer", "chat_template"}
+NO_LORA = ("LoRA adapters in a recipe are not supported yet: merge the adapter into its model first (PEFT's "
+           "merge_and_unload) and name that model")
 
 
 @dataclass
@@ -75,26 +83,37 @@ class Recipe:
     tokenizer_source: str = "base"
     dare_rescale: str = "l1"
     aim: dict[str, Any] | None = None  # activation-informed merging: omega and stats, or calibration + max_tokens
+    chat_template: str | None = None  # "auto" (the inputs' most common), "chatml", or a Jinja template
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict, origin: str = "recipe") -> "Recipe":
+        """A recipe from its mapping form (our YAML, a manifest's ``recipe``); BadInput naming ``origin`` and the key
+        for any unknown key or value of the wrong type."""
+        if not isinstance(data, dict):
+            raise BadInput(f"{origin}: a recipe must be a mapping")
         unknown = set(data) - RECIPE_KEYS
         if unknown:
-            raise BadInput(f"{origin}: unknown recipe key(s) {', '.join(sorted(unknown))}")
+            raise BadInput(f"{origin}: unknown recipe key(s) {', '.join(sorted(map(str, unknown)))}")
         if "method" not in data or bool(data.get("models")) == bool(data.get("slices")):
             raise BadInput(f"{origin}: a recipe needs 'method' and either a non-empty 'models' or 'slices' list")
-        models = [_model_entry(e, origin) for e in data.get("models") or []]
+        models = [_model_entry(e, origin) for e in _list(data.get("models"), "models", origin)]
         if any(entry.layer_range for entry in models):
             raise BadInput(f"{origin}: layer_range belongs in 'slices', not 'models'")
-        slices = [_slice(entry, f"{origin}: slice {number}") for number, entry in enumerate(data.get("slices") or [])]
-        return cls(method=data["method"], models=models,
-                   base=data.get("base"), parameters=dict(data.get("parameters") or {}), slices=slices or None,
-                   seed=int(data.get("seed", 0)), dtype=data.get("dtype"),
-                   tokenizer_source=data.get("tokenizer_source") or "base",
-                   dare_rescale=data.get("dare_rescale", "l1"), aim=aim_settings(data.get("aim"), origin))
+        slices = [_slice(entry, f"{origin}: slice {number}")
+                  for number, entry in enumerate(_list(data.get("slices"), "slices", origin))]
+        dare_rescale = _text(data.get("dare_rescale"), "dare_rescale", origin) or "l1"
+        if dare_rescale not in DARE_RESCALES:
+            raise BadInput(f"{origin}: dare_rescale {dare_rescale!r}: expected {', '.join(DARE_RESCALES)}")
+        return cls(method=_text(data["method"], "method", origin, required=True), models=models,
+                   base=_text(data.get("base"), "base", origin), parameters=_parameters(data.get("parameters"), origin),
+                   slices=slices or None, seed=_seed(data.get("seed", 0), origin),
+                   dtype=_dtype(data.get("dtype"), origin),
+                   tokenizer_source=_text(data.get("tokenizer_source"), "tokenizer_source", origin) or "base",
+                   dare_rescale=dare_rescale, aim=aim_settings(data.get("aim"), origin),
+                   chat_template=_text(data.get("chat_template"), "chat_template", origin))
 
     @property
     def sources(self) -> list[str]:
@@ -105,12 +124,54 @@ class Recipe:
         return list(dict.fromkeys(names))
 
 
+def _text(value: Any, key: str, origin: str, *, required: bool = False) -> str | None:
+    """``value`` when it is a non-empty string (or absent, unless ``required``); BadInput naming ``key`` else."""
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value:
+        raise BadInput(f"{origin}: {key} must be a non-empty string, found {value!r}")
+    return value
+
+
+def _list(value: Any, key: str, origin: str) -> list:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise BadInput(f"{origin}: {key} must be a list, found {type(value).__name__}")
+    return value
+
+
+def _parameters(value: Any, origin: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
+        raise BadInput(f"{origin}: parameters must be a mapping of parameter names to values, found {value!r}")
+    return dict(value)
+
+
+def _seed(value: Any, origin: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2 ** 63:
+        raise BadInput(f"{origin}: seed must be a whole number from 0 to 2^63 - 1, found {value!r}")
+    return value
+
+
+def _dtype(value: Any, origin: str) -> str | None:
+    from surgery.io.checkpoint import OUTPUT_DTYPES
+
+    value = _text(value, "dtype", origin)
+    if value is not None and value not in OUTPUT_DTYPES:
+        raise BadInput(f"{origin}: dtype {value!r}: expected one of {', '.join(OUTPUT_DTYPES)}")
+    return value
+
+
 def aim_settings(settings: Any, origin: str) -> dict | None:
     """AIM settings with their defaults (omega 0.4; self-generated calibration of 2048 tokens without stats)."""
     if settings is None:
         return None
     if not isinstance(settings, dict) or set(settings) - AIM_KEYS:
         raise BadInput(f"{origin}: aim must be a mapping of {', '.join(sorted(AIM_KEYS))}")
+    for key in ("stats", "calibration"):
+        _text(settings.get(key), f"aim {key}", origin)
     if settings.get("stats") and settings.get("calibration"):
         raise BadInput(f"{origin}: aim takes stats (precomputed) or calibration (text), not both")
     omega = settings.get("omega", 0.4)
@@ -127,58 +188,95 @@ def _model_entry(entry: Any, origin: str) -> ModelEntry:
     if isinstance(entry, str):
         entry = {"model": entry}
     if not isinstance(entry, dict) or "model" not in entry:
-        raise BadInput(f"{origin}: each model entry needs a 'model' key")
+        raise BadInput(f"{origin}: each model entry needs a 'model' key, found {entry!r}")
+    if "lora" in entry:
+        raise BadInput(f"{origin}: {entry['model']!r}: {NO_LORA}")
+    unknown = set(entry) - MODEL_KEYS
+    if unknown:
+        raise BadInput(f"{origin}: model {entry['model']!r}: unknown key(s) {', '.join(sorted(map(str, unknown)))}")
+    model = _text(entry["model"], "model", origin, required=True)
     layer_range = entry.get("layer_range")
     if layer_range is not None:
         if (not isinstance(layer_range, (list, tuple)) or len(layer_range) != 2
-                or not all(isinstance(v, int) for v in layer_range) or not 0 <= layer_range[0] < layer_range[1]):
-            raise BadInput(f"{origin}: layer_range {layer_range!r} of {entry['model']}: expected [start, end) "
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in layer_range)
+                or not 0 <= layer_range[0] < layer_range[1]):
+            raise BadInput(f"{origin}: layer_range {layer_range!r} of {model}: expected [start, end) "
                            "with 0 <= start < end")
         layer_range = tuple(layer_range)
-    return ModelEntry(str(entry["model"]), dict(entry.get("parameters") or {}), layer_range)
+    return ModelEntry(model, _parameters(entry.get("parameters"), f"{origin}: model {model}"), layer_range)
 
 
 def _slice(entry: Any, origin: str) -> Slice:
     if not isinstance(entry, dict) or not entry.get("sources"):
         raise BadInput(f"{origin}: needs a non-empty 'sources' list")
-    unknown = set(entry) - {"sources", "parameters", "base"}
+    unknown = set(entry) - SLICE_KEYS
     if unknown:
-        raise BadInput(f"{origin}: unknown key(s) {', '.join(sorted(unknown))}")
-    sources = [_model_entry(source, origin) for source in entry["sources"]]
+        raise BadInput(f"{origin}: unknown key(s) {', '.join(sorted(map(str, unknown)))}")
+    sources = [_model_entry(source, origin) for source in _list(entry["sources"], "sources", origin)]
     if any(source.layer_range is None for source in sources):
         raise BadInput(f"{origin}: every source needs a layer_range")
-    return Slice(sources, dict(entry.get("parameters") or {}), entry.get("base"))
+    return Slice(sources, _parameters(entry.get("parameters"), origin), _text(entry.get("base"), "base", origin))
 
 
-def _model_name(entry: Any) -> Any:
-    """mergekit writes a model as a string, {model: path} or {model: {model: path, lora: ...}}."""
+def _model_name(entry: Any, origin: str) -> Any:
+    """mergekit writes a model as a string, {model: path} or {model: {model: path, lora: ...}}; a LoRA (also the
+    ``model+lora`` string form) is refused."""
     model = entry.get("model") if isinstance(entry, dict) else entry
     if isinstance(model, dict):
+        if model.get("lora"):
+            raise BadInput(f"{origin}: {model.get('model') or model.get('path')!r}: {NO_LORA}")
         model = model.get("model") or model.get("path")
+    if isinstance(model, str) and "+" in model and not Path(model).exists():
+        raise BadInput(f"{origin}: {model!r} names a model+LoRA pair: {NO_LORA}")
     return model
 
 
+def _mergekit_tokenizer(config: dict, origin: str) -> str | None:
+    """tokenizer_source from mergekit's ``tokenizer_source`` or its newer ``tokenizer: {source, ...}`` block."""
+    block = config.get("tokenizer")
+    source = config.get("tokenizer_source")
+    if block is None:
+        return None if source is None else _model_name(source, origin)
+    if source is not None:
+        raise BadInput(f"{origin}: give tokenizer_source or tokenizer, not both")
+    if not isinstance(block, dict) or set(block) - {"source", "tokens", "pad_to_multiple_of"}:
+        raise BadInput(f"{origin}: tokenizer must be a mapping of source, tokens and pad_to_multiple_of")
+    if block.get("tokens"):
+        raise BadInput(f"{origin}: tokenizer tokens (per-token embedding sources) are not supported; give source "
+                       "base, union or a model")
+    if block.get("pad_to_multiple_of") is not None:
+        raise BadInput(f"{origin}: tokenizer pad_to_multiple_of is not supported yet")
+    return _model_name(block.get("source", "union"), origin)  # mergekit's default source is the union
+
+
 def _from_mergekit(config: dict, origin: str) -> Recipe:
-    """Translate a mergekit YAML config; BadInput for features we do not run."""
-    tokenizer = config.get("tokenizer_source")
-    if isinstance(tokenizer, dict) or config.get("tokenizer"):
-        raise BadInput(f"{origin}: per-token tokenizer settings are not supported (use base, union or a model)")
-    base = config.get("base_model")
-    data = {"method": config["merge_method"], "base": base, "parameters": config.get("parameters") or {},
-            "dtype": config.get("out_dtype") or config.get("dtype"), "tokenizer_source": tokenizer or "base"}
+    """Translate a mergekit YAML config; BadInput for keys mergekit does not have and features we do not run."""
+    unknown = set(config) - MERGEKIT_KEYS
+    if unknown:
+        raise BadInput(f"{origin}: unknown mergekit key(s) {', '.join(sorted(map(str, unknown)))}")
     if config.get("modules"):
         raise BadInput(f"{origin}: mergekit 'modules' are not supported (use models or slices)")
+    base = _model_name(config.get("base_model"), origin)
+    data = {"method": config["merge_method"], "base": base, "parameters": config.get("parameters"),
+            "dtype": config.get("out_dtype") or config.get("dtype"),
+            "tokenizer_source": _mergekit_tokenizer(config, origin), "chat_template": config.get("chat_template")}
     if config.get("slices"):
         data["slices"] = []
-        for part in config["slices"]:
-            sources = [{**source, "model": _model_name(source)} for source in part.get("sources") or []]
+        for part in _list(config["slices"], "slices", origin):
+            if not isinstance(part, dict):
+                raise BadInput(f"{origin}: each slice must be a mapping, found {part!r}")
+            unknown = set(part) - {"sources", "parameters", "base_model"}
+            if unknown:
+                raise BadInput(f"{origin}: slice: unknown mergekit key(s) {', '.join(sorted(map(str, unknown)))}")
+            sources = [{**source, "model": _model_name(source, origin)} if isinstance(source, dict) else source
+                       for source in _list(part.get("sources"), "sources", origin)]
             data["slices"].append({"sources": sources, "parameters": part.get("parameters"),
-                                   "base": part.get("base_model")})
+                                   "base": _model_name(part.get("base_model"), origin)})
     else:
         # mergekit lists the base among the models too; we keep it apart
-        data["models"] = [{**e, "model": _model_name(e)} if isinstance(e, dict) else e
-                          for e in config.get("models") or [] if _model_name(e) != base]
-    return Recipe.from_dict(data, origin)
+        data["models"] = [{**e, "model": _model_name(e, origin)} if isinstance(e, dict) else _model_name(e, origin)
+                          for e in _list(config.get("models"), "models", origin) if _model_name(e, origin) != base]
+    return Recipe.from_dict({key: value for key, value in data.items() if value is not None}, origin)
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -190,6 +288,8 @@ def load_recipe(path: str | Path) -> Recipe:
     if not isinstance(data, dict):
         raise BadInput(f"{path}: a recipe must be a mapping")
     if "recipe" in data and "surgery_version" in data:  # a manifest written by an earlier merge
+        if data.get("command") != "merge":
+            raise BadInput(f"{path}: the manifest of a {data.get('command')!r} output, not of a merge")
         data = data["recipe"]
     if "merge_method" in data:
         return _from_mergekit(data, str(path))
