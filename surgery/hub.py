@@ -39,6 +39,7 @@ def resolve_repo(source: str) -> Path:
     if match is None:
         raise BadInput(f"{source}: not a local path and not a Hub repo id of the form org/name[@revision]")
     repo_id, revision = match["repo"], match["revision"]
+    _check_repo_id(repo_id)
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=CHECKPOINT_PATTERNS,
                                       local_files_only=constants.HF_HUB_OFFLINE))

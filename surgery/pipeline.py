@@ -18,6 +18,11 @@ After a step succeeds, a stamp is written beside its output (``OUTPUT.stamp.json
 file, remembered between runs; a Hub repo id by its resolved revision). A step is skipped as "up to date" when its
 output exists and its stamp records the same options and inputs; otherwise it runs — replacing its output
 atomically — and so does every step after it.
+
+A step replaces only an output this pipeline made (one with its stamp): an existing output without a stamp is a
+one-line error unless the step says ``force: true``. A step's keys are its command's options (``output`` for
+``-o``, the positional names above, ``force``), nothing else; their values are strings, numbers, booleans or
+lists of them.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ COMMANDS = {
     "push": (["input", "repo"], False),
 }
 REPLACEABLE = {"merge", "extend", "convert", "quantize"}  # take --force; calibrate replaces its file anyway
+NOT_STEP_OPTIONS = {"help", "dry_run", "json", "force", "version"}  # the pipeline's, not the step's, to decide
 
 
 @dataclass(frozen=True)
@@ -64,25 +70,75 @@ class Step:
     @property
     def stamp_path(self) -> Path:
         if self.output is not None:
-            return Path(f"{self.output}.stamp.json")
-        return Path(f"{self.options['input']}.{self.command}.stamp.json")
+            return Path(f"{self.output}.stamp.json").expanduser()
+        return Path(f"{self.options['input']}.{self.command}.stamp.json").expanduser()
+
+    @property
+    def force(self) -> bool:
+        """The step may replace an existing output that has no stamp of this pipeline."""
+        return self.options.get("force") is True
 
     def argv(self) -> list[str]:
-        """The command line this step stands for."""
+        """The command line this step stands for (without --force, which :func:`_run_step` decides)."""
         positional, _ = COMMANDS[self.command]
+        declared = _step_options(self.command)
         args = [self.command]
         for name in positional:
             value = self.options[name]
             args += [str(v) for v in value] if isinstance(value, list) else [str(value)]
         for key, value in self.options.items():
-            if key in positional or value is None or value is False:
+            option = declared.get(key)
+            if key in positional or key == "force" or value is None:
+                continue
+            if isinstance(value, bool) and option is not None and option.is_flag:
+                flags = option.opts if value else option.secondary_opts  # --normalize / --no-normalize
+                args += [flag for flag in flags if flag.startswith("--")][:1]
                 continue
             flag = "-o" if key == "output" else "--" + key.replace("_", "-")
-            if value is True:
-                args.append(flag)
-            else:
-                args += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+            args += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
         return args
+
+
+def _step_options(command: str) -> dict[str, Any]:
+    """The keys a step of ``command`` may have → the command line's option they stand for (None for the positional
+    names and ``force``), read from the command line's own declaration of that command."""
+    import typer
+
+    from surgery.cli import app
+
+    positional, writes = COMMANDS[command]
+    declared: dict[str, Any] = {name: None for name in positional + (["output"] if writes else []) + ["force"]}
+    for parameter in typer.main.get_command(app).commands[command].params:
+        if parameter.param_type_name != "option":
+            continue
+        for flag in parameter.opts:
+            key = flag.removeprefix("--").replace("-", "_")
+            if flag.startswith("--") and key not in NOT_STEP_OPTIONS and key != "output":
+                declared[key] = parameter
+    return declared
+
+
+def _check_options(command: str, options: dict, where: str) -> None:
+    """BadInput naming the key unless ``options`` are declared options of ``command`` with plain values."""
+    declared = _step_options(command)
+    for key, value in options.items():
+        if not isinstance(key, str) or key not in declared:
+            known = ", ".join(sorted(declared))
+            raise BadInput(f"{where}: {key!r} is not an option of {command} (its options: {known})")
+        flag = key == "force" or (declared[key] is not None and declared[key].is_flag)
+        if flag and not isinstance(value, bool) and value is not None:
+            raise BadInput(f"{where}: {key} must be true or false, found {value!r}")
+        if isinstance(value, bool) and not flag:
+            raise BadInput(f"{where}: {key} takes a value, not {str(value).lower()}")
+        scalars = value if isinstance(value, list) else [value]
+        if not all(v is None or isinstance(v, (str, int, float, bool)) for v in scalars):
+            raise BadInput(f"{where}: {key} must be a string, a number or a list of them, found {value!r}")
+    for key in ("output", "input", "repo"):
+        if key in options and not (isinstance(options[key], str) and options[key]):
+            raise BadInput(f"{where}: {key} must be a path or name (a string), found {options[key]!r}")
+    models = options.get("models")
+    if models is not None and not (isinstance(models, list) and all(isinstance(m, str) and m for m in models)):
+        raise BadInput(f"{where}: models must be a list of model paths or repo ids, found {models!r}")
 
 
 def load_pipeline(path: str | Path) -> list[Step]:
@@ -108,18 +164,20 @@ def load_pipeline(path: str | Path) -> list[Step]:
         missing = [name for name in needed if options.get(name) in (None, [], "")]
         if missing:
             raise BadInput(f"{where}: {command} needs {', '.join(missing)}")
+        _check_options(command, options, where)
         steps.append(Step(command, dict(options), number))
     return steps
 
 
-def _input_state(source: str) -> Any:
+def _input_state(source: str, planned: set[str]) -> Any:
     """What a step input is now: content hashes of a local file or directory's files (hidden ones aside; a Hub
-    snapshot's files are named by their hashes already), or None when it does not exist yet."""
+    snapshot's files are named by their hashes already), or None when it does not exist yet. ``planned`` are the
+    outputs of earlier steps: always local paths, never Hub repo ids."""
     from surgery.hub import looks_like_repo_id, resolve_repo
     from surgery.provenance import content_hashes
 
-    path = Path(source)
-    if not path.exists() and looks_like_repo_id(source):
+    path = Path(source).expanduser()
+    if not path.exists() and looks_like_repo_id(source) and _normal(source) not in planned:
         path = resolve_repo(source)
     if not path.exists():
         return None  # produced by an earlier step that has not run yet (dry run), or missing
@@ -131,16 +189,22 @@ def _input_state(source: str) -> Any:
     return {str(file.relative_to(path)): hashes[file] for file in files}
 
 
-def _stamp(step: Step) -> dict:
-    return {"command": step.command, "options": step.options,
-            "inputs": {source: _input_state(source) for source in step.inputs}}
+def _normal(path: str) -> str:
+    return str(Path(path).expanduser().absolute())
+
+
+def _stamp(step: Step, planned: set[str]) -> dict:
+    options = {key: value for key, value in step.options.items() if key != "force"}
+    return {"command": step.command, "options": options,
+            "inputs": {source: _input_state(source, planned) for source in step.inputs}}
 
 
 def _read_stamp(path: Path) -> dict | None:
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        stamp = json.loads(path.expanduser().read_text())
+    except (OSError, ValueError, RecursionError):
         return None
+    return stamp if isinstance(stamp, dict) else None
 
 
 def _write_stamp(path: Path, stamp: dict) -> None:
@@ -161,7 +225,7 @@ class StepReport:
 
 def _why_stale(step: Step, stamp: dict) -> str | None:
     """Why the step must run, or None when its output is up to date."""
-    if step.output is not None and not Path(step.output).exists():
+    if step.output is not None and not Path(step.output).expanduser().exists():
         return "no output yet"
     recorded = _read_stamp(step.stamp_path)
     if recorded is None:
@@ -176,13 +240,17 @@ def _why_stale(step: Step, stamp: dict) -> str | None:
 def run_pipeline(steps: list[Step], *, dry_run: bool = False) -> Iterator[StepReport]:
     """Run (or with ``dry_run`` only assess) the steps in order, yielding a report per step as it finishes."""
     earlier_ran = False
+    planned: set[str] = set()
     for step in steps:
-        stamp = _stamp(step)
+        stamp = _stamp(step, planned)
+        if step.output is not None:
+            planned.add(_normal(step.output))
         reason = "an earlier step ran" if earlier_ran else _why_stale(step, stamp)
         if reason is None:
             yield StepReport(step, "up to date")
             continue
         earlier_ran = True
+        _check_replaceable(step)
         if dry_run:
             yield StepReport(step, "would run", reason)
             continue
@@ -191,13 +259,25 @@ def run_pipeline(steps: list[Step], *, dry_run: bool = False) -> Iterator[StepRe
         yield StepReport(step, "ran", reason)
 
 
+def _check_replaceable(step: Step) -> None:
+    """BadInput unless the step's output is absent, was made by this pipeline (it has the step's stamp), or the step
+    says ``force: true``: a pipeline never deletes what the user made."""
+    if step.output is None or not Path(step.output).expanduser().exists() or step.force:
+        return
+    recorded = _read_stamp(step.stamp_path)
+    if recorded is None or recorded.get("command") != step.command:
+        raise BadInput(f"step {step.number} ({step.command}): {step.output} exists and was not made by this step "
+                       f"(no {step.stamp_path.name} beside it); remove it or set force: true in the step")
+
+
 def _run_step(step: Step) -> None:
     """The step's command, in this process, with its errors named after the step."""
     import typer
 
     from surgery.cli import app
 
-    argv = step.argv() + (["--force"] if step.command in REPLACEABLE and Path(step.output).exists() else [])
+    argv = step.argv() + (["--force"] if step.command in REPLACEABLE and Path(step.output).expanduser().exists()
+                          else [])
     try:
         code = typer.main.get_command(app).main(argv, prog_name="surgery", standalone_mode=False)
     except BadInput as err:

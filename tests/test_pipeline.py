@@ -83,7 +83,7 @@ def test_bad_pipelines_are_one_line_errors(models, tmp_path):
         "steps: [{frobnicate: {input: x, output: y}}]": "step 1: unknown command 'frobnicate'",
         f"steps: [{{merge: {{models: [{base}, {ft}], method: ties}}}}]": "step 1: merge needs output",
         f"steps: [{{merge: {{models: [{base}, {ft}], method: ties, bogus: 1, output: {tmp_path}/o}}}}]":
-            "step 1 (merge): No such option: --bogus",
+            "step 1: 'bogus' is not an option of merge",
     }
     for text, message in cases.items():
         path = tmp_path / "p.yaml"

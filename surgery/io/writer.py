@@ -318,9 +318,11 @@ def replaceable(directory: Path) -> bool:
 
 def check_output_available(directory: str | Path, force: bool = False) -> Path:
     """Fail early (BadInput) when ``directory`` exists and may not be replaced; returns it as an absolute path
-    (``~`` expanded). With ``force`` only a directory holding a checkpoint (or an earlier output, or nothing) is
+    (``~`` expanded). Killed runs' leftovers beside it are cleaned up first (:func:`_remove_abandoned`). With ``force`` only a directory holding a checkpoint (or an earlier output, or nothing) is
     replaced: a directory of the user's own files never is."""
     directory = Path(directory).expanduser().absolute()
+    if directory.parent.is_dir():
+        _remove_abandoned(directory)  # first restore an output a killed run left moved aside
     if directory.exists() and not force:
         raise BadInput(f"{directory}: already exists (pass --force to replace it)")
     if directory.exists() and not directory.is_dir():
@@ -366,7 +368,6 @@ def atomic_directory(directory: str | Path, force: bool = False, *, check: Calla
         directory.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise BadInput(f"{directory.parent}: cannot create the output's parent directory ({err.strerror})") from None
-    _remove_abandoned(directory)
     try:
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}{PARTIAL_MARK}{os.getpid()}-", dir=directory.parent))
     except OSError as err:
