@@ -129,7 +129,8 @@ def reported(tmp_path_factory):
 
     base: <unk> <s> </s> w0…w99 (103 tokens); ft1: <unk> <s> </s> w49…w0 v0…v59 and the added special token
     <tool>; ft2: <unk> <s> </s> v40…v98 w0…w9. The union adds v0…v59 (ft1's), v60…v98 (ft2's) and <tool>:
-    v40…v59 are the fine-tunes' only (their mean stands in for the base), v60…v98 ft2's only, w10…w99 the base's."""
+    v40…v59 are the fine-tunes' only (their mean stands in for the base), v60…v98 ft2's only, w10…w99 the
+    base's."""
     if not MERGEKIT.exists():
         pytest.fail("mergekit is not installed (make test installs it with the test extra)")
     root = tmp_path_factory.mktemp("reported")
