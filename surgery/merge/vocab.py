@@ -1,13 +1,29 @@
 """Token-aligned vocabularies: merging models whose tokenizers differ (ids, sizes or tokens).
 
 Embedding and lm_head rows are matched by token, not by id. The output vocabulary is the tokenizer source's —
-``base`` (the default), one of the merged models, or ``union`` (the base's tokens, then every other model's tokens it
-lacks, appended in model order; the output gets that extended tokenizer). For each output row, a model that lacks the
-token gets a stand-in row, so it adds no task vector there: the base's row when the base has the token, else the mean
-of the models that have it (the one model's row when only one does), else zeros — mergekit's rules. Rows past the
-tokenizer's last token (padding) are matched by id and kept (mergekit, when given a tokenizer_source, cuts the
-embedding to the tokenizer's length instead). A model without tokenizer files is taken to share the tokenizer
-source's::
+``base`` (the default), one of the merged models, or ``union`` (the base's tokens at the base's ids, then each other
+model's tokens the base lacks, model by model in that model's id order, then their added tokens; the output gets
+that extended tokenizer). For each output row, a model that lacks the token gets a stand-in row, so it adds no task
+vector there: the base's row when the base has the token, else the mean of the models that have it (the one model's
+row when only one does), else zeros — mergekit's rules. A model without tokenizer files is taken to share the
+tokenizer source's.
+
+How many rows (``pad_to_multiple_of``):
+
+- None (the default): the tokenizer source's embedding size, grown when the union holds more tokens. Rows that hold
+  no token (the models' padding, e.g. Qwen2.5's 152064 rows for 151665 tokens) are matched by id and kept, so the
+  output keeps the inputs' shape — often a multiple chosen for the kernels — and new union tokens first fill padding
+  rows. mergekit, given any tokenizer setting, cuts the embedding to the tokenizer's length instead (its issue
+  #425): two 256-row models whose union holds 203 tokens give 256 rows here and 203 there, the same row for every
+  token. The plan's ``note`` (logged as a warning) says so.
+- N: mergekit's ``tokenizer: {pad_to_multiple_of: N}``: the output tokenizer's token count rounded up to a multiple
+  of N, each model's rows past the last token set to the mean of its (aligned) token rows before merging, as
+  mergekit does; N = 1 sizes the embedding exactly as mergekit does without padding.
+
+The union holds mergekit's tokens, the base's at the same ids, and its added tokens after the plain ones as there;
+the new plain tokens' order differs: mergekit takes the models in the order of a Python set and each one's tokens in
+``tokenizer.get_vocab()``'s order, hash orders that change from run to run; here they go model by model, in the
+recipe's order, each in its own id order, so the same inputs always give the same tokenizer::
 
     plan = plan_vocabulary([VocabularySource("base", files, 32000), ...], tokenizer_source="union", base="base")
     base_rows, *model_rows = align_rows([base_embedding, *model_embeddings], [plan.index[s] for s in sources],
@@ -26,6 +42,8 @@ import torch
 from surgery.errors import BadInput
 
 log = logging.getLogger(__name__)
+
+PADDING = -2  # in a VocabularyPlan index: a row past the last token, the mean of the model's token rows
 
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt"}
@@ -47,8 +65,11 @@ class VocabularySource:
 @dataclass
 class VocabularyPlan:
     rows: int  # output embedding rows
-    index: dict[str, torch.Tensor | None]  # per source: output row → its row, −1 where it lacks the token; None = same
+    # per source: output row → its row, −1 where it lacks the token, PADDING past the last token; None = the same
+    index: dict[str, torch.Tensor | None]
     tokenizer_files: dict[str, bytes] = field(default_factory=dict)  # the output tokenizer, when it is a new one
+    tokens: int | None = None  # output rows that hold a token of the output tokenizer; None when it was not read
+    note: str = ""  # one line for people: the row count and why
 
 
 def _transformers_tokenizer(files: dict[str, bytes], source: str):
@@ -103,10 +124,15 @@ def _union_tokenizer(base: VocabularySource, others: list[tuple[VocabularySource
                 if file.is_file() and file.name in TOKENIZER_FILES | {"chat_template.jinja"}}
 
 
-def _index(ids: dict[str, int], rows: int, out_tokens: dict[int, str], out_rows: int) -> torch.Tensor | None:
-    """Output row → this model's row (−1 where it lacks the token); None when that is the identity."""
+def _index(ids: dict[str, int], rows: int, out_tokens: dict[int, str], out_rows: int,
+           padding_from: int | None = None) -> torch.Tensor | None:
+    """Output row → this model's row (−1 where it lacks the token, PADDING from ``padding_from`` on); None when that
+    is the identity."""
     own_rows = []
     for row in range(out_rows):
+        if padding_from is not None and row >= padding_from:
+            own_rows.append(PADDING)
+            continue
         token = out_tokens.get(row)
         own = ids.get(token, -1) if token is not None else row
         own_rows.append(own if 0 <= own < rows else -1)
@@ -114,38 +140,95 @@ def _index(ids: dict[str, int], rows: int, out_tokens: dict[int, str], out_rows:
     return None if out_rows == rows and torch.equal(index, torch.arange(out_rows)) else index
 
 
-def plan_vocabulary(sources: list[VocabularySource], tokenizer_source: str, base: str | None) -> VocabularyPlan:
-    """How each source's embedding rows map onto the output's (``tokenizer_source``: base, union or a name)."""
+def _round_up(count: int, multiple: int | None) -> int:
+    return count if not multiple else -(-count // multiple) * multiple
+
+
+def _check_multiple(pad_to_multiple_of) -> None:
+    if pad_to_multiple_of is None:
+        return
+    if isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1:
+        raise BadInput(f"pad_to_multiple_of {pad_to_multiple_of!r}: expected a whole number ≥ 1")
+
+
+def plan_vocabulary(sources: list[VocabularySource], tokenizer_source: str, base: str | None,
+                    pad_to_multiple_of: int | None = None) -> VocabularyPlan:
+    """How each source's embedding rows map onto the output's (``tokenizer_source``: base, union or a name).
+
+    ``pad_to_multiple_of`` None keeps the tokenizer source's row count (grown when the union needs more rows);
+    N sizes the output from its tokenizer, as mergekit does: its token count rounded up to a multiple of N, rows
+    past the last token holding the mean of the token rows (1: exactly one row per token). The plan's ``note``
+    says how many rows and why; it is logged, as a warning where mergekit would give another row count."""
+    _check_multiple(pad_to_multiple_of)
     by_name = {source.name: source for source in sources}
     reference = by_name[base] if base is not None else sources[0]
     target = reference if tokenizer_source in ("base", "union") else by_name[tokenizer_source]
     same_files = all(not s.tokenizer_files or s.tokenizer_files == target.tokenizer_files for s in sources)
+    sized = pad_to_multiple_of is not None  # mergekit's sizing: from the output tokenizer's token count
     vocabularies = {} if same_files else {s.name: _token_ids(s) for s in sources}
-    if same_files or vocabularies[target.name] is None:
-        # one tokenizer (or none known): rows match by id, cut or padded to the tokenizer source's count
-        index = {s.name: None if s.rows == target.rows else _index({}, s.rows, {}, target.rows) for s in sources}
-        return VocabularyPlan(target.rows, index)
+    if same_files and (sized or tokenizer_source == "union"):  # the token count is needed (union: for the note)
+        vocabularies = {target.name: _token_ids(target)}
+    if vocabularies.get(target.name) is None:
+        # no tokenizer vocabulary known: rows match by id, cut or padded to the tokenizer source's count
+        out_rows = _round_up(target.rows, pad_to_multiple_of)
+        padding = target.rows if out_rows > target.rows else None
+        index = {s.name: None if s.rows == out_rows and padding is None else
+                 _index({}, s.rows, {}, out_rows, padding) for s in sources}
+        why = "the models share one tokenizer" if same_files and not sized else \
+            f"{target.name} has no tokenizer vocabulary to size it from"
+        note = (f"{out_rows} embedding rows: {target.name}'s {target.rows}"
+                + (f", padded to a multiple of {pad_to_multiple_of} with the mean of its rows" if padding else "")
+                + f", matched by id ({why})")
+        return _planned(VocabularyPlan(out_rows, index, note=note), warn=False)
     target_ids = vocabularies[target.name][0]
+    union = tokenizer_source == "union"
     new_files = {}
-    if tokenizer_source == "union":
+    if union and not same_files:
         others = [(s, *vocabularies[s.name]) for s in sources if s is not target and vocabularies[s.name]]
         new_files = _union_tokenizer(target, others)
         target_ids = _token_ids(VocabularySource("union", new_files, 0))[0]
-    out_rows = max(target.rows, max(target_ids.values(), default=-1) + 1) if tokenizer_source == "union" \
-        else target.rows
+    elif not union:  # as mergekit, the tokenizer source's tokens past its embedding are not part of the output
+        target_ids = {token: token_id for token, token_id in target_ids.items() if token_id < target.rows}
+    kind = "the union" if union else f"{target.name}'s"
+    last = max(target_ids.values(), default=-1) + 1  # one past the last token's id
+    if sized:
+        out_rows = _round_up(last, pad_to_multiple_of)
+        padding = last if out_rows > last else None
+    else:  # one tokenizer: its rows as they are; else grown when the union needs more
+        out_rows, padding = target.rows if same_files else max(target.rows, last), None
     out_tokens = {token_id: token for token, token_id in target_ids.items() if token_id < out_rows}
+    tokens = len(out_tokens)
     index = {}
     for source in sources:
-        ids = (vocabularies[source.name] or (target_ids, None))[0]
-        index[source.name] = _index(ids, source.rows, out_tokens, out_rows)
-    log.info("vocabulary: %d output rows, aligned by token across %d models", out_rows, len(sources))
-    return VocabularyPlan(out_rows, index, new_files)
+        ids = (vocabularies.get(source.name) or (target_ids, None))[0]
+        index[source.name] = _index(ids, source.rows, out_tokens, out_rows, padding)
+    if sized:
+        note = (f"{out_rows} embedding rows, one per token of {kind} vocabulary" if padding is None else
+                f"{out_rows} embedding rows: {kind} vocabulary's {tokens} tokens, padded to a multiple of "
+                f"{pad_to_multiple_of} with the mean of the token rows") + " (sized from the tokenizer, as mergekit)"
+    elif out_rows > tokens:
+        note = (f"{out_rows} embedding rows for {kind} vocabulary's {tokens} tokens: the {out_rows - tokens} rows "
+                f"holding no token are kept from the input models, matched by id, so the embedding keeps "
+                f"{target.name}'s {target.rows} rows; mergekit cuts it to {tokens} rows (pad_to_multiple_of sizes "
+                "it from the tokenizer, as mergekit does)")
+    else:
+        note = f"{out_rows} embedding rows, one per token of {kind} vocabulary" + (
+            f" (more than {target.name}'s {target.rows})" if out_rows > target.rows else "")
+    plan = VocabularyPlan(out_rows, index, new_files, tokens, note)
+    return _planned(plan, warn=not sized and out_rows > tokens)
+
+
+def _planned(plan: VocabularyPlan, warn: bool) -> VocabularyPlan:
+    """``plan``, its row count and why logged: as a warning where mergekit would size the embedding differently."""
+    (log.warning if warn else log.info)("vocabulary: %s", plan.note)
+    return plan
 
 
 def align_rows(tensors: list[torch.Tensor], indices: list[torch.Tensor | None], rows: int,
                base_position: int | None) -> list[torch.Tensor]:
     """Each tensor's rows put in output order; rows a model lacks filled with the base's row where the base has
-    the token, else the mean of the models that have it, else zeros (see the module docstring)."""
+    the token, else the mean of the models that have it, else zeros; PADDING rows with the mean of that model's
+    other (token) rows, once those are filled (see the module docstring)."""
     if all(index is None for index in indices):
         return tensors
     device = tensors[0].device
@@ -154,6 +237,10 @@ def align_rows(tensors: list[torch.Tensor], indices: list[torch.Tensor | None], 
     gathered = [tensor if index is None else tensor[index.clamp(min=0)] for tensor, index in zip(tensors, indices)]
     if all(bool(p.all()) for p in present):
         return gathered
+    padding = torch.zeros(rows, dtype=torch.bool, device=device)
+    for index in indices:
+        if index is not None:
+            padding |= index == PADDING
     total = torch.zeros((rows, *tensors[0].shape[1:]), dtype=torch.float32, device=device)
     count = torch.zeros(rows, dtype=torch.float32, device=device)
     for rows_of, has in zip(gathered, present):
@@ -166,5 +253,6 @@ def align_rows(tensors: list[torch.Tensor], indices: list[torch.Tensor | None], 
     for rows_of, has in zip(gathered, present):
         if not has.all():  # a gathered copy (an identity index never lacks a row), so writing to it is safe
             rows_of[~has] = stand_in[~has].to(rows_of.dtype)
+            if padding.any():
+                rows_of[padding] = rows_of[~padding].to(torch.float32).mean(dim=0).to(rows_of.dtype)
     return gathered
-
