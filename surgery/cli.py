@@ -248,6 +248,10 @@ def merge(
     tokenizer_source: Optional[str] = typer.Option(None, "--tokenizer-source",
                                                    help="Vocabulary of the output: base (default), union, or "
                                                         "one of the models."),
+    pad_to_multiple_of: Optional[int] = typer.Option(None, "--pad-to-multiple-of",
+                                                     help="Vocabulary rows: the tokenizer's tokens rounded up to a "
+                                                          "multiple of N, extra rows the mean (mergekit's sizing; "
+                                                          "default: the tokenizer source's rows)."),
     recipe_file: Optional[str] = typer.Option(None, "--recipe", help="Recipe: our YAML, a mergekit YAML config, "
                                                                      "or an earlier output's surgery.json."),
     aim: bool = typer.Option(False, "--aim", help="Apply AIM on top of the method: each weight's change is scaled "
@@ -307,6 +311,8 @@ def merge(
         recipe.dare_rescale = dare_rescale
     if tokenizer_source is not None:
         recipe.tokenizer_source = tokenizer_source
+    if pad_to_multiple_of is not None:
+        recipe.pad_to_multiple_of = pad_to_multiple_of
     aim_options = {"omega": omega, "calibration": calibration, "stats": stats, "max_tokens": max_tokens}
     given = {key: value for key, value in aim_options.items() if value is not None}
     if given and not aim:

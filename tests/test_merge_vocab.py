@@ -3,7 +3,6 @@ vocabulary (mergekit's tokenizer_source), and compared with mergekit's own outpu
 
 from __future__ import annotations
 
-import functools
 import json
 import subprocess
 import sys
@@ -220,16 +219,11 @@ def test_union_keeps_the_models_rows_where_mergekit_cuts_them(reported, tmp_path
 
 
 @pytest.mark.parametrize("multiple,rows,run", [(1, 203, "union"), (50, 250, "pad50")])
-def test_pad_to_multiple_of_sizes_the_embedding_as_mergekit(reported, tmp_path, monkeypatch, multiple, rows, run):
+def test_pad_to_multiple_of_sizes_the_embedding_as_mergekit(reported, tmp_path, multiple, rows, run):
     """pad_to_multiple_of N: the tokenizer's 203 tokens rounded up to a multiple of N (1: 203 rows; 50: 250, fewer
     than the models' 256), rows past the last token the mean of the token rows — mergekit's output, row for row
     once its token order is put in ours."""
-    from surgery.merge import engine, vocab
-
-    # the recipe layer's tokenizer.pad_to_multiple_of, until it passes it to plan_vocabulary
-    monkeypatch.setattr(engine, "plan_vocabulary", functools.partial(vocab.plan_vocabulary,
-                                                                     pad_to_multiple_of=multiple))
-    result = _merge_union(reported, tmp_path / "out")
+    result = _merge_union(reported, tmp_path / "out", "--pad-to-multiple-of", str(multiple))
     assert result.returncode == 0, result.stderr
     theirs_dir, ours_dir = reported["root"] / f"mergekit-{run}", tmp_path / "out"
     theirs, ours = read_numpy(theirs_dir), read_numpy(ours_dir)

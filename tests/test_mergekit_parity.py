@@ -61,9 +61,6 @@ def shared_tokenizer(tmp_path_factory):
     return family
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="the recipe layer does not read mergekit's `tokenizer:` block yet; once it passes "
-                          "pad_to_multiple_of to plan_vocabulary this passes: drop the mark")
 def test_tokenizer_pad_to_multiple_of_as_mergekit(shared_tokenizer, tmp_path):
     """`tokenizer: {source: base, pad_to_multiple_of: 64}`: 128 rows (103 tokens, then their mean), as mergekit."""
     b, m1, m2 = map(str, shared_tokenizer)

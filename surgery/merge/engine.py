@@ -197,7 +197,8 @@ def open_inputs(recipe: Recipe, stack: ExitStack) -> MergeInputs:
     vocabulary = None
     if all(count is not None for count in rows.values()):
         sources = [VocabularySource(c.source, auxiliary[c.source], rows[c.source]) for c in checkpoints]
-        vocabulary = plan_vocabulary(sources, source_name, reference.source)
+        vocabulary = plan_vocabulary(sources, source_name, reference.source,
+                                     pad_to_multiple_of=recipe.pad_to_multiple_of)
     return MergeInputs(method, slices, checkpoints, auxiliary, vocabulary, tokenizer_source)
 
 
@@ -461,6 +462,7 @@ def plan_merge(recipe: Recipe, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZ
                         "models": [[c.source, e.layer_range[0]] for c, e in zip(part.models, part.entries)],
                         "layers": part.length} for part in inputs.slices] if recipe.slices else None,
             "vocabulary_rows": inputs.vocabulary.rows if inputs.vocabulary else None,
+            "vocabulary_note": inputs.vocabulary.note if inputs.vocabulary else None,
             "reindexed_vocabulary": sorted(name for name, index in inputs.vocabulary.index.items() if index is not None)
             if inputs.vocabulary else [],
             "tensors": len(specs), "total_bytes": sum(s.nbytes for s in specs), "shards": len(shards),
@@ -499,7 +501,9 @@ def merge(recipe: Recipe, output: str | Path, *, device: str = "cpu",
             if inputs.vocabulary is not None and inputs.vocabulary.tokenizer_files:  # a union tokenizer
                 aux = {n: d for n, d in aux.items() if n not in TOKENIZER_FILES} | inputs.vocabulary.tokenizer_files
             aux = with_chat_template(aux, recipe.chat_template, list(inputs.auxiliary.values()), "chat_template")
-            aux["surgery.json"] = manifest_bytes("merge", recipe.to_dict(), hashes.result())
+            vocabulary = inputs.vocabulary
+            aux["surgery.json"] = manifest_bytes("merge", recipe.to_dict(), hashes.result(), {"vocabulary": {
+                "rows": vocabulary.rows, "tokens": vocabulary.tokens, "note": vocabulary.note}} if vocabulary else None)
             aux["README.md"] = model_card_bytes(
                 title=f"A {inputs.method.name} merge", relation="merge",
                 method=inputs.method.name, checkpoints=inputs.checkpoints, body=_card_body(recipe, inputs))

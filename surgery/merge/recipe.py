@@ -41,7 +41,7 @@ from typing import Any
 from surgery.errors import BadInput
 
 RECIPE_KEYS = {"method", "base", "models", "slices", "parameters", "seed", "dtype", "tokenizer_source",
-               "dare_rescale", "aim", "chat_template"}
+               "dare_rescale", "aim", "chat_template", "pad_to_multiple_of"}
 MODEL_KEYS = {"model", "parameters", "layer_range"}
 SLICE_KEYS = {"sources", "parameters", "base"}
 AIM_KEYS = {"omega", "stats", "calibration", "max_tokens"}
@@ -84,6 +84,7 @@ class Recipe:
     dare_rescale: str = "l1"
     aim: dict[str, Any] | None = None  # activation-informed merging: omega and stats, or calibration + max_tokens
     chat_template: str | None = None  # "auto" (the inputs' most common), "chatml", or a Jinja template
+    pad_to_multiple_of: int | None = None  # vocabulary rows: tokens rounded up to this (None: the source's rows)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -113,7 +114,8 @@ class Recipe:
                    dtype=_dtype(data.get("dtype"), origin),
                    tokenizer_source=_text(data.get("tokenizer_source"), "tokenizer_source", origin) or "base",
                    dare_rescale=dare_rescale, aim=aim_settings(data.get("aim"), origin),
-                   chat_template=_text(data.get("chat_template"), "chat_template", origin))
+                   chat_template=_text(data.get("chat_template"), "chat_template", origin),
+                   pad_to_multiple_of=_pad_to_multiple_of(data.get("pad_to_multiple_of"), origin))
 
     @property
     def sources(self) -> list[str]:
@@ -152,6 +154,12 @@ def _parameters(value: Any, origin: str) -> dict:
 def _seed(value: Any, origin: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2 ** 63:
         raise BadInput(f"{origin}: seed must be a whole number from 0 to 2^63 - 1, found {value!r}")
+    return value
+
+
+def _pad_to_multiple_of(value: Any, origin: str) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1 << 20):
+        raise BadInput(f"{origin}: pad_to_multiple_of must be a whole number from 1 to 2^20, found {value!r}")
     return value
 
 
@@ -231,12 +239,14 @@ def _model_name(entry: Any, origin: str) -> Any:
     return model
 
 
-def _mergekit_tokenizer(config: dict, origin: str) -> str | None:
-    """tokenizer_source from mergekit's ``tokenizer_source`` or its newer ``tokenizer: {source, ...}`` block."""
+def _mergekit_tokenizer(config: dict, origin: str) -> tuple[str | None, int | None]:
+    """(tokenizer_source, pad_to_multiple_of) from mergekit's ``tokenizer_source`` or its newer ``tokenizer:
+    {source, pad_to_multiple_of}`` block. When mergekit builds the output's tokenizer it sizes the embedding to the
+    tokenizer (rounded up to pad_to_multiple_of), so a named tokenizer source gets mergekit's sizing (at least 1)."""
     block = config.get("tokenizer")
     source = config.get("tokenizer_source")
     if block is None:
-        return None if source is None else _model_name(source, origin)
+        return (None, None) if source is None else (_model_name(source, origin), 1)
     if source is not None:
         raise BadInput(f"{origin}: give tokenizer_source or tokenizer, not both")
     if not isinstance(block, dict) or set(block) - {"source", "tokens", "pad_to_multiple_of"}:
@@ -244,9 +254,8 @@ def _mergekit_tokenizer(config: dict, origin: str) -> str | None:
     if block.get("tokens"):
         raise BadInput(f"{origin}: tokenizer tokens (per-token embedding sources) are not supported; give source "
                        "base, union or a model")
-    if block.get("pad_to_multiple_of") is not None:
-        raise BadInput(f"{origin}: tokenizer pad_to_multiple_of is not supported yet")
-    return _model_name(block.get("source", "union"), origin)  # mergekit's default source is the union
+    multiple = block.get("pad_to_multiple_of")
+    return _model_name(block.get("source", "union"), origin), 1 if multiple is None else multiple
 
 
 def _from_mergekit(config: dict, origin: str) -> Recipe:
@@ -257,9 +266,10 @@ def _from_mergekit(config: dict, origin: str) -> Recipe:
     if config.get("modules"):
         raise BadInput(f"{origin}: mergekit 'modules' are not supported (use models or slices)")
     base = _model_name(config.get("base_model"), origin)
+    tokenizer_source, pad_to_multiple_of = _mergekit_tokenizer(config, origin)
     data = {"method": config["merge_method"], "base": base, "parameters": config.get("parameters"),
-            "dtype": config.get("out_dtype") or config.get("dtype"),
-            "tokenizer_source": _mergekit_tokenizer(config, origin), "chat_template": config.get("chat_template")}
+            "dtype": config.get("out_dtype") or config.get("dtype"), "tokenizer_source": tokenizer_source,
+            "pad_to_multiple_of": pad_to_multiple_of, "chat_template": config.get("chat_template")}
     if config.get("slices"):
         data["slices"] = []
         for part in _list(config["slices"], "slices", origin):
