@@ -33,19 +33,27 @@ LAYER_MODULES = {
     "post_feedforward_layernorm": "norm",
 }
 
-# Generic patterns for unknown architectures, tried in order on the module name.
+# Generic patterns for unknown architectures, tried in order on the module name. A fused qkv projection is tried
+# before q, k and v (falcon's query_key_value ends in "value"); routers and position embeddings have roles of their
+# own, so that nothing treats them as projections (SVD merges decompose only projections).
+MLP_PARENT = r"(mlp|ffn|feed_forward|experts\.\d+|shared_experts?)"
 FALLBACK_PATTERNS = [
     (r"(^|\.)(embed_tokens|wte|word_embeddings|tok_embeddings|embed_in)$", "embedding"),
+    (r"(^|\.)(wpe|embed_positions|position_embeddings)$", "position_embedding"),
     (r"(^|\.)(lm_head|embed_out|output)$", "lm_head"),
     (r"(norm|ln_\w+|ln_?\d*|layernorm)$", "norm"),
-    (r"(mlp|ffn|feed_forward)\.(gate_proj|w1)$", "mlp_gate"),
-    (r"(mlp|ffn|feed_forward)\.(up_proj|w3|c_fc|fc1|fc_in|dense_h_to_4h)$", "mlp_up"),
-    (r"(mlp|ffn|feed_forward)\.(down_proj|w2|c_proj|fc2|fc_out|dense_4h_to_h)$", "mlp_down"),
-    (r"(mlp|ffn|feed_forward)\.gate_up_proj$", "mlp_gate_up"),
-    (r"(q_proj|query|wq)$", "attn_q"), (r"(k_proj|key|wk)$", "attn_k"), (r"(v_proj|value|wv)$", "attn_v"),
+    (r"(^|\.)(gate|router|shared_expert_gate)$", "router"),
+    (MLP_PARENT + r"\.(gate_proj|w1)$", "mlp_gate"),
+    (MLP_PARENT + r"\.(up_proj|w3|c_fc|fc1|fc_in|dense_h_to_4h)$", "mlp_up"),
+    (MLP_PARENT + r"\.(down_proj|w2|c_proj|fc2|fc_out|dense_4h_to_h)$", "mlp_down"),
+    (MLP_PARENT + r"\.gate_up_proj$", "mlp_gate_up"),
     (r"(qkv_proj|c_attn|query_key_value|Wqkv)$", "attn_qkv"),
+    (r"(q_proj|query|wq)$", "attn_q"), (r"(k_proj|key|wk)$", "attn_k"), (r"(v_proj|value|wv)$", "attn_v"),
     (r"(o_proj|out_proj|dense|c_proj|wo)$", "attn_o"),
 ]
+# Roles of weights that act as projections of the hidden state (what SVD methods decompose, quantizers quantize).
+PROJECTION_KINDS = {"attn_q", "attn_k", "attn_v", "attn_o", "attn_qkv", "mlp_gate", "mlp_up", "mlp_down",
+                    "mlp_gate_up"}
 _WARNED: set = set()  # model types already warned about in this process
 LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer|block)\.(\d+)\.")
 # transformers' default for tie_word_embeddings when config.json omits it (the base config class says True).
@@ -64,8 +72,8 @@ def with_layer_index(name: str, layer: int) -> str:
 
 @dataclass(frozen=True)
 class TensorRole:
-    """What a tensor is: ``kind`` (embedding, lm_head, attn_q/k/v/o/qkv, mlp_gate/up/down/gate_up, norm, vision,
-    other)
+    """What a tensor is: ``kind`` (embedding, position_embedding, lm_head, attn_q/k/v/o/qkv,
+    mlp_gate/up/down/gate_up, norm, router, vision, other)
     and the decoder layer it belongs to (None outside the layers)."""
 
     kind: str

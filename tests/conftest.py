@@ -34,6 +34,64 @@ TINY_CONFIGS = {
 }
 
 
+# More families, as users merge and quantize them: MoE, GPT-2's Conv1D, falcon's fused qkv, a vision-language model.
+# model_type → a function making its config (llava's builds two sub-configs).
+def _llava_config():
+    import transformers
+
+    return transformers.LlavaConfig(
+        text_config=transformers.LlamaConfig(**COMMON), image_token_id=150,
+        vision_config=transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                    num_attention_heads=2, image_size=32, patch_size=8))
+
+
+MORE_FAMILIES = {
+    "gpt2": lambda t: t.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=160, n_positions=256, bos_token_id=1,
+                                   eos_token_id=2),
+    "mixtral": lambda t: t.MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": lambda t: t.Qwen2MoeConfig(**COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                            shared_expert_intermediate_size=64),
+    "falcon": lambda t: t.FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=160,
+                                       bos_token_id=1, eos_token_id=2),
+    "phi": lambda t: t.PhiConfig(**COMMON),
+    "starcoder2": lambda t: t.Starcoder2Config(**COMMON),
+    "llava": lambda t: _llava_config(),
+}
+
+
+def make_family_model(model_type: str, seed: int = 0):
+    """A tiny random model of any family of TINY_CONFIGS or MORE_FAMILIES (norms random too), in eval mode."""
+    import transformers
+
+    if model_type in TINY_CONFIGS:
+        return make_tiny_model(model_type, seed)
+    config = MORE_FAMILIES[model_type](transformers)
+    torch.manual_seed(seed)
+    auto = transformers.AutoModelForImageTextToText if model_type == "llava" else transformers.AutoModelForCausalLM
+    model = auto.from_config(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim == 1:
+                param.copy_(1 + 0.1 * torch.randn_like(param))
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def family_pairs(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """model_type → (base, fine-tune) directories saved by transformers, for every family of TINY_CONFIGS and
+    MORE_FAMILIES (the fine-tune: another seed)."""
+    root = tmp_path_factory.mktemp("families")
+    pairs = {}
+    for model_type in [*TINY_CONFIGS, *MORE_FAMILIES]:
+        paths = []
+        for seed, name in ((0, "base"), (1, "ft")):
+            path = root / model_type / name
+            make_family_model(model_type, seed).save_pretrained(path)
+            paths.append(path)
+        pairs[model_type] = tuple(paths)
+    return pairs
+
+
 def make_tiny_model(model_type: str, seed: int = 0, **overrides):
     import transformers
 

@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from surgery.arch import Architecture, with_layer_index
+from surgery.arch import PROJECTION_KINDS, Architecture, with_layer_index
 from surgery.convert import output_config
 from surgery.errors import BadInput
 from surgery.io import open_checkpoint, plan_shards, write_checkpoint
@@ -386,7 +386,8 @@ class TensorMerger:
             name=name, base=base, models=models, weight=per_model["weight"], density=per_model["density"],
             gamma=per_model["gamma"], epsilon=per_model["epsilon"], lambda_=value("lambda"), t=value("t"),
             scale=value("scale"), normalize=value("normalize"), eta=value("eta"), rank=value("rank"),
-            mu=value("mu"), is_matrix=len(planned.spec.shape) == 2 and self.arch.role(name).kind not in VOCAB_ROLES,
+            mu=value("mu"),
+            is_matrix=len(planned.spec.shape) == 2 and self.arch.role(name).kind in PROJECTION_KINDS,
             rescale=None if not rescale or self.recipe.dare_rescale == "none" else self.recipe.dare_rescale,
             generator=generator, out_dtype=dtype,
         )

@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from surgery.arch import Architecture
+from surgery.arch import PROJECTION_KINDS, Architecture
 from surgery.errors import BadInput
 from surgery.io import open_checkpoint, write_checkpoint
 from surgery.io.checkpoint import Checkpoint, TensorInfo, require_finite
@@ -38,8 +38,6 @@ from surgery.quantize.groups import assign_group_sizes, fallback_targets
 log = logging.getLogger(__name__)
 
 METHODS = ("rtn", "hqq", "selfcal")
-QUANTIZED_KINDS = {"attn_q", "attn_k", "attn_v", "attn_o", "attn_qkv", "mlp_gate", "mlp_up", "mlp_down",
-                   "mlp_gate_up"}
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -115,7 +113,7 @@ def select_modules(ckpt: Checkpoint, options: Options) -> tuple[dict[str, Tensor
     for name, info in ckpt.tensors.items():
         kind = arch.role(name).kind
         module = name.removesuffix(".weight")
-        linear = name.endswith(".weight") and len(info.shape) == 2 and (kind in QUANTIZED_KINDS or kind == "lm_head")
+        linear = name.endswith(".weight") and len(info.shape) == 2 and (kind in PROJECTION_KINDS or kind == "lm_head")
         if linear and info.dtype in FLOAT_DTYPES and not _ignored(module, options.ignore):
             modules[module] = info
         elif linear:
