@@ -474,13 +474,13 @@ def extend(
     target_length: Optional[int] = typer.Option(None, "--target-length",
                                                 help="New length N (factor = N / the current length)."),
     beta_fast: Optional[float] = typer.Option(
-        None, "--beta-fast", help="yarn: rotations above which pairs are kept [default: the model's, else 32]."),
+        None, "--beta-fast", help="yarn: rotations above which pairs are kept (default: the model's, else 32)."),
     beta_slow: Optional[float] = typer.Option(
-        None, "--beta-slow", help="yarn: rotations below which pairs are interpolated [default: the model's, else 1]."),
+        None, "--beta-slow", help="yarn: rotations below which pairs are interpolated (default: the model's, else 1)."),
     low_freq_factor: Optional[float] = typer.Option(
-        None, "--low-freq-factor", help="llama3: low-frequency bound [default: the model's, else 1]."),
+        None, "--low-freq-factor", help="llama3: low-frequency bound (default: the model's, else 1)."),
     high_freq_factor: Optional[float] = typer.Option(
-        None, "--high-freq-factor", help="llama3: high-frequency bound [default: the model's, else 4]."),
+        None, "--high-freq-factor", help="llama3: high-frequency bound (default: the model's, else 4)."),
     power: Optional[float] = typer.Option(None, "--power", help="power: exponent k of θ_i·(1 − 2i/d)^k."),
     cut_length: Optional[int] = typer.Option(None, "--cut-length", help="truncated: cut length L_t in tokens."),
     max_shard_size: str = SHARD_OPTION,
