@@ -458,7 +458,9 @@ frequencies transformers derives from the written config. Methods: linear (--fac
 dynamic, yarn (--beta-fast, --beta-slow), llama3 (--low-freq-factor, --high-freq-factor), power (Giraffe power
 basis, --power k), truncated (Giraffe truncated basis, --cut-length L_t, optional --factor on top). power and
 truncated are written as per-pair longrope factors (magnitude 1), which transformers and vLLM honour.
---target-length N sets the factor to N over the trained length.
+--target-length N sets the factor to N over the current length. Rope parameters a method does not set (e.g.
+Qwen2-VL's mrope_section) are kept. A yarn or llama3 model (gpt-oss, Llama-3.1) is extended by the same method: its
+factor is multiplied, its trained length and options kept unless given; other scalings are refused.
 """.split("\n")).strip()
 
 
@@ -474,12 +476,17 @@ def extend(
     source: str = typer.Argument(..., help="Model directory, .safetensors or .gguf file, or Hub repo id."),
     output: str = typer.Option(..., "-o", "--output", help="Output directory (written atomically)."),
     rope: str = typer.Option(..., "--rope", help="linear, ntk, dynamic, yarn, llama3, power or truncated."),
-    factor: Optional[float] = typer.Option(None, "--factor", help="Scale s: new length over the trained one."),
-    target_length: Optional[int] = typer.Option(None, "--target-length", help="New length N (factor = N / L0)."),
-    beta_fast: float = typer.Option(32.0, "--beta-fast", help="yarn: rotations above which pairs are kept."),
-    beta_slow: float = typer.Option(1.0, "--beta-slow", help="yarn: rotations below which pairs are interpolated."),
-    low_freq_factor: float = typer.Option(1.0, "--low-freq-factor", help="llama3: low-frequency bound."),
-    high_freq_factor: float = typer.Option(4.0, "--high-freq-factor", help="llama3: high-frequency bound."),
+    factor: Optional[float] = typer.Option(None, "--factor", help="Scale s: new length over the current one."),
+    target_length: Optional[int] = typer.Option(None, "--target-length",
+                                                help="New length N (factor = N / the current length)."),
+    beta_fast: Optional[float] = typer.Option(
+        None, "--beta-fast", help="yarn: rotations above which pairs are kept (default: the model's, else 32)."),
+    beta_slow: Optional[float] = typer.Option(
+        None, "--beta-slow", help="yarn: rotations below which pairs are interpolated (default: the model's, else 1)."),
+    low_freq_factor: Optional[float] = typer.Option(
+        None, "--low-freq-factor", help="llama3: low-frequency bound (default: the model's, else 1)."),
+    high_freq_factor: Optional[float] = typer.Option(
+        None, "--high-freq-factor", help="llama3: high-frequency bound (default: the model's, else 4)."),
     power: Optional[float] = typer.Option(None, "--power", help="power: exponent k of θ_i·(1 − 2i/d)^k."),
     cut_length: Optional[int] = typer.Option(None, "--cut-length", help="truncated: cut length L_t in tokens."),
     max_shard_size: str = SHARD_OPTION,
@@ -500,13 +507,14 @@ def extend(
                                          progress=advance, **options)
     pairs = extension.pair_table(result.geometry.inv_freq, result.inv_freq, result.status)
     summary = {"output": None if dry_run else output, "method": rope, "parameters": result.parameters,
-               "trained_length": result.geometry.trained_length, "new_length": result.new_length,
+               "trained_length": result.geometry.trained_length, "source_length": result.geometry.source_length,
+               "new_length": result.new_length,
                "attention_factor": result.attention_factor, "rope_parameters": result.config.get("rope_parameters"),
                "pairs": pairs}
     if as_json:
         return _print_json(summary)
     verb = "would write" if dry_run else "wrote"
-    typer.echo(f"{verb} {output}: {rope} RoPE, length {result.geometry.trained_length} → {result.new_length}, "
+    typer.echo(f"{verb} {output}: {rope} RoPE, length {result.geometry.source_length} → {result.new_length}, "
                f"attention factor {result.attention_factor:.4g}; verified against transformers")
     if dry_run:
         _print_pairs(pairs)
@@ -518,7 +526,8 @@ def verify_rope(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Print the rotary frequencies transformers derives from a checkpoint's config, per pair; for an output of
-    `surgery extend`, check them against the intended ones (a mismatch exits 2)."""
+    `surgery extend`, check everything its surgery.json records (frequencies, attention scaling, rope parameters,
+    rotary-module attributes, length, the rope fields written, a forward of a tiny model): a mismatch exits 2."""
     from surgery.extend import verify_rope as verification
 
     report = verification(source)
@@ -531,7 +540,8 @@ def verify_rope(
                    else "no intended frequencies recorded (not written by surgery extend)" if not report["intended"]
                    else "")
     if report["problems"]:
-        raise BadInput(f"{source}: config does not give the intended frequencies: " + "; ".join(report["problems"][:3]))
+        raise BadInput(f"{source}: config does not give the intended rotary embedding: "
+                       + "; ".join(report["problems"][:3]))
 
 
 eval_app = typer.Typer(help="Evaluations that run offline: answer accuracy against length, passkey retrieval, "

@@ -1,7 +1,11 @@
 """``surgery extend`` and ``surgery verify-rope``: read a checkpoint, plan the extension, verify it, write it.
 
 The weights are copied unchanged, one tensor at a time; only ``config.json`` changes. The ``surgery.json`` manifest
-records the intended frequencies, so ``verify-rope`` can check the output later against transformers.
+records everything the check compared (frequencies, rope parameters, rotary attributes, length, the rope fields
+written), so ``verify-rope`` can check the output later against transformers::
+
+    extend("gpt-oss-20b", "gpt-oss-256k", "yarn", factor=2)    # yarn factor 32 → 64 over the same 4096 positions
+    verify_rope("gpt-oss-256k")["problems"]                      # [] unless config.json was edited since
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import torch
 from surgery.convert import output_specs
 from surgery.errors import BadInput
 from surgery.extend.rope import ExtensionPlan, classify_pairs, plan_extension, rope_geometry
-from surgery.extend.verify import check_plan, derived_frequencies, mismatches
+from surgery.extend.verify import Expectation, check_plan, problems, read_back
 from surgery.io import open_checkpoint, write_checkpoint
 from surgery.io.loader_check import check_transformers
 from surgery.io.writer import DEFAULT_MAX_SHARD_SIZE, WriteResult, check_output_available
@@ -58,11 +62,9 @@ def extend(source: str | Path, output: str | Path, method: str, *, max_shard_siz
         if not ckpt.config:
             raise BadInput(f"{source}: no config.json: nothing to extend")
         result = plan_extension(ckpt.config, method, **options)
-        check_plan(result)
+        intended = check_plan(result).to_json()
         hashes = hash_inputs_in_background([ckpt])
         recipe = {"rope": method, **result.parameters, "source": str(source)}
-        intended = {"inv_freq": result.inv_freq.tolist(), "attention_factor": result.attention_factor,
-                    "dynamic_length": result.new_length if method == "dynamic" else None}
 
         def files() -> dict[str, bytes]:
             aux = ckpt.auxiliary_files()
@@ -86,18 +88,19 @@ def verify_rope(source: str | Path) -> dict:
         manifest = ckpt.path / "surgery.json" if ckpt.path.is_dir() else None
         if not config:
             raise BadInput(f"{source}: no config.json")
-    text = config.get("text_config") or config
-    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
-    original = rope_geometry(config, unscaled=False).inv_freq
+    original = rope_geometry(config).inv_freq
     intended = None
     if manifest is not None and manifest.is_file():
         intended = json.loads(manifest.read_text()).get("output", {}).get("rope")
-    derived, attention = derived_frequencies(config, (intended or {}).get("dynamic_length"))
-    status = classify_pairs(original, derived.double(), rel_tol=1e-5)  # derived is float32
-    report = {"source": str(source), "rope_type": rope.get("rope_type", rope.get("type", "default")),
-              "attention_scaling": attention, "pairs": pair_table(original, derived.double(), status),
-              "intended": intended is not None, "problems": []}
-    if intended is not None:
-        want = torch.tensor(intended["inv_freq"], dtype=torch.float64)
-        report["problems"] = mismatches(want, intended["attention_factor"], derived, attention)
+    want = Expectation.from_json(intended) if intended else None
+    got = read_back(config, want.dynamic_length if want else None)
+    if got.error:
+        raise BadInput(f"{source}: config.json: {got.error}")
+    derived = got.inv_freq.double()
+    status = classify_pairs(original, derived, rel_tol=1e-5)  # derived is float32
+    report = {"source": str(source), "rope_type": got.rope.get("rope_type", "default"),
+              "attention_scaling": got.attention, "pairs": pair_table(original, derived, status),
+              "intended": want is not None, "problems": []}
+    if want is not None:
+        report["problems"] = problems(config, want)
     return report

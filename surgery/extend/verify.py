@@ -1,17 +1,24 @@
-"""Check a written config against the intended rotary frequencies, the way transformers derives them.
+"""Check a written config against everything the extension intends, the way transformers reads it.
 
-The model's own rotary-embedding module is built from the config (for a dynamic scaling, transformers' dynamic
-initialisation at the new length), and its inverse frequencies and attention scaling are compared with the intended
-ones::
+From the written config, transformers' own config class standardises the rope parameters and the model family's
+rotary-embedding module is built (for a dynamic scaling, transformers' dynamic initialisation at the new length);
+then a tiny random model of the family runs one forward. Compared with what was intended: the inverse frequencies
+and attention scaling, the standardised rope parameters (every key of the source's, unless the method set it), the
+rotary module's other attributes (e.g. Qwen2-VL's mrope sections), max_position_embeddings and the rope fields of
+the file itself::
 
-    derived = derived_frequencies(config)            # what transformers will use
-    check_plan(plan)                                  # BadInput when the written config would not give plan.inv_freq
+    expected = expectation(plan)         # also what `surgery extend` records in surgery.json
+    problems(plan.config, expected)      # [] when transformers reads the config as intended
+    check_plan(plan)                     # BadInput naming the first differences
 """
 
 from __future__ import annotations
 
+import copy
 import importlib
+import logging
 import math
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -19,50 +26,196 @@ from surgery.errors import BadInput
 from surgery.extend.rope import ExtensionPlan, RopeGeometry
 
 RELATIVE_TOLERANCE = 1e-5  # transformers computes in float32
+IGNORED_ROPE_KEYS = {"type"}  # the legacy name of rope_type: transformers reads it only when rope_type is absent
+# rotary-module attributes compared elsewhere (attention_scaling) or that change by design with the length
+RESTATED_ATTRIBUTES = {"training", "config", "rope_type", "max_seq_len_cached", "original_max_seq_len",
+                       "attention_scaling"}
+WRITTEN_FIELDS = ("rope_parameters", "rope_scaling", "rope_theta", "max_position_embeddings",
+                  "original_max_position_embeddings", "head_dim")
+TINY_TOKENS = 6
+
+log = logging.getLogger(__name__)
 
 
-def _transformers_config(config: dict):
+@dataclass
+class Expectation:
+    """What transformers should derive from a written config; None fields were not recorded (older manifests)."""
+
+    inv_freq: list[float]
+    attention_factor: float
+    dynamic_length: int | None = None
+    rope: dict | None = None  # the rope parameters transformers should standardise to
+    rotary: dict | None = None  # the rotary module's other attributes
+    max_position_embeddings: int | None = None
+    written: dict | None = None  # the text config's rope fields, as written
+    runs: bool | None = None  # a tiny model of the source ran (then the output must), or did not
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Expectation":
+        return cls(**{key: data.get(key) for key in cls.__dataclass_fields__ if key in data})
+
+
+@dataclass
+class ReadBack:
+    """What transformers derives from a config."""
+
+    inv_freq: torch.Tensor | None
+    attention: float | None
+    rope: dict
+    rotary: dict
+    max_position_embeddings: int | None
+    error: str | None = None  # building the rotary embedding failed
+
+
+def _plain(value):
+    """JSON-like copy (tuples → lists) of a config value, for comparison and the manifest."""
+    if isinstance(value, dict):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-9)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[key], b[key]) for key in a)
+    return a == b
+
+
+def _error(err: Exception) -> str:
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+
+
+def text_config(config: dict):
+    """transformers' text config for ``config`` (a deep copy: transformers edits rope dicts in place), its rope
+    parameters standardised."""
     from transformers import AutoConfig
 
-    fields = {key: value for key, value in config.items() if key != "model_type"}
+    fields = copy.deepcopy({key: value for key, value in config.items() if key != "model_type"})
     try:
-        return AutoConfig.for_model(config.get("model_type"), **fields).get_text_config()
-    except (ValueError, KeyError) as err:
-        raise BadInput(f"config.json: transformers cannot read it ({str(err).splitlines()[0]})") from None
+        text = AutoConfig.for_model(config.get("model_type"), **fields).get_text_config()
+        text.standardize_rope_params()
+    except (ValueError, KeyError, TypeError) as err:
+        raise BadInput(f"config.json: transformers cannot read it ({_error(err)})") from None
+    return text
 
 
-def _rotary_module(model_type: str):
-    """The model family's rotary-embedding class (e.g. LlamaRotaryEmbedding), or None."""
+def _rotary_class(text):
+    """The family's text rotary-embedding class (e.g. Qwen2VLRotaryEmbedding, not its vision one), or None."""
     try:
-        module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+        module = importlib.import_module(type(text).__module__.replace(".configuration_", ".modeling_"))
     except ImportError:
         return None
-    classes = [getattr(module, name) for name in dir(module) if name.endswith("RotaryEmbedding")]
+    classes = [getattr(module, key) for key in dir(module)
+               if key.endswith("RotaryEmbedding") and "Vision" not in key and isinstance(getattr(module, key), type)]
     return classes[0] if len(classes) == 1 else None
+
+
+def _rotary_attributes(module) -> dict:
+    return {key: _plain(value) for key, value in vars(module).items()
+            if not key.startswith("_") and key not in RESTATED_ATTRIBUTES
+            and isinstance(value, (bool, int, float, str, list, tuple))}
+
+
+def read_back(config: dict, seq_len: int | None = None) -> ReadBack:
+    """Frequencies (float32), attention scaling, standardised rope parameters, rotary-module attributes and
+    max_position_embeddings transformers derives from ``config``; for a dynamic scaling, at ``seq_len``."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    text = text_config(config)
+    got = ReadBack(None, None, _plain(text.rope_parameters), {}, getattr(text, "max_position_embeddings", None))
+    rope_type = text.rope_parameters.get("rope_type", "default")
+    rotary = _rotary_class(text)
+    try:
+        if rotary is not None:
+            module = rotary(config=copy.deepcopy(text))
+            got.inv_freq, got.attention = module.inv_freq.clone(), float(module.attention_scaling)
+            got.rotary = _rotary_attributes(module)
+        elif rope_type == "default":
+            got.inv_freq, got.attention = RopeGeometry(text.rope_parameters["rope_theta"], _dim(text), 1).inv_freq, 1.0
+            got.inv_freq = got.inv_freq.to(torch.float32)
+        else:
+            got.inv_freq, got.attention = ROPE_INIT_FUNCTIONS[rope_type](copy.deepcopy(text), torch.device("cpu"))
+        if rope_type == "dynamic" and seq_len is not None:
+            got.inv_freq, got.attention = ROPE_INIT_FUNCTIONS["dynamic"](copy.deepcopy(text), torch.device("cpu"),
+                                                                         seq_len=seq_len)
+    except Exception as err:  # noqa: BLE001 -- whatever transformers raises, the config does not build
+        got.error = f"transformers cannot build its rotary embedding ({_error(err)})"
+    return got
 
 
 def derived_frequencies(config: dict, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
     """Inverse frequencies (float32) and attention scaling transformers computes from ``config``."""
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    text = _transformers_config(config)
-    text.standardize_rope_params()
-    rope_type = text.rope_parameters.get("rope_type", "default")
-    if rope_type == "dynamic" and seq_len is not None:
-        return ROPE_INIT_FUNCTIONS["dynamic"](text, torch.device("cpu"), seq_len=seq_len)
-    rotary = _rotary_module(text.model_type)
-    if rotary is not None:
-        module = rotary(config=text)
-        return module.inv_freq.clone(), float(module.attention_scaling)
-    if rope_type == "default":
-        geometry = RopeGeometry(text.rope_parameters["rope_theta"], _dim(text), 1)
-        return geometry.inv_freq.to(torch.float32), 1.0
-    return ROPE_INIT_FUNCTIONS[rope_type](text, torch.device("cpu"))
+    got = read_back(config, seq_len)
+    if got.error:
+        raise BadInput(f"config.json: {got.error}")
+    return got.inv_freq, got.attention
 
 
 def _dim(text) -> int:
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     return int(head_dim * text.rope_parameters.get("partial_rotary_factor", 1.0))
+
+
+def _tiny(text):
+    """A copy of ``text`` with the same rotary geometry (head size, rope parameters, length, layers) and little
+    else: one attention head, the head size as width, at most two experts, a 32-token vocabulary."""
+    tiny = copy.deepcopy(text)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    sizes = {"num_attention_heads": 1, "num_key_value_heads": 1, "hidden_size": head_dim, "vocab_size": 32,
+             "intermediate_size": 2 * head_dim, "moe_intermediate_size": 2 * head_dim,
+             "shared_expert_intermediate_size": 2 * head_dim, "pad_token_id": None, "bos_token_id": None,
+             "eos_token_id": None}
+    for key, value in sizes.items():
+        if hasattr(tiny, key):
+            setattr(tiny, key, value)
+    for key in ("num_local_experts", "num_experts", "n_routed_experts", "num_experts_per_tok"):
+        if isinstance(getattr(tiny, key, None), int):
+            setattr(tiny, key, min(getattr(tiny, key), 2))
+    if hasattr(tiny, "quantization_config"):
+        del tiny.quantization_config
+    return tiny
+
+
+def forward_error(config: dict) -> str | None:
+    """Why a tiny random model of ``config``'s family (its rotary geometry, little else) fails one forward on a few
+    tokens; None when it runs and gives finite values."""
+    from transformers import AutoModel
+
+    try:
+        tiny = _tiny(text_config(config))
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = AutoModel.from_config(tiny, attn_implementation="eager", dtype=torch.float32).eval()
+        with torch.no_grad():
+            hidden = model(input_ids=torch.arange(TINY_TOKENS).view(1, -1)).last_hidden_state
+    except Exception as err:  # noqa: BLE001 -- any failure means the config does not run
+        return _error(err)
+    return None if torch.isfinite(hidden).all() else "non-finite hidden states"
+
+
+def expectation(plan: ExtensionPlan) -> Expectation:
+    """What transformers should derive from ``plan.config``: the plan's frequencies, the source's standardised rope
+    parameters with those the method sets replaced, the source's rotary attributes, the new length (``runs`` is
+    left to check_plan)."""
+    source = read_back(plan.source)
+    rotary = None if source.error else source.rotary
+    rope = {key: value for key, value in {**source.rope, **_plain(plan.rope_set)}.items()
+            if key not in IGNORED_ROPE_KEYS}
+    text = plan.config.get("text_config") or plan.config
+    return Expectation(plan.inv_freq.tolist(), plan.attention_factor,
+                       plan.new_length if plan.method == "dynamic" else None, rope, rotary,
+                       text["max_position_embeddings"],
+                       {key: _plain(text[key]) for key in WRITTEN_FIELDS if key in text})
 
 
 def mismatches(intended: torch.Tensor, attention: float, derived: torch.Tensor, derived_attention: float) -> list[str]:
@@ -82,10 +235,79 @@ def mismatches(intended: torch.Tensor, attention: float, derived: torch.Tensor, 
     return problems
 
 
-def check_plan(plan: ExtensionPlan) -> None:
-    """BadInput unless transformers, reading ``plan.config``, uses ``plan``'s frequencies and attention scaling."""
-    derived, attention = derived_frequencies(plan.config, plan.new_length if plan.method == "dynamic" else None)
-    problems = mismatches(plan.inv_freq, plan.attention_factor, derived, attention)
-    if problems:
-        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
-        raise BadInput(f"--rope {plan.method}: the written config would not give the intended frequencies: {shown}")
+def dict_mismatches(what: str, intended: dict, got: dict, verb: str = "read", wanted: str = "intended") -> list[str]:
+    """Per key of ``intended`` or ``got``: missing, extra or different (empty when they agree)::
+
+        dict_mismatches("rope parameter", {"factor": 2.0}, {})   # ["rope parameter 'factor' missing (2.0 intended)"]
+    """
+    problems = []
+    for key in sorted(intended.keys() | got.keys()):
+        if key not in got:
+            problems.append(f"{what} {key!r} missing ({intended[key]!r} {wanted})")
+        elif key not in intended:
+            problems.append(f"{what} {key!r}: {got[key]!r} {verb}, not {wanted}")
+        elif not _same(intended[key], got[key]):
+            problems.append(f"{what} {key!r}: {got[key]!r} {verb}, {intended[key]!r} {wanted}")
+    return problems
+
+
+def _written_mismatches(config: dict, written: dict) -> list[str]:
+    text = config.get("text_config") or config
+    problems = []
+    for key, want in written.items():
+        got = _plain(text.get(key))
+        if isinstance(want, dict) and isinstance(got, dict):
+            problems += dict_mismatches(f"config.json {key}", want, got, verb="found", wanted="written")
+        elif not _same(want, got):
+            problems.append(f"config.json {key}: {got!r} found, {want!r} written" if key in text
+                            else f"config.json {key} missing ({want!r} written)")
+    return problems
+
+
+def problems(config: dict, want: Expectation) -> list[str]:
+    """Every difference between what transformers derives from ``config`` and ``want`` (empty when none), the
+    frequencies first."""
+    got = read_back(config, want.dynamic_length)
+    if got.error:
+        return [got.error]
+    found = mismatches(torch.tensor(want.inv_freq, dtype=torch.float64), want.attention_factor, got.inv_freq,
+                       got.attention)
+    if want.rope is not None:
+        rope = {key: value for key, value in got.rope.items() if key not in IGNORED_ROPE_KEYS}
+        found += dict_mismatches("rope parameter", want.rope, rope)
+    if want.rotary is not None:
+        found += dict_mismatches("rotary embedding's", want.rotary, got.rotary, verb="derived")
+    if want.max_position_embeddings is not None and got.max_position_embeddings != want.max_position_embeddings:
+        found.append(f"max_position_embeddings {got.max_position_embeddings} read, "
+                     f"{want.max_position_embeddings} intended")
+    if want.written is not None:
+        found += _written_mismatches(config, want.written)
+    if want.runs and not found:
+        found += _forward_problems(config)
+    return found
+
+
+def _forward_problems(config: dict) -> list[str]:
+    error = forward_error(config)
+    return [f"a tiny model of the family fails a forward with it: {error}"] if error else []
+
+
+def summary(found: list[str], shown: int = 3) -> str:
+    return "; ".join(found[:shown]) + (f"; and {len(found) - shown} more" if len(found) > shown else "")
+
+
+def check_plan(plan: ExtensionPlan) -> Expectation:
+    """BadInput unless transformers, reading ``plan.config``, gives what ``plan`` intends; else the expectation
+    (for the manifest)."""
+    want = expectation(plan)
+    found = problems(plan.config, want)
+    if not found:
+        found = _forward_problems(plan.config)
+        want.runs = not found
+    if found and want.runs is False and forward_error(plan.source) is not None:
+        log.warning("a tiny model of the source's family does not run here either; the forward check is skipped")
+        found = []
+    if found:
+        raise BadInput(f"--rope {plan.method}: the written config would not give the intended rotary embedding: "
+                       f"{summary(found)}")
+    return want
