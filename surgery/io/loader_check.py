@@ -129,7 +129,10 @@ def check_transformers(directory: str | Path) -> None:
     method = (raw.get("quantization_config") or {}).get("quant_method")
     if method == "gptq":
         del config.quantization_config
-        model, info = _load_on_meta(config, {})
+        try:
+            model, _ = _load_on_meta(config, {})
+        except _LoadCrashed as err:
+            raise CheckFailed(f"transformers would not build the model of the output: {err}") from None
         problems = _gptq_problems(model, specs, raw["quantization_config"])
     else:
         problems = _loading_problems(config, specs)
@@ -154,6 +157,10 @@ def _transformers_config(directory: Path):
         raise CheckFailed(f"the written config.json would not load in transformers: {_one_line(err)}") from None
 
 
+class _LoadCrashed(Exception):
+    """transformers raised while loading; the message is the reason (its report's rows when it printed one)."""
+
+
 def _load_on_meta(config, state: dict) -> tuple:
     """The model transformers builds for ``config`` and its loading info for ``state`` (meta tensors)."""
     cls = _model_class(config)
@@ -162,8 +169,7 @@ def _load_on_meta(config, state: dict) -> tuple:
             return cls.from_pretrained(None, config=config, state_dict=state, device_map="meta",
                                        output_loading_info=True)
     except Exception as err:  # noqa: BLE001 - a crash while loading is the finding
-        reason = _report_rows(messages) or _one_line(err)
-        raise CheckFailed(f"transformers ({cls.__name__}) would not load the output: {reason}") from None
+        raise _LoadCrashed(_report_rows(messages) or _one_line(err)) from None
 
 
 def _loading_problems(config, specs: dict) -> list[str]:
@@ -173,7 +179,7 @@ def _loading_problems(config, specs: dict) -> list[str]:
     state = {name: torch.empty(info.shape, dtype=info.dtype, device="meta") for name, info in specs.items()}
     try:
         model, info = _load_on_meta(copy.deepcopy(config), state)
-    except CheckFailed as err:
+    except _LoadCrashed as err:
         return [str(err)]
     problems = []
     if info.get("missing_keys"):
