@@ -21,9 +21,10 @@ from surgery.adapters.prompts import (
     TRAINING, file_queries, file_sha256, prefill, prompt_ids, query_seed, read_text, self_generated_queries,
     with_prompt_logprobs,
 )
-from surgery.errors import BadInput
+from surgery.errors import BadInput, CheckFailed
 from surgery.extend import ntk_attention
 from surgery.io import open_checkpoint
+from surgery.io.loader_check import check_peft
 from surgery.io.writer import check_output_available
 
 NTK_STEPS = 200
@@ -62,6 +63,23 @@ def _check_length(model, tokens: int, extra: int, source: str) -> None:
                        f"{limit} positions")
 
 
+def base_model_reference(source: str) -> str:
+    """What an adapter records as its base model: a Hub repo id as given, a local model as its absolute path (a
+    relative one would name another model, or none, from anywhere else)."""
+    from surgery.hub import looks_like_repo_id
+
+    path = Path(source).expanduser()
+    return source if looks_like_repo_id(source) and not path.exists() else str(path.resolve())
+
+
+def _check_ntk_adapter(staging: Path) -> None:
+    """The NTK-attention loader (ntk_attention.NTKAdapter.load) reads the written adapter."""
+    try:
+        ntk_attention.NTKAdapter.load(staging)
+    except BadInput as err:
+        raise CheckFailed(f"the written adapter would not load: {err}") from None
+
+
 def make_prefix_adapter(source: str, prompt_file: str | Path, output: str | Path, *, force: bool = False,
                         device: str = "cpu", loaded: tuple | None = None) -> dict:
     """Prefill the prompt and write its KV cache as a PEFT prefix-tuning adapter. ``loaded``: the (model,
@@ -84,9 +102,11 @@ def make_prefix_adapter(source: str, prompt_file: str | Path, output: str | Path
                 "```python\nfrom peft import PeftModel\nmodel = PeftModel.from_pretrained(model, ADAPTER_DIR)\n```")
         files = write_adapter(
             output, checkpoint, tensors_file=prefix.WEIGHTS_FILE, tensors={"prompt_embeddings": embeddings},
-            files={prefix.CONFIG_FILE: json_bytes(prefix.prefix_config(geometry, ids.shape[1], source))},
+            files={prefix.CONFIG_FILE: json_bytes(prefix.prefix_config(geometry, ids.shape[1],
+                                                                         base_model_reference(source)))},
             recipe=recipe, measurements=measurements, method="prefix-tuning", library="peft",
-            title=f"{Path(source).name}: prefix adapter", body=body, force=force)
+            title=f"{Path(source).name}: prefix adapter", body=body, force=force,
+            check=lambda staging: check_peft(staging, checkpoint.config))
     return {"output": str(output), "method": "prefix", **measurements, "files": files,
             "seconds": time.perf_counter() - started}
 
@@ -123,7 +143,7 @@ def make_ntk_adapter(source: str, output: str | Path, *, prompt_file: str | Path
     checkpoint, model, tokenizer = _load(source, ntk_attention.FAMILIES, "NTK-attention", device, loaded)
     with checkpoint:
         recipe = {"method": "ntk", "source": source, "steps": steps, "lr": lr, "batch": batch, "seed": seed}
-        config = {"base_model_name_or_path": source}
+        config = {"base_model_name_or_path": base_model_reference(source)}
         if text is not None:
             ids = prompt_ids(tokenizer, text)
             _check_length(model, ids.shape[1], length, source)
@@ -159,7 +179,8 @@ def make_ntk_adapter(source: str, output: str | Path, *, prompt_file: str | Path
         files = write_adapter(
             output, checkpoint, tensors_file=ntk_attention.WEIGHTS_FILE, tensors=adapter.tensors(),
             files={ntk_attention.CONFIG_FILE: adapter.config_json()}, recipe=recipe, measurements=measurements,
-            method="ntk-attention", title=f"{Path(source).name}: NTK-attention adapter", body=body, force=force)
+            method="ntk-attention", title=f"{Path(source).name}: NTK-attention adapter", body=body, force=force,
+            check=_check_ntk_adapter)
     return {"output": str(output), "method": "ntk", **measurements, "files": files,
             "seconds": time.perf_counter() - started}
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -26,11 +27,13 @@ def json_bytes(value: dict) -> bytes:
 
 def write_adapter(output: str | Path, checkpoint: Checkpoint, *, tensors_file: str, tensors: dict[str, torch.Tensor],
                   files: dict[str, bytes], recipe: dict, measurements: dict, method: str, title: str, body: str,
-                  library: str | None = None, force: bool = False) -> list[str]:
+                  library: str | None = None, force: bool = False,
+                  check: Callable[[Path], None] | None = None) -> list[str]:
     """Write the adapter directory atomically; returns the names of the files written. ``measurements`` (numbers
-    that the same inputs reproduce, no timings) go into the manifest's ``output``."""
+    that the same inputs reproduce, no timings) go into the manifest's ``output``; ``check(staging)`` is the loader
+    check the directory must pass before it appears (:mod:`surgery.io.loader_check`)."""
     hashes = hash_inputs_in_background([checkpoint])
-    with atomic_directory(output, force=force) as staging:
+    with atomic_directory(output, force=force, check=check) as staging:
         write_tensor_file(staging / tensors_file, tensors, {"format": "pt"})
         card = model_card_bytes(title=title, relation="adapter", method=method, checkpoints=[checkpoint], body=body)
         if library is not None:

@@ -260,7 +260,8 @@ def check_gguf(path: str | Path) -> None:
 
 def check_peft(directory: str | Path, base_config: dict) -> None:
     """CheckFailed unless PEFT loads the adapter in ``directory`` onto a model built (on the meta device) from
-    ``base_config``, using every tensor and missing none it needs."""
+    ``base_config``, using every tensor and missing none it needs (prompt-learning adapters: PEFT loads
+    ``prompt_embeddings`` into the prompt encoder strictly, so a wrong shape fails there)."""
     import peft
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -273,16 +274,20 @@ def check_peft(directory: str | Path, base_config: dict) -> None:
                 model = AutoModelForCausalLM.from_config(config)
             peft_config = peft.PeftConfig.from_pretrained(directory)
             adapted = peft.get_peft_model(model, peft_config)
-            result = peft.set_peft_model_state_dict(adapted, _adapter_tensors(directory))
+            tensors = _adapter_tensors(directory)
+            result = peft.set_peft_model_state_dict(adapted, tensors)
     except Exception as err:  # noqa: BLE001 - any refusal is the finding
         raise CheckFailed(f"PEFT would not load the adapter: {_one_line(err)}") from None
-    missing = [key for key in result.missing_keys if "prompt_encoder" in key or "lora_" in key]
-    if result.unexpected_keys or missing:
-        raise CheckFailed("PEFT would not load the adapter correctly: "
-                          + "; ".join(part for part in (
-                              f"tensors PEFT does not use: {_names(result.unexpected_keys)}"
-                              if result.unexpected_keys else "",
-                              f"adapter tensors missing: {_names(missing)}" if missing else "") if part))
+    if peft_config.is_prompt_learning:
+        unused = sorted(set(tensors) - {"prompt_embeddings"})
+        missing = [] if "prompt_embeddings" in tensors else ["prompt_embeddings"]
+    else:
+        unused = list(result.unexpected_keys)
+        missing = [key for key in result.missing_keys if "lora_" in key]
+    problems = ([f"tensors PEFT does not use: {_names(unused)}"] if unused else []) + (
+        [f"adapter tensors missing: {_names(missing)}"] if missing else [])
+    if problems:
+        raise CheckFailed("PEFT would not load the adapter correctly: " + "; ".join(problems))
 
 
 def _adapter_tensors(directory: Path) -> dict[str, torch.Tensor]:
