@@ -362,17 +362,18 @@ def quantize(
     source: str = typer.Argument(..., help="Model directory, .safetensors or .gguf file, or Hub repo id."),
     output: str = typer.Option(..., "-o", "--output", help="Output directory (written atomically)."),
     bits: int = typer.Option(4, "--bits", help="4 or 8."),
-    group_size: int = typer.Option(128, "--group-size", help="Input columns sharing a scale (multiple of 8)."),
+    group_size: Optional[int] = typer.Option(None, "--group-size", help="Input columns sharing a scale (multiple "
+                                                                         "of 8; default 128, GGUF: 32)."),
     scheme: str = typer.Option("sym", "--scheme", help="sym or asym (integer zero points)."),
     method: str = typer.Option("rtn", "--method", help="rtn, hqq or selfcal."),
     fmt: str = typer.Option("compressed-tensors", "--format", help="compressed-tensors, gptq or gguf."),
     ignore: str = typer.Option("lm_head", "--ignore", help="Comma-separated modules left unquantized: names, "
                                                            "trailing parts (mlp.down_proj) or re:REGEX."),
-    seed: int = typer.Option(0, "--seed", help="Seed of selfcal's generated text."),
-    calibration_sequences: int = typer.Option(32, "--calibration-sequences",
+    seed: Optional[int] = typer.Option(None, "--seed", help="selfcal: seed of the generated text (0)."),
+    calibration_sequences: Optional[int] = typer.Option(None, "--calibration-sequences",
                                               help="selfcal: sequences kept for calibration per round (twice as "
                                                    "many are generated)."),
-    rounds: int = typer.Option(2, "--rounds", help="selfcal: score → select → calibrate rounds."),
+    rounds: Optional[int] = typer.Option(None, "--rounds", help="selfcal: score → select → calibrate rounds (2)."),
     device: str = typer.Option("cpu", "--device", help="Where each tensor's grid is fitted (rtn, hqq, selfcal's GPTQ "
                                                        "rounding): cpu or cuda[:N]; reading, the layers and writing "
                                                        "stay on the CPU. rtn writes the same bytes on either."),

@@ -108,7 +108,7 @@ def test_bad_task_files_are_one_line_errors(long_to_short, tmp_path):
     cases = {(model, "--tasks", not_json): "line 2 is not JSON",
              (model, "--tasks", no_answer): "line 1 needs a string \"prompt\" and an \"answer\"",
              (model, "--tasks", tmp_path / "missing.jsonl"): "cannot read it",
-             (tmp_path / "no-model", "--tasks", long_to_short / "tasks.jsonl"): "no such model directory",
+             (tmp_path / "no-model", "--tasks", long_to_short / "tasks.jsonl"): "no such file or directory",
              (model, "--tasks", no_answer, "--max-new-tokens", "0"): "--max-new-tokens"}
     for args, message in cases.items():
         result = run_surgery("eval", "length", *args)

@@ -168,3 +168,21 @@ def test_adapter_records_its_base_model_as_an_absolute_path(tiny_checkpoints, tm
     assert result.returncode == 0, result.stderr
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(model.resolve())
+
+
+# ---- options that would be ignored are refused
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["quantize", "--seed", "3"], "--seed"), (["quantize", "--method", "hqq", "--rounds", "1"], "--rounds"),
+    (["quantize", "--calibration-sequences", "4"], "--calibration-sequences"),
+    (["quantize", "--format", "gguf", "--group-size", "64"], "--group-size 64"),
+    (["extend", "--rope", "linear", "--factor", "2", "--beta-fast", "16"], "--beta-fast"),
+    (["extend", "--rope", "yarn", "--factor", "2", "--power", "1"], "--power"),
+    (["extend", "--rope", "ntk", "--factor", "2", "--cut-length", "64"], "--cut-length"),
+])
+def test_options_the_command_would_ignore_are_refused(args, flag, tiny_checkpoints, tmp_path):
+    command, *options = args
+    result = run_surgery(command, tiny_checkpoints["llama"], *options, "-o", tmp_path / "out")
+    assert_bad_input(result, flag)
+    assert not (tmp_path / "out").exists()

@@ -238,18 +238,34 @@ def _card_body(options: Options, ckpt: Checkpoint, measurements: dict) -> str:
     ])
 
 
-def quantize(source: str | Path, output: str | Path, *, bits: int = 4, group_size: int = 128, scheme: str = "sym",
-             method: str = "rtn", format: str = "compressed-tensors", ignore: list[str] | None = None,
-             seed: int = 0, selfcal: dict | None = None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-             force: bool = False, progress: Callable[[int], None] = lambda nbytes: None,
-             device: str = "cpu") -> dict:
+def _check_options_apply(method: str, format: str, group_size: int | None, seed: int | None,
+                         selfcal: dict) -> None:
+    """BadInput naming an option that the method or format would ignore (nothing is dropped silently)."""
+    if method != "selfcal":
+        flags = {"sequences": "--calibration-sequences", "rounds": "--rounds"}
+        given = ["--seed"] * (seed is not None) + [flags.get(key, f"selfcal {key}") for key, value in selfcal.items()
+                                                   if value is not None]
+        if given:
+            raise BadInput(f"{given[0]}: applies only to --method selfcal (the method is {method})")
+    if format == "gguf" and group_size not in (None, gguf_format.BLOCK):
+        raise BadInput(f"--group-size {group_size}: GGUF's Q4_0 / Q8_0 blocks are {gguf_format.BLOCK} weights")
+
+
+def quantize(source: str | Path, output: str | Path, *, bits: int = 4, group_size: int | None = None,
+             scheme: str = "sym", method: str = "rtn", format: str = "compressed-tensors",
+             ignore: list[str] | None = None, seed: int | None = None, selfcal: dict | None = None,
+             max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, force: bool = False,
+             progress: Callable[[int], None] = lambda nbytes: None, device: str = "cpu") -> dict:
     """Quantize ``source`` into ``output`` (atomically). Returns a summary with the measurements.
 
-    ``device`` (cpu, cuda, cuda:N) is where the per-tensor grids are fitted (rtn, hqq; selfcal's GPTQ rounding);
-    tensors are read and written on the CPU. rtn writes the same bytes on any device; it is not part of the
-    recipe in surgery.json."""
-    options = Options(bits, group_size, scheme, method, format, list(ignore if ignore is not None else ["lm_head"]),
-                      seed, dict(selfcal or {}))
+    ``group_size`` defaults to 128 (GGUF: its blocks of 32); ``seed`` and ``selfcal`` (its parameters) apply to
+    ``method="selfcal"`` only. ``device`` (cpu, cuda, cuda:N) is where the per-tensor grids are fitted (rtn, hqq;
+    selfcal's GPTQ rounding); tensors are read and written on the CPU. rtn writes the same bytes on any device; it
+    is not part of the recipe in surgery.json."""
+    selfcal = dict(selfcal or {})
+    _check_options_apply(method, format, group_size, seed, selfcal)
+    options = Options(bits, 128 if group_size is None else group_size, scheme, method, format,
+                      list(ignore if ignore is not None else ["lm_head"]), 0 if seed is None else seed, selfcal)
     grid_scheme = options.check()
     device = compute_device(device)
     check_output_available(output, force)
