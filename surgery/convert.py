@@ -59,5 +59,6 @@ def convert(source: str | Path, output: str | Path, dtype: str | None = None,
         return write_checkpoint(
             output, output_specs(ckpt, target), ckpt.get,
             config=output_config(ckpt.config, target), files=ckpt.auxiliary_files(),
-            max_shard_size=max_shard_size, force=force, progress=progress, check=check_transformers,
+            max_shard_size=max_shard_size, force=force, progress=progress,
+            check=lambda staging: check_transformers(staging, [ckpt.path]),
         )

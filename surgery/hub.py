@@ -39,7 +39,7 @@ def resolve_repo(source: str) -> Path:
     if match is None:
         raise BadInput(f"{source}: not a local path and not a Hub repo id of the form org/name[@revision]")
     repo_id, revision = match["repo"], match["revision"]
-    _check_repo_id(repo_id)
+    check_repo_id(repo_id)
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=CHECKPOINT_PATTERNS,
                                       local_files_only=constants.HF_HUB_OFFLINE))
@@ -89,7 +89,7 @@ def push(directory: str | Path, repo_id: str, *, private: bool = False, revision
     Raises BadInput (not a checkpoint, invalid repo id, no token, no write access) or PushFailed (Hub or network).
     """
     directory = Path(directory)
-    _check_repo_id(repo_id)
+    check_repo_id(repo_id)
     kind = checkpoint_kind(directory)
     files = upload_files(directory)
     card, card_status = model_card_for(directory, kind, repo_id)
@@ -321,7 +321,8 @@ def complete_front_matter(text: str, fields: dict, label: str) -> str:
 # ---- talking to the Hub
 
 
-def _check_repo_id(repo_id: str) -> None:
+def check_repo_id(repo_id: str) -> None:
+    """BadInput unless ``repo_id`` is a valid Hub repo id (``org/..`` and the like are not)."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:

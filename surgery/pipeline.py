@@ -45,7 +45,8 @@ COMMANDS = {
     "push": (["input", "repo"], False),
 }
 REPLACEABLE = {"merge", "extend", "convert", "quantize"}  # take --force; calibrate replaces its file anyway
-NOT_STEP_OPTIONS = {"help", "dry_run", "json", "force", "version"}  # the pipeline's, not the step's, to decide
+# the pipeline's to decide, not the step's (a push step may be a dry run: it sends nothing and needs no network)
+NOT_STEP_OPTIONS = {"help", "dry_run", "json", "force", "version"}
 
 
 @dataclass(frozen=True)
@@ -79,13 +80,11 @@ class Step:
         return self.options.get("force") is True
 
     def argv(self) -> list[str]:
-        """The command line this step stands for (without --force, which :func:`_run_step` decides)."""
+        """The command line this step stands for (without --force, which :func:`_run_step` decides): options first,
+        then ``--`` and the positional values, so that no value (``--help``, say) is read as an option."""
         positional, _ = COMMANDS[self.command]
         declared = _step_options(self.command)
         args = [self.command]
-        for name in positional:
-            value = self.options[name]
-            args += [str(v) for v in value] if isinstance(value, list) else [str(value)]
         for key, value in self.options.items():
             option = declared.get(key)
             if key in positional or key == "force" or value is None:
@@ -96,6 +95,10 @@ class Step:
                 continue
             flag = "-o" if key == "output" else "--" + key.replace("_", "-")
             args += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+        args.append("--")
+        for name in positional:
+            value = self.options[name]
+            args += [str(v) for v in value] if isinstance(value, list) else [str(value)]
         return args
 
 
@@ -113,7 +116,8 @@ def _step_options(command: str) -> dict[str, Any]:
             continue
         for flag in parameter.opts:
             key = flag.removeprefix("--").replace("-", "_")
-            if flag.startswith("--") and key not in NOT_STEP_OPTIONS and key != "output":
+            pipeline_only = key in NOT_STEP_OPTIONS and not (command == "push" and key == "dry_run")
+            if flag.startswith("--") and not pipeline_only and key != "output":
                 declared[key] = parameter
     return declared
 
@@ -133,6 +137,10 @@ def _check_options(command: str, options: dict, where: str) -> None:
         scalars = value if isinstance(value, list) else [value]
         if not all(v is None or isinstance(v, (str, int, float, bool)) for v in scalars):
             raise BadInput(f"{where}: {key} must be a string, a number or a list of them, found {value!r}")
+    required = sorted({key for key, option in declared.items() if option is not None and option.required})
+    missing = [key for key in required if options.get(key) is None]
+    if missing:
+        raise BadInput(f"{where}: {command} needs {', '.join(missing)}")
     for key in ("output", "input", "repo"):
         if key in options and not (isinstance(options[key], str) and options[key]):
             raise BadInput(f"{where}: {key} must be a path or name (a string), found {options[key]!r}")
@@ -219,7 +227,9 @@ class StepReport:
 
     def describe(self) -> str:
         text = f"step {self.step.number} {self.step.command}"
-        text += f" → {self.step.output}" if self.step.output else f" {' '.join(self.step.argv()[1:3])}"
+        positional, _ = COMMANDS[self.step.command]
+        arguments = " ".join(str(self.step.options[name]) for name in positional)
+        text += f" → {self.step.output}" if self.step.output else f" {arguments}"
         return f"{text}: {self.status}" + (f" ({self.reason})" if self.reason else "")
 
 
@@ -276,8 +286,9 @@ def _run_step(step: Step) -> None:
 
     from surgery.cli import app
 
-    argv = step.argv() + (["--force"] if step.command in REPLACEABLE and Path(step.output).expanduser().exists()
-                          else [])
+    argv = step.argv()
+    if step.command in REPLACEABLE and Path(step.output).expanduser().exists():
+        argv.insert(argv.index("--"), "--force")
     try:
         code = typer.main.get_command(app).main(argv, prog_name="surgery", standalone_mode=False)
     except BadInput as err:

@@ -325,3 +325,11 @@ def test_layer_count_mismatch_names_the_models(tiny_checkpoints, tmp_path):
     make_tiny_model("llama", num_hidden_layers=3).save_pretrained(deeper)
     result = run_surgery("merge", tiny_checkpoints["llama"], deeper, "--method", "ties", "-o", tmp_path / "out")
     assert_bad_input(result, f"{tiny_checkpoints['llama']} 2", f"{deeper} 3")
+
+
+def test_the_rope_types_configs_are_checked_against_are_transformers_own():
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from surgery.io.config_check import ROPE_TYPES
+
+    assert set(ROPE_INIT_FUNCTIONS) | {"default"} <= ROPE_TYPES

@@ -76,7 +76,7 @@ def extend(source: str | Path, output: str | Path, method: str, *, max_shard_siz
 
         written = write_checkpoint(output, output_specs(ckpt, None), ckpt.get, config=result.config, files=files,
                                    max_shard_size=max_shard_size, force=force, progress=progress,
-                                   check=check_transformers)
+                                   check=lambda staging: check_transformers(staging, [ckpt.path]))
     return result, written
 
 

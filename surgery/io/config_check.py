@@ -25,6 +25,10 @@ POSITIVE_SIZES = (
     "n_head", "n_positions",
 )
 BOOLEANS = ("tie_word_embeddings", "use_cache", "attention_bias", "mlp_bias")
+POSITIVE_NUMBERS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps", "rope_theta")
+# transformers' rope types (modeling_rope_utils.ROPE_INIT_FUNCTIONS, "default") and Qwen2-VL's legacy "mrope";
+# tests/test_reliability.py checks the installed transformers has no others.
+ROPE_TYPES = {"default", "linear", "dynamic", "yarn", "longrope", "llama3", "proportional", "mrope"}
 DTYPES = {"float32", "float16", "bfloat16", "float64", "float8_e4m3fn", "float8_e5m2", "int8", "uint8", "auto"}
 SUB_CONFIGS = ("text_config", "vision_config", "audio_config")
 
@@ -38,8 +42,8 @@ def validate_config(config: Any, where: str) -> None:
     if not isinstance(config, dict):
         raise BadInput(f"{where}: a config must be a JSON object, found {type(config).__name__}")
     model_type = config.get("model_type")
-    if model_type is not None and not isinstance(model_type, str):
-        raise BadInput(f"{where}: model_type must be a string, found {model_type!r}")
+    if not isinstance(model_type, str) or not model_type:
+        raise BadInput(f"{where}: model_type must name the model family (a string), found {model_type!r}")
     architectures = config.get("architectures")
     if architectures is not None and (not isinstance(architectures, list)
                                       or not all(isinstance(name, str) and name for name in architectures)):
@@ -71,10 +75,15 @@ def _check_fields(config: dict, where: str) -> None:
         if value is not None and value not in DTYPES:
             raise BadInput(f"{where}: {key} {value!r} is not a dtype a checkpoint is stored in "
                            f"({', '.join(sorted(DTYPES))})")
-    theta = config.get("rope_theta")
-    if theta is not None and (isinstance(theta, bool) or not isinstance(theta, (int, float))
-                              or not math.isfinite(theta) or theta <= 0):
-        raise BadInput(f"{where}: rope_theta must be a positive number, found {theta!r}")
+    for key in POSITIVE_NUMBERS:
+        if config.get(key) is not None:
+            _positive_number(config[key], key, where)
+    for key in ("rope_parameters", "rope_scaling"):
+        _check_rope(config.get(key), key, where)
+    head_dim = config.get("head_dim")
+    rotary = config.get("rope_theta") is not None or config.get("rope_parameters") is not None
+    if head_dim is not None and rotary and head_dim % 2:
+        raise BadInput(f"{where}: head_dim {head_dim} is odd, and rotary embeddings rotate pairs of dimensions")
     heads, kv_heads = config.get("num_attention_heads"), config.get("num_key_value_heads")
     if heads and kv_heads and heads % kv_heads:
         raise BadInput(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
@@ -82,3 +91,27 @@ def _check_fields(config: dict, where: str) -> None:
     if heads and hidden and config.get("head_dim") is None and hidden % heads:
         raise BadInput(f"{where}: hidden_size {hidden} is not a multiple of num_attention_heads {heads} "
                        "(and no head_dim is given)")
+
+
+def _positive_number(value: Any, key: str, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise BadInput(f"{where}: {key} must be a positive number, found {value!r}")
+
+
+def _check_rope(rope: Any, key: str, where: str) -> None:
+    """A rope dict (or one per layer type, as gemma3 writes): a known rope_type, positive theta and factor."""
+    if rope is None:
+        return
+    if not isinstance(rope, dict):
+        raise BadInput(f"{where}: {key} must be a JSON object, found {rope!r}")
+    if rope and all(isinstance(value, dict) for value in rope.values()):  # per layer type
+        for layer_type, sub in rope.items():
+            _check_rope(sub, f"{key}.{layer_type}", where)
+        return
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise BadInput(f"{where}: {key} rope_type {kind!r} is not one transformers knows "
+                       f"({', '.join(sorted(ROPE_TYPES))})")
+    for name in ("rope_theta", "factor"):
+        if rope.get(name) is not None:
+            _positive_number(rope[name], f"{key}.{name}", where)

@@ -85,6 +85,9 @@ def _check_tensor_extents(reader, path: Path) -> None:
         if elements != int(tensor.n_elements) or start + int(tensor.n_bytes) > size or start < reader.data_offset:
             raise BadInput(f"{path}: tensor {tensor.name!r} lies outside the file (offset {raw_offset}, "
                            f"{int(tensor.n_bytes)} bytes, file of {size} bytes)")
+        if raw_offset % reader.alignment:
+            raise BadInput(f"{path}: tensor {tensor.name!r} starts at offset {raw_offset}, not a multiple of the "
+                           f"file's alignment {reader.alignment}")
         if int(tensor.data.nbytes) != int(tensor.n_bytes):
             raise BadInput(f"{path}: tensor {tensor.name!r} holds {int(tensor.data.nbytes)} bytes, its shape needs "
                            f"{int(tensor.n_bytes)}")
@@ -178,7 +181,11 @@ class GGUFCheckpoint(Checkpoint):
         from transformers import AutoTokenizer, GenerationConfig
 
         with tempfile.TemporaryDirectory() as scratch, redirect_stderr(io.StringIO()), _reusing(self._reader):
-            tokenizer = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+            except Exception as err:  # noqa: BLE001 - the tokenizer metadata is untrusted bytes too
+                raise BadInput(f"{self.path}: its tokenizer metadata is unreadable ({type(err).__name__}: "
+                               f"{_one_line(err)})") from None
             tokenizer.save_pretrained(scratch)
             GenerationConfig.from_model_config(self._hf_config).save_pretrained(scratch)
             return {file.name: file.read_bytes() for file in sorted(Path(scratch).iterdir()) if file.is_file()}

@@ -106,55 +106,73 @@ def known_to_transformers(config: dict | None) -> bool:
     return isinstance(model_type, str) and model_type in CONFIG_MAPPING_NAMES
 
 
-def check_transformers(directory: str | Path) -> None:
+def check_transformers(directory: str | Path, inputs: list[Path] = ()) -> None:
     """CheckFailed unless transformers would load ``directory`` (config.json + safetensors) completely.
 
-    GPTQ checkpoints need a GPU kernel package to load, so their layout is checked against the unquantized model
-    instead (:func:`_gptq_problems`). An asymmetric compressed-tensors checkpoint that transformers reads only with
-    ``CompressedTensorsConfig(dequantize=True)`` passes with a warning saying so. A directory without config.json
-    (bare tensors) and model types transformers does not know are not checked (a warning says so for the latter)."""
+    ``inputs`` are the checkpoints the output was made from: when the output fails and an input fails the same
+    check, the input is what is wrong, and that is a BadInput naming it. GPTQ checkpoints need a GPU kernel package
+    to load, so their layout is checked against the unquantized model instead (:func:`_gptq_problems`). An
+    asymmetric compressed-tensors checkpoint that transformers reads only with ``CompressedTensorsConfig(
+    dequantize=True)`` passes with a warning saying so. A directory without config.json (bare tensors) and model
+    types transformers does not know are not checked (a warning says so for the latter)::
+
+        check_transformers(staging, inputs=[ckpt.path])
+    """
+    problems = _problems(Path(directory))
+    if not problems:
+        return
+    for source in map(Path, inputs):
+        if source.suffix != ".gguf" and _problems(source):
+            raise BadInput(f"{source}: transformers would not load this input correctly either: "
+                           + "; ".join(_problems(source)))
+    raise CheckFailed("transformers would not load the output correctly: " + "; ".join(problems))
+
+
+def _problems(path: Path) -> list[str]:
+    """What goes wrong when transformers loads the checkpoint at ``path`` (a directory, or one safetensors file
+    beside its config.json; see :func:`check_transformers`); empty: nothing."""
     from surgery.io.safetensors_reader import SafetensorsCheckpoint, read_json
 
-    directory = Path(directory)
+    directory = path if path.is_dir() else path.parent
     if not (directory / "config.json").is_file():
-        return
+        return []
     raw = read_json(directory / "config.json", "config.json")
     if not known_to_transformers(raw):
-        log.warning("model type %r is not one transformers knows: the output is not checked against a loader",
-                    raw.get("model_type"))
-        return
-    with SafetensorsCheckpoint(str(directory), directory) as written:
+        log.warning("model type %r is not one transformers knows: %s is not checked against a loader",
+                    raw.get("model_type"), path.name)
+        return []
+    with SafetensorsCheckpoint(str(path), path) as written:
         specs = dict(written.tensors)
     config = _transformers_config(directory)
+    if isinstance(config, str):
+        return [config]
     method = (raw.get("quantization_config") or {}).get("quant_method")
     if method == "gptq":
         del config.quantization_config
         try:
             model, _ = _load_on_meta(config, {})
         except _LoadCrashed as err:
-            raise CheckFailed(f"transformers would not build the model of the output: {err}") from None
-        problems = _gptq_problems(model, specs, raw["quantization_config"])
-    else:
-        problems = _loading_problems(config, specs)
-        if problems and method == "compressed-tensors":
-            config.quantization_config["dequantize"] = True
-            if not _loading_problems(config, specs):
-                log.warning("transformers loads this checkpoint only with quantization_config="
-                            "CompressedTensorsConfig(dequantize=True): %s", "; ".join(problems))
-                return
-    if problems:
-        raise CheckFailed(f"transformers ({_model_class(config).__name__}) would not load the output correctly: "
-                          + "; ".join(problems))
+            return [f"transformers would not build the model: {err}"]
+        return _gptq_problems(model, specs, raw["quantization_config"])
+    problems = _loading_problems(config, specs)
+    if problems and method == "compressed-tensors":
+        config.quantization_config["dequantize"] = True
+        if not _loading_problems(config, specs):
+            log.warning("transformers loads %s only with quantization_config=CompressedTensorsConfig(dequantize=True): "
+                        "%s", directory.name, "; ".join(problems))
+            return []
+    return problems
 
 
 def _transformers_config(directory: Path):
+    """transformers' config object for ``directory``, or why it refuses the config.json (a string)."""
     from transformers import AutoConfig
 
     try:
         with _quiet():
             return AutoConfig.from_pretrained(directory)
     except Exception as err:  # noqa: BLE001 - any refusal of the config is the finding
-        raise CheckFailed(f"the written config.json would not load in transformers: {_one_line(err)}") from None
+        return f"its config.json is refused: {_one_line(err)}"
 
 
 class _LoadCrashed(Exception):

@@ -53,7 +53,8 @@ def read_shard_index(directory: Path) -> dict[str, str]:
         if not isinstance(shard, str) or not shard:
             raise BadInput(f"{index_path}: tensor {name!r} maps to {shard!r}, not a shard file name")
         parts = Path(shard).parts
-        if Path(shard).is_absolute() or "\\" in shard or ".." in parts or not shard.endswith(".safetensors"):
+        if (Path(shard).is_absolute() or "\\" in shard or ".." in parts or not shard.endswith(".safetensors")
+                or any(len(part.encode()) > 255 for part in parts)):
             raise BadInput(f"{index_path}: shard {shard!r} of tensor {name!r} is not a .safetensors file inside "
                            f"{directory}")
     return weight_map
@@ -91,7 +92,11 @@ class SafetensorsCheckpoint(Checkpoint):
 
     def _open(self, file: Path):
         if file not in self._handles:
-            if not file.is_file():
+            try:
+                present = file.is_file()
+            except OSError as err:  # a name the file system cannot hold
+                raise BadInput(f"{file}: cannot be read ({err.strerror})") from None
+            if not present:
                 raise BadInput(f"{file}: shard file is missing")
             try:
                 self._handles[file] = safe_open(str(file), framework="pt")

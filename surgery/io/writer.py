@@ -318,8 +318,9 @@ def replaceable(directory: Path) -> bool:
 
 def check_output_available(directory: str | Path, force: bool = False) -> Path:
     """Fail early (BadInput) when ``directory`` exists and may not be replaced; returns it as an absolute path
-    (``~`` expanded). Killed runs' leftovers beside it are cleaned up first (:func:`_remove_abandoned`). With ``force`` only a directory holding a checkpoint (or an earlier output, or nothing) is
-    replaced: a directory of the user's own files never is."""
+    (``~`` expanded). Killed runs' leftovers beside it are cleaned up first (:func:`_remove_abandoned`). With
+    ``force`` only a directory holding a checkpoint (or an earlier output, or nothing) is replaced: a directory of
+    the user's own files never is."""
     directory = Path(directory).expanduser().absolute()
     if directory.parent.is_dir():
         _remove_abandoned(directory)  # first restore an output a killed run left moved aside

@@ -510,10 +510,13 @@ def merge(recipe: Recipe, output: str | Path, *, device: str = "cpu",
                 method=inputs.method.name, checkpoints=inputs.checkpoints, body=_card_body(recipe, inputs))
             return aux
 
+        def check(staging: Path) -> None:
+            check_transformers(staging, [ckpt.path for ckpt in inputs.checkpoints])
+
         with _cpu_workers(merger.device) as workers:
             result = write_checkpoint(output, specs, merger, config=_output_config(inputs, specs, dtype),
                                       files=files, max_shard_size=max_shard_size, force=force, progress=progress,
-                                      workers=workers, write_shards=shards, check=check_transformers)
+                                      workers=workers, write_shards=shards, check=check)
     return MergeResult(result, recipe)
 
 

@@ -203,6 +203,7 @@ def _model_entry(entry: Any, origin: str) -> ModelEntry:
     if unknown:
         raise BadInput(f"{origin}: model {entry['model']!r}: unknown key(s) {', '.join(sorted(map(str, unknown)))}")
     model = _text(entry["model"], "model", origin, required=True)
+    _check_reference(model, origin)
     layer_range = entry.get("layer_range")
     if layer_range is not None:
         if (not isinstance(layer_range, (list, tuple)) or len(layer_range) != 2
@@ -212,6 +213,18 @@ def _model_entry(entry: Any, origin: str) -> ModelEntry:
                            "with 0 <= start < end")
         layer_range = tuple(layer_range)
     return ModelEntry(model, _parameters(entry.get("parameters"), f"{origin}: model {model}"), layer_range)
+
+
+def _check_reference(model: str, origin: str) -> None:
+    """BadInput naming the recipe when ``model`` is neither a local path nor a valid Hub repo id."""
+    from surgery.hub import REPO_ID, check_repo_id
+
+    match = REPO_ID.match(model)
+    if match and not Path(model).expanduser().exists():
+        try:
+            check_repo_id(match["repo"])
+        except BadInput as err:
+            raise BadInput(f"{origin}: model {err}") from None
 
 
 def _slice(entry: Any, origin: str) -> Slice:
@@ -301,6 +314,8 @@ def load_recipe(path: str | Path) -> Recipe:
         if data.get("command") != "merge":
             raise BadInput(f"{path}: the manifest of a {data.get('command')!r} output, not of a merge")
         data = data["recipe"]
+        if not isinstance(data, dict):
+            raise BadInput(f"{path}: the manifest's recipe must be a mapping, found {type(data).__name__}")
     if "merge_method" in data:
         return _from_mergekit(data, str(path))
     return Recipe.from_dict(data, str(path))

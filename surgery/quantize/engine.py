@@ -276,9 +276,9 @@ def quantize(source: str | Path, output: str | Path, *, bits: int = 4, group_siz
         plan = plan_quantization(ckpt, options, grid_scheme)
         hashes = hash_inputs_in_background([ckpt])
         note = group_size_note(plan)
-        if len(note["group_sizes"]) > 1 or str(group_size) not in note["group_sizes"]:
+        if len(note["group_sizes"]) > 1 or str(options.group_size) not in note["group_sizes"]:
             log.warning("--group-size %d does not divide every quantized module's input dimension; group sizes used "
-                        "(modules each): %s", group_size, note["group_sizes"])
+                        "(modules each): %s", options.group_size, note["group_sizes"])
         stored = scale_dtype(FORMATS[options.format], plan.dtype)
         quantize_module = grid_function(options, stored, device)
         calibration = {}
@@ -302,7 +302,7 @@ def quantize(source: str | Path, output: str | Path, *, bits: int = 4, group_siz
 
         result = write_checkpoint(output, plan.specs, quantizer, config=plan.config, files=files,
                                   max_shard_size=max_shard_size, force=force, progress=progress,
-                                  check=check_transformers)
+                                  check=lambda staging: check_transformers(staging, [ckpt.path]))
     return {"output": str(result.directory), **options.to_dict(), **measurements(),
             "shards": len(result.shards), "total_bytes": result.total_size,
             "seconds": round(time.perf_counter() - started, 2), "per_module": quantizer.per_module}
