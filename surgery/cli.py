@@ -882,10 +882,12 @@ def _terminate(signum, frame):  # pragma: no cover - exercised by the kill tests
 
 def invoke(argv: list[str] | None = None) -> int:
     """Run the command line on ``argv`` (default: ``sys.argv[1:]``) and return its exit code: 0 success, 2 bad
-    input or usage (one line on stderr), 1 internal error, 130 interrupted::
+    input or usage (one line on stderr), 1 a failed check (one line) or an internal error, 130 interrupted::
 
         invoke(["merge", "base", "ft", "--method", "ties", "-o", "out"])
     """
+    from surgery.errors import CheckFailed
+
     try:
         app(args=argv, prog_name="surgery")
     except SystemExit as done:  # click ends every run with SystemExit
@@ -893,6 +895,9 @@ def invoke(argv: list[str] | None = None) -> int:
     except BadInput as err:
         typer.echo(f"surgery: error: {err}", err=True)
         return 2
+    except CheckFailed as err:  # a check ran and failed; its report is already on stdout
+        typer.echo(f"surgery: error: {err}", err=True)
+        return 1
     except KeyboardInterrupt:
         typer.echo("surgery: interrupted", err=True)
         return 130
