@@ -424,9 +424,6 @@ def verify(
     top: int = typer.Option(5, "--top", help="Modules listed, worst output relative error first (--json: all)."),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    # Before torch loads OpenMP: threads that sleep at barriers rather than spin. On a CPU another job keeps busy,
-    # spinning threads cost most of the run (SmolLM2-135M, one forward pass: 15 s instead of 1 s).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from surgery.quantize.verify import raise_if_failed, report_lines, verify as run_verify
 
     if tokens < 2:
