@@ -6,6 +6,7 @@ the KL from transformers loading the output itself (compressed-tensors' own deco
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import numpy as np
@@ -167,6 +168,14 @@ def test_zeroed_scales_fail_naming_the_module(outputs, tiny_checkpoints, tmp_pat
     broken = copy_with(outputs["sym4"], tmp_path / "zeroed", {f"{BROKEN}.weight_scale": torch.zeros_like(scales)})
     line = failed_in_one_line(verify(broken, tiny_checkpoints["llama"]), BROKEN)
     assert "output cosine 0 " in line  # a zero output has cosine 0 with anything
+
+
+def test_nan_scales_fail_naming_the_module(outputs, tiny_checkpoints, tmp_path):
+    scales = load_file(outputs["sym4"] / "model.safetensors")[f"{BROKEN}.weight_scale"]
+    broken = copy_with(outputs["sym4"], tmp_path / "nan", {f"{BROKEN}.weight_scale": torch.full_like(scales, math.nan)})
+    failed_in_one_line(verify(broken, tiny_checkpoints["llama"]), BROKEN, "output cosine nan")
+    report = report_of(broken, tiny_checkpoints["llama"])
+    assert report["worst"][0]["module"] == BROKEN and math.isnan(report["min_output_cosine"])
 
 
 def test_shuffled_words_fail_naming_the_module(outputs, tiny_checkpoints, tmp_path):

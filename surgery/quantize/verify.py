@@ -432,8 +432,8 @@ def checked_shape(ckpt: Checkpoint, reference: Checkpoint, module: str, approx: 
                        f"{reference.source} has {tuple(weight_shape)}")
 
 
-def gaussian_layer_reports(ckpt: Checkpoint, reference: Checkpoint, modules: list[str], probes: int,
-                                     seed: int, backend: str) -> list[dict]:
+def gaussian_layer_reports(ckpt: Checkpoint, reference: Checkpoint, modules: list[str], probes: int, seed: int,
+                           backend: str) -> list[dict]:
     """Per-layer measures without a model run (``end_to_end=False``): seeded Gaussian probe inputs."""
     generator = torch.Generator().manual_seed(seed)
     reports = []
@@ -452,15 +452,16 @@ def gaussian_layer_reports(ckpt: Checkpoint, reference: Checkpoint, modules: lis
 # Verdict
 
 
-def _worst_first(value: float) -> float:
-    return -math.inf if math.isnan(value) else value
+def _nan_as(value: float, worst: float) -> float:
+    """``value`` for sorting, a NaN (a broken output's measure) counted as ``worst``."""
+    return worst if math.isnan(value) else value
 
 
 def failures(layers: list[dict], end_to_end: dict | None, *, max_kl: float, min_cosine: float) -> list[dict]:
     """The failed checks, each with a one-line ``message``: per-layer cosines below ``min_cosine`` (lowest first;
     NaN fails), then an end-to-end KL above ``max_kl``."""
     low = sorted((layer for layer in layers if not layer["output_cosine"] >= min_cosine),
-                 key=lambda layer: _worst_first(layer["output_cosine"]))
+                 key=lambda layer: _nan_as(layer["output_cosine"], -math.inf))
     found = [{"check": "min_cosine", "module": layer["module"], "value": layer["output_cosine"],
               "threshold": min_cosine, "message": f"{layer['module']} output cosine {layer['output_cosine']:.4g} "
                                                   f"< --min-cosine {min_cosine:g}"} for layer in low]
@@ -543,9 +544,11 @@ def verify(quantized: str, *, reference: str, tokens: int = DEFAULT_TOKENS, prob
     report = {"quantized": quantized, "reference": reference, "format": fmt_name, "bits": scheme.bits,
               "group_size": scheme.group_size, "symmetric": scheme.symmetric, "provenance": provenance,
               "probes": "activations" if end_to_end else "gaussian", "layers": layers,
-              "worst": sorted(layers, key=lambda layer: -_worst_first(layer["output_rel_error"]))[:top],
-              "worst_output_rel_error": max(layer["output_rel_error"] for layer in layers),
-              "min_output_cosine": min(layer["output_cosine"] for layer in layers),
+              "worst": sorted(layers, key=lambda layer: -_nan_as(layer["output_rel_error"], math.inf))[:top],
+              "worst_output_rel_error": max(layers, key=lambda layer: _nan_as(layer["output_rel_error"], math.inf))[
+                  "output_rel_error"],
+              "min_output_cosine": min(layers, key=lambda layer: _nan_as(layer["output_cosine"], -math.inf))[
+                  "output_cosine"],
               "thresholds": {"max_kl": max_kl, "min_cosine": min_cosine}}
     if e2e is not None:
         report["end_to_end"] = e2e
