@@ -1,7 +1,10 @@
-"""Errors that the command line reports as one line with exit code 2.
+"""Errors that the command line reports as one line, without a traceback.
 
 Library code raises :class:`BadInput` for anything the user can fix (a malformed file, a missing tensor, a bad
-option). The message names the file, tensor or option and the reason; the CLI prints it without a traceback.
+option): exit code 2. A check that ran and found the result wanting (``surgery verify`` over its thresholds)
+raises :class:`CheckFailed`: exit code 1. The message names the file, tensor, option or threshold and the reason::
+
+    raise CheckFailed("verify failed: model.layers.3.mlp.down_proj output cosine 0.41 < --min-cosine 0.9")
 """
 
 

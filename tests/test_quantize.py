@@ -271,7 +271,9 @@ def test_outputs_are_deterministic_and_carry_provenance(outputs, tiny_checkpoint
 
 
 def test_verify_reports_layers_and_end_to_end(outputs, tiny_checkpoints):
-    done = run_surgery("verify", outputs["asym4"], "--reference", tiny_checkpoints["llama"], "--tokens", "32",
+    # sym4, not asym4: verify now fails outputs transformers refuses to load, and with the transformers and
+    # compressed-tensors installed here that includes asymmetric zero points (tests/test_verify.py).
+    done = run_surgery("verify", outputs["sym4"], "--reference", tiny_checkpoints["llama"], "--tokens", "32",
                        "--json")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)

@@ -118,17 +118,17 @@ def check_transformers(directory: str | Path, inputs: list[Path] = ()) -> None:
 
         check_transformers(staging, inputs=[ckpt.path])
     """
-    problems = _problems(Path(directory))
+    problems = loading_problems(Path(directory))
     if not problems:
         return
     for source in map(Path, inputs):
-        if source.suffix != ".gguf" and _problems(source):
-            raise BadInput(f"{source}: transformers would not load this input correctly either: "
-                           + "; ".join(_problems(source)))
+        theirs = loading_problems(source) if source.suffix != ".gguf" else []
+        if theirs:
+            raise BadInput(f"{source}: transformers would not load this input correctly either: " + "; ".join(theirs))
     raise CheckFailed("transformers would not load the output correctly: " + "; ".join(problems))
 
 
-def _problems(path: Path) -> list[str]:
+def loading_problems(path: Path) -> list[str]:
     """What goes wrong when transformers loads the checkpoint at ``path`` (a directory, or one safetensors file
     beside its config.json; see :func:`check_transformers`); empty: nothing."""
     from surgery.io.safetensors_reader import SafetensorsCheckpoint, read_json
@@ -154,10 +154,10 @@ def _problems(path: Path) -> list[str]:
         except _LoadCrashed as err:
             return [f"transformers would not build the model: {err}"]
         return _gptq_problems(model, specs, raw["quantization_config"])
-    problems = _loading_problems(config, specs)
+    problems = _problems_with(config, specs)
     if problems and method == "compressed-tensors":
         config.quantization_config["dequantize"] = True
-        if not _loading_problems(config, specs):
+        if not _problems_with(config, specs):
             log.warning("transformers loads %s only with quantization_config=CompressedTensorsConfig(dequantize=True): "
                         "%s", directory.name, "; ".join(problems))
             return []
@@ -190,7 +190,7 @@ def _load_on_meta(config, state: dict) -> tuple:
         raise _LoadCrashed(_report_rows(messages) or _one_line(err)) from None
 
 
-def _loading_problems(config, specs: dict) -> list[str]:
+def _problems_with(config, specs: dict) -> list[str]:
     """What goes wrong when transformers loads tensors of ``specs``' names, shapes and dtypes (empty: nothing)."""
     import copy
 

@@ -1,35 +1,85 @@
-"""``surgery verify``: how far a quantized checkpoint is from its reference, per layer and end to end.
+"""``surgery verify``: how far a quantized checkpoint is from its reference, and whether that is close enough::
 
     from surgery.quantize import verify
-    report = verify("model-w4", reference="org/model", tokens=256, seed=0)
-    report["layers"][0]   # {"module", "weight_rel_error", "output_rel_error", "output_cosine"}
+    from surgery.quantize.verify import raise_if_failed
+    report = verify("model-w4", reference="org/model", tokens=128, seed=0)
+    report["passed"]      # False when a check below failed; report["failures"] lists them, worst first
+    report["worst"]       # the ``top`` modules with the largest output relative error
+    report["layers"][0]   # {"module", "group_size", "weight_rel_error", "output_rel_error", "output_cosine"}
     report["end_to_end"]  # {"kl": mean next-token KL(P‖Q), "top1_agreement": ..., "tokens": ...}
+    raise_if_failed(report)   # CheckFailed naming the first failure and its threshold (the command exits 1)
 
-Per quantized Linear: the weight-space relative error ‖Ŵ − W‖/‖W‖, and on seeded Gaussian probe inputs X the output
-relative error ‖XŴᵀ − XWᵀ‖/‖XWᵀ‖ and cosine similarity. For compressed-tensors outputs, XŴᵀ comes from the fused
-dequantize-matmul kernel reading the packed tensors (Triton on CUDA, its torch reference on CPU). End to end, the
-reference model generates its own text (seeded sampling from BOS; no data set) and both models score it: the mean
-next-token KL(P_reference ‖ P_quantized) and the share of positions whose top-1 tokens agree. The quantized model
-is the reference architecture with the decoded weights, so any quantized format is compared the same way.
+What is measured. One model is built, transformers' module for the output's config, in float32. With the
+reference's weights it samples its own text from BOS (seeded, temperature 1; no data set): ``tokens`` tokens in
+``SEQUENCES`` parallel sequences, since on a CPU a decode step costs about the same for 1 or 8 of them. It scores
+that text, and the inputs every quantized Linear sees are kept at ``probes`` positions drawn with the seed. Per
+quantized Linear, with W the reference weight and Ŵ the one decoded from the stored bits: the weight relative error
+‖Ŵ − W‖/‖W‖, and on those real activations X the output relative error ‖XŴᵀ − XWᵀ‖/‖XWᵀ‖ and cosine. For
+compressed-tensors, XŴᵀ comes from the fused dequantize-matmul kernel reading the packed tensors (Triton on CUDA,
+its torch reference on CPU). Then Ŵ replaces W, the output's other tensors (embeddings, norms, head) replace the
+reference's, as a loader would load them, and the model scores the same text again: the mean next-token
+KL(P_reference ‖ P_quantized) and the share of positions whose top-1 tokens agree. Everything is deterministic given
+the seed.
+
+What fails (exit 1 through :class:`~surgery.errors.CheckFailed`, after the report): a quantized Linear's output
+cosine below ``min_cosine`` (NaN fails too), the KL above ``max_kl``, and an output loaders cannot read as written:
+a quantized module that is not an ``nn.Linear`` of the model its config builds (loaders replace only Linear modules;
+GPT-2's Conv1D projections keep their own weights, which the output does not hold), a tensor the model needs that
+the output lacks, and, for compressed-tensors, whatever transformers' own loader, asked on the meta device, would
+leave missing or refuse for its shape.
+
+The defaults, DEFAULT_MIN_COSINE = 0.9 and DEFAULT_MAX_KL = 1.5 nats, come from measurements at the default 128
+tokens over seeds 0-2 (``python benchmarks/verify_bench.py --thresholds``). Real outputs: SmolLM2-135M-Instruct at 4
+bits (rtn, hqq, asymmetric, GPTQ; group 64 and 128) has a lowest per-layer cosine of 0.970-0.978 (a value
+projection) and a KL of 0.60-0.90; at 8 bits 0.9999 and 0.004; the tiny test models 0.991 or more and 0.005 or
+less. (Asymmetric compressed-tensors outputs measure as well but fail the loading check with the transformers 5.24
+and compressed-tensors 0.20.1 installed here, which refuse their packed zero points.) Failures: against an unrelated
+reference of the same shapes the lowest cosine is -0.02 or below and SmolLM2's KL 4.2; one module with zeroed
+scales or shuffled packed words has cosine 0 or -0.01, while the KL (0.94-1.31) would not tell it from 4-bit noise.
+So the cosine threshold sits in a wide gap, and the KL threshold 1.7x above the worst real 4-bit figure of a 135M
+model, where it still catches outputs that lost the reference's predictions. Models of billions of parameters
+measure far lower KLs at 4 bits: give them a tighter ``--max-kl``.
+
+What is refused (exit 2 through :class:`~surgery.errors.BadInput`): a reference whose files do not have the content
+hashes the output's ``surgery.json`` recorded for its input (unless ``any_reference``; an output without such a
+manifest is compared with a warning), and any structural mismatch: a quantized module or a tensor the reference
+lacks, or holds in another shape.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import math
 from dataclasses import replace
 from typing import Iterator
 
 import torch
+from torch import nn
 
-from surgery.errors import BadInput
+from surgery.errors import BadInput, CheckFailed
 from surgery.io import open_checkpoint
 from surgery.io.checkpoint import Checkpoint
+from surgery.io.loader_check import loading_problems
 from surgery.kernels.dequant_matmul import dequant_matmul
 from surgery.quantize.formats import FORMATS
 from surgery.quantize.grid import Scheme, dequantize
 from surgery.quantize.groups import group_size_of
 
+log = logging.getLogger(__name__)
+
 FIRST_TENSOR = {"compressed-tensors": "weight_packed", "gptq": "qweight"}
+DEFAULT_TOKENS = 128
+DEFAULT_PROBES = 64
+DEFAULT_TOP = 5
+DEFAULT_MIN_COSINE = 0.9
+DEFAULT_MAX_KL = 1.5
+SEQUENCES = 8  # sampled in parallel: a decode step costs about the same for 1 or 8 sequences on a CPU
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading the quantized checkpoint
 
 
 def scheme_of(config: dict | None, source: str) -> tuple[str, Scheme]:
@@ -61,69 +111,33 @@ def quantized_modules(ckpt: Checkpoint) -> list[str]:
 
 
 def module_tensors(ckpt: Checkpoint, module: str) -> dict[str, torch.Tensor]:
+    """The format's tensors of one quantized module, by local name (``weight_packed``, ``qweight``...)."""
     prefix = module + "."
-    return {name[len(prefix):]: ckpt.get(name) for name in ckpt.tensors
-            if name.startswith(prefix) and "." not in name[len(prefix):] and name[len(prefix):] not in ("weight", "bias")}
+    local = {name: name[len(prefix):] for name in ckpt.tensors if name.startswith(prefix)}
+    return {short: ckpt.get(name) for name, short in local.items()
+            if "." not in short and short not in ("weight", "bias")}
+
+
+def decoded_weight(ckpt: Checkpoint, module: str) -> torch.Tensor:
+    """The float32 weight of one quantized module, decoded from the stored bits::
+
+        weight = decoded_weight(ckpt, "model.layers.0.mlp.up_proj")   # (out, in)
+    """
+    fmt_name, default = scheme_of(ckpt.config, ckpt.source)
+    scheme = module_scheme(ckpt.config, module, default)
+    q, scale, zero = FORMATS[fmt_name].decode(module_tensors(ckpt, module), scheme)
+    return dequantize(q, scale, zero, scheme.group_size)
 
 
 def dequantized_weights(ckpt: Checkpoint) -> Iterator[tuple[str, torch.Tensor]]:
     """``(module + ".weight", float32 weight)`` for every quantized module, decoded from the stored bits."""
-    fmt_name, default = scheme_of(ckpt.config, ckpt.source)
     for module in quantized_modules(ckpt):
-        scheme = module_scheme(ckpt.config, module, default)
-        q, scale, zero = FORMATS[fmt_name].decode(module_tensors(ckpt, module), scheme)
-        yield f"{module}.weight", dequantize(q, scale, zero, scheme.group_size)
-
-
-def _layer_report(ckpt: Checkpoint, reference: Checkpoint, fmt_name: str, scheme: Scheme, module: str,
-                  probes: int, generator: torch.Generator, backend: str) -> dict:
-    scheme = module_scheme(ckpt.config, module, scheme)
-    tensors = module_tensors(ckpt, module)
-    q, scale, zero = FORMATS[fmt_name].decode(tensors, scheme)
-    approx = dequantize(q, scale, zero, scheme.group_size)
-    weight = reference.get(f"{module}.weight").float()
-    if weight.shape != approx.shape:
-        raise BadInput(f"{module}: quantized shape {tuple(approx.shape)} but reference {tuple(weight.shape)}")
-    x = torch.randn(probes, weight.shape[1], generator=generator)
-    expected = x @ weight.T
-    if fmt_name == "compressed-tensors":
-        device = "cuda" if backend != "torch" and torch.cuda.is_available() else "cpu"
-        got = dequant_matmul(x.to(device), tensors["weight_packed"].to(device), tensors["weight_scale"].to(device),
-                             tensors.get("weight_zero_point"),
-                             bits=scheme.bits, group_size=scheme.group_size, backend=backend).cpu().float()
-    else:
-        got = x @ approx.T
-    return {"module": module, "group_size": scheme.group_size,
-            "weight_rel_error": float((approx - weight).norm() / weight.norm().clamp_min(1e-30)),
-            "output_rel_error": float((got - expected).norm() / expected.norm().clamp_min(1e-30)),
-            "output_cosine": float(torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0))}
-
-
-@torch.no_grad()
-def self_generated_ids(model, tokenizer, tokens: int, seed: int, sequences: int = 4) -> torch.Tensor:
-    """(sequences, tokens // sequences + 1) ids the model samples from its BOS token, seeded."""
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    length = max(2, math.ceil(tokens / sequences))
-    prompt = torch.full((sequences, 1), start, dtype=torch.long)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_k=0, top_p=1.0,
-                              temperature=1.0, max_new_tokens=length, min_new_tokens=length,
-                              pad_token_id=tokenizer.eos_token_id if tokenizer.eos_token_id is not None else start)
-
-
-@torch.no_grad()
-def compare_logits(reference_model, quantized_model, ids: torch.Tensor) -> dict:
-    """Mean next-token KL(P‖Q) and top-1 agreement of two models on ``ids``."""
-    log_p = torch.log_softmax(reference_model(ids).logits.float(), -1)
-    log_q = torch.log_softmax(quantized_model(ids).logits.float(), -1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
-    agree = (log_p.argmax(-1) == log_q.argmax(-1)).float()
-    return {"kl": float(kl.mean()), "top1_agreement": float(agree.mean()), "tokens": int(ids.numel())}
+        yield f"{module}.weight", decoded_weight(ckpt, module)
 
 
 def load_dequantized(quantized: str, reference_model):
-    """A copy of ``reference_model`` whose quantized Linear weights are replaced by the decoded ones."""
+    """A copy of ``reference_model`` whose quantized Linear weights are replaced by the decoded ones (tests compare
+    transformers' own loading of an output with this)."""
     import copy
 
     model = copy.deepcopy(reference_model)
@@ -136,21 +150,424 @@ def load_dequantized(quantized: str, reference_model):
     return model
 
 
-def verify(quantized: str, *, reference: str, tokens: int = 256, probes: int = 64, seed: int = 0,
-           backend: str = "auto", end_to_end: bool = True) -> dict:
-    with open_checkpoint(quantized) as ckpt, open_checkpoint(reference) as ref:
-        fmt_name, scheme = scheme_of(ckpt.config, ckpt.source)
-        generator = torch.Generator().manual_seed(seed)
-        layers = [_layer_report(ckpt, ref, fmt_name, scheme, module, probes, generator, backend)
-                  for module in quantized_modules(ckpt)]
-    report = {"quantized": quantized, "reference": reference, "format": fmt_name, "bits": scheme.bits,
-              "group_size": scheme.group_size, "symmetric": scheme.symmetric, "layers": layers,
-              "worst_output_rel_error": max(layer["output_rel_error"] for layer in layers),
-              "min_output_cosine": min(layer["output_cosine"] for layer in layers)}
-    if end_to_end:
-        from surgery.evaluation import load_model
+# ---------------------------------------------------------------------------------------------------------------
+# Is the reference the quantized model's source?
 
-        model, tokenizer = load_model(reference)
-        ids = self_generated_ids(model, tokenizer, tokens, seed)
-        report["end_to_end"] = compare_logits(model, load_dequantized(quantized, model), ids)
-    return report
+
+def manifest_input(ckpt: Checkpoint) -> dict | None:
+    """The input record (``source``, ``sha256``: file → hash) of a ``surgery quantize`` output's surgery.json, or
+    None when the checkpoint has no such manifest."""
+    directory = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
+    try:
+        manifest = json.loads((directory / "surgery.json").read_text())
+    except (OSError, ValueError):
+        return None
+    inputs = manifest.get("inputs") if isinstance(manifest, dict) else None
+    if manifest.get("command") != "quantize" or not inputs or not isinstance(inputs[0].get("sha256"), dict):
+        return None
+    return inputs[0]
+
+
+def check_provenance(ckpt: Checkpoint, reference: Checkpoint, any_reference: bool = False) -> dict:
+    """Compare the reference's file hashes with those ``surgery quantize`` recorded for its input: BadInput on a
+    difference unless ``any_reference``; a warning when there is no manifest. Returns the report's ``provenance``::
+
+        check_provenance(ckpt, ref)   # {"manifest": True, "source": "org/model", "matches": True, "file": None}
+    """
+    from surgery.provenance import content_hashes
+
+    recorded = manifest_input(ckpt)
+    if recorded is None:
+        log.warning("%s has no surgery.json from `surgery quantize`: cannot check that %s is the model it was "
+                    "quantized from", ckpt.source, reference.source)
+        return {"manifest": False, "source": None, "matches": None, "file": None}
+    directory = reference.path if reference.path.is_dir() else reference.path.parent
+    hashes = {path.name: digest for path, digest in
+              content_hashes([directory / name for name in reference.files()]).items()}
+    differing = next((name for name in sorted(set(recorded["sha256"]) | set(hashes))
+                      if recorded["sha256"].get(name) != hashes.get(name)), None)
+    result = {"manifest": True, "source": recorded.get("source"), "matches": differing is None, "file": differing}
+    if differing is None:
+        return result
+    ours, theirs = hashes.get(differing), recorded["sha256"].get(differing)
+    message = (f"{reference.source} is not the model {ckpt.source} was quantized from: its {differing} "
+               + (f"has SHA-256 {ours[:12]}…" if ours else "does not exist")
+               + f", {ckpt.source}/surgery.json records "
+               + (f"{theirs[:12]}…" if theirs else "no such file") + f" (source {recorded.get('source')})")
+    if not any_reference:
+        raise BadInput(message + "; pass --any-reference to compare them anyway")
+    log.info("%s; comparing anyway (--any-reference)", message)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One model, reference weights first, then the quantized checkpoint's
+
+
+def build_model(ckpt: Checkpoint) -> nn.Module:
+    """transformers' causal LM for the quantized checkpoint's config, parameters on the meta device (filled by
+    :func:`load_parameters`), buffers such as rotary frequencies computed for real."""
+    from surgery.merge.aim import _build_model
+
+    config = {key: value for key, value in (ckpt.config or {}).items() if key != "quantization_config"}
+    return _build_model(config, ckpt.source, "cpu")
+
+
+def parameter_aliases(model: nn.Module) -> dict[int, list[str]]:
+    """id(parameter) → every name it has (a tied lm_head shares the embedding's)."""
+    aliases: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(name)
+    return aliases
+
+
+def set_parameter(model: nn.Module, names: list[str], value: torch.Tensor) -> None:
+    """Make ``value`` the parameter under every one of ``names`` (so ties stay ties)."""
+    param = nn.Parameter(value, requires_grad=False)
+    for name in names:
+        owner_name, _, leaf = name.rpartition(".")
+        model.get_submodule(owner_name)._parameters[leaf] = param
+
+
+def load_parameters(model: nn.Module, ckpt: Checkpoint, skip: set[str], what: str) -> list[str]:
+    """Fill every parameter of ``model`` except those named in ``skip`` from ``ckpt`` (float32), and return the
+    names of those the checkpoint lacks (left as they were). A shape mismatch is BadInput naming the tensor."""
+    missing = []
+    for names in parameter_aliases(model).values():
+        if skip & set(names):
+            continue
+        stored = next((name for name in names if name in ckpt.tensors), None)
+        if stored is None:
+            missing.append(names[0])
+            continue
+        expected = tuple(model.get_parameter(names[0]).shape)
+        if tuple(ckpt.tensors[stored].shape) != expected:
+            raise BadInput(f"{ckpt.source}: tensor {stored} has shape {tuple(ckpt.tensors[stored].shape)}, but the "
+                           f"{what} needs {expected}")
+        set_parameter(model, names, ckpt.get(stored).to(torch.float32))
+    return missing
+
+
+def loading_problem(module: str, message: str, tensor: str | None = None) -> dict:
+    """A failed ``loadable`` check about ``module`` (and one of its tensors)."""
+    return {"check": "loadable", "module": module, **({"tensor": tensor} if tensor else {}), "message": message}
+
+
+def not_linear_problems(model: nn.Module, ckpt: Checkpoint, modules: list[str]) -> list[dict]:
+    """A failure per quantized module that is not a Linear of the model its config builds: loaders replace only
+    ``nn.Linear`` modules (a GPT-2 Conv1D keeps its own weight, which the checkpoint does not hold)."""
+    problems = []
+    for module in modules:
+        try:
+            target = model.get_submodule(module)
+        except AttributeError:
+            raise BadInput(f"{ckpt.source}: quantized module {module} has no counterpart in the model its config "
+                           f"builds") from None
+        if not isinstance(target, nn.Linear):
+            problems.append(loading_problem(module, (
+                f"{module} is a {type(target).__name__}, not a Linear: loaders quantize Linear modules only, so "
+                f"transformers would load it without its weights")))
+    return problems
+
+
+def transformers_loading_problems(ckpt: Checkpoint) -> list[dict]:
+    """What transformers' own loader makes of the checkpoint, asked on the meta device by the output check every
+    command runs (:func:`surgery.io.loader_check.loading_problems`): a failure per problem it reports."""
+    if not ckpt.path.is_dir():
+        return []
+    return [loading_problem("(loader)", f"transformers would not load {ckpt.source} correctly: {problem}")
+            for problem in loading_problems(ckpt.path)]
+
+
+def one_per_module(problems: list[dict]) -> list[dict]:
+    """The first problem of each module (several checks may see the same one)."""
+    seen: set[str] = set()
+    kept = []
+    for problem in problems:
+        if problem["module"] not in seen:
+            seen.add(problem["module"])
+            kept.append(problem)
+    return kept
+
+
+def start_token(ckpt: Checkpoint, reference: Checkpoint) -> tuple[int, int]:
+    """(first token, pad token) of the generated text: the config's BOS, else its EOS; where the config names
+    neither (tiny qwen2 configs), the tokenizer's, from the output's directory or else the reference's."""
+    def first(value):
+        return value[0] if isinstance(value, list) and value else value
+
+    config = ckpt.config or {}
+    bos, eos = first(config.get("bos_token_id")), first(config.get("eos_token_id"))
+    if bos is None and eos is None:
+        bos, eos = _tokenizer_ids(ckpt, reference)
+    start = bos if bos is not None else eos
+    if start is None:
+        raise BadInput(f"{ckpt.source}: neither config.json nor the tokenizer names a BOS or EOS token to start the "
+                       f"generated text from")
+    return start, eos if eos is not None else start
+
+
+def _tokenizer_ids(ckpt: Checkpoint, reference: Checkpoint) -> tuple[int | None, int | None]:
+    from transformers import AutoTokenizer
+
+    for source in (ckpt, reference):
+        directory = source.path if source.path.is_dir() else source.path.parent
+        if (directory / "tokenizer_config.json").exists() or (directory / "tokenizer.json").exists():
+            tokenizer = AutoTokenizer.from_pretrained(directory)
+            return tokenizer.bos_token_id, tokenizer.eos_token_id
+    return None, None
+
+
+@torch.no_grad()
+def sampled_ids(model, start: int, pad: int, tokens: int, seed: int, sequences: int = SEQUENCES) -> torch.Tensor:
+    """(sequences, ceil(tokens / sequences) + 1) ids the model samples (temperature 1, no truncation) from
+    ``start``, seeded: the same ids for the same weights and seed."""
+    length = max(2, math.ceil(tokens / sequences))
+    prompt = torch.full((sequences, 1), start, dtype=torch.long)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_k=0, top_p=1.0,
+                              temperature=1.0, max_new_tokens=length, min_new_tokens=length, pad_token_id=pad)
+
+
+@torch.no_grad()
+def self_generated_ids(model, tokenizer, tokens: int, seed: int, sequences: int = 4) -> torch.Tensor:
+    """(sequences, tokens // sequences + 1) ids the model samples from its BOS token, seeded."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else start
+    return sampled_ids(model, start, pad, tokens, seed, sequences)
+
+
+@torch.no_grad()
+def log_probs(model, ids: torch.Tensor) -> torch.Tensor:
+    """float32 next-token log-probabilities of ``model`` at every position of ``ids``."""
+    return torch.log_softmax(model(ids, use_cache=False).logits.float(), -1)
+
+
+def agreement(log_p: torch.Tensor, log_q: torch.Tensor) -> dict:
+    """Mean next-token KL(P‖Q) and top-1 agreement of two models' log-probabilities on the same positions."""
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    agree = (log_p.argmax(-1) == log_q.argmax(-1)).float()
+    return {"kl": float(kl.mean()), "top1_agreement": float(agree.mean()), "tokens": int(kl.numel())}
+
+
+@torch.no_grad()
+def compare_logits(reference_model, quantized_model, ids: torch.Tensor) -> dict:
+    """Mean next-token KL(P‖Q) and top-1 agreement of two models on ``ids``."""
+    return agreement(log_probs(reference_model, ids), log_probs(quantized_model, ids))
+
+
+def captured_inputs(model: nn.Module, modules: list[str], ids: torch.Tensor, rows: torch.Tensor):
+    """Run ``model`` on ``ids``; return its log-probabilities and, per module, its inputs at the flattened
+    positions ``rows`` (float32, (len(rows), in_features))."""
+    inputs: dict[str, torch.Tensor] = {}
+
+    def keep(name: str):
+        def hook(module, args):
+            inputs[name] = args[0].reshape(-1, args[0].shape[-1])[rows].float().clone()
+        return hook
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(keep(name)) for name in modules]
+    try:
+        return log_probs(model, ids), inputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-layer measures
+
+
+def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    return float((approx - exact).norm() / exact.norm().clamp_min(1e-30))
+
+
+def layer_report(ckpt: Checkpoint, module: str, weight: torch.Tensor, approx: torch.Tensor, x: torch.Tensor,
+                 backend: str) -> dict:
+    """The measures of one quantized module: reference ``weight``, decoded ``approx``, probe inputs ``x``."""
+    fmt_name, default = scheme_of(ckpt.config, ckpt.source)
+    scheme = module_scheme(ckpt.config, module, default)
+    expected = x @ weight.T
+    if fmt_name == "compressed-tensors":
+        tensors = module_tensors(ckpt, module)
+        device = "cuda" if backend != "torch" and torch.cuda.is_available() else "cpu"
+        zero = tensors.get("weight_zero_point")
+        got = dequant_matmul(x.to(device), tensors["weight_packed"].to(device), tensors["weight_scale"].to(device),
+                             None if zero is None else zero.to(device), bits=scheme.bits,
+                             group_size=scheme.group_size, backend=backend).cpu().float()
+    else:
+        got = x @ approx.T
+    return {"module": module, "group_size": scheme.group_size,
+            "weight_rel_error": relative_error(approx, weight),
+            "output_rel_error": relative_error(got, expected),
+            "output_cosine": float(torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0))}
+
+
+def checked_shape(ckpt: Checkpoint, reference: Checkpoint, module: str, approx: torch.Tensor,
+                  weight_shape: tuple[int, ...]) -> None:
+    if tuple(approx.shape) != tuple(weight_shape):
+        raise BadInput(f"{module}.weight: quantized in {ckpt.source} with shape {tuple(approx.shape)}, but "
+                       f"{reference.source} has {tuple(weight_shape)}")
+
+
+def gaussian_layer_reports(ckpt: Checkpoint, reference: Checkpoint, modules: list[str], probes: int, seed: int,
+                           backend: str) -> list[dict]:
+    """Per-layer measures without a model run (``end_to_end=False``): seeded Gaussian probe inputs."""
+    generator = torch.Generator().manual_seed(seed)
+    reports = []
+    for module in modules:
+        if f"{module}.weight" not in reference.tensors:
+            raise BadInput(f"{reference.source}: no tensor {module}.weight for the quantized module {module}")
+        weight = reference.get(f"{module}.weight").float()
+        approx = decoded_weight(ckpt, module)
+        checked_shape(ckpt, reference, module, approx, tuple(weight.shape))
+        x = torch.randn(probes, weight.shape[1], generator=generator)
+        reports.append(layer_report(ckpt, module, weight, approx, x, backend))
+    return reports
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Verdict
+
+
+def _nan_as(value: float, worst: float) -> float:
+    """``value`` for sorting, a NaN (a broken output's measure) counted as ``worst``."""
+    return worst if math.isnan(value) else value
+
+
+def failures(layers: list[dict], end_to_end: dict | None, *, max_kl: float, min_cosine: float) -> list[dict]:
+    """The failed checks, each with a one-line ``message``: per-layer cosines below ``min_cosine`` (lowest first;
+    NaN fails), then an end-to-end KL above ``max_kl``."""
+    low = sorted((layer for layer in layers if not layer["output_cosine"] >= min_cosine),
+                 key=lambda layer: _nan_as(layer["output_cosine"], -math.inf))
+    found = [{"check": "min_cosine", "module": layer["module"], "value": layer["output_cosine"],
+              "threshold": min_cosine, "message": f"{layer['module']} output cosine {layer['output_cosine']:.4g} "
+                                                  f"< --min-cosine {min_cosine:g}"} for layer in low]
+    if end_to_end is not None and not end_to_end["kl"] <= max_kl:
+        found.append({"check": "max_kl", "value": end_to_end["kl"], "threshold": max_kl,
+                      "message": f"end-to-end KL(P‖Q) {end_to_end['kl']:.4g} nats > --max-kl {max_kl:g} "
+                                 f"(top-1 agreement {end_to_end['top1_agreement']:.3f})"})
+    return found
+
+
+def raise_if_failed(report: dict) -> None:
+    """CheckFailed naming the first (worst) failure of a :func:`verify` report and how many others there are."""
+    if report["passed"]:
+        return
+    first, others = report["failures"][0], len(report["failures"]) - 1
+    more = f" (and {others} more failed check{'s' if others > 1 else ''})" if others else ""
+    raise CheckFailed(f"verify failed: {first['message']}{more}")
+
+
+def report_lines(report: dict) -> list[str]:
+    """The text the command prints for a :func:`verify` report: what was compared, the worst modules, the measures
+    against their thresholds, the verdict and (up to ``len(report["worst"])``, at least one) the failures."""
+    provenance, thresholds = report["provenance"], report["thresholds"]
+    source = ("its files have the hashes surgery.json records" if provenance["matches"]
+              else "no surgery.json to check it against" if not provenance["manifest"]
+              else f"its {provenance['file']} is not the one surgery.json records; --any-reference")
+    lines = [f"{report['quantized']}: {report['format']}, {report['bits']} bits, group {report['group_size']}, "
+             f"{len(report['layers'])} quantized modules; reference {report['reference']} ({source})"]
+    if report["worst"]:
+        probes = "the reference's activations" if report["probes"] == "activations" else "Gaussian probes"
+        lines.append(f"worst {len(report['worst'])} by output relative error on {probes}:")
+    lines += [f"  {layer['module']}: output {layer['output_rel_error']:.4f}, cos {layer['output_cosine']:.5f}, "
+              f"weight {layer['weight_rel_error']:.4f}" for layer in report["worst"]]
+    lines.append(f"min output cosine {report['min_output_cosine']:.5f} (--min-cosine {thresholds['min_cosine']:g}), "
+                 f"worst output relative error {report['worst_output_rel_error']:.4f}")
+    if "end_to_end" in report:
+        e2e = report["end_to_end"]
+        lines.append(f"KL(P‖Q) {e2e['kl']:.5f} nats (--max-kl {thresholds['max_kl']:g}), top-1 agreement "
+                     f"{e2e['top1_agreement']:.4f} over {e2e['tokens']} tokens")
+    if report["passed"]:
+        return lines + ["passed"]
+    count = len(report["failures"])
+    lines.append(f"FAILED: {count} check{'s' if count > 1 else ''}")
+    return lines + [f"  {failure['message']}" for failure in report["failures"][:max(len(report["worst"]), 1)]]
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Run with one torch thread, as merge does on CPU: the work is many small operations (decode steps of 8
+    tokens, per-module measures), where fanning each out to more threads costs more than it gains, and collapses
+    when another process keeps the other cores busy (SmolLM2-135M on 2 shared cores: 25 s instead of 65 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def verify(quantized: str, *, reference: str, tokens: int = DEFAULT_TOKENS, probes: int = DEFAULT_PROBES,
+           seed: int = 0, backend: str = "auto", end_to_end: bool = True, max_kl: float = DEFAULT_MAX_KL,
+           min_cosine: float = DEFAULT_MIN_COSINE, any_reference: bool = False, top: int = DEFAULT_TOP) -> dict:
+    """Compare ``quantized`` with ``reference`` (see the module docstring); ``report["passed"]`` is the verdict::
+
+        report = verify("model-w4", reference="org/model", max_kl=0.1)
+        raise_if_failed(report)
+
+    ``end_to_end=False`` runs no model: per-layer measures on seeded Gaussian probes, and no KL."""
+    with open_checkpoint(quantized) as ckpt, open_checkpoint(reference) as ref, one_torch_thread():
+        fmt_name, scheme = scheme_of(ckpt.config, ckpt.source)
+        provenance = check_provenance(ckpt, ref, any_reference)
+        modules = quantized_modules(ckpt)
+        if end_to_end:
+            layers, e2e, problems = compare_models(ckpt, ref, modules, tokens, probes, seed, backend)
+        else:
+            layers, e2e, problems = gaussian_layer_reports(ckpt, ref, modules, probes, seed, backend), None, []
+    report = {"quantized": quantized, "reference": reference, "format": fmt_name, "bits": scheme.bits,
+              "group_size": scheme.group_size, "symmetric": scheme.symmetric, "provenance": provenance,
+              "probes": "activations" if end_to_end else "gaussian", "layers": layers,
+              "worst": sorted(layers, key=lambda layer: -_nan_as(layer["output_rel_error"], math.inf))[:top],
+              "worst_output_rel_error": max(layers, key=lambda layer: _nan_as(layer["output_rel_error"], math.inf))[
+                  "output_rel_error"],
+              "min_output_cosine": min(layers, key=lambda layer: _nan_as(layer["output_cosine"], -math.inf))[
+                  "output_cosine"],
+              "thresholds": {"max_kl": max_kl, "min_cosine": min_cosine}}
+    if e2e is not None:
+        report["end_to_end"] = e2e
+    failed = problems + failures(layers, e2e, max_kl=max_kl, min_cosine=min_cosine)
+    return {**report, "passed": not failed, "failures": failed}
+
+
+@torch.no_grad()
+def compare_models(ckpt: Checkpoint, ref: Checkpoint, modules: list[str], tokens: int, probes: int, seed: int,
+                   backend: str) -> tuple[list[dict], dict, list[dict]]:
+    """One model, transformers' for the output's config. With the reference's weights: generate, score, keep each
+    quantized Linear's inputs; per module, measure and swap the decoded weight in; then the output's other
+    tensors, and score again. Returns the layer reports, the end-to-end measures and the loading failures."""
+    model = build_model(ckpt)
+    problems = not_linear_problems(model, ckpt, modules)
+    missing = load_parameters(model, ref, set(), f"model {ckpt.source}'s config builds")
+    if missing:
+        raise BadInput(f"{ref.source}: no tensor {missing[0]} (the model {ckpt.source}'s config builds needs it)")
+    ids = sampled_ids(model, *start_token(ckpt, ref), tokens, seed)
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(ids.numel(), generator=generator)[:probes].sort().values
+    linear = [module for module in modules if isinstance(model.get_submodule(module), nn.Linear)]
+    log_p, inputs = captured_inputs(model, linear, ids, rows)
+    layers = []
+    for module in modules:
+        weight = model.get_parameter(f"{module}.weight")
+        approx = decoded_weight(ckpt, module)
+        checked_shape(ckpt, ref, module, approx, tuple(weight.shape))
+        # A module that is not a Linear (already a failure) has no (out, in) weight to feed its inputs through.
+        x = inputs.pop(module) if module in inputs else torch.randn(probes, weight.shape[1], generator=generator)
+        layers.append(layer_report(ckpt, module, weight, approx, x, backend))
+        set_parameter(model, parameter_aliases_of(model, f"{module}.weight"), approx)
+    missing = load_parameters(model, ckpt, {f"{module}.weight" for module in modules}, "model its config builds")
+    problems += [loading_problem(name.rpartition(".")[0], f"{ckpt.source} has no tensor {name}: a loader would "
+                                 f"leave it uninitialised", name) for name in missing]
+    problems += transformers_loading_problems(ckpt)
+    return layers, agreement(log_p, log_probs(model, ids)), one_per_module(problems)
+
+
+def parameter_aliases_of(model: nn.Module, name: str) -> list[str]:
+    """Every name of the parameter called ``name``."""
+    target = model.get_parameter(name)
+    return [other for other, param in model.named_parameters(remove_duplicate=False) if param is target]
