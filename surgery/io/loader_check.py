@@ -73,15 +73,16 @@ REPORT_ROW = re.compile(r"^(?P<key>\S+(?: \S+)*?)\s+\|\s+(?P<status>MISSING|UNEX
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-def _report_rows(messages: list[str]) -> str:
-    """"parameters missing: …; conversion failed: …" from transformers' loading report (empty when none)."""
+def _report_rows(messages: list[str]) -> dict[str, str]:
+    """Problems by kind (missing, unused, mismatched, conversion) from transformers' loading report."""
     rows: dict[str, list[str]] = {}
     for message in messages:
         for match in REPORT_ROW.finditer(ANSI.sub("", message)):
             rows.setdefault(match["status"], []).append(match["key"])
-    labels = {"MISSING": "parameters missing", "UNEXPECTED": "tensors the loader does not use",
-              "MISMATCH": "shapes the model does not have", "CONVERSION": "weight conversion failed for"}
-    return "; ".join(f"{labels[status]}: {_names(dict.fromkeys(keys))}" for status, keys in rows.items())
+    kinds = {"MISSING": ("missing", "parameters missing"), "UNEXPECTED": ("unused", "tensors the loader does not use"),
+             "MISMATCH": ("mismatched", "shapes the model does not have"),
+             "CONVERSION": ("conversion", "weight conversion failed for")}
+    return {kinds[status][0]: f"{kinds[status][1]}: {_names(dict.fromkeys(keys))}" for status, keys in rows.items()}
 
 
 def _model_class(config):
@@ -155,13 +156,16 @@ def loading_problems(path: Path) -> list[str]:
             return [f"transformers would not build the model: {err}"]
         return _gptq_problems(model, specs, raw["quantization_config"])
     problems = _problems_with(config, specs)
-    if problems and method == "compressed-tensors":
+    # transformers' compressed path refuses (loudly: a shape mismatch raises) the packed asymmetric zero points
+    # compressed-tensors itself writes; its dequantizing path reads them. A load that would silently leave
+    # parameters missing or tensors unused never gets that second chance.
+    if problems and method == "compressed-tensors" and set(problems) == {"mismatched"}:
         config.quantization_config["dequantize"] = True
         if not _problems_with(config, specs):
             log.warning("transformers loads %s only with quantization_config=CompressedTensorsConfig(dequantize=True): "
-                        "%s", directory.name, "; ".join(problems))
+                        "%s", directory.name, problems["mismatched"])
             return []
-    return problems
+    return list(problems.values())
 
 
 def _transformers_config(directory: Path):
@@ -176,7 +180,11 @@ def _transformers_config(directory: Path):
 
 
 class _LoadCrashed(Exception):
-    """transformers raised while loading; the message is the reason (its report's rows when it printed one)."""
+    """transformers raised while loading: ``problems`` by kind, from its report when it printed one."""
+
+    def __init__(self, problems: dict[str, str]):
+        super().__init__("; ".join(problems.values()))
+        self.problems = problems
 
 
 def _load_on_meta(config, state: dict) -> tuple:
@@ -187,35 +195,37 @@ def _load_on_meta(config, state: dict) -> tuple:
             return cls.from_pretrained(None, config=config, state_dict=state, device_map="meta",
                                        output_loading_info=True)
     except Exception as err:  # noqa: BLE001 - a crash while loading is the finding
-        raise _LoadCrashed(_report_rows(messages) or _one_line(err)) from None
+        raise _LoadCrashed(_report_rows(messages) or {"crashed": _one_line(err)}) from None
 
 
-def _problems_with(config, specs: dict) -> list[str]:
-    """What goes wrong when transformers loads tensors of ``specs``' names, shapes and dtypes (empty: nothing)."""
+def _problems_with(config, specs: dict) -> dict[str, str]:
+    """What goes wrong when transformers loads tensors of ``specs``' names, shapes and dtypes, by kind: missing,
+    unused, mismatched (shapes), error, dtype, or crashed (empty: nothing)."""
     import copy
 
     state = {name: torch.empty(info.shape, dtype=info.dtype, device="meta") for name, info in specs.items()}
     try:
         model, info = _load_on_meta(copy.deepcopy(config), state)
     except _LoadCrashed as err:
-        return [str(err)]
-    problems = []
+        return err.problems
+    problems = {}
     if info.get("missing_keys"):
-        problems.append(f"parameters missing: {_names(info['missing_keys'])}")
+        problems["missing"] = f"parameters missing: {_names(info['missing_keys'])}"
     if info.get("unexpected_keys"):
-        problems.append(f"tensors the loader does not use: {_names(info['unexpected_keys'])}")
+        problems["unused"] = f"tensors the loader does not use: {_names(info['unexpected_keys'])}"
     if info.get("mismatched_keys"):
-        problems.append(f"shapes the model does not have: {_names([key for key, *_ in info['mismatched_keys']])}")
+        shapes = [key for key, *_ in info["mismatched_keys"]]
+        problems["mismatched"] = f"shapes the model does not have: {_names(shapes)}"
     if info.get("error_msgs"):
-        problems.append(_one_line(info["error_msgs"][0]))
+        problems["error"] = _one_line(info["error_msgs"][0])
     parameters = dict(model.state_dict())
     wrong_kind = [name for name, spec in specs.items()
                   if name in parameters and spec.dtype.is_floating_point != parameters[name].dtype.is_floating_point]
     if wrong_kind:
         name = wrong_kind[0]
-        problems.append(f"tensor {name!r} is {specs[name].dtype} but the model's parameter is "
-                        f"{parameters[name].dtype}" + (f" (and {len(wrong_kind) - 1} more)" if len(wrong_kind) > 1
-                                                       else ""))
+        problems["dtype"] = (f"tensor {name!r} is {specs[name].dtype} but the model's parameter is "
+                             f"{parameters[name].dtype}" + (f" (and {len(wrong_kind) - 1} more)" if len(wrong_kind) > 1
+                                                            else ""))
     return problems
 
 
