@@ -130,21 +130,6 @@ def _untouched_below(beta: float, p: float) -> float:
     return (2 * beta) ** (-1 / (2 - p)) if p < 2 else 0.0
 
 
-def _sparse_error(difference: torch.Tensor, magnitude: torch.Tensor, beta: float, p: float) -> torch.Tensor | None:
-    """HQQ's sparse error W_e = shrink_lp(W − W_r), given W − W_r and its magnitude; None where it is zero
-    everywhere, which is the usual case (only errors above :func:`_untouched_below` pay for the power)::
-
-        error = _sparse_error(target - approx, (target - approx).abs(), 10.0, 0.7)
-        goal = target if error is None else target - error
-    """
-    live = magnitude > _untouched_below(beta, p)
-    if not bool(live.any()):
-        return None
-    sparse = torch.zeros_like(difference)
-    sparse[live] = _shrink_lp(difference[live], beta, p)
-    return sparse
-
-
 def _errors(magnitude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per group, from |W − W_r|: the sum of squared errors and the largest absolute error."""
     return magnitude.pow(2).sum(-1), magnitude.amax(-1)
@@ -164,12 +149,12 @@ class _BestParameters:
     Groups are rows of the flattened (rows · groups, group_size) layout; :meth:`offer` takes candidates for some
     of them by index::
 
-        best = _BestParameters((target - approx).abs(), scale, zero)      # RTN's: the ceiling
+        best = _BestParameters(*_errors((target - approx).abs()), scale, zero)      # RTN's: the ceiling
         best.offer(index, *_errors(magnitude), scale[index], zero[index])
     """
 
-    def __init__(self, magnitude: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
-        self.error, self.ceiling = _errors(magnitude)
+    def __init__(self, error: torch.Tensor, largest: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
+        self.error, self.ceiling = error.clone(), largest.clone()
         self.scale, self.zero = scale.clone(), zero.clone()
 
     def offer(self, index: torch.Tensor, error: torch.Tensor, largest: torch.Tensor, scale: torch.Tensor,
@@ -181,15 +166,21 @@ class _BestParameters:
         self.zero[chosen] = zero[better]
 
 
+def _values(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: Scheme) -> torch.Tensor:
+    """Grouped ``(q − zero) · scale`` (float zero; symmetric: ``q · scale``)."""
+    if scheme.symmetric:
+        return q * scale.unsqueeze(-1)
+    return (q - zero.unsqueeze(-1)) * scale.unsqueeze(-1)
+
+
 def _reconstruct(target: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                  scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor]:
     """Grouped ``(q, (q − zero) · scale)`` of ``target`` (float zero, integer-valued; ignored when symmetric)."""
     q = torch.round(target / scale.unsqueeze(-1))
-    if scheme.symmetric:
-        q.clamp_(scheme.qmin, scheme.qmax)
-        return q, q * scale.unsqueeze(-1)
-    q = (q + zero.unsqueeze(-1)).clamp_(scheme.qmin, scheme.qmax)
-    return q, (q - zero.unsqueeze(-1)) * scale.unsqueeze(-1)
+    if not scheme.symmetric:
+        q += zero.unsqueeze(-1)
+    q.clamp_(scheme.qmin, scheme.qmax)
+    return q, _values(q, scale, zero, scheme)
 
 
 def _fit_parameters(goal: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: Scheme,
@@ -208,7 +199,7 @@ def _fit_parameters(goal: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, ze
 
 class _ActiveGroups:
     """The groups HQQ is still moving, compacted: ``index`` into the flattened (rows · groups) order, and for each
-    its target W, values q, scale, zero and error W − W_r (signed and absolute), all as of the last step.
+    its target W, values q, scale, zero and largest |W − W_r|, all as of the last step.
 
     A group whose step left its scale and zero as they were, and whose errors stay below
     :func:`_untouched_below` for every β still to come, is at a fixed point: the next step sees the same q and
@@ -216,8 +207,9 @@ class _ActiveGroups:
     step costs only the groups still moving::
 
         active = _ActiveGroups(target, scale, zero, scheme, torch.bfloat16)
-        unchanged = active.step(beta=10.0, p=0.7)
-        active.settle(unchanged & (_errors(active.magnitude)[1] < _untouched_below(12.0, 0.7)))
+        magnitude = active.reconstruct()                     # RTN's |W − W_r|
+        unchanged, magnitude = active.step(beta=10.0, p=0.7)
+        active.settle(unchanged & (active.largest < _untouched_below(12.0, 0.7)))
     """
 
     def __init__(self, target: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: Scheme,
@@ -225,32 +217,42 @@ class _ActiveGroups:
         self.scheme, self.scale_dtype = scheme, scale_dtype
         self.index = torch.arange(target.shape[0], device=target.device)
         self.target, self.scale, self.zero = target, scale, zero
-        self._reconstruct()
 
-    def _reconstruct(self) -> None:
+    def reconstruct(self) -> torch.Tensor:
+        """q, the squared and largest errors from the current scale and zero; returns |W − W_r|."""
         self.q, approx = _reconstruct(self.target, self.scale, self.zero, self.scheme)
-        self.difference = self.target - approx
-        self.magnitude = self.difference.abs()
+        magnitude = (self.target - approx).abs()
+        self.error, self.largest = _errors(magnitude)
+        return magnitude
 
     def __len__(self) -> int:
         return self.index.numel()
 
-    def step(self, beta: float, p: float) -> torch.Tensor:
-        """One HQQ update of every active group; returns where its scale and zero came back unchanged."""
-        sparse = _sparse_error(self.difference, self.magnitude, beta, p)
-        goal = self.target if sparse is None else self.target - sparse
-        scale, zero = _fit_parameters(goal, self.q, self.scale, self.zero, self.scheme, self.scale_dtype)
+    def step(self, beta: float, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """One HQQ update of every active group. Returns where its scale and zero came back unchanged, and the
+        new |W − W_r|."""
+        scale, zero = _fit_parameters(self.target, self.q, self.scale, self.zero, self.scheme, self.scale_dtype)
+        # The sparse error W_e is 0 in a group unless its largest error passes the shrink's threshold; only
+        # those groups are fitted again, to W − W_e.
+        touched = (self.largest > _untouched_below(beta, p)).nonzero().squeeze(1)
+        if touched.numel():
+            target, q = self.target.index_select(0, touched), self.q.index_select(0, touched)
+            old_scale, old_zero = self.scale.index_select(0, touched), self.zero.index_select(0, touched)
+            goal = target - _shrink_lp(target - _values(q, old_scale, old_zero, self.scheme), beta, p)
+            fitted_scale, fitted_zero = _fit_parameters(goal, q, old_scale, old_zero, self.scheme, self.scale_dtype)
+            scale.index_copy_(0, touched, fitted_scale)
+            if not self.scheme.symmetric:
+                zero.index_copy_(0, touched, fitted_zero)
         unchanged = (scale == self.scale) & (zero == self.zero)
         self.scale, self.zero = scale, zero
-        self._reconstruct()
-        return unchanged
+        return unchanged, self.reconstruct()
 
     def settle(self, settled: torch.Tensor) -> None:
         """Drop the groups where ``settled`` is True."""
         if bool(settled.any()):
-            moving = ~settled
-            for name in ("index", "target", "scale", "zero", "q", "difference", "magnitude"):
-                setattr(self, name, getattr(self, name)[moving])
+            moving = (~settled).nonzero().squeeze(1)
+            for name in ("index", "target", "q", "scale", "zero", "largest"):
+                setattr(self, name, getattr(self, name).index_select(0, moving))
 
 
 def _betas(beta: float, kappa: float, iterations: int) -> list[float]:
@@ -276,28 +278,26 @@ def hqq(weight: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype = torch.f
 
     All groups step at once; a group that reached a fixed point leaves the active set (:class:`_ActiveGroups`),
     which changes no result. On SmolLM2 about half the groups still moving settle at each step, so the later steps
-    cost little; the lp shrink's power is only evaluated at errors large enough for it to matter
-    (:func:`_sparse_error`).
+    cost little; the lp shrink's power is only evaluated in groups whose errors are large enough for it to matter.
     """
     size = scheme.group_size
     target = _grouped(weight, size).reshape(-1, size)
     scale, zero = rtn_parameters(weight, scheme)
     scale, zero = representable_scale(scale, scale_dtype).reshape(-1), zero.float().reshape(-1)
     active = _ActiveGroups(target, scale, zero, scheme, scale_dtype)
-    best = _BestParameters(active.magnitude, scale, zero)
-    magnitude = active.magnitude.clone()  # |W − W_r| of every group, for the stopping rule
+    magnitude = active.reconstruct()  # |W − W_r| of every group, for the stopping rule
+    best = _BestParameters(active.error, active.largest, scale, zero)
     previous = float(magnitude.mean())
     betas = _betas(beta, kappa, iterations)
     for number, beta in enumerate(betas):
-        unchanged = active.step(beta, p)
-        error, largest = _errors(active.magnitude)
-        best.offer(active.index, error, largest, active.scale, active.zero)
-        magnitude[active.index] = active.magnitude
+        unchanged, moved = active.step(beta, p)
+        best.offer(active.index, active.error, active.largest, active.scale, active.zero)
+        magnitude.index_copy_(0, active.index, moved)
         current = float(magnitude.mean())
         if current >= previous or number + 1 == len(betas):
             break
         previous = current
-        active.settle(unchanged & (largest < _untouched_below(max(betas[number + 1:]), p)))
+        active.settle(unchanged & (active.largest < _untouched_below(max(betas[number + 1:]), p)))
         if not len(active):
             break
     rows = weight.shape[0]
