@@ -121,6 +121,20 @@ def _shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
     return torch.sign(x) * torch.relu(magnitude - magnitude.clamp_min(1e-12).pow(p - 1) / beta)
 
 
+def _untouched_below(beta: float, p: float) -> float:
+    """A magnitude under which :func:`_shrink_lp` is exactly 0 with a wide margin: there |x|^(p−1)/β ≥ 2|x|, so
+    float rounding cannot make |x| − |x|^(p−1)/β positive. 0 (everything is touched) for p ≥ 2::
+
+        _untouched_below(10.0, 0.7)   # ≈ 0.100: 4-bit errors of LLM weights (~0.01) are far below it
+    """
+    return (2 * beta) ** (-1 / (2 - p)) if p < 2 else 0.0
+
+
+def _errors(magnitude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group, from |W − W_r|: the sum of squared errors and the largest absolute error."""
+    return magnitude.pow(2).sum(-1), magnitude.amax(-1)
+
+
 class _BestParameters:
     """Per group, the best parameters seen, judged by the error of the grid the format stores.
 
@@ -130,47 +144,124 @@ class _BestParameters:
     until they saturate lowers the group's mean |error|. In LLM down projections those weights meet activations
     thousands of times larger than the rest (SmolLM2-135M layer 11: 5.875 at input channel 1229, activations up
     to ~3000; HQQ's scale halved and it became 2.68), so the layer's output error grows fivefold while its weight
-    error falls."""
+    error falls.
 
-    def __init__(self, target: torch.Tensor, approx: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
-        self.target = target
-        self.error, self.ceiling = self._errors(approx)
+    Groups are rows of the flattened (rows · groups, group_size) layout; :meth:`offer` takes candidates for some
+    of them by index::
+
+        best = _BestParameters(*_errors((target - approx).abs()), scale, zero)      # RTN's: the ceiling
+        best.offer(index, *_errors(magnitude), scale[index], zero[index])
+    """
+
+    def __init__(self, error: torch.Tensor, largest: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
+        self.error, self.ceiling = error.clone(), largest.clone()
         self.scale, self.zero = scale.clone(), zero.clone()
 
-    def _errors(self, approx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per group: the sum of squared errors and the largest absolute error."""
-        difference = self.target - approx
-        return difference.pow(2).sum(-1), difference.abs().amax(-1)
+    def offer(self, index: torch.Tensor, error: torch.Tensor, largest: torch.Tensor, scale: torch.Tensor,
+              zero: torch.Tensor) -> None:
+        better = (error < self.error[index]) & (largest <= self.ceiling[index])
+        chosen = index[better]
+        self.error[chosen] = error[better]
+        self.scale[chosen] = scale[better]
+        self.zero[chosen] = zero[better]
 
-    def offer(self, approx: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
-        error, largest = self._errors(approx)
-        better = (error < self.error) & (largest <= self.ceiling)
-        self.error = torch.where(better, error, self.error)
-        self.scale = torch.where(better, scale, self.scale)
-        self.zero = torch.where(better, zero, self.zero)
+
+def _values(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: Scheme) -> torch.Tensor:
+    """Grouped ``(q − zero) · scale`` (float zero; symmetric: ``q · scale``)."""
+    if scheme.symmetric:
+        return q * scale.unsqueeze(-1)
+    return (q - zero.unsqueeze(-1)) * scale.unsqueeze(-1)
 
 
 def _reconstruct(target: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                  scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor]:
-    """Grouped ``(q, (q − zero) · scale)`` of ``target`` (float zero, integer-valued)."""
-    q = (torch.round(target / scale.unsqueeze(-1)) + zero.unsqueeze(-1)).clamp(scheme.qmin, scheme.qmax)
-    return q, (q - zero.unsqueeze(-1)) * scale.unsqueeze(-1)
+    """Grouped ``(q, (q − zero) · scale)`` of ``target`` (float zero, integer-valued; ignored when symmetric)."""
+    q = torch.round(target / scale.unsqueeze(-1))
+    if not scheme.symmetric:
+        q += zero.unsqueeze(-1)
+    q.clamp_(scheme.qmin, scheme.qmax)
+    return q, _values(q, scale, zero, scheme)
 
 
-def _half_quadratic_step(target: torch.Tensor, q: torch.Tensor, approx: torch.Tensor, scale: torch.Tensor,
-                         zero: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype, beta: float,
-                         p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One HQQ update: the sparse error W_e = shrink_lp(W − W_r), then the parameters fitted to W − W_e: the scale
-    by least squares per group (rounded to its stored dtype), the zero point (asymmetric only) rounded to the
-    integer grid."""
-    goal = target - _shrink_lp(target - approx, beta, p)
-    centred = q - zero.unsqueeze(-1)
+def _fit_parameters(goal: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: Scheme,
+                    scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """HQQ's closed-form step against ``goal`` = W − W_e with the values ``q`` held: the scale by least squares
+    per group (rounded to its stored dtype; kept where the fit is degenerate or not positive), the zero point
+    (asymmetric only) rounded to the integer grid."""
+    centred = q if scheme.symmetric else q - zero.unsqueeze(-1)
     denominator = (centred * centred).sum(-1)
     fitted = (centred * goal).sum(-1) / denominator.clamp_min(1e-12)
     scale = representable_scale(torch.where((denominator > 0) & (fitted > 0), fitted, scale), scale_dtype)
     if not scheme.symmetric:
         zero = torch.round((q - goal / scale.unsqueeze(-1)).mean(-1)).clamp(scheme.zero_min, scheme.qmax)
     return scale, zero
+
+
+class _ActiveGroups:
+    """The groups HQQ is still moving, compacted: ``index`` into the flattened (rows · groups) order, and for each
+    its target W, values q, scale, zero and largest |W − W_r|, all as of the last step.
+
+    A group whose step left its scale and zero as they were, and whose errors stay below
+    :func:`_untouched_below` for every β still to come, is at a fixed point: the next step sees the same q and
+    goal W (its sparse error is 0) and so returns the same parameters. :meth:`settle` drops such groups, so each
+    step costs only the groups still moving::
+
+        active = _ActiveGroups(target, scale, zero, scheme, torch.bfloat16)
+        magnitude = active.reconstruct()                     # RTN's |W − W_r|
+        unchanged, magnitude = active.step(beta=10.0, p=0.7)
+        active.settle(unchanged & (active.largest < _untouched_below(12.0, 0.7)))
+    """
+
+    def __init__(self, target: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: Scheme,
+                 scale_dtype: torch.dtype):
+        self.scheme, self.scale_dtype = scheme, scale_dtype
+        self.index = torch.arange(target.shape[0], device=target.device)
+        self.target, self.scale, self.zero = target, scale, zero
+
+    def reconstruct(self) -> torch.Tensor:
+        """q, the squared and largest errors from the current scale and zero; returns |W − W_r|."""
+        self.q, approx = _reconstruct(self.target, self.scale, self.zero, self.scheme)
+        magnitude = (self.target - approx).abs()
+        self.error, self.largest = _errors(magnitude)
+        return magnitude
+
+    def __len__(self) -> int:
+        return self.index.numel()
+
+    def step(self, beta: float, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """One HQQ update of every active group. Returns where its scale and zero came back unchanged, and the
+        new |W − W_r|."""
+        scale, zero = _fit_parameters(self.target, self.q, self.scale, self.zero, self.scheme, self.scale_dtype)
+        # The sparse error W_e is 0 in a group unless its largest error passes the shrink's threshold; only
+        # those groups are fitted again, to W − W_e.
+        touched = (self.largest > _untouched_below(beta, p)).nonzero().squeeze(1)
+        if touched.numel():
+            target, q = self.target.index_select(0, touched), self.q.index_select(0, touched)
+            old_scale, old_zero = self.scale.index_select(0, touched), self.zero.index_select(0, touched)
+            goal = target - _shrink_lp(target - _values(q, old_scale, old_zero, self.scheme), beta, p)
+            fitted_scale, fitted_zero = _fit_parameters(goal, q, old_scale, old_zero, self.scheme, self.scale_dtype)
+            scale.index_copy_(0, touched, fitted_scale)
+            if not self.scheme.symmetric:
+                zero.index_copy_(0, touched, fitted_zero)
+        unchanged = (scale == self.scale) & (zero == self.zero)
+        self.scale, self.zero = scale, zero
+        return unchanged, self.reconstruct()
+
+    def settle(self, settled: torch.Tensor) -> None:
+        """Drop the groups where ``settled`` is True."""
+        if bool(settled.any()):
+            moving = (~settled).nonzero().squeeze(1)
+            for name in ("index", "target", "q", "scale", "zero", "largest"):
+                setattr(self, name, getattr(self, name).index_select(0, moving))
+
+
+def _betas(beta: float, kappa: float, iterations: int) -> list[float]:
+    """β of each step: multiplied by κ after every step."""
+    betas = []
+    for _ in range(iterations):
+        betas.append(beta)
+        beta *= kappa
+    return betas
 
 
 def hqq(weight: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype = torch.float32, *, iterations: int = 20,
@@ -184,21 +275,31 @@ def hqq(weight: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype = torch.f
     RTN and stops when the mean |W − W_r| stops falling. Per group it keeps RTN's parameters unless a step lowered
     the squared error without any weight erring more than under RTN (:class:`_BestParameters`), so per group it is
     never worse than RTN in either sense.
+
+    All groups step at once; a group that reached a fixed point leaves the active set (:class:`_ActiveGroups`),
+    which changes no result. On SmolLM2 about half the groups still moving settle at each step, so the later steps
+    cost little; the lp shrink's power is only evaluated in groups whose errors are large enough for it to matter.
     """
-    target = _grouped(weight, scheme.group_size)
+    size = scheme.group_size
+    target = _grouped(weight, size).reshape(-1, size)
     scale, zero = rtn_parameters(weight, scheme)
-    scale, zero_f = representable_scale(scale, scale_dtype), zero.float()
-    q, approx = _reconstruct(target, scale, zero_f, scheme)
-    best = _BestParameters(target, approx, scale, zero_f)
-    previous = float((target - approx).abs().mean())
-    for _ in range(iterations):
-        scale, zero_f = _half_quadratic_step(target, q, approx, scale, zero_f, scheme, scale_dtype, beta, p)
-        q, approx = _reconstruct(target, scale, zero_f, scheme)
-        best.offer(approx, scale, zero_f)
-        beta *= kappa
-        current = float((target - approx).abs().mean())
-        if current >= previous:
+    scale, zero = representable_scale(scale, scale_dtype).reshape(-1), zero.float().reshape(-1)
+    active = _ActiveGroups(target, scale, zero, scheme, scale_dtype)
+    magnitude = active.reconstruct()  # |W − W_r| of every group, for the stopping rule
+    best = _BestParameters(active.error, active.largest, scale, zero)
+    previous = float(magnitude.mean())
+    betas = _betas(beta, kappa, iterations)
+    for number, beta in enumerate(betas):
+        unchanged, moved = active.step(beta, p)
+        best.offer(active.index, active.error, active.largest, active.scale, active.zero)
+        magnitude.index_copy_(0, active.index, moved)
+        current = float(magnitude.mean())
+        if current >= previous or number + 1 == len(betas):
             break
         previous = current
-    zero = best.zero.to(torch.int8)
-    return Grid(quantize_with(weight, best.scale, zero, scheme), best.scale, zero, scheme)
+        active.settle(unchanged & (active.largest < _untouched_below(max(betas[number + 1:]), p)))
+        if not len(active):
+            break
+    rows = weight.shape[0]
+    scale, zero = best.scale.reshape(rows, -1), best.zero.reshape(rows, -1).to(torch.int8)
+    return Grid(quantize_with(weight, scale, zero, scheme), scale, zero, scheme)
