@@ -120,6 +120,22 @@ def save_tokenizer(directory: Path) -> None:
     tokenizer.save_pretrained(directory)
 
 
+def save_bpe_llama(path: Path) -> Path:
+    """A tiny llama with a byte-level BPE tokenizer (what --format gguf exports) saved at ``path``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    make_tiny_model("llama", vocab_size=300).save_pretrained(path)
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 3 + ["hello world"] * 5, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>").save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
     """model_type → directory of a tiny checkpoint saved by transformers (single model.safetensors + tokenizer)."""

@@ -986,20 +986,9 @@ class Sources:
 
 def make_gguf(root: Path) -> Path:
     """A tiny llama with a byte-level BPE tokenizer (what --format gguf exports), quantized to one Q8_0 .gguf."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from conftest import run_surgery, save_bpe_llama
 
-    from conftest import make_tiny_model, run_surgery
-
-    source = root / "bpe-llama"
-    make_tiny_model("llama", vocab_size=300).save_pretrained(source)
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 3 + ["hello world"] * 5, trainer)
-    PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>").save_pretrained(source)
+    source = save_bpe_llama(root / "bpe-llama")
     done = run_surgery("quantize", source, "-o", root / "gguf", "--format", "gguf", "--bits", "8",
                        "--group-size", "32")
     assert done.returncode == 0, done.stderr

@@ -210,21 +210,9 @@ def test_bad_selfcal_options_are_one_line(tiny_checkpoints, tmp_path):
 @pytest.fixture(scope="module")
 def bpe_llama(tmp_path_factory):
     """A tiny llama with a byte-level BPE tokenizer (what --format gguf exports)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from conftest import save_bpe_llama
 
-    from conftest import make_tiny_model
-
-    path = tmp_path_factory.mktemp("selfcal-gguf") / "llama"
-    make_tiny_model("llama", vocab_size=300).save_pretrained(path)
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 3 + ["hello world"] * 5, trainer)
-    PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>").save_pretrained(path)
-    return path
+    return save_bpe_llama(tmp_path_factory.mktemp("selfcal-gguf") / "llama")
 
 
 def test_selfcal_writes_gguf_blocks_transformers_reads(bpe_llama, tmp_path):

@@ -26,9 +26,9 @@ POSITIVE_SIZES = (
 )
 BOOLEANS = ("tie_word_embeddings", "use_cache", "attention_bias", "mlp_bias")
 POSITIVE_NUMBERS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps", "rope_theta")
-# transformers' rope types (modeling_rope_utils.ROPE_INIT_FUNCTIONS, "default") and Qwen2-VL's legacy "mrope";
-# tests/test_reliability.py checks the installed transformers has no others.
-ROPE_TYPES = {"default", "linear", "dynamic", "yarn", "longrope", "llama3", "proportional", "mrope"}
+# transformers' rope types (modeling_rope_utils.ROPE_INIT_FUNCTIONS, "default"), Qwen2-VL's legacy "mrope" and the
+# vision towers' "axial"; tests/test_reliability.py checks the installed transformers has no others.
+ROPE_TYPES = {"default", "linear", "dynamic", "yarn", "longrope", "llama3", "proportional", "mrope", "axial"}
 DTYPES = {"float32", "float16", "bfloat16", "float64", "float8_e4m3fn", "float8_e5m2", "int8", "uint8", "auto"}
 SUB_CONFIGS = ("text_config", "vision_config", "audio_config")
 
