@@ -51,9 +51,12 @@ FALLBACK_PATTERNS = [
     (r"(q_proj|query|wq)$", "attn_q"), (r"(k_proj|key|wk)$", "attn_k"), (r"(v_proj|value|wv)$", "attn_v"),
     (r"(o_proj|out_proj|dense|c_proj|wo)$", "attn_o"),
 ]
-# Roles of weights that act as projections of the hidden state (what SVD methods decompose, quantizers quantize).
+# Roles of weights that act as projections of the hidden state (what quantizers quantize).
 PROJECTION_KINDS = {"attn_q", "attn_k", "attn_v", "attn_o", "attn_qkv", "mlp_gate", "mlp_up", "mlp_down",
                     "mlp_gate_up"}
+# 2-D weights that are not projections to decompose: rows by token or position, and MoE routers (a handful of rows
+# whose every direction matters). SVD methods decompose every other 2-D weight (vision towers, MLA's q_a/kv_a...).
+NOT_DECOMPOSED_KINDS = {"embedding", "lm_head", "position_embedding", "router"}
 _WARNED: set = set()  # model types already warned about in this process
 LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer|block)\.(\d+)\.")
 # transformers' default for tie_word_embeddings when config.json omits it (the base config class says True).

@@ -313,7 +313,9 @@ def merge(
     if tokenizer_source is not None:
         recipe.tokenizer_source = tokenizer_source
     if pad_to_multiple_of is not None:
-        recipe.pad_to_multiple_of = pad_to_multiple_of
+        from surgery.merge.vocab import check_pad_to_multiple_of
+
+        recipe.pad_to_multiple_of = check_pad_to_multiple_of(pad_to_multiple_of, "--pad-to-multiple-of")
     aim_options = {"omega": omega, "calibration": calibration, "stats": stats, "max_tokens": max_tokens}
     given = {key: value for key, value in aim_options.items() if value is not None}
     if given and not aim:

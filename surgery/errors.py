@@ -15,3 +15,15 @@ class BadInput(Exception):
 class CheckFailed(Exception):
     """A check of a result failed (an output its loader would reject, a verification below its threshold): one line,
     exit code 1, and nothing written."""
+
+
+def one_line(err: object, limit: int = 300) -> str:
+    """An exception (or any text) as one line for a message: whitespace collapsed, at most ``limit`` characters,
+    prefixed by the exception's type when it is one::
+
+        raise BadInput(f"{path}: not a readable GGUF file ({one_line(err)})")
+    """
+    text = " ".join(str(err).split())
+    if isinstance(err, Exception) and not isinstance(err, (BadInput, CheckFailed)):
+        text = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."

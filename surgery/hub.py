@@ -158,6 +158,8 @@ def model_card_for(directory: Path, kind: str, repo_id: str) -> tuple[bytes | No
     """The README.md a push sends in place of the directory's (None: the directory's own file, or no card) and the
     card's status: "generated" from surgery.json, "completed" (the existing card with the front-matter fields it
     lacked), "kept", or "none" (neither a card nor a manifest to make one from)."""
+    from surgery.provenance import read_manifest
+
     manifest = read_manifest(directory)
     readme = directory / "README.md"
     if not manifest:
@@ -172,16 +174,6 @@ def model_card_for(directory: Path, kind: str, repo_id: str) -> tuple[bytes | No
     ours = front_matter(card.decode(), "generated card")
     completed = complete_front_matter(text, {key: ours.get(key) for key in CARD_FIELDS}, str(readme))
     return (None, "kept") if completed == text else (completed.encode(), "completed")
-
-
-def read_manifest(directory: Path) -> dict:
-    """The ``surgery.json`` every surgery output carries ({} when there is none)."""
-    from surgery.io.safetensors_reader import read_json
-
-    path = directory / "surgery.json"
-    if not path.is_file():
-        return {}
-    return read_json(path, "the surgery.json manifest")
 
 
 @dataclass

@@ -27,12 +27,13 @@ lists of them.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from surgery.errors import BadInput
+from surgery.errors import BadInput, CheckFailed
 from surgery.io.writer import write_file_atomic
 
 # command → (names of its positional arguments, in order; whether it writes an output directory with -o)
@@ -102,6 +103,7 @@ class Step:
         return args
 
 
+@functools.lru_cache(maxsize=None)
 def _step_options(command: str) -> dict[str, Any]:
     """The keys a step of ``command`` may have → the command line's option they stand for (None for the positional
     names and ``force``), read from the command line's own declaration of that command."""
@@ -110,7 +112,7 @@ def _step_options(command: str) -> dict[str, Any]:
     from surgery.cli import app
 
     positional, writes = COMMANDS[command]
-    declared: dict[str, Any] = {name: None for name in positional + (["output"] if writes else []) + ["force"]}
+    declared: dict[str, Any] = {name: None for name in positional + (["output", "force"] if writes else [])}
     for parameter in typer.main.get_command(app).commands[command].params:
         if parameter.param_type_name != "option":
             continue
@@ -293,6 +295,8 @@ def _run_step(step: Step) -> None:
         code = typer.main.get_command(app).main(argv, prog_name="surgery", standalone_mode=False)
     except BadInput as err:
         raise BadInput(f"step {step.number} ({step.command}): {err}") from None
+    except CheckFailed as err:
+        raise CheckFailed(f"step {step.number} ({step.command}): {err}") from None
     except Exception as err:
         if not hasattr(err, "format_message"):  # a usage error (typer ships its own copy of click's classes)
             raise

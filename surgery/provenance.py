@@ -95,6 +95,20 @@ def hash_inputs_in_background(checkpoints: list[Checkpoint]) -> Future:
     return future
 
 
+def read_manifest(directory: Path) -> dict:
+    """The ``surgery.json`` manifest every surgery output carries ({} when there is none; BadInput naming it when it
+    is not a JSON object)::
+
+        read_manifest(Path("merged")).get("command")   # "merge"
+    """
+    from surgery.io.safetensors_reader import read_json
+
+    path = Path(directory) / "surgery.json"
+    if not path.is_file():
+        return {}
+    return read_json(path, "the surgery.json manifest")
+
+
 def manifest_bytes(command: str, recipe: dict, inputs: list[dict], outputs: dict | None = None) -> bytes:
     manifest = {"surgery_version": __version__, "command": command, "recipe": recipe, "inputs": inputs}
     if outputs:

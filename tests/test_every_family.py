@@ -2,9 +2,9 @@
 
 For each tiny family checkpoint (tests/conftest.py: TINY_CONFIGS and MORE_FAMILIES, saved by transformers) each
 model-writing command runs once. Exit 0 means the output must load in transformers with no parameter missing or
-unused, and give finite logits; anything else must be exit 1 or 2 with one line on stderr and nothing written.
-Commands that only copy or combine tensors elementwise (convert, a TIES merge) must succeed on every family, so the
-property is never satisfied by failing everywhere.
+unused, and give finite logits; a failure must be exit 1 or 2 with one line on stderr and nothing written. Which
+(family, command) pairs fail today, and with which exit code, is pinned in EXPECTED_FAILURES: every other pair
+must succeed.
 """
 
 from __future__ import annotations
@@ -22,7 +22,17 @@ COMMANDS = {
     "extend-yarn": lambda base, ft: ["extend", base, "--rope", "yarn", "--factor", "2"],
     "quantize": lambda base, ft: ["quantize", base],
 }
-MUST_SUCCEED = {"convert", "merge-ties"}
+# What fails today, and how; everything else must succeed. Quantized outputs of these families would not load in
+# transformers (GPT-2's Conv1D, falcon's FalconLinear, MoE experts fused at load time, llava's vision tower), so the
+# output check refuses them (exit 1); these families' RoPE cannot be extended as asked (exit 2). The model-families
+# issue is to make each of them work; when one does, remove it here.
+EXPECTED_FAILURES = {
+    ("gpt2", "quantize"): 1, ("mixtral", "quantize"): 1, ("qwen2_moe", "quantize"): 1, ("falcon", "quantize"): 1,
+    ("llava", "quantize"): 1,
+    ("gpt2", "extend-yarn"): 2,  # no RoPE
+    ("gemma3_text", "extend-yarn"): 2,  # RoPE parameters per layer type
+    ("phi3", "extend-yarn"): 2,  # Phi-3's config takes longrope only
+}
 
 
 def load_and_run(directory):
@@ -44,12 +54,13 @@ def test_output_loads_or_command_fails_cleanly(family, command, family_pairs, tm
     base, ft = family_pairs[family]
     out = tmp_path / "out"
     result = run_surgery(*COMMANDS[command](base, ft), "-o", out)
+    expected = EXPECTED_FAILURES.get((family, command), 0)
+    assert result.returncode == expected, result.stderr
     if result.returncode == 0:
         info, logits = load_and_run(out)
         assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
         assert torch.isfinite(logits).all()
         return
-    assert command not in MUST_SUCCEED, result.stderr
     lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("surgery: WARNING")]
     assert result.returncode in (1, 2) and len(lines) == 1 and lines[0].startswith("surgery: error:"), result.stderr
     assert "internal error" not in lines[0], lines[0]

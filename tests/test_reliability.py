@@ -333,3 +333,61 @@ def test_the_rope_types_configs_are_checked_against_are_transformers_own():
     from surgery.io.config_check import ROPE_TYPES
 
     assert set(ROPE_INIT_FUNCTIONS) | {"default"} <= ROPE_TYPES
+
+
+def test_infinite_rank_and_huge_padding_are_bad_input(family_pairs, tmp_path):
+    base, ft = family_pairs["llama"]
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"method": "tsv", "base": str(base), "models": [str(ft)],
+                                      "parameters": {"rank": float("inf")}}))
+    assert_bad_input(run_surgery("merge", "--recipe", recipe, "-o", tmp_path / "out"), "rank")
+    started = time.monotonic()
+    result = run_surgery("merge", base, ft, "--method", "ties", "--pad-to-multiple-of", "100000000", "--dry-run",
+                         "-o", tmp_path / "out")
+    assert_bad_input(result, "--pad-to-multiple-of")
+    assert time.monotonic() - started < 10
+
+
+@pytest.mark.parametrize("manifest", ["[]", '{"command": "quantize", "inputs": {"a": 1}}',
+                                      '{"command": "quantize", "inputs": [5]}', "{not json"])
+def test_verify_with_a_malformed_manifest(manifest, tiny_checkpoints, tmp_path):
+    out = tmp_path / "q"
+    assert run_surgery("quantize", tiny_checkpoints["llama"], "-o", out, "--group-size", "32").returncode == 0
+    (out / "surgery.json").write_text(manifest)
+    assert_bad_input(run_surgery("verify", out, "--reference", tiny_checkpoints["llama"]), "surgery.json")
+
+
+@pytest.mark.parametrize("manifest", ['{"command": "extend", "output": {"rope": {"attention_factor": 1}}}',
+                                      '{"command": "extend", "output": {"rope": {"inv_freq": "x", '
+                                      '"attention_factor": 1}}}', "{not json"])
+def test_verify_rope_with_a_malformed_manifest(manifest, tiny_checkpoints, tmp_path):
+    out = tmp_path / "long"
+    assert run_surgery("extend", tiny_checkpoints["llama"], "-o", out, "--rope", "linear", "--factor", "2") \
+        .returncode == 0
+    (out / "surgery.json").write_text(manifest)
+    assert_bad_input(run_surgery("verify-rope", out), "surgery.json")
+
+
+def test_verify_of_a_checkpoint_with_no_quantized_module(tiny_checkpoints, tmp_path):
+    fake = copy_of(tiny_checkpoints["llama"], tmp_path / "fake")
+    config = json.loads((fake / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "compressed-tensors", "format": "pack-quantized",
+                                     "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+                                         "num_bits": 4, "group_size": 32, "symmetric": True}}}}
+    (fake / "config.json").write_text(json.dumps(config))
+    assert_bad_input(run_surgery("verify", fake, "--reference", tiny_checkpoints["llama"], "--any-reference"),
+                     "no quantized module")
+
+
+def test_a_failed_command_leaves_no_parent_directories_it_made(tiny_checkpoints, tmp_path):
+    model = with_weight(tiny_checkpoints["llama"], tmp_path / "model", "model.norm.weight", float("nan"))
+    assert_bad_input(run_surgery("quantize", model, "-o", tmp_path / "new" / "deep" / "out"), "NaN")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_force_does_not_replace_a_directory_with_only_a_config(tiny_checkpoints, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text("{}")
+    assert_bad_input(run_surgery("convert", tiny_checkpoints["llama"], "-o", mine, "--force"), "holds no checkpoint")
+    assert [p.name for p in mine.iterdir()] == ["config.json"]

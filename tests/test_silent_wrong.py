@@ -186,3 +186,29 @@ def test_options_the_command_would_ignore_are_refused(args, flag, tiny_checkpoin
     result = run_surgery(command, tiny_checkpoints["llama"], *options, "-o", tmp_path / "out")
     assert_bad_input(result, flag)
     assert not (tmp_path / "out").exists()
+
+
+def test_tensors_transformers_does_not_use_are_carried_not_dropped(tiny_checkpoints, tmp_path):
+    """An input tensor the model class does not declare (say a multi-token-prediction head) is no fault of the
+    command: it is carried into the output, with a warning, never dropped and never a refusal."""
+    model = shutil.copytree(tiny_checkpoints["llama"], tmp_path / "model")
+    rewrite(model, lambda t: t.update({"model.mtp.weight": torch.arange(4.0)}))
+    for command in (["convert", "--dtype", "bfloat16"], ["quantize", "--group-size", "32"]):
+        out = tmp_path / command[0]
+        result = run_surgery(command[0], model, *command[1:], "-o", out)
+        assert result.returncode == 0, result.stderr
+        assert "model.mtp.weight" in result.stderr  # the warning names it
+        assert torch.equal(load_file(out / "model.safetensors")["model.mtp.weight"].float(), torch.arange(4.0))
+
+
+def test_an_output_problem_the_input_does_not_have_is_the_commands(tiny_checkpoints, tmp_path):
+    """The input carries an unused tensor; the output loses a parameter: that is a failed check (exit 1), not the
+    input's fault."""
+    from surgery.io.loader_check import check_transformers
+
+    model = shutil.copytree(tiny_checkpoints["qwen2"], tmp_path / "model")
+    rewrite(model, lambda t: t.update({"model.mtp.weight": torch.arange(4.0)}))
+    out = shutil.copytree(model, tmp_path / "out")
+    rewrite(out, lambda t: t.pop("model.norm.weight"))
+    with pytest.raises(CheckFailed, match="parameters missing: 'model.norm.weight'"):
+        check_transformers(out, [model])

@@ -23,7 +23,7 @@ from surgery.extend.verify import Expectation, check_plan, problems, read_back
 from surgery.io import open_checkpoint, write_checkpoint
 from surgery.io.loader_check import check_transformers
 from surgery.io.writer import DEFAULT_MAX_SHARD_SIZE, WriteResult, check_output_available
-from surgery.provenance import hash_inputs_in_background, manifest_bytes, model_card_bytes
+from surgery.provenance import hash_inputs_in_background, manifest_bytes, model_card_bytes, read_manifest
 
 
 def plan(source: str | Path, method: str, **options) -> ExtensionPlan:
@@ -85,14 +85,13 @@ def verify_rope(source: str | Path) -> dict:
     intended ones when ``source`` was written by ``surgery extend`` (its ``surgery.json``)."""
     with open_checkpoint(source) as ckpt:
         config = ckpt.config
-        manifest = ckpt.path / "surgery.json" if ckpt.path.is_dir() else None
+        manifest = read_manifest(ckpt.path) if ckpt.path.is_dir() else {}
         if not config:
             raise BadInput(f"{source}: no config.json")
     original = rope_geometry(config).inv_freq
-    intended = None
-    if manifest is not None and manifest.is_file():
-        intended = json.loads(manifest.read_text()).get("output", {}).get("rope")
-    want = Expectation.from_json(intended) if intended else None
+    output = manifest.get("output") if manifest.get("command") == "extend" else None
+    intended = output.get("rope") if isinstance(output, dict) else None
+    want = Expectation.from_json(intended, f"{Path(str(source)) / 'surgery.json'}") if intended else None
     got = read_back(config, want.dynamic_length if want else None)
     if got.error:
         raise BadInput(f"{source}: config.json: {got.error}")

@@ -19,12 +19,15 @@ combinations are refused.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
 import torch
 
 from surgery.errors import BadInput
+
+log = logging.getLogger(__name__)
 
 METHODS = ("linear", "ntk", "dynamic", "yarn", "llama3", "power", "truncated")
 ZEROED_FACTOR = 1e30  # longrope factor for "no rotation": finite (strict JSON has no Infinity), θ' ≈ 1e-30 θ
@@ -233,7 +236,7 @@ def _option(given: float | None, g: RopeGeometry, key: str, default: float) -> f
     """An option as given, else the source's own value (when it already uses this scaling), else the default."""
     if given is not None:
         return float(given)
-    return float(g.rope.get(key) or default)
+    return float(g.rope[key] if g.rope.get(key) is not None else default)
 
 
 def _scaled(method: str, theta: torch.Tensor, g: RopeGeometry, s: float, new_length: int,
@@ -253,6 +256,10 @@ def _scaled(method: str, theta: torch.Tensor, g: RopeGeometry, s: float, new_len
                 "beta_slow": _option(options["beta_slow"], g, "beta_slow", 1.0)}
         rope = {"rope_type": "yarn", "factor": s, "original_max_position_embeddings": g.trained_length, **used}
         new = _yarn(theta, g, s, used["beta_fast"], used["beta_slow"], bool(g.rope.get("truncate", True)))
+        if g.scaling == "yarn" and g.rope.get("attention_factor") is not None:
+            log.warning("the model's yarn attention_factor %s is kept as it is for the new factor %g (it was set "
+                        "for factor %g; transformers reads the value, not a formula)", g.rope["attention_factor"], s,
+                        g.factor)
         return new, rope, new_length, _yarn_attention({**g.rope, **rope}), used
     used = {"low_freq_factor": _option(options["low_freq_factor"], g, "low_freq_factor", 1.0),
             "high_freq_factor": _option(options["high_freq_factor"], g, "high_freq_factor", 4.0)}

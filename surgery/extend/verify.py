@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from surgery.errors import BadInput
+from surgery.errors import BadInput, one_line
 from surgery.extend.rope import ExtensionPlan, RopeGeometry
 
 RELATIVE_TOLERANCE = 1e-5  # transformers computes in float32
@@ -54,7 +54,16 @@ class Expectation:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict) -> "Expectation":
+    def from_json(cls, data: dict, where: str = "surgery.json") -> "Expectation":
+        """The expectation a manifest records; BadInput naming ``where`` when its fields are not of their types."""
+        if (not isinstance(data, dict) or not isinstance(data.get("inv_freq"), list)
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in data["inv_freq"])
+                or isinstance(data.get("attention_factor"), bool)
+                or not isinstance(data.get("attention_factor"), (int, float))):
+            raise BadInput(f"{where}: output.rope must record inv_freq (a list of numbers) and attention_factor")
+        for key in ("rope", "rotary", "written"):
+            if data.get(key) is not None and not isinstance(data[key], dict):
+                raise BadInput(f"{where}: output.rope.{key} must be a JSON object")
         return cls(**{key: data.get(key) for key in cls.__dataclass_fields__ if key in data})
 
 
@@ -91,10 +100,6 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def _error(err: Exception) -> str:
-    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-
-
 def text_config(config: dict):
     """transformers' text config for ``config`` (a deep copy: transformers edits rope dicts in place), its rope
     parameters standardised."""
@@ -104,8 +109,8 @@ def text_config(config: dict):
     try:
         text = AutoConfig.for_model(config.get("model_type"), **fields).get_text_config()
         text.standardize_rope_params()
-    except (ValueError, KeyError, TypeError) as err:
-        raise BadInput(f"config.json: transformers cannot read it ({_error(err)})") from None
+    except Exception as err:  # noqa: BLE001 - transformers' own validation of the config's values, whatever it raises
+        raise BadInput(f"config.json: transformers cannot read it ({one_line(err)})") from None
     return text
 
 
@@ -149,7 +154,7 @@ def read_back(config: dict, seq_len: int | None = None) -> ReadBack:
             got.inv_freq, got.attention = ROPE_INIT_FUNCTIONS["dynamic"](copy.deepcopy(text), torch.device("cpu"),
                                                                          seq_len=seq_len)
     except Exception as err:  # noqa: BLE001 -- whatever transformers raises, the config does not build
-        got.error = f"transformers cannot build its rotary embedding ({_error(err)})"
+        got.error = f"transformers cannot build its rotary embedding ({one_line(err)})"
     return got
 
 
@@ -199,7 +204,7 @@ def forward_error(config: dict) -> str | None:
         with torch.no_grad():
             hidden = model(input_ids=torch.arange(TINY_TOKENS).view(1, -1)).last_hidden_state
     except Exception as err:  # noqa: BLE001 -- any failure means the config does not run
-        return _error(err)
+        return one_line(err)
     return None if torch.isfinite(hidden).all() else "non-finite hidden states"
 
 

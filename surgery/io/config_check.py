@@ -28,13 +28,20 @@ BOOLEANS = ("tie_word_embeddings", "use_cache", "attention_bias", "mlp_bias")
 POSITIVE_NUMBERS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps", "rope_theta")
 # transformers' rope types (modeling_rope_utils.ROPE_INIT_FUNCTIONS, "default"), Qwen2-VL's legacy "mrope" and the
 # vision towers' "axial"; tests/test_reliability.py checks the installed transformers has no others.
-ROPE_TYPES = {"default", "linear", "dynamic", "yarn", "longrope", "llama3", "proportional", "mrope", "axial"}
-DTYPES = {"float32", "float16", "bfloat16", "float64", "float8_e4m3fn", "float8_e5m2", "int8", "uint8", "auto"}
+ROPE_TYPES = {"default", "linear", "dynamic", "yarn", "longrope", "llama3", "proportional", "mrope", "axial",
+              "su"}  # "su": Phi-3's first name for longrope, which transformers still reads
+
 SUB_CONFIGS = ("text_config", "vision_config", "audio_config")
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_dtype(name: Any) -> bool:
+    import torch
+
+    return name == "auto" or (isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype))
 
 
 def validate_config(config: Any, where: str) -> None:
@@ -72,14 +79,14 @@ def _check_fields(config: dict, where: str) -> None:
             raise BadInput(f"{where}: {key} must be true or false, found {value!r}")
     for key in ("dtype", "torch_dtype"):
         value = config.get(key)
-        if value is not None and value not in DTYPES:
-            raise BadInput(f"{where}: {key} {value!r} is not a dtype a checkpoint is stored in "
-                           f"({', '.join(sorted(DTYPES))})")
+        if value is not None and not _is_dtype(value):
+            raise BadInput(f"{where}: {key} {value!r} is not a torch dtype (float32, bfloat16, float16, ...) or auto")
     for key in POSITIVE_NUMBERS:
         if config.get(key) is not None:
             _positive_number(config[key], key, where)
+    custom = "auto_map" in config  # a model with its own code may have rope types of its own
     for key in ("rope_parameters", "rope_scaling"):
-        _check_rope(config.get(key), key, where)
+        _check_rope(config.get(key), key, where, check_type=not custom)
     head_dim = config.get("head_dim")
     rotary = config.get("rope_theta") is not None or config.get("rope_parameters") is not None
     if head_dim is not None and rotary and head_dim % 2:
@@ -98,18 +105,19 @@ def _positive_number(value: Any, key: str, where: str) -> None:
         raise BadInput(f"{where}: {key} must be a positive number, found {value!r}")
 
 
-def _check_rope(rope: Any, key: str, where: str) -> None:
-    """A rope dict (or one per layer type, as gemma3 writes): a known rope_type, positive theta and factor."""
+def _check_rope(rope: Any, key: str, where: str, check_type: bool = True) -> None:
+    """A rope dict (or one per layer type, as gemma3 writes): a known rope_type (unless ``check_type`` is false),
+    positive theta and factor."""
     if rope is None:
         return
     if not isinstance(rope, dict):
         raise BadInput(f"{where}: {key} must be a JSON object, found {rope!r}")
     if rope and all(isinstance(value, dict) for value in rope.values()):  # per layer type
         for layer_type, sub in rope.items():
-            _check_rope(sub, f"{key}.{layer_type}", where)
+            _check_rope(sub, f"{key}.{layer_type}", where, check_type)
         return
     kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind not in ROPE_TYPES:
+    if check_type and kind not in ROPE_TYPES:
         raise BadInput(f"{where}: {key} rope_type {kind!r} is not one transformers knows "
                        f"({', '.join(sorted(ROPE_TYPES))})")
     for name in ("rope_theta", "factor"):

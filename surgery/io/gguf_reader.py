@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from surgery.errors import BadInput
+from surgery.errors import BadInput, one_line
 from surgery.io.checkpoint import Checkpoint, TensorInfo, natural_key
 from surgery.io.config_check import validate_config
 
@@ -68,10 +68,6 @@ class _ParametersOnly:
         return []
 
 
-def _one_line(err: object) -> str:
-    return " ".join(str(err).split())[:300]
-
-
 def _check_tensor_extents(reader, path: Path) -> None:
     """BadInput unless every tensor's bytes lie inside the file's data section. The gguf library adds offsets in
     uint64 (an offset of 2^64 − 1 wraps around into the metadata) and numpy clips slices past the end."""
@@ -113,7 +109,7 @@ class GGUFCheckpoint(Checkpoint):
         except BadInput:
             raise
         except Exception as err:  # noqa: BLE001 - gguf and transformers parse untrusted bytes: any failure is the file's
-            raise BadInput(f"{path}: not a readable GGUF file ({type(err).__name__}: {_one_line(err)})") from None
+            raise BadInput(f"{path}: not a readable GGUF file ({one_line(err)})") from None
 
         architecture = gguf_utils.read_field(self._reader, "general.architecture")[0]
         processor_class = gguf_utils.TENSOR_PROCESSORS.get(architecture, gguf_utils.TensorProcessor)
@@ -184,8 +180,7 @@ class GGUFCheckpoint(Checkpoint):
             try:
                 tokenizer = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
             except Exception as err:  # noqa: BLE001 - the tokenizer metadata is untrusted bytes too
-                raise BadInput(f"{self.path}: its tokenizer metadata is unreadable ({type(err).__name__}: "
-                               f"{_one_line(err)})") from None
+                raise BadInput(f"{self.path}: its tokenizer metadata is unreadable ({one_line(err)})") from None
             tokenizer.save_pretrained(scratch)
             GenerationConfig.from_model_config(self._hf_config).save_pretrained(scratch)
             return {file.name: file.read_bytes() for file in sorted(Path(scratch).iterdir()) if file.is_file()}

@@ -21,12 +21,13 @@ import io
 import logging
 import re
 from contextlib import contextmanager, redirect_stderr
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from surgery.errors import BadInput, CheckFailed
+from surgery.errors import BadInput, CheckFailed, one_line
 
 log = logging.getLogger(__name__)
 SHOWN = 3  # names quoted in a failure message
@@ -73,7 +74,7 @@ REPORT_ROW = re.compile(r"^(?P<key>\S+(?: \S+)*?)\s+\|\s+(?P<status>MISSING|UNEX
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-def _report_rows(messages: list[str]) -> dict[str, str]:
+def _report_rows(messages: list[str]) -> dict[str, Problem]:
     """Problems by kind (missing, unused, mismatched, conversion) from transformers' loading report."""
     rows: dict[str, list[str]] = {}
     for message in messages:
@@ -82,7 +83,7 @@ def _report_rows(messages: list[str]) -> dict[str, str]:
     kinds = {"MISSING": ("missing", "parameters missing"), "UNEXPECTED": ("unused", "tensors the loader does not use"),
              "MISMATCH": ("mismatched", "shapes the model does not have"),
              "CONVERSION": ("conversion", "weight conversion failed for")}
-    return {kinds[status][0]: f"{kinds[status][1]}: {_names(dict.fromkeys(keys))}" for status, keys in rows.items()}
+    return {kinds[status][0]: _problem(*kinds[status], keys) for status, keys in rows.items()}
 
 
 def _model_class(config):
@@ -107,54 +108,92 @@ def known_to_transformers(config: dict | None) -> bool:
     return isinstance(model_type, str) and model_type in CONFIG_MAPPING_NAMES
 
 
+@dataclass(frozen=True)
+class Problem:
+    """One kind of thing transformers would get wrong loading a checkpoint: ``kind`` (missing, unused, mismatched,
+    conversion, dtype, error, crashed, config, layout), the tensor names it concerns, and a line for people."""
+
+    kind: str
+    keys: frozenset[str]
+    message: str
+
+    @property
+    def identity(self) -> frozenset[str]:
+        """What makes two problems the same: the tensors, else the message."""
+        return self.keys or frozenset({self.message})
+
+
+def _problem(kind: str, label: str, keys) -> Problem:
+    keys = frozenset(keys)
+    return Problem(kind, keys, f"{label}: {_names(keys)}")
+
+
 def check_transformers(directory: str | Path, inputs: list[Path] = ()) -> None:
     """CheckFailed unless transformers would load ``directory`` (config.json + safetensors) completely.
 
-    ``inputs`` are the checkpoints the output was made from: when the output fails and an input fails the same
-    check, the input is what is wrong, and that is a BadInput naming it. GPTQ checkpoints need a GPU kernel package
-    to load, so their layout is checked against the unquantized model instead (:func:`_gptq_problems`). An
-    asymmetric compressed-tensors checkpoint that transformers reads only with ``CompressedTensorsConfig(
-    dequantize=True)`` passes with a warning saying so. A directory without config.json (bare tensors) and model
-    types transformers does not know are not checked (a warning says so for the latter)::
+    ``inputs`` are the checkpoints the output was made from. A problem the output only inherits from them is not
+    the command's: tensors transformers does not use are carried over with a warning (nothing is dropped), anything
+    else is a BadInput naming the input. GPTQ checkpoints need a GPU kernel package to load, so their layout is
+    checked against the unquantized model instead (:func:`_gptq_problems`). An asymmetric compressed-tensors
+    checkpoint that transformers reads only with ``CompressedTensorsConfig(dequantize=True)`` passes with a warning
+    saying so. A directory without config.json (bare tensors) and model types transformers does not know are not
+    checked (a warning says so for the latter)::
 
         check_transformers(staging, inputs=[ckpt.path])
     """
-    problems = loading_problems(Path(directory))
-    if not problems:
+    found = findings(Path(directory))
+    if not found:
         return
-    for source in map(Path, inputs):
-        theirs = loading_problems(source) if source.suffix != ".gguf" else []
-        if theirs:
-            raise BadInput(f"{source}: transformers would not load this input correctly either: " + "; ".join(theirs))
-    raise CheckFailed("transformers would not load the output correctly: " + "; ".join(problems))
+    theirs = {Path(source): findings(Path(source)) for source in inputs if Path(source).suffix != ".gguf"}
+    inherited: dict[str, set[str]] = {}
+    for problems in theirs.values():
+        for problem in problems.values():
+            inherited.setdefault(problem.kind, set()).update(problem.identity)
+    own = [problem for problem in found.values() if not problem.identity <= inherited.get(problem.kind, set())]
+    if own:
+        raise CheckFailed("transformers would not load the output correctly: "
+                          + "; ".join(problem.message for problem in own))
+    if set(found) == {"unused"}:
+        log.warning("the output carries tensors transformers does not use, as its input does: %s",
+                    found["unused"].message.split(": ", 1)[1])
+        return
+    source, problems = next((source, problems) for source, problems in theirs.items() if problems)
+    raise BadInput(f"{source}: transformers would not load this input correctly: "
+                   + "; ".join(problem.message for problem in problems.values()))
 
 
 def loading_problems(path: Path) -> list[str]:
     """What goes wrong when transformers loads the checkpoint at ``path`` (a directory, or one safetensors file
-    beside its config.json; see :func:`check_transformers`); empty: nothing."""
+    beside its config.json), a line each; empty: nothing."""
+    return [problem.message for problem in findings(path).values()]
+
+
+def findings(path: Path) -> dict[str, Problem]:
+    """The problems, by kind, transformers would have loading the checkpoint at ``path`` (see
+    :func:`check_transformers`)."""
     from surgery.io.safetensors_reader import SafetensorsCheckpoint, read_json
 
     directory = path if path.is_dir() else path.parent
     if not (directory / "config.json").is_file():
-        return []
+        return {}
     raw = read_json(directory / "config.json", "config.json")
     if not known_to_transformers(raw):
         log.warning("model type %r is not one transformers knows: %s is not checked against a loader",
                     raw.get("model_type"), path.name)
-        return []
+        return {}
     with SafetensorsCheckpoint(str(path), path) as written:
         specs = dict(written.tensors)
     config = _transformers_config(directory)
     if isinstance(config, str):
-        return [config]
+        return {"config": Problem("config", frozenset(), config)}
     method = (raw.get("quantization_config") or {}).get("quant_method")
     if method == "gptq":
         del config.quantization_config
         try:
             model, _ = _load_on_meta(config, {})
         except _LoadCrashed as err:
-            return [f"transformers would not build the model: {err}"]
-        return _gptq_problems(model, specs, raw["quantization_config"])
+            return {"crashed": Problem("crashed", frozenset(), f"transformers would not build the model: {err}")}
+        return {problem.kind: problem for problem in _gptq_problems(model, specs, raw["quantization_config"])}
     problems = _problems_with(config, specs)
     # transformers' compressed path refuses (loudly: a shape mismatch raises) the packed asymmetric zero points
     # compressed-tensors itself writes; its dequantizing path reads them. A load that would silently leave
@@ -163,9 +202,9 @@ def loading_problems(path: Path) -> list[str]:
         config.quantization_config["dequantize"] = True
         if not _problems_with(config, specs):
             log.warning("transformers loads %s only with quantization_config=CompressedTensorsConfig(dequantize=True): "
-                        "%s", directory.name, problems["mismatched"])
-            return []
-    return list(problems.values())
+                        "%s", directory.name, problems["mismatched"].message)
+            return {}
+    return problems
 
 
 def _transformers_config(directory: Path):
@@ -176,14 +215,14 @@ def _transformers_config(directory: Path):
         with _quiet():
             return AutoConfig.from_pretrained(directory)
     except Exception as err:  # noqa: BLE001 - any refusal of the config is the finding
-        return f"its config.json is refused: {_one_line(err)}"
+        return f"its config.json is refused: {one_line(err)}"
 
 
 class _LoadCrashed(Exception):
     """transformers raised while loading: ``problems`` by kind, from its report when it printed one."""
 
-    def __init__(self, problems: dict[str, str]):
-        super().__init__("; ".join(problems.values()))
+    def __init__(self, problems: dict[str, Problem]):
+        super().__init__("; ".join(problem.message for problem in problems.values()))
         self.problems = problems
 
 
@@ -195,12 +234,13 @@ def _load_on_meta(config, state: dict) -> tuple:
             return cls.from_pretrained(None, config=config, state_dict=state, device_map="meta",
                                        output_loading_info=True)
     except Exception as err:  # noqa: BLE001 - a crash while loading is the finding
-        raise _LoadCrashed(_report_rows(messages) or {"crashed": _one_line(err)}) from None
+        raise _LoadCrashed(_report_rows(messages) or {"crashed": Problem("crashed", frozenset(), one_line(err))}) \
+            from None
 
 
-def _problems_with(config, specs: dict) -> dict[str, str]:
-    """What goes wrong when transformers loads tensors of ``specs``' names, shapes and dtypes, by kind: missing,
-    unused, mismatched (shapes), error, dtype, or crashed (empty: nothing)."""
+def _problems_with(config, specs: dict) -> dict[str, Problem]:
+    """What goes wrong, by kind, when transformers loads tensors of ``specs``' names, shapes and dtypes (empty:
+    nothing)."""
     import copy
 
     state = {name: torch.empty(info.shape, dtype=info.dtype, device="meta") for name, info in specs.items()}
@@ -210,29 +250,29 @@ def _problems_with(config, specs: dict) -> dict[str, str]:
         return err.problems
     problems = {}
     if info.get("missing_keys"):
-        problems["missing"] = f"parameters missing: {_names(info['missing_keys'])}"
+        problems["missing"] = _problem("missing", "parameters missing", info["missing_keys"])
     if info.get("unexpected_keys"):
-        problems["unused"] = f"tensors the loader does not use: {_names(info['unexpected_keys'])}"
+        problems["unused"] = _problem("unused", "tensors the loader does not use", info["unexpected_keys"])
     if info.get("mismatched_keys"):
-        shapes = [key for key, *_ in info["mismatched_keys"]]
-        problems["mismatched"] = f"shapes the model does not have: {_names(shapes)}"
+        problems["mismatched"] = _problem("mismatched", "shapes the model does not have",
+                                          [key for key, *_ in info["mismatched_keys"]])
     if info.get("error_msgs"):
-        problems["error"] = _one_line(info["error_msgs"][0])
+        problems["error"] = Problem("error", frozenset(), one_line(info["error_msgs"][0]))
     parameters = dict(model.state_dict())
-    wrong_kind = [name for name, spec in specs.items()
-                  if name in parameters and spec.dtype.is_floating_point != parameters[name].dtype.is_floating_point]
+    wrong_kind = sorted(name for name, spec in specs.items() if name in parameters
+                        and spec.dtype.is_floating_point != parameters[name].dtype.is_floating_point)
     if wrong_kind:
         name = wrong_kind[0]
-        problems["dtype"] = (f"tensor {name!r} is {specs[name].dtype} but the model's parameter is "
-                             f"{parameters[name].dtype}" + (f" (and {len(wrong_kind) - 1} more)" if len(wrong_kind) > 1
-                                                            else ""))
+        problems["dtype"] = Problem("dtype", frozenset(wrong_kind), (
+            f"tensor {name!r} is {specs[name].dtype} but the model's parameter is {parameters[name].dtype}"
+            + (f" (and {len(wrong_kind) - 1} more)" if len(wrong_kind) > 1 else "")))
     return problems
 
 
 GPTQ_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
 
 
-def _gptq_problems(model, specs: dict, quant: dict) -> list[str]:
+def _gptq_problems(model, specs: dict, quant: dict) -> list[Problem]:
     """GPTQ v1's layout checked against the unquantized ``model``: each quantized Linear's weight replaced by
     qweight (in·b/32, out) int32, qzeros (in/g, out·b/32) int32, scales (in/g, out) float16, g_idx (in,) int32;
     every other parameter present with its shape."""
@@ -244,10 +284,12 @@ def _gptq_problems(model, specs: dict, quant: dict) -> list[str]:
     for module in sorted(modules):
         shape = expected.pop(f"{module}.weight", None)
         if shape is None:
-            return [f"tensor {module + '.qweight'!r} quantizes a module the model does not have"]
+            return [Problem("layout", frozenset({module}),
+                            f"tensor {module + '.qweight'!r} quantizes a module the model does not have")]
         kind = type(model.get_submodule(module))
         if not issubclass(kind, torch.nn.Linear):
-            return [f"module {module!r} is a {kind.__name__}, not the Linear layer GPTQ kernels replace"]
+            return [Problem("layout", frozenset({module}),
+                            f"module {module!r} is a {kind.__name__}, not the Linear layer GPTQ kernels replace")]
         out, inputs = shape[0]
         expected.update({
             f"{module}.qweight": ((inputs * bits // 32, out), torch.int32),
@@ -255,19 +297,21 @@ def _gptq_problems(model, specs: dict, quant: dict) -> list[str]:
             f"{module}.scales": ((inputs // group, out), torch.float16),
             f"{module}.g_idx": ((inputs,), torch.int32)})
     problems = []
-    missing = sorted(set(expected) - set(specs) - tied)
-    unused = sorted(set(specs) - set(expected))
+    missing = set(expected) - set(specs) - tied
+    unused = set(specs) - set(expected)
     if missing:
-        problems.append(f"parameters missing: {_names(missing)}")
+        problems.append(_problem("missing", "parameters missing", missing))
     if unused:
-        problems.append(f"tensors the loader does not use: {_names(unused)}")
+        problems.append(_problem("unused", "tensors the loader does not use", unused))
     for name, info in specs.items():
         if name in expected:
             shape, dtype = expected[name]
             quantized = name.rsplit(".", 1)[-1] in GPTQ_TENSORS
             if info.shape != shape or (quantized and info.dtype != dtype) or (
                     not quantized and info.dtype.is_floating_point != dtype.is_floating_point):
-                problems.append(f"tensor {name!r} is {info.dtype} {info.shape}, the model needs {dtype} {shape}")
+                problems.append(Problem("mismatched", frozenset({name}),
+                                        f"tensor {name!r} is {info.dtype} {info.shape}, the model needs {dtype} "
+                                        f"{shape}"))
                 break
     return problems
 
@@ -305,7 +349,7 @@ def check_peft(directory: str | Path, base_config: dict) -> None:
             tensors = _adapter_tensors(directory)
             result = peft.set_peft_model_state_dict(adapted, tensors)
     except Exception as err:  # noqa: BLE001 - any refusal is the finding
-        raise CheckFailed(f"PEFT would not load the adapter: {_one_line(err)}") from None
+        raise CheckFailed(f"PEFT would not load the adapter: {one_line(err)}") from None
     if peft_config.is_prompt_learning:
         unused = sorted(set(tensors) - {"prompt_embeddings"})
         missing = [] if "prompt_embeddings" in tensors else ["prompt_embeddings"]
@@ -324,6 +368,3 @@ def _adapter_tensors(directory: Path) -> dict[str, torch.Tensor]:
     return load_file(directory / "adapter_model.safetensors")
 
 
-def _one_line(err: object) -> str:
-    text = " ".join(str(err).split())
-    return text if len(text) <= 300 else text[:297] + "..."

@@ -73,6 +73,8 @@ class SafetensorsCheckpoint(Checkpoint):
             self.directory = path if path.is_dir() else path.parent
             config_path = self.directory / "config.json"
             self.config = read_json(config_path, "config.json") if path.is_dir() or config_path.exists() else None
+            if self.config is not None and not path.is_dir() and "model_type" not in self.config:
+                self.config = None  # a lone file beside some other config.json: not its model's
             if self.config is not None:
                 validate_config(self.config, str(config_path))
             shard_of = self._shard_map(path) if path.is_dir() else None

@@ -237,8 +237,6 @@ def write_checkpoint(
     directory = Path(directory).expanduser()
     headers = shard_headers(shards)
     order = [spec for header, shard_order in headers.values() for spec in shard_order]
-    check_output_available(directory, force)
-    check_free_space(directory, total_size)
     with atomic_directory(directory, force=force, check=check, needed_bytes=total_size) as staging:
         if write_shards is not None:
             write_shards(staging, headers)
@@ -305,8 +303,9 @@ def _fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
-# What marks a directory as an output that --force may replace: a checkpoint, an adapter, a surgery output.
-OUTPUT_MARKERS = ("config.json", "surgery.json", "adapter_config.json", INDEX_FILE, "sweep.json")
+# What marks a directory as an output that --force may replace: weights (a checkpoint, an adapter), or a surgery
+# output's manifest. A config.json alone does not.
+OUTPUT_MARKERS = ("surgery.json", "adapter_config.json", INDEX_FILE, "sweep.json")
 OUTPUT_SUFFIXES = (".safetensors", ".gguf")
 
 
@@ -365,6 +364,9 @@ def atomic_directory(directory: str | Path, force: bool = False, *, check: Calla
     disk is a one-line BadInput naming the output and the space ``needed_bytes``.
     """
     directory = check_output_available(directory, force)
+    if needed_bytes:
+        check_free_space(directory, needed_bytes)
+    created = _first_missing(directory.parent)  # removed again if the output does not appear
     try:
         directory.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -372,6 +374,7 @@ def atomic_directory(directory: str | Path, force: bool = False, *, check: Calla
     try:
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}{PARTIAL_MARK}{os.getpid()}-", dir=directory.parent))
     except OSError as err:
+        _remove_empty_tree(created)
         raise BadInput(f"{directory.parent}: cannot write there ({err.strerror})") from None
     try:
         yield staging
@@ -392,12 +395,34 @@ def atomic_directory(directory: str | Path, force: bool = False, *, check: Calla
         _fsync_directory(directory.parent)
     except OSError as err:
         shutil.rmtree(staging, ignore_errors=True)
+        _remove_empty_tree(created)
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
             raise _no_space(directory, needed_bytes) from None
         raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        _remove_empty_tree(created)
         raise
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost directory of ``path`` that does not exist yet (None when it all exists)."""
+    missing = None
+    while not path.exists() and path != path.parent:
+        missing, path = path, path.parent
+    return missing
+
+
+def _remove_empty_tree(path: Path | None) -> None:
+    """Remove ``path`` and the directories under it, only as far as they hold nothing else."""
+    if path is None or not path.is_dir():
+        return
+    for root, _, files in os.walk(path, topdown=False):
+        if not files:
+            try:
+                os.rmdir(root)
+            except OSError:
+                pass
 
 
 def _umask() -> int:

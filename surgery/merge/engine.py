@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from surgery.arch import PROJECTION_KINDS, Architecture, with_layer_index
+from surgery.arch import NOT_DECOMPOSED_KINDS, Architecture, with_layer_index
 from surgery.convert import output_config
 from surgery.errors import BadInput
 from surgery.io import open_checkpoint, plan_shards, write_checkpoint
@@ -33,7 +33,7 @@ from surgery.merge.chat_template import resolve_template, with_chat_template
 from surgery.merge.params import check_setting, resolve_value
 from surgery.merge.ray_executor import check_executor
 from surgery.merge.sparsify import chunk_slices
-from surgery.merge.recipe import ModelEntry, Recipe, Slice, recipe_json
+from surgery.merge.recipe import DARE_RESCALES, ModelEntry, Recipe, Slice, recipe_json
 from surgery.merge.registry import MergeMethod, TensorMerge, get_method
 from surgery.merge.vocab import TOKENIZER_FILES, VocabularyPlan, VocabularySource, align_rows, plan_vocabulary
 from surgery.provenance import hash_inputs_in_background, manifest_bytes, model_card_bytes
@@ -42,7 +42,6 @@ DEFAULTS = {"weight": 1.0, "density": 1.0, "gamma": 0.01, "epsilon": 0.15, "lamb
             "scale": None, "normalize": None, "rescale": True, "eta": 0.4, "rank": None, "mu": 0.1}
 PER_MODEL = {"weight", "density", "gamma", "epsilon"}
 VOCAB_ROLES = {"embedding", "lm_head"}
-DARE_RESCALES = {"l1", "inverse", "none"}
 
 
 @dataclass
@@ -387,7 +386,7 @@ class TensorMerger:
             gamma=per_model["gamma"], epsilon=per_model["epsilon"], lambda_=value("lambda"), t=value("t"),
             scale=value("scale"), normalize=value("normalize"), eta=value("eta"), rank=value("rank"),
             mu=value("mu"),
-            is_matrix=len(planned.spec.shape) == 2 and self.arch.role(name).kind in PROJECTION_KINDS,
+            is_matrix=len(planned.spec.shape) == 2 and self.arch.role(name).kind not in NOT_DECOMPOSED_KINDS,
             rescale=None if not rescale or self.recipe.dare_rescale == "none" else self.recipe.dare_rescale,
             generator=generator, out_dtype=dtype,
         )

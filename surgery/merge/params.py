@@ -36,10 +36,10 @@ class Rule:
             return None if isinstance(value, bool) else "must be true or false"
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return "must be a number"
-        if self.kind is int and value != int(value):
-            return "must be a whole number"
         if not math.isfinite(value):
             return "must be finite"
+        if self.kind is int and value != int(value):
+            return "must be a whole number"
         low_ok = self.low is None or (value > self.low if self.low_open else value >= self.low)
         high_ok = self.high is None or (value < self.high if self.high_open else value <= self.high)
         if low_ok and high_ok:

@@ -39,13 +39,14 @@ from pathlib import Path
 from typing import Any
 
 from surgery.errors import BadInput
+from surgery.merge.vocab import check_pad_to_multiple_of
 
 RECIPE_KEYS = {"method", "base", "models", "slices", "parameters", "seed", "dtype", "tokenizer_source",
                "dare_rescale", "aim", "chat_template", "pad_to_multiple_of"}
 MODEL_KEYS = {"model", "parameters", "layer_range"}
 SLICE_KEYS = {"sources", "parameters", "base"}
 AIM_KEYS = {"omega", "stats", "calibration", "max_tokens"}
-DARE_RESCALES = ("l1", "inverse", "none")
+DARE_RESCALES = ("l1", "inverse", "none")  # DARE / DELLA rescale: mergekit's L1, the papers' 1/p, none
 # mergekit's MergeConfiguration fields (mergekit/config.py); anything else in a mergekit config is refused by name
 MERGEKIT_KEYS = {"merge_method", "base_model", "models", "slices", "modules", "parameters", "dtype", "out_dtype",
                  "tokenizer_source", "tokenizer", "chat_template"}
@@ -115,7 +116,8 @@ class Recipe:
                    tokenizer_source=_text(data.get("tokenizer_source"), "tokenizer_source", origin) or "base",
                    dare_rescale=dare_rescale, aim=aim_settings(data.get("aim"), origin),
                    chat_template=_text(data.get("chat_template"), "chat_template", origin),
-                   pad_to_multiple_of=_pad_to_multiple_of(data.get("pad_to_multiple_of"), origin))
+                   pad_to_multiple_of=check_pad_to_multiple_of(data.get("pad_to_multiple_of"),
+                                                               f"{origin}: pad_to_multiple_of"))
 
     @property
     def sources(self) -> list[str]:
@@ -154,12 +156,6 @@ def _parameters(value: Any, origin: str) -> dict:
 def _seed(value: Any, origin: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2 ** 63:
         raise BadInput(f"{origin}: seed must be a whole number from 0 to 2^63 - 1, found {value!r}")
-    return value
-
-
-def _pad_to_multiple_of(value: Any, origin: str) -> int | None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1 << 20):
-        raise BadInput(f"{origin}: pad_to_multiple_of must be a whole number from 1 to 2^20, found {value!r}")
     return value
 
 

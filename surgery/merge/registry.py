@@ -40,7 +40,7 @@ class TensorMerge:
     eta: float = 0.4  # STAR: share of the spectrum kept
     rank: float | None = None  # SVD methods: a fixed rank instead of the eta rule / the full rank
     mu: float = 0.1  # LoRE: singular-value threshold, relative to the largest singular value
-    is_matrix: bool = False  # a 2-D projection (arch.PROJECTION_KINDS; not embeddings, routers): SVD decomposes it
+    is_matrix: bool = False  # a 2-D weight, not an embedding or router (arch.NOT_DECOMPOSED_KINDS): SVD decomposes it
     generator: torch.Generator | None = None
     out_dtype: torch.dtype = torch.float32  # what chunked methods write their result in
 

@@ -144,11 +144,15 @@ def _round_up(count: int, multiple: int | None) -> int:
     return count if not multiple else -(-count // multiple) * multiple
 
 
-def _check_multiple(pad_to_multiple_of) -> None:
-    if pad_to_multiple_of is None:
-        return
-    if isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1:
-        raise BadInput(f"pad_to_multiple_of {pad_to_multiple_of!r}: expected a whole number ≥ 1")
+MAX_MULTIPLE = 1 << 20  # beyond any tokenizer: rows are planned one by one
+
+
+def check_pad_to_multiple_of(value, where: str = "pad_to_multiple_of") -> int | None:
+    """``value`` when it is None or a whole number from 1 to 2^20; BadInput naming ``where`` otherwise."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                              or not 1 <= value <= MAX_MULTIPLE):
+        raise BadInput(f"{where} {value!r}: expected a whole number from 1 to {MAX_MULTIPLE}")
+    return value
 
 
 def plan_vocabulary(sources: list[VocabularySource], tokenizer_source: str, base: str | None,
@@ -159,7 +163,7 @@ def plan_vocabulary(sources: list[VocabularySource], tokenizer_source: str, base
     N sizes the output from its tokenizer, as mergekit does: its token count rounded up to a multiple of N, rows
     past the last token holding the mean of the token rows (1: exactly one row per token). The plan's ``note``
     says how many rows and why; it is logged, as a warning where mergekit would give another row count."""
-    _check_multiple(pad_to_multiple_of)
+    check_pad_to_multiple_of(pad_to_multiple_of)
     by_name = {source.name: source for source in sources}
     reference = by_name[base] if base is not None else sources[0]
     target = reference if tokenizer_source in ("base", "union") else by_name[tokenizer_source]
@@ -215,7 +219,8 @@ def plan_vocabulary(sources: list[VocabularySource], tokenizer_source: str, base
         note = f"{out_rows} embedding rows, one per token of {kind} vocabulary" + (
             f" (more than {target.name}'s {target.rows})" if out_rows > target.rows else "")
     plan = VocabularyPlan(out_rows, index, new_files, tokens, note)
-    return _planned(plan, warn=not sized and out_rows > tokens)
+    # a warning where mergekit would size the embedding differently, or where it is resized from the source's
+    return _planned(plan, warn=(not sized and out_rows > tokens) or out_rows != target.rows)
 
 
 def _planned(plan: VocabularyPlan, warn: bool) -> VocabularyPlan:

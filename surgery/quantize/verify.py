@@ -49,7 +49,6 @@ lacks, or holds in another shape.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 from dataclasses import replace
@@ -157,14 +156,16 @@ def load_dequantized(quantized: str, reference_model):
 def manifest_input(ckpt: Checkpoint) -> dict | None:
     """The input record (``source``, ``sha256``: file → hash) of a ``surgery quantize`` output's surgery.json, or
     None when the checkpoint has no such manifest."""
-    directory = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
-    try:
-        manifest = json.loads((directory / "surgery.json").read_text())
-    except (OSError, ValueError):
+    from surgery.provenance import read_manifest
+
+    manifest = read_manifest(ckpt.path if ckpt.path.is_dir() else ckpt.path.parent)
+    inputs = manifest.get("inputs")
+    if manifest.get("command") != "quantize":
         return None
-    inputs = manifest.get("inputs") if isinstance(manifest, dict) else None
-    if manifest.get("command") != "quantize" or not inputs or not isinstance(inputs[0].get("sha256"), dict):
-        return None
+    if not isinstance(inputs, list) or not inputs or not isinstance(inputs[0], dict) \
+            or not isinstance(inputs[0].get("sha256"), dict):
+        raise BadInput(f"{ckpt.source}: surgery.json records its input without file hashes (not a manifest of "
+                       "`surgery quantize`?)")
     return inputs[0]
 
 
@@ -516,6 +517,9 @@ def verify(quantized: str, *, reference: str, tokens: int = DEFAULT_TOKENS, prob
         fmt_name, scheme = scheme_of(ckpt.config, ckpt.source)
         provenance = check_provenance(ckpt, ref, any_reference)
         modules = quantized_modules(ckpt)
+        if not modules:
+            raise BadInput(f"{ckpt.source}: its quantization_config says {fmt_name}, but it holds no quantized "
+                           "module")
         if end_to_end:
             layers, e2e, problems = compare_models(ckpt, ref, modules, tokens, probes, seed, backend)
         else:
