@@ -5,7 +5,7 @@ the share of tensors and of groups whose values differ, and the largest scale di
 
     python benchmarks/hqq_bench.py                                   # g64, g128 (576-wide falls back to 64), g64 asym
     python benchmarks/hqq_bench.py --configs g64 --repeat 3 --out benchmarks/results/hqq_bench.json
-    python benchmarks/hqq_bench.py --source /tmp/exp/smol --old-commit 905e1f2
+    python benchmarks/hqq_bench.py --source benchmarks/data/smollm2-bf16 --old-commit 905e1f2
 
 Every variant runs as its own ``surgery quantize ... --force --json`` process (old hqq: the same CLI with
 ``surgery.quantize.engine.hqq`` replaced by the old module's), in the order rtn, old, new for each repeat, after
@@ -132,7 +132,7 @@ def table(rows: list[dict]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source", type=Path, default=Path("/tmp/exp/smol"),
+    parser.add_argument("--source", type=Path, default=ROOT / "benchmarks" / "data" / "smollm2-bf16",
                         help="bf16 SmolLM2-135M-Instruct (made from the PyPI GGUF if missing).")
     parser.add_argument("--old-commit", default="905e1f2", help="Commit whose grid.py is the old hqq.")
     parser.add_argument("--configs", default="g64,g128,g64-asym",

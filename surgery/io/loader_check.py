@@ -100,6 +100,17 @@ def _model_class(config):
     return AutoModelForCausalLM if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else AutoModel
 
 
+def _installed(package: str, what: Path) -> bool:
+    """Whether the loader's ``package`` is importable; a warning that ``what`` goes unchecked when it is not."""
+    import importlib.util
+
+    if importlib.util.find_spec(package) is not None:
+        return True
+    log.warning("%s is not checked against its loader: %s is not installed (pip install %s)", what.name, package,
+                package.replace("_", "-"))
+    return False
+
+
 def known_to_transformers(config: dict | None) -> bool:
     """Whether transformers has a config class for this model type (custom code models are not checked)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
@@ -187,6 +198,8 @@ def findings(path: Path) -> dict[str, Problem]:
     if isinstance(config, str):
         return {"config": Problem("config", frozenset(), config)}
     method = (raw.get("quantization_config") or {}).get("quant_method")
+    if method == "compressed-tensors" and not _installed("compressed_tensors", path):
+        return {}
     if method == "gptq":
         del config.quantization_config
         try:
@@ -334,10 +347,12 @@ def check_peft(directory: str | Path, base_config: dict) -> None:
     """CheckFailed unless PEFT loads the adapter in ``directory`` onto a model built (on the meta device) from
     ``base_config``, using every tensor and missing none it needs (prompt-learning adapters: PEFT loads
     ``prompt_embeddings`` into the prompt encoder strictly, so a wrong shape fails there)."""
+    directory = Path(directory)
+    if not _installed("peft", directory):
+        return
     import peft
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    directory = Path(directory)
     fields = {key: value for key, value in base_config.items() if key != "model_type"}
     try:
         with _quiet():
