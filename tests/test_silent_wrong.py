@@ -212,3 +212,20 @@ def test_an_output_problem_the_input_does_not_have_is_the_commands(tiny_checkpoi
     rewrite(out, lambda t: t.pop("model.norm.weight"))
     with pytest.raises(CheckFailed, match="parameters missing: 'model.norm.weight'"):
         check_transformers(out, [model])
+
+
+def test_loader_reports_stay_off_the_terminal_where_ci_is_set(monkeypatch, caplog):
+    """transformers lets its logs propagate to the root logger when the environment has CI=true: the loading report
+    of a check must still be collected, not printed as a warning of ours (which broke the one-line error)."""
+    import logging
+
+    from surgery.io.loader_check import _quiet
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.get_verbosity()  # configures transformers' root logger
+    monkeypatch.setattr(logging.getLogger("transformers"), "propagate", True)
+    with caplog.at_level(logging.WARNING), _quiet() as messages:
+        logging.getLogger("transformers.modeling_utils").warning("LlamaForCausalLM LOAD REPORT")
+    assert messages == ["LlamaForCausalLM LOAD REPORT"]
+    assert not [record for record in caplog.records if "LOAD REPORT" in record.getMessage()]
+    assert logging.getLogger("transformers").propagate is True  # restored

@@ -55,6 +55,9 @@ def _quiet() -> Iterator[list[str]]:
     handler = Collect()
     verbosity = transformers_logging.get_verbosity()
     bars = transformers_logging.is_progress_bar_enabled()
+    library_logger = logging.getLogger("transformers")
+    propagates = library_logger.propagate  # True where the environment has CI=true (transformers' own rule)
+    library_logger.propagate = False
     transformers_logging.disable_default_handler()
     transformers_logging.add_handler(handler)
     transformers_logging.set_verbosity_warning()
@@ -66,6 +69,7 @@ def _quiet() -> Iterator[list[str]]:
         transformers_logging.remove_handler(handler)
         transformers_logging.enable_default_handler()
         transformers_logging.set_verbosity(verbosity)
+        library_logger.propagate = propagates
         if bars:
             transformers_logging.enable_progress_bar()
 
