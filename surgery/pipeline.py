@@ -113,7 +113,8 @@ def _step_options(command: str) -> dict[str, Any]:
 
     positional, writes = COMMANDS[command]
     declared: dict[str, Any] = {name: None for name in positional + (["output", "force"] if writes else [])}
-    for parameter in typer.main.get_command(app).commands[command].params:
+    group = typer.main.get_command(app)
+    for parameter in group.get_command(None, command).params:
         if parameter.param_type_name != "option":
             continue
         for flag in parameter.opts:

@@ -1,0 +1,265 @@
+"""``surgery merge``, ``calibrate`` (AIM statistics) and ``sweep``."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+
+from surgery.cli.options import (BATCH_OPTION, CHAT_TEMPLATE_OPTION, DEVICE_OPTION, JSON_OPTION, LIMIT_OPTION,
+                                 MAX_NEW_TOKENS_OPTION, SHARD_OPTION, check_device, float_list, print_json,
+                                 progress, human_size)
+from surgery.errors import BadInput
+
+app = typer.Typer()
+
+
+def _method_help() -> str:
+    from surgery.merge import METHODS, get_method
+
+    get_method("linear")  # registers the built-in methods
+    return "\n\n".join(f"{m.name} — {m.summary}" for m in METHODS.values())
+
+
+
+
+MERGE_HELP = " ".join("""
+Merge checkpoints (task arithmetic, TIES, DARE, SLERP, Model Stock...), one tensor at a time.
+Long-to-short: surgery merge short-model long-model --method ties --density 0.2 --lambda 1.0 -o out
+""".split("\n")).strip() + "\n\nMethods:\n\n" + _method_help() + "\n\n" + " ".join("""
+Same names and parameter meanings as mergekit (density = fraction KEPT). Deliberate differences: math is always
+float32; DARE/DELLA masks come from --seed and the tensor name (same seed, identical bytes); among entries of equal
+magnitude at the TIES cut the first in memory order are kept. Models whose tokenizers differ are merged over the
+output vocabulary (--tokenizer-source: the base's, a model's, or the union), embedding rows matched by token; rows a
+model lacks contribute no task vector. Recipes may stack or cut layer ranges (slices, as in mergekit). The output
+holds a README.md model card and surgery.json, from which --recipe OUT/surgery.json reproduces it bit for bit.
+""".split("\n")).strip() + "\n\n" + " ".join("""
+SVD methods (star, tsv, lore, svd) decompose 2-D weights; norms, biases and embeddings combine as task arithmetic
+with normalised weights. svd is the one to start with: `surgery merge BASE MODEL --method svd -o out` runs STAR
+(--eta 0.4: the top of each task matrix's spectrum holding 40% of its nuclear norm, rescaled to the full norm) and
+with two or more models TSV-M (each task's top rank/T singular vectors, decorrelated, summed; --lambda 1).
+STAR needs the whole spectrum: it takes it from the float64 Gram matrix's eigendecomposition (2-3× cheaper than an
+SVD) and projects on the kept directions; tsv with --rank K uses a seeded randomised SVD; tsv at the default rank
+and lore need full SVDs.
+--aim applies activation-informed merging (arXiv 2502.02421) on top of any method with a base: W = W0 + (W − W0) ⊙ r,
+r_j = 1 − (a_j / max a)(1 − ω) per input channel j, a from `surgery calibrate` statistics (--stats) or computed
+now from --calibration text or text the base generates; embeddings keep the merged value. The long-to-short study's
+best merge is `--method ties --density 0.2 --aim --omega 0.4`.
+""".split("\n")).strip()
+
+
+@app.command(help=MERGE_HELP)
+def merge(
+    models: list[str] = typer.Argument(None, help="Models to merge (any source inspect accepts). Without --base, "
+                                                   "the FIRST is the base for methods that use one."),
+    output: str = typer.Option(..., "-o", "--output", help="Output directory (written atomically)."),
+    method: Optional[str] = typer.Option(None, "--method", help="Merge method (listed above)."),
+    base: Optional[str] = typer.Option(None, "--base", help="Base model; task vectors are model − base."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="W1,W2,...: one per non-base model (default 1)."),
+    lambda_: Optional[float] = typer.Option(None, "--lambda", "--alpha", help="Scale of the merged task vector."),
+    density: Optional[float] = typer.Option(None, "--density", help="Fraction of task-vector entries KEPT."),
+    t: Optional[float] = typer.Option(None, "--t", help="slerp: 0 gives the base, 1 the other model."),
+    gamma: Optional[float] = typer.Option(None, "--gamma", help="breadcrumbs: top fraction dropped (0.01)."),
+    epsilon: Optional[float] = typer.Option(None, "--epsilon", help="della: keep-probability spread (0.15)."),
+    eta: Optional[float] = typer.Option(None, "--eta", help="star / svd with one model: share of each task "
+                                                            "matrix's spectrum kept (0.4)."),
+    rank: Optional[int] = typer.Option(None, "--rank", help="star, tsv, svd: a fixed rank instead of the eta rule "
+                                                            "(star) or the full rank split over the tasks (tsv)."),
+    mu: Optional[float] = typer.Option(None, "--mu", help="lore: singular-value threshold relative to the largest "
+                                                          "one (0.1)."),
+    normalize: Optional[bool] = typer.Option(None, "--normalize/--no-normalize",
+                                             help="Divide by the summed weights (method default)."),
+    dare_rescale: Optional[str] = typer.Option(None, "--dare-rescale",
+                                               help="DARE/DELLA rescale: l1 (mergekit, default), inverse (1/p, "
+                                                    "the papers), none."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of DARE/DELLA masks: same seed, same bytes."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype: float32, bfloat16, float16 (math is "
+                                                              "always float32)."),
+    tokenizer_source: Optional[str] = typer.Option(None, "--tokenizer-source",
+                                                   help="Vocabulary of the output: base (default), union, or "
+                                                        "one of the models."),
+    pad_to_multiple_of: Optional[int] = typer.Option(None, "--pad-to-multiple-of",
+                                                     help="Vocabulary rows: the tokenizer's tokens rounded up to a "
+                                                          "multiple of N, extra rows the mean (mergekit's sizing; "
+                                                          "default: the tokenizer source's rows)."),
+    recipe_file: Optional[str] = typer.Option(None, "--recipe", help="Recipe: our YAML, a mergekit YAML config, "
+                                                                     "or an earlier output's surgery.json."),
+    aim: bool = typer.Option(False, "--aim", help="Apply AIM on top of the method: each weight's change is scaled "
+                                                  "down on the input channels the base uses most."),
+    omega: Optional[float] = typer.Option(None, "--omega", help="AIM: change kept on the most active channel (0.4)."),
+    calibration: Optional[str] = typer.Option(None, "--calibration", help="AIM: UTF-8 text to calibrate the base on "
+                                                                          "(default: text the base generates)."),
+    stats: Optional[str] = typer.Option(None, "--stats", help="AIM: statistics written by `surgery calibrate`."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="AIM: calibration tokens (2048)."),
+    device: str = typer.Option("cpu", "--device", help="Where the math runs: cpu or cuda."),
+    max_shard_size: str = SHARD_OPTION,
+    force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists (once the new one is complete)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check the inputs and print the plan; write nothing."),
+    executor: str = typer.Option("local", "--executor", help="local, or ray: one Ray task per output shard (pip "
+                                                              "install 'surgery[ray]'; inputs and OUTPUT's parent "
+                                                              "on a path every node sees). Same bytes."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster to run on, HOST:PORT "
+                                                                          "(default: start a local one)."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Merge checkpoints (task arithmetic, TIES, DARE, SLERP, Model Stock...), one tensor at a time."""
+    from surgery.merge import ModelEntry, Recipe, get_method, load_recipe, merge as run_merge, plan_merge
+    from surgery.merge.recipe import aim_settings
+
+    if recipe_file:
+        recipe = load_recipe(recipe_file)
+        if models:
+            raise BadInput("--recipe: give the models in the recipe, not on the command line")
+    else:
+        if not models:
+            raise BadInput("no models given (pass MODEL... or --recipe FILE)")
+        if method is None:
+            raise BadInput("--method is required without --recipe")
+        recipe = Recipe(method=method, models=[ModelEntry(m) for m in models], base=base)
+    if method is not None:
+        recipe.method = method
+    first_is_base = recipe.base is None and get_method(recipe.method).uses_base
+    non_base = len(recipe.models) - (1 if first_is_base else 0)
+    weight_list = float_list(weights, "--weights")
+    if weight_list is not None and recipe.slices:
+        raise BadInput("--weights: this recipe has slices; give the weights in it, per source")
+    if weight_list is not None:
+        if len(weight_list) != non_base:
+            raise BadInput(f"--weights: {len(weight_list)} value(s) for {non_base} non-base model(s)")
+        offset = len(recipe.models) - non_base
+        for entry, value in zip(recipe.models[offset:], weight_list):
+            entry.parameters["weight"] = value
+    for key, value in (("lambda", lambda_), ("density", density), ("t", t), ("gamma", gamma),
+                       ("epsilon", epsilon), ("normalize", normalize), ("eta", eta), ("rank", rank), ("mu", mu)):
+        if value is not None:
+            recipe.parameters[key] = value
+    if seed is not None:
+        recipe.seed = seed
+    if dtype is not None:
+        recipe.dtype = dtype
+    if dare_rescale is not None:
+        recipe.dare_rescale = dare_rescale
+    if tokenizer_source is not None:
+        recipe.tokenizer_source = tokenizer_source
+    if pad_to_multiple_of is not None:
+        from surgery.merge.vocab import check_pad_to_multiple_of
+
+        recipe.pad_to_multiple_of = check_pad_to_multiple_of(pad_to_multiple_of, "--pad-to-multiple-of")
+    aim_options = {"omega": omega, "calibration": calibration, "stats": stats, "max_tokens": max_tokens}
+    given = {key: value for key, value in aim_options.items() if value is not None}
+    if given and not aim:
+        raise BadInput(f"--{next(iter(given)).replace('_', '-')}: applies only with --aim")
+    if aim:
+        recipe.aim = aim_settings({**(recipe.aim or {}), **given}, "--aim")
+    if dry_run:
+        plan = {"output": output, **plan_merge(recipe, max_shard_size)}
+        if as_json:
+            return print_json(plan)
+        typer.echo(f"would merge {len(plan['models'])} model(s) into {output} with {plan['method']}"
+                   + (f" on base {plan['base']}" if plan["base"] else ""))
+        typer.echo(f"  {plan['tensors']} tensors, {human_size(plan['total_bytes'])} in {plan['shards']} shard(s), "
+                   f"dtype {plan['dtype']}, seed {plan['seed']}, parameters {json.dumps(plan['parameters'])}")
+        return
+    with progress(None, "B", "merge") as advance:
+        result = run_merge(recipe, output, device=device, max_shard_size=max_shard_size, force=force,
+                           progress=advance, executor=executor, ray_address=ray_address)
+    summary = {"output": str(result.write.directory), "method": recipe.method, "shards": len(result.write.shards),
+               "total_bytes": result.write.total_size, "files": result.write.files}
+    if as_json:
+        return print_json(summary)
+    typer.echo(f"wrote {result.write.directory}: {recipe.method} merge, {len(result.write.shards)} shard(s), "
+               f"{human_size(result.write.total_size)}")
+
+
+
+CALIBRATE_HELP = " ".join("""
+Run calibration text through BASE and store, for every module with a weight except embeddings (linear layers,
+norms, lm_head), the per-input-channel activity Σ_blocks mean_tokens |x| (blocks of up to 512 tokens): the
+statistics `surgery merge --aim --stats FILE` uses. One decoder layer is in memory at a time, run by transformers'
+own modules. Without --calibration the base model generates its own text (seeded; it is loaded whole for that).
+""".split("\n")).strip()
+
+
+@app.command(help=CALIBRATE_HELP)
+def calibrate(
+    base: str = typer.Argument(..., help="The base model of the merges the statistics are for."),
+    output: str = typer.Option(..., "-o", "--output", help="Statistics file to write (.safetensors)."),
+    calibration: Optional[str] = typer.Option(None, "--calibration", help="UTF-8 calibration text (default: text "
+                                                                          "the base generates)."),
+    max_tokens: int = typer.Option(2048, "--max-tokens", help="Calibration tokens used."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the self-generated text."),
+    device: str = DEVICE_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    from surgery.merge.aim import calibrate as run_calibrate
+
+    if max_tokens < 1:
+        raise BadInput(f"--max-tokens {max_tokens}: must be at least 1")
+    check_device(device)
+    summary = run_calibrate(base, output, calibration=calibration, max_tokens=max_tokens, seed=seed, device=device)
+    if as_json:
+        return print_json(summary)
+    typer.echo(f"wrote {summary['output']}: {summary['modules']} modules, {summary['tokens']} tokens in "
+               f"{summary['blocks']} block(s), {summary['seconds']:.1f} s")
+
+
+
+@app.command("sweep")
+def sweep_command(
+    models: list[str] = typer.Argument(None, help="Models to merge, as for `surgery merge` (or give --recipe)."),
+    output: str = typer.Option(..., "-o", "--output", help="Directory for sweep.json, pareto.png and the recipes "
+                                                           "(written atomically)."),
+    grid: str = typer.Option(..., "--grid", help="Settings to try, e.g. \"lambda=0.5:1.0:0.1,density=0.1,0.2\" "
+                                                 "(START:STOP:STEP includes STOP; also method, seed, omega)."),
+    tasks: str = typer.Option(..., "--eval", help="Tasks for `surgery eval length` (JSONL with prompt, answer)."),
+    recipe_file: Optional[str] = typer.Option(None, "--recipe", help="Merge recipe (YAML, mergekit config, or a "
+                                                                     "surgery.json)."),
+    method: Optional[str] = typer.Option(None, "--method", help="Merge method, without --recipe."),
+    tolerance: float = typer.Option(0.05, "--tolerance", help="Recommend the shortest merge within this relative "
+                                                              "accuracy loss of the best input model."),
+    max_new_tokens: int = MAX_NEW_TOKENS_OPTION,
+    batch_size: int = BATCH_OPTION,
+    chat_template: Optional[bool] = CHAT_TEMPLATE_OPTION,
+    limit: Optional[int] = LIMIT_OPTION,
+    keep_models: bool = typer.Option(False, "--keep-models", help="Keep every merge in OUTPUT/models/."),
+    executor: str = typer.Option("local", "--executor", help="local, or ray: every merge + evaluation a Ray task "
+                                                              "(one GPU each with --device cuda)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster, HOST:PORT (default: a "
+                                                                          "local one)."),
+    device: str = DEVICE_OPTION,
+    force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists (once the new one is complete)."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Merge at every grid point, evaluate accuracy and response length, and recommend a setting on the Pareto front."""
+    from surgery.eval_length import load_tasks
+    from surgery.merge import ModelEntry, Recipe, load_recipe
+    from surgery.sweep import parse_grid, sweep
+
+    if bool(recipe_file) == bool(models):
+        raise BadInput("give the models to merge (with --method) or --recipe FILE, not both")
+    if recipe_file:
+        recipe = load_recipe(recipe_file)
+    elif method is None:
+        raise BadInput("--method is required without --recipe")
+    else:
+        recipe = Recipe(method=method, models=[ModelEntry(model) for model in models])
+    if not 0 <= tolerance < 1 or max_new_tokens < 1 or batch_size < 1 or (limit is not None and limit < 1):
+        raise BadInput("--tolerance must be in [0, 1); --max-new-tokens, --batch-size and --limit at least 1")
+    settings = parse_grid(grid)
+    chosen = load_tasks(tasks, "--eval")[:limit]
+    check_device(device)
+    report = sweep(recipe, settings, chosen, output, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                   chat_template=chat_template, device=device, tolerance=tolerance, keep_models=keep_models,
+                   force=force, executor=executor, ray_address=ray_address,
+                   progress=lambda line: typer.echo(line, err=True))
+    if as_json:
+        return print_json({"output": output, **report})
+    for row in report["inputs"] + report["points"]:
+        mark = " <- recommended" if row.get("recommended") else " (Pareto front)" if row.get("pareto") else ""
+        label = json.dumps(row["setting"]) if "setting" in row else "input"
+        typer.echo(f"{row['name']:<12} {label:<40} accuracy {row['accuracy']:.3f}  mean length "
+                   f"{row['mean_length']:7.1f}  reflective {row['reflection_rate']:.2f}{mark}")
+    best = report["recommended"]
+    typer.echo(f"recommended: {best['name']} {json.dumps(best['setting'])}; rebuild it with "
+               f"`surgery merge --recipe {output}/recipes/{best['name']}.yaml -o OUT` ({report['seconds']} s)")
