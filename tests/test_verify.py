@@ -258,7 +258,7 @@ def test_a_reference_of_other_shapes_is_exit_2(outputs, tmp_path):
 def test_command_defaults_are_the_documented_library_defaults():
     import inspect
 
-    from surgery.cli import verify as command
+    from surgery.cli.quantize import verify as command
     from surgery.quantize import verify as library
 
     options = inspect.signature(command).parameters
