@@ -129,15 +129,15 @@ def _measures(report: dict) -> dict:
 
 def _calibrate_once(recipe: Recipe, staging: Path, device: str, progress) -> Path | None:
     """With AIM and no statistics file, the base's statistics computed once for all points (in the output)."""
-    from surgery.merge.aim import calibrate
+    from surgery.merge.aim import CalibrateConfig, calibrate
 
     if recipe.aim is None or recipe.aim.get("stats"):
         return None
     base = recipe.base or recipe.models[0].model
     progress(f"calibrating {base} for AIM")
     path = staging / "aim-stats.safetensors"
-    calibrate(base, path, calibration=recipe.aim.get("calibration"), max_tokens=recipe.aim["max_tokens"],
-              seed=recipe.seed, device=device)
+    calibrate(CalibrateConfig(source=base, output=path, calibration=recipe.aim.get("calibration"),
+                              max_tokens=recipe.aim["max_tokens"], seed=recipe.seed, device=device))
     return path
 
 

@@ -9,8 +9,9 @@ from torch import nn
 
 from conftest import make_tiny_model, save_tokenizer
 from surgery.errors import BadInput
-from surgery.merge.aim import (FORMAT, aim_factors, apply_aim, calibrate, calibration_blocks, collect_activation_stats,
-                               load_stats, load_tokenizer, streamed_model)
+from surgery.merge.aim import (FORMAT, CalibrateConfig, aim_factors, apply_aim, calibrate, collect_activation_stats,
+                               load_stats)
+from surgery.runtime import calibration_blocks, load_tokenizer, streamed_model
 from surgery.io import open_checkpoint
 
 
@@ -193,7 +194,8 @@ def test_calibrate_writes_a_loadable_stats_file(tiny_checkpoints, tmp_path):
     source = str(tiny_checkpoints["llama"])
     text_file = tmp_path / "calibration.txt"
     text_file.write_text(word_text(700), encoding="utf-8")
-    summary = calibrate(source, tmp_path / "out" / "stats.safetensors", calibration=text_file, max_tokens=600)
+    summary = calibrate(CalibrateConfig(source, tmp_path / "out" / "stats.safetensors", calibration=text_file,
+                                        max_tokens=600)).summary()
     assert (summary["tokens"], summary["blocks"], summary["modules"]) == (600, 2, 20)
 
     stats = load_stats(tmp_path / "out" / "stats.safetensors")
@@ -213,7 +215,7 @@ def test_self_generated_calibration_is_deterministic(tiny_checkpoints, tmp_path)
     outputs = []
     for run, seed in enumerate((5, 5, 6)):
         path = tmp_path / f"run{run}.safetensors"
-        summary = calibrate(source, path, max_tokens=96, seed=seed)
+        summary = calibrate(CalibrateConfig(source, path, max_tokens=96, seed=seed)).summary()
         assert summary["tokens"] > 48
         outputs.append(path.read_bytes())
     assert outputs[0] == outputs[1]
@@ -224,13 +226,13 @@ def test_bad_inputs_are_one_line_errors(tiny_checkpoints, tmp_path):
     source = str(tiny_checkpoints["llama"])
     missing = tmp_path / "nowhere.txt"
     with pytest.raises(BadInput, match="nowhere.txt"):
-        calibrate(source, tmp_path / "stats.safetensors", calibration=missing)
+        calibrate(CalibrateConfig(source, tmp_path / "stats.safetensors", calibration=missing))
     assert not (tmp_path / "stats.safetensors").exists()
 
     not_text = tmp_path / "binary.txt"
     not_text.write_bytes(b"\xff\xfe\xfa")
     with pytest.raises(BadInput, match="binary.txt"):
-        calibrate(source, tmp_path / "stats.safetensors", calibration=not_text)
+        calibrate(CalibrateConfig(source, tmp_path / "stats.safetensors", calibration=not_text))
 
     weights = tiny_checkpoints["llama"] / "model.safetensors"
     garbage = tmp_path / "garbage.safetensors"

@@ -192,12 +192,11 @@ def calibrate(
     device: str = DEVICE_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
-    from surgery.merge.aim import calibrate as run_calibrate
+    from surgery.merge.aim import CalibrateConfig, calibrate as run_calibrate
 
-    if max_tokens < 1:
-        raise BadInput(f"--max-tokens {max_tokens}: must be at least 1")
-    check_device(device)
-    summary = run_calibrate(base, output, calibration=calibration, max_tokens=max_tokens, seed=seed, device=device)
+    config = CalibrateConfig(source=base, output=output, calibration=calibration, max_tokens=max_tokens, seed=seed,
+                             device=device)
+    summary = run_calibrate(config).summary()
     if as_json:
         return print_json(summary)
     typer.echo(f"wrote {summary['output']}: {summary['modules']} modules, {summary['tokens']} tokens in "
