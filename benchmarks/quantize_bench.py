@@ -29,7 +29,7 @@ from surgery.convert import convert  # noqa: E402
 from surgery.demo import smollm2_gguf  # noqa: E402
 from surgery.evaluation import load_model, perplexity  # noqa: E402
 from surgery.quantize import quantize  # noqa: E402
-from surgery.quantize.verify import compare_logits, self_generated_ids  # noqa: E402
+from surgery.runtime import compare_logits, self_generated_ids  # noqa: E402
 
 METHODS = ("rtn", "hqq", "selfcal")
 GGUF_METHODS = ("rtn", "hqq")

@@ -21,7 +21,8 @@ def kl_to_reference(source, quantized_dir, ids) -> float:
     with the decoded weights."""
     from transformers import AutoModelForCausalLM
 
-    from surgery.quantize.verify import compare_logits, load_dequantized
+    from surgery.quantize.verify import load_dequantized
+    from surgery.runtime import compare_logits
 
     reference = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     return compare_logits(reference, load_dequantized(str(quantized_dir), reference), ids)["kl"]
@@ -33,7 +34,7 @@ def held_out(tiny_checkpoints):
     starts from random tokens, seed 0)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from surgery.quantize.verify import self_generated_ids
+    from surgery.runtime import self_generated_ids
 
     source = tiny_checkpoints["llama"]
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
@@ -220,7 +221,7 @@ def test_selfcal_writes_gguf_blocks_transformers_reads(bpe_llama, tmp_path):
     its KL on held-out text is below llama.cpp's own rounding (rtn)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from surgery.quantize.verify import compare_logits, self_generated_ids
+    from surgery.runtime import compare_logits, self_generated_ids
 
     reference = AutoModelForCausalLM.from_pretrained(bpe_llama, dtype=torch.float32).eval()
     ids = self_generated_ids(reference, AutoTokenizer.from_pretrained(bpe_llama), 512, seed=99, sequences=4)

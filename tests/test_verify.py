@@ -112,7 +112,7 @@ def test_kl_is_that_of_the_model_transformers_loads(outputs, tiny_checkpoints):
     from transformers import AutoModelForCausalLM
 
     from surgery.quantize import verify as run_verify
-    from surgery.quantize.verify import sampled_ids
+    from surgery.runtime import sampled_ids
 
     report = run_verify(str(outputs["hqq4"]), reference=str(tiny_checkpoints["llama"]), tokens=32, seed=3)
     reference = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"], dtype=torch.float32).eval()

@@ -11,8 +11,8 @@ output format's own grid::
 1. Pool. The full-precision model generates ``candidates`` sequences of ``length`` tokens (LLM-QAT's recipe): a
    start token drawn uniformly from the vocabulary, the next ``greedy_tokens`` tokens greedy, the rest sampled at
    temperature 1 from the full distribution; seeded by ``--seed``. The pool is generated once and re-scored every
-   round. (Generating loads the whole model once, float32, as ``surgery.merge.aim``'s self-generated text does;
-   everything after it runs one decoder layer at a time.)
+   round. (Generating loads the whole model once, float32, as self-generated calibration text does; everything
+   after it runs one decoder layer at a time, :class:`surgery.runtime.LayerStream`.)
 2. Score. The current quantized model (round 1: ``round0``, hqq by default — on the same grid, so the run starts
    from the better data-free method — or rtn) and the full-precision model both read the pool; each sequence's
    disagreement is its mean next-token KL(P_full ‖ P_quantized).
@@ -57,9 +57,8 @@ the pool, and every reduction runs in a fixed order.
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
 from dataclasses import replace
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
@@ -67,6 +66,8 @@ from torch import nn
 from surgery.errors import BadInput
 from surgery.io.checkpoint import Checkpoint, require_finite
 from surgery.quantize.grid import Grid, Scheme, hqq, rtn
+from surgery.runtime import (LayerStream, cache_kwargs, input_hooks, kl_per_position, loaded_model, output_cache,
+                             overridden_weights, sample_next)
 
 log = logging.getLogger(__name__)
 
@@ -202,142 +203,36 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme,
     return Grid(q, scales, zeros, scheme)
 
 
-# ---------------------------------------------------------------------------------------- the model, streamed
-
-
-class _Catcher(nn.Module):
-    """Stands in for a decoder layer: records the keyword arguments transformers passes it (masks, rotary
-    embeddings) and, for the first layer, the hidden states; passes the hidden states through."""
-
-    def __init__(self, layer: nn.Module, record: dict, first: bool, inject: torch.Tensor | None = None):
-        super().__init__()
-        if hasattr(layer, "attention_type"):
-            self.attention_type = layer.attention_type
-        self.record, self.first, self.inject = record, first, inject
-
-    def forward(self, hidden_states, *args, **kwargs):
-        self.record.setdefault("kwargs", []).append(kwargs)
-        if self.first:
-            self.record["hidden"] = hidden_states
-            if self.inject is not None:
-                return self.inject
-        return hidden_states
-
-
-@contextmanager
-def _swapped_layers(decoder: nn.Module, replacement: list[nn.Module]) -> Iterator[None]:
-    original = decoder.layers
-    decoder.layers = nn.ModuleList(replacement)
-    try:
-        yield
-    finally:
-        decoder.layers = original
-
-
-def _output(result):
-    return result[0] if isinstance(result, tuple) else result
-
-
-class _Streamed:
-    """transformers' causal LM for the checkpoint with parameters on meta; the embedding, final norm and lm_head
-    loaded for the whole run, one decoder layer at a time otherwise. Layers run directly on captured inputs."""
-
-    def __init__(self, ckpt: Checkpoint, chunk: int):
-        from surgery.merge.aim import _build_model, _decoder, _Loader
-
-        self.ckpt, self.chunk = ckpt, chunk
-        self.model = _build_model(ckpt.config, ckpt.source, "cpu")
-        self.decoder = _decoder(self.model, ckpt.source)
-        self.loader = _Loader(self.model, ckpt, "cpu")
-        self.names = {id(module): name for name, module in self.model.named_modules()}
-        self.layers = list(self.decoder.layers)
-        self.layer_names = [self.names[id(layer)] for layer in self.layers]
-        self.head = self.model.get_output_embeddings()
-        for child in self.decoder.children():
-            if child is not self.decoder.layers and any(True for _ in child.parameters()):
-                self.loader.load(child)
-        if self.head is not None:
-            self.loader.load(self.head)
-
-    def chunks(self, ids: torch.Tensor) -> list[torch.Tensor]:
-        return [ids[start:start + self.chunk] for start in range(0, ids.shape[0], self.chunk)]
-
-    @torch.no_grad()
-    def layer_inputs(self, ids: torch.Tensor) -> tuple[list[torch.Tensor], list[list[dict]]]:
-        """Per chunk of ``ids``: the first layer's input hidden states and every layer's keyword arguments."""
-        hidden, kwargs = [], []
-        for chunk in self.chunks(ids):
-            record: dict = {}
-            catchers = [_Catcher(layer, record, index == 0) for index, layer in enumerate(self.layers)]
-            with _swapped_layers(self.decoder, catchers):
-                self.decoder(input_ids=chunk, use_cache=False)
-            hidden.append(record["hidden"])
-            kwargs.append(record["kwargs"])
-        return hidden, kwargs
-
-    @torch.no_grad()
-    def logits(self, ids: torch.Tensor, final_hidden: torch.Tensor) -> torch.Tensor:
-        """The model's logits (final norm, lm_head, soft-capping: transformers' own) given the last layer's output."""
-        record: dict = {}
-        catchers = [_Catcher(layer, record, index == 0, final_hidden if index == 0 else None)
-                    for index, layer in enumerate(self.layers)]
-        with _swapped_layers(self.decoder, catchers):
-            return self.model(input_ids=ids, use_cache=False).logits.float()
-
-    def load_layer(self, index: int) -> nn.Module:
-        layer = self.layers[index]
-        self.loader.load(layer)
-        return layer
-
-    def free_layer(self, index: int) -> None:
-        self.loader.free(self.layers[index])
-
-    def linears(self, index: int) -> dict[str, nn.Linear]:
-        prefix = self.layer_names[index] + "."
-        return {prefix + name: module for name, module in self.layers[index].named_modules()
-                if isinstance(module, nn.Linear)}
-
-    @contextmanager
-    def weights(self, modules: dict[str, nn.Module], values: dict[str, torch.Tensor]) -> Iterator[None]:
-        """Temporarily give the named modules the weights in ``values`` (those present)."""
-        saved = {}
-        for name, module in modules.items():
-            if name in values:
-                saved[name] = module._parameters["weight"]
-                module._parameters["weight"] = nn.Parameter(values[name], requires_grad=False)
-        try:
-            yield
-        finally:
-            for name, param in saved.items():
-                modules[name]._parameters["weight"] = param
-
-
 # --------------------------------------------------------------------------------------------- the pool
 
 
 @torch.no_grad()
 def generate_pool(ckpt: Checkpoint, params: dict, seed: int) -> torch.Tensor:
     """(candidates, length) token ids the full-precision model writes itself: a uniformly random start token,
-    ``greedy_tokens`` greedy tokens, then sampling at temperature 1. Loads the whole model once (float32)."""
-    from surgery.merge.aim import _build_model, _Loader
+    ``greedy_tokens`` greedy tokens, then sampling at temperature 1. Loads the whole model once (float32).
 
-    model = _build_model(ckpt.config, ckpt.source, "cpu")
-    _Loader(model, ckpt, "cpu").load(model)
+    Args:
+        ckpt: the full-precision checkpoint.
+        params: the resolved parameters (:func:`resolve`).
+        seed: the generator's seed.
+
+    Returns:
+        The ids::
+
+            pool = generate_pool(ckpt, resolve({"candidates": 16, "length": 64}), seed=0)
+    """
+    model = loaded_model(ckpt)
     vocab = int(model.get_output_embeddings().weight.shape[0]) if model.get_output_embeddings() is not None \
         else int(ckpt.config["vocab_size"])
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(vocab, (params["candidates"], 1), generator=generator)
     out = model(input_ids=ids, use_cache=True)
-    cache_name = "cache" if hasattr(out, "cache") else "past_key_values"  # transformers ≥ 5.2x renamed it
     for step in range(params["length"] - 1):
         logits = out.logits[:, -1].float()
-        if step < params["greedy_tokens"]:
-            token = logits.argmax(-1)
-        else:
-            token = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1)
+        token = logits.argmax(-1) if step < params["greedy_tokens"] else sample_next(logits, generator).squeeze(1)
         ids = torch.cat([ids, token.unsqueeze(1)], 1)
         if step < params["length"] - 2:
-            out = model(input_ids=token.unsqueeze(1), use_cache=True, **{cache_name: getattr(out, cache_name)})
+            out = model(input_ids=token.unsqueeze(1), **cache_kwargs(model, output_cache(out)))
     del model
     return ids
 
@@ -363,7 +258,7 @@ class SelfCalibration:
                 for module, scheme in self.schemes.items()}
 
     @torch.no_grad()
-    def score(self, streamed: _Streamed, pool: torch.Tensor, inputs, grids: dict[str, Grid],
+    def score(self, stream: LayerStream, pool: torch.Tensor, inputs, grids: dict[str, Grid],
               full_cache: dict) -> torch.Tensor:
         """Per-sequence mean next-token KL(P_full ‖ P_quantized) over the pool; the full-precision stream's last
         hidden states are computed once and kept in ``full_cache``."""
@@ -371,65 +266,57 @@ class SelfCalibration:
         need_full = "hidden" not in full_cache
         full = [h for h in hidden]
         quant = [h for h in hidden]
-        for index in range(len(streamed.layers)):
-            layer = streamed.load_layer(index)
-            linears = streamed.linears(index)
+        for index, _ in stream.each_layer():
+            linears = stream.linears(index)
             for c in range(len(quant)):
                 if need_full:
-                    full[c] = _output(layer(full[c], **kwargs[c][index]))
+                    full[c] = stream.run(index, full[c], kwargs[c])
             values = {name: grids[name].dequantize() for name in linears if name in grids}
-            with streamed.weights(linears, values):
+            with overridden_weights(linears, values):
                 for c in range(len(quant)):
-                    quant[c] = _output(layer(quant[c], **kwargs[c][index]))
-            streamed.free_layer(index)
+                    quant[c] = stream.run(index, quant[c], kwargs[c])
         if need_full:
             full_cache["hidden"] = full
         full = full_cache["hidden"]
-        head = {name: module for name, module in streamed.model.named_modules() if isinstance(module, nn.Linear)
-                and name in grids and not any(name.startswith(prefix + ".") for prefix in streamed.layer_names)}
+        head = {name: module for name, module in stream.model.named_modules() if isinstance(module, nn.Linear)
+                and name in grids and not any(name.startswith(prefix + ".") for prefix in stream.layer_names)}
         head_values = {name: grids[name].dequantize() for name in head}
         kl = []
-        chunks = streamed.chunks(pool)
+        chunks = stream.chunks(pool)
         for c, ids in enumerate(chunks):
             for row in range(ids.shape[0]):  # one sequence at a time: its (length, vocab) logits twice
-                log_p = torch.log_softmax(streamed.logits(ids[row:row + 1], full[c][row:row + 1]), -1)
-                with streamed.weights(head, head_values):
-                    log_q = torch.log_softmax(streamed.logits(ids[row:row + 1], quant[c][row:row + 1]), -1)
-                kl.append((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+                log_p = torch.log_softmax(stream.logits(ids[row:row + 1], full[c][row:row + 1]), -1)
+                with overridden_weights(head, head_values):
+                    log_q = torch.log_softmax(stream.logits(ids[row:row + 1], quant[c][row:row + 1]), -1)
+                kl.append(kl_per_position(log_p, log_q).mean())
         return torch.stack(kl)
 
     @torch.no_grad()
-    def calibrate(self, streamed: _Streamed, inputs, fallback: dict[str, Grid]) -> dict[str, Grid]:
+    def calibrate(self, stream: LayerStream, inputs, fallback: dict[str, Grid]) -> dict[str, Grid]:
         """One GPTQ pass over the decoder layers on the kept sequences' layer inputs, sequentially."""
         hidden, kwargs = inputs
         grids = {}
-        for index in range(len(streamed.layers)):
-            layer = streamed.load_layer(index)
-            linears = {name: module for name, module in streamed.linears(index).items() if name in self.schemes}
+        for index, layer in stream.each_layer():
+            linears = {name: module for name, module in stream.linears(index).items() if name in self.schemes}
             hessians = {name: torch.zeros(module.in_features, module.in_features, dtype=torch.float64)
                         for name, module in linears.items()}
 
             def accumulate(name):
-                def hook(module, args):
-                    x = args[0].reshape(-1, args[0].shape[-1]).double()
+                def add(inputs: torch.Tensor) -> None:
+                    x = inputs.reshape(-1, inputs.shape[-1]).double()
                     hessians[name] += x.T @ x
-                return hook
+                return add
 
-            handles = [module.register_forward_pre_hook(accumulate(name)) for name, module in linears.items()]
-            try:
+            with input_hooks(stream.model, {name: accumulate(name) for name in linears}):
                 for c in range(len(hidden)):
-                    layer(hidden[c], **kwargs[c][index])
-            finally:
-                for handle in handles:
-                    handle.remove()
+                    stream.run(index, hidden[c], kwargs[c])
             for name, module in linears.items():
                 scheme = self.schemes[name]
                 grids[name] = gptq(module.weight.detach().to(self.device), hessians[name], scheme,
                                    group_fitter(self.fit, scheme), damp=self.params["damp"],
                                    block=self.params["block"]).to("cpu")
-            with streamed.weights(linears, self._dequantized({n: grids[n] for n in linears})):
-                hidden = [_output(layer(hidden[c], **kwargs[c][index])) for c in range(len(hidden))]
-            streamed.free_layer(index)
+            with overridden_weights(linears, self._dequantized({n: grids[n] for n in linears})):
+                hidden = [stream.run(index, hidden[c], kwargs[c]) for c in range(len(hidden))]
         for name in self.schemes:
             if name not in grids:  # outside the decoder layers (a quantized lm_head): the round-0 grid
                 grids[name] = fallback[name]
@@ -439,18 +326,18 @@ class SelfCalibration:
         params = self.params
         pool = generate_pool(self.ckpt, params, self.seed)
         progress(f"selfcal: generated {pool.shape[0]} × {pool.shape[1]} tokens")
-        streamed = _Streamed(self.ckpt, params["chunk"])
-        pool_inputs = streamed.layer_inputs(pool)
+        stream = LayerStream(self.ckpt, params["chunk"])
+        pool_inputs = stream.layer_inputs(pool)
         grids = first = self.round0()
         full_cache: dict = {}
         rounds = []
         for number in range(1, params["rounds"] + 1):
-            kl = self.score(streamed, pool, pool_inputs, grids, full_cache)
+            kl = self.score(stream, pool, pool_inputs, grids, full_cache)
             keep = select_sequences(kl, params["sequences"], low=params["margin_low"], high=params["margin_high"],
                                     agreeing_share=params["agreeing_share"])
             progress(f"selfcal round {number}: pool KL {float(kl.mean()):.5f}, calibrating on {len(keep)} sequences")
-            inputs = streamed.layer_inputs(pool[keep])
-            grids = self.calibrate(streamed, inputs, first)
+            inputs = stream.layer_inputs(pool[keep])
+            grids = self.calibrate(stream, inputs, first)
             rounds.append({"round": number, "scored_by": params["round0"] if number == 1 else f"round {number - 1}",
                            "pool_kl": round(float(kl.mean()), 6), "kept": len(keep),
                            "kept_kl": [round(float(kl[keep].min()), 6), round(float(kl[keep].max()), 6)]})

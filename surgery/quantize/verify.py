@@ -9,10 +9,11 @@
     report["end_to_end"]  # {"kl": mean next-token KL(P‖Q), "top1_agreement": ..., "tokens": ...}
     raise_if_failed(report)   # CheckFailed naming the first failure and its threshold (the command exits 1)
 
-What is measured. One model is built, transformers' module for the output's config, in float32. With the
-reference's weights it samples its own text from BOS (seeded, temperature 1; no data set): ``tokens`` tokens in
-``SEQUENCES`` parallel sequences, since on a CPU a decode step costs about the same for 1 or 8 of them. It scores
-that text, and the inputs every quantized Linear sees are kept at ``probes`` positions drawn with the seed. Per
+What is measured. One model is built, transformers' module for the output's config, in float32 (by the model
+runtime, :mod:`surgery.runtime`). With the reference's weights it samples its own text from BOS (seeded,
+temperature 1; no data set): ``tokens`` tokens in 8 parallel sequences (:func:`surgery.runtime.sampled_ids`), since
+on a CPU a decode step costs about the same for 1 or 8 of them. It scores that text, and the inputs every quantized
+Linear sees are kept at ``probes`` positions drawn with the seed. Per
 quantized Linear, with W the reference weight and Ŵ the one decoded from the stored bits: the weight relative error
 ‖Ŵ − W‖/‖W‖, and on those real activations X the output relative error ‖XŴᵀ − XWᵀ‖/‖XWᵀ‖ and cosine. For
 compressed-tensors, XŴᵀ comes from the fused dequantize-matmul kernel reading the packed tensors (Triton on CUDA,
@@ -48,7 +49,6 @@ lacks, or holds in another shape.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from dataclasses import replace
@@ -65,6 +65,8 @@ from surgery.kernels.dequant_matmul import dequant_matmul
 from surgery.quantize.formats import FORMATS
 from surgery.quantize.grid import Scheme, dequantize
 from surgery.quantize.groups import group_size_of
+from surgery.runtime import (agreement, build_model, captured_inputs, load_parameters, log_probs, one_torch_thread,
+                             sampled_ids, set_parameter)
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +76,6 @@ DEFAULT_PROBES = 64
 DEFAULT_TOP = 5
 DEFAULT_MIN_COSINE = 0.9
 DEFAULT_MAX_KL = 1.5
-SEQUENCES = 8  # sampled in parallel: a decode step costs about the same for 1 or 8 sequences on a CPU
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -205,50 +206,6 @@ def check_provenance(ckpt: Checkpoint, reference: Checkpoint, any_reference: boo
 # One model, reference weights first, then the quantized checkpoint's
 
 
-def build_model(ckpt: Checkpoint) -> nn.Module:
-    """transformers' causal LM for the quantized checkpoint's config, parameters on the meta device (filled by
-    :func:`load_parameters`), buffers such as rotary frequencies computed for real."""
-    from surgery.merge.aim import _build_model
-
-    config = {key: value for key, value in (ckpt.config or {}).items() if key != "quantization_config"}
-    return _build_model(config, ckpt.source, "cpu")
-
-
-def parameter_aliases(model: nn.Module) -> dict[int, list[str]]:
-    """id(parameter) → every name it has (a tied lm_head shares the embedding's)."""
-    aliases: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        aliases.setdefault(id(param), []).append(name)
-    return aliases
-
-
-def set_parameter(model: nn.Module, names: list[str], value: torch.Tensor) -> None:
-    """Make ``value`` the parameter under every one of ``names`` (so ties stay ties)."""
-    param = nn.Parameter(value, requires_grad=False)
-    for name in names:
-        owner_name, _, leaf = name.rpartition(".")
-        model.get_submodule(owner_name)._parameters[leaf] = param
-
-
-def load_parameters(model: nn.Module, ckpt: Checkpoint, skip: set[str], what: str) -> list[str]:
-    """Fill every parameter of ``model`` except those named in ``skip`` from ``ckpt`` (float32), and return the
-    names of those the checkpoint lacks (left as they were). A shape mismatch is BadInput naming the tensor."""
-    missing = []
-    for names in parameter_aliases(model).values():
-        if skip & set(names):
-            continue
-        stored = next((name for name in names if name in ckpt.tensors), None)
-        if stored is None:
-            missing.append(names[0])
-            continue
-        expected = tuple(model.get_parameter(names[0]).shape)
-        if tuple(ckpt.tensors[stored].shape) != expected:
-            raise BadInput(f"{ckpt.source}: tensor {stored} has shape {tuple(ckpt.tensors[stored].shape)}, but the "
-                           f"{what} needs {expected}")
-        set_parameter(model, names, ckpt.get(stored).to(torch.float32))
-    return missing
-
-
 def loading_problem(module: str, message: str, tensor: str | None = None) -> dict:
     """A failed ``loadable`` check about ``module`` (and one of its tensors)."""
     return {"check": "loadable", "module": module, **({"tensor": tensor} if tensor else {}), "message": message}
@@ -317,63 +274,6 @@ def _tokenizer_ids(ckpt: Checkpoint, reference: Checkpoint) -> tuple[int | None,
             tokenizer = AutoTokenizer.from_pretrained(directory)
             return tokenizer.bos_token_id, tokenizer.eos_token_id
     return None, None
-
-
-@torch.no_grad()
-def sampled_ids(model, start: int, pad: int, tokens: int, seed: int, sequences: int = SEQUENCES) -> torch.Tensor:
-    """(sequences, ceil(tokens / sequences) + 1) ids the model samples (temperature 1, no truncation) from
-    ``start``, seeded: the same ids for the same weights and seed."""
-    length = max(2, math.ceil(tokens / sequences))
-    prompt = torch.full((sequences, 1), start, dtype=torch.long)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_k=0, top_p=1.0,
-                              temperature=1.0, max_new_tokens=length, min_new_tokens=length, pad_token_id=pad)
-
-
-@torch.no_grad()
-def self_generated_ids(model, tokenizer, tokens: int, seed: int, sequences: int = 4) -> torch.Tensor:
-    """(sequences, tokens // sequences + 1) ids the model samples from its BOS token, seeded."""
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else start
-    return sampled_ids(model, start, pad, tokens, seed, sequences)
-
-
-@torch.no_grad()
-def log_probs(model, ids: torch.Tensor) -> torch.Tensor:
-    """float32 next-token log-probabilities of ``model`` at every position of ``ids``."""
-    return torch.log_softmax(model(ids, use_cache=False).logits.float(), -1)
-
-
-def agreement(log_p: torch.Tensor, log_q: torch.Tensor) -> dict:
-    """Mean next-token KL(P‖Q) and top-1 agreement of two models' log-probabilities on the same positions."""
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
-    agree = (log_p.argmax(-1) == log_q.argmax(-1)).float()
-    return {"kl": float(kl.mean()), "top1_agreement": float(agree.mean()), "tokens": int(kl.numel())}
-
-
-@torch.no_grad()
-def compare_logits(reference_model, quantized_model, ids: torch.Tensor) -> dict:
-    """Mean next-token KL(P‖Q) and top-1 agreement of two models on ``ids``."""
-    return agreement(log_probs(reference_model, ids), log_probs(quantized_model, ids))
-
-
-def captured_inputs(model: nn.Module, modules: list[str], ids: torch.Tensor, rows: torch.Tensor):
-    """Run ``model`` on ``ids``; return its log-probabilities and, per module, its inputs at the flattened
-    positions ``rows`` (float32, (len(rows), in_features))."""
-    inputs: dict[str, torch.Tensor] = {}
-
-    def keep(name: str):
-        def hook(module, args):
-            inputs[name] = args[0].reshape(-1, args[0].shape[-1])[rows].float().clone()
-        return hook
-
-    handles = [model.get_submodule(name).register_forward_pre_hook(keep(name)) for name in modules]
-    try:
-        return log_probs(model, ids), inputs
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -488,19 +388,6 @@ def report_lines(report: dict) -> list[str]:
     return lines + [f"  {failure['message']}" for failure in report["failures"][:max(len(report["worst"]), 1)]]
 
 
-@contextlib.contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """Run with one torch thread, as merge does on CPU: the work is many small operations (decode steps of 8
-    tokens, per-module measures), where fanning each out to more threads costs more than it gains, and collapses
-    when another process keeps the other cores busy (SmolLM2-135M on 2 shared cores: 25 s instead of 65 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -545,7 +432,8 @@ def compare_models(ckpt: Checkpoint, ref: Checkpoint, modules: list[str], tokens
     """One model, transformers' for the output's config. With the reference's weights: generate, score, keep each
     quantized Linear's inputs; per module, measure and swap the decoded weight in; then the output's other
     tensors, and score again. Returns the layer reports, the end-to-end measures and the loading failures."""
-    model = build_model(ckpt)
+    model = build_model({key: value for key, value in (ckpt.config or {}).items() if key != "quantization_config"},
+                        ckpt.source)
     problems = not_linear_problems(model, ckpt, modules)
     missing = load_parameters(model, ref, set(), f"model {ckpt.source}'s config builds")
     if missing:
