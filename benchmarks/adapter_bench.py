@@ -45,7 +45,7 @@ def main() -> None:
 
     import torch
 
-    from surgery.adapters import make_ntk_adapter, make_prefix_adapter
+    from surgery.adapters import NTKAdapterConfig, PrefixAdapterConfig, make_ntk_adapter, make_prefix_adapter
     from surgery.adapters.fidelity import compare, held_out_queries
     from surgery.adapters.prompts import prompt_ids
     from surgery.demo import smollm2_gguf
@@ -65,14 +65,15 @@ def main() -> None:
                  query_seconds)
 
     rows = {}
-    made = make_prefix_adapter(source, prompt, workdir / "prefix", force=True, loaded=(model, tokenizer))
+    made = make_prefix_adapter(PrefixAdapterConfig(source, prompt, workdir / "prefix", force=True),
+                               loaded=(model, tokenizer)).summary()
     rows["prefix"] = {"make_seconds": made["seconds"], **compare(model, workdir / "prefix", ids, queries)}
     logging.info("prefix: %s", rows["prefix"])
     for exact in map(int, args.exact_tokens.split(",")):
         name = f"ntk, {exact} exact"
-        made = make_ntk_adapter(source, workdir / f"ntk-{exact}", prompt_file=prompt, steps=args.steps,
-                                count=args.count, length=args.length, exact_tokens=exact, force=True,
-                                loaded=(model, tokenizer))
+        made = make_ntk_adapter(NTKAdapterConfig(source, workdir / f"ntk-{exact}", prompt_file=prompt, steps=args.steps,
+                                                 count=args.count, length=args.length, exact_tokens=exact, force=True),
+                                loaded=(model, tokenizer)).summary()
         rows[name] = {"make_seconds": made["seconds"], "train_kl": made["train_kl"],
                       **{key: made.get(key) for key in ("validation_kl", "kept_step", "steps_run", "exact_tokens")},
                       **compare(model, workdir / f"ntk-{exact}", ids, queries)}

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from conftest import make_tiny_model, run_surgery, save_tokenizer
-from surgery.extend import ntk_attention
-from surgery.extend.ntk_attention import NTKAdapter
+from surgery.adapters import ntk_attention
+from surgery.adapters.ntk_attention import NTKAdapter
+from surgery.runtime import cache_kwargs
 
 PROMPT_WORDS = 48
 
@@ -328,7 +329,7 @@ def test_exact_tokens_are_those_that_draw_the_most_attention(peaked_llama, promp
     m, n = ids.shape[1], queries.ids.shape[1]
     with torch.no_grad():
         attentions = model(queries.ids, position_ids=torch.arange(m, m + n)[None].expand(len(queries), n),
-                           output_attentions=True, **prompts.with_cache(model, cache)).attentions
+                           output_attentions=True, **cache_kwargs(model, cache)).attentions
     kv_heads = model.config.num_key_value_heads
     for layer, probabilities in enumerate(attentions):  # [batch, heads, n, m + n]
         drawn = probabilities[..., :m].sum((0, 2)).reshape(kv_heads, -1, m).sum(1)

@@ -1,7 +1,7 @@
 """How well an adapter stands in for its prompt: next-token KL against the model run with the real prompt::
 
-    report = evaluate("HuggingFaceTB/SmolLM2-135M-Instruct", "persona-ntk", "persona.txt")
-    report["kl_adapter"], report["kl_no_prompt"], report["top1_adapter"]
+    report = evaluate(AdapterEvalConfig("HuggingFaceTB/SmolLM2-135M-Instruct", "persona-ntk", "persona.txt"))
+    report.kl_adapter, report.kl_no_prompt, report.top1_adapter
 
 On held-out queries (``--queries FILE``, or ``count`` continuations of the prompt that the model samples itself
 with a seed distinct from the one training uses), at every query position: KL(with prompt ‖ with adapter), the same
@@ -15,20 +15,20 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from surgery.adapters import prefix
+from surgery.adapters import ntk_attention, prefix
+from surgery.adapters.config import AdapterEvalConfig, Fidelity
 from surgery.adapters.prompts import (
-    HELD_OUT, Queries, cache_layers, file_queries, mean_kl, plain_logprobs, prefill, prompt_ids, query_seed, read_text,
+    HELD_OUT, Queries, cache_layers, file_queries, plain_logprobs, prefill, prompt_ids, query_seed, read_text,
     self_generated_queries, with_prompt_logprobs,
 )
 from surgery.errors import BadInput
-from surgery.extend import ntk_attention
+from surgery.runtime import mean_kl, top1_agreement
 
 log = logging.getLogger(__name__)
-QUERY_COUNT = 64  # 16 queries proved a noisy measure: disjoint sets of 16 differed by 2×
-QUERY_LENGTH = 32
 
 
 def adapter_kind(directory: str | Path) -> str:
@@ -42,10 +42,6 @@ def adapter_kind(directory: str | Path) -> str:
         return "ntk"
     raise BadInput(f"{directory}: neither a prefix adapter ({prefix.CONFIG_FILE} with peft_type PREFIX_TUNING) nor "
                    f"an NTK-attention adapter ({ntk_attention.CONFIG_FILE})")
-
-
-def top1_agreement(reference: torch.Tensor, other: torch.Tensor, mask: torch.Tensor) -> float:
-    return float((reference.argmax(-1) == other.argmax(-1))[mask].float().mean())
 
 
 @torch.no_grad()
@@ -103,16 +99,29 @@ def held_out_queries(model, tokenizer, ids: torch.Tensor, queries_file: str | Pa
     return self_generated_queries(model, ids, count=count, length=length, seed=query_seed(seed, HELD_OUT))
 
 
-def evaluate(model_source: str, adapter_dir: str | Path, prompt_file: str | Path, *,
-             queries_file: str | Path | None = None, count: int = QUERY_COUNT, length: int = QUERY_LENGTH,
-             seed: int = 0, device: str = "cpu") -> dict:
-    """Load ``model_source`` and report :func:`compare` for ``adapter_dir`` against the prompt in ``prompt_file``."""
+def evaluate(config: AdapterEvalConfig, *, progress: Callable[[str], None] | None = None) -> Fidelity:
+    """Load ``config.model`` and measure (:func:`compare`) the adapter ``config.adapter`` against the prompt in
+    ``config.prompt_file``.
+
+    Args:
+        config: the model, adapter, prompt and held-out queries (checked when made).
+        progress: called with a line before each stage.
+
+    Returns:
+        The figures::
+
+            evaluate(AdapterEvalConfig("org/model", "persona-ntk", "persona.txt")).kl_adapter
+    """
     from surgery.evaluation import load_model
 
-    text = read_text(prompt_file, "--prompt-file")
-    kind = adapter_kind(adapter_dir)
-    model, tokenizer = load_model(model_source, device)
+    report = progress or (lambda line: None)
+    text = read_text(config.prompt_file, "--prompt-file")
+    kind = adapter_kind(config.adapter)
+    model, tokenizer = load_model(config.model, config.device)
     (prefix.kv_geometry if kind == "prefix" else ntk_attention.model_geometry)(model)  # the family is supported
     ids = prompt_ids(tokenizer, text)
-    queries = held_out_queries(model, tokenizer, ids, queries_file, count=count, length=length, seed=seed)
-    return {"model": model_source, "prompt_file": str(prompt_file), **compare(model, adapter_dir, ids, queries)}
+    queries = held_out_queries(model, tokenizer, ids, config.queries, count=config.count, length=config.length,
+                               seed=config.seed)
+    report(f"eval: {kind} adapter on {len(queries)} queries")
+    return Fidelity(model=config.model, prompt_file=str(config.prompt_file),
+                    **compare(model, config.adapter, ids, queries))

@@ -1,38 +1,37 @@
 """The ``surgery adapter prefix`` and ``surgery adapter ntk`` commands as library calls::
 
-    make_prefix_adapter("HuggingFaceTB/SmolLM2-135M-Instruct", "persona.txt", "persona-prefix")
-    make_ntk_adapter("HuggingFaceTB/SmolLM2-135M-Instruct", "persona-ntk", prompt_file="persona.txt", steps=100)
-    make_ntk_adapter("org/model", "task-ntk", train_file="task.jsonl", steps=500, lr=1e-3)   # fine-tuning
+    from surgery.adapters import NTKAdapterConfig, PrefixAdapterConfig, make_ntk_adapter, make_prefix_adapter
 
-Each returns a summary (what was written, the figures measured, the seconds taken) and writes its directory
-atomically with ``surgery.json`` and a model card. Same inputs and seed → identical bytes.
+    make_prefix_adapter(PrefixAdapterConfig("HuggingFaceTB/SmolLM2-135M-Instruct", "persona.txt", "persona-prefix"))
+    make_ntk_adapter(NTKAdapterConfig("HuggingFaceTB/SmolLM2-135M-Instruct", "persona-ntk", prompt_file="persona.txt",
+                                      steps=100))
+    make_ntk_adapter(NTKAdapterConfig("org/model", "task-ntk", train_file="task.jsonl", steps=500, lr=1e-3))
+
+Each returns an :class:`~surgery.adapters.config.AdapterResult` (what was written, the figures measured, the
+seconds taken) and writes its directory atomically with ``surgery.json`` and a model card. Same inputs and seed →
+identical bytes.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from surgery.adapters import ntk, prefix
+from surgery.adapters import ntk, ntk_attention, prefix
+from surgery.adapters.config import AdapterResult, NTKAdapterConfig, PrefixAdapterConfig
 from surgery.adapters.output import json_bytes, write_adapter
 from surgery.adapters.prompts import (
     TRAINING, file_queries, file_sha256, prefill, prompt_ids, query_seed, read_text, self_generated_queries,
     with_prompt_logprobs,
 )
 from surgery.errors import BadInput, CheckFailed
-from surgery.extend import ntk_attention
 from surgery.io import open_checkpoint
 from surgery.io.loader_check import check_peft
 from surgery.io.writer import check_output_available
 
-NTK_STEPS = 200
-NTK_LR = 1e-2
-NTK_BATCH = 8
-NTK_QUERIES = 512
-NTK_QUERY_LENGTH = 32
-NTK_EXACT_TOKENS = 16  # prompt tokens per layer and KV head kept exactly (0: the paper's pure NTK-attention)
 TRAIN_MAX_LENGTH = 256
 LEAST_SQUARES_QUERIES = 128  # queries the least squares is fitted on (its cost and memory grow with them)
 MEASURED_QUERIES = 16  # training queries on which the KL before and after distillation is reported
@@ -80,16 +79,29 @@ def _check_ntk_adapter(staging: Path) -> None:
         raise CheckFailed(f"the written adapter would not load: {err}") from None
 
 
-def make_prefix_adapter(source: str, prompt_file: str | Path, output: str | Path, *, force: bool = False,
-                        device: str = "cpu", loaded: tuple | None = None) -> dict:
-    """Prefill the prompt and write its KV cache as a PEFT prefix-tuning adapter. ``loaded``: the (model,
-    tokenizer) of ``source`` when already in memory."""
+def make_prefix_adapter(config: PrefixAdapterConfig, *, progress: Callable[[str], None] | None = None,
+                        loaded: tuple | None = None) -> AdapterResult:
+    """Prefill the prompt and write its KV cache as a PEFT prefix-tuning adapter.
+
+    Args:
+        config: the source, prompt and output (checked when made).
+        progress: called with a line before each stage.
+        loaded: the (model, tokenizer) of ``config.source`` when already in memory.
+
+    Returns:
+        What was written::
+
+            make_prefix_adapter(PrefixAdapterConfig("org/model", "persona.txt", "persona-prefix")).files
+    """
     started = time.perf_counter()
+    source, prompt_file, output, force = config.source, config.prompt_file, config.output, config.force
+    report = progress or (lambda line: None)
     check_output_available(output, force)
     text = read_text(prompt_file, "--prompt-file")
-    checkpoint, model, tokenizer = _load(source, prefix.FAMILIES, "prefix adapters", device, loaded)
+    checkpoint, model, tokenizer = _load(source, prefix.FAMILIES, "prefix adapters", config.device, loaded)
     with checkpoint:
         ids = prompt_ids(tokenizer, text)
+        report(f"prefix: prefilling {ids.shape[1]} prompt tokens")
         _check_length(model, ids.shape[1], 1, source)
         embeddings = prefix.prefix_tensors(model, ids)
         geometry = prefix.kv_geometry(model)
@@ -107,43 +119,41 @@ def make_prefix_adapter(source: str, prompt_file: str | Path, output: str | Path
             recipe=recipe, measurements=measurements, method="prefix-tuning", library="peft",
             title=f"{Path(source).name}: prefix adapter", body=body, force=force,
             check=lambda staging: check_peft(staging, checkpoint.config))
-    return {"output": str(output), "method": "prefix", **measurements, "files": files,
-            "seconds": time.perf_counter() - started}
+    return AdapterResult(str(output), "prefix", measurements, files, time.perf_counter() - started)
 
 
 def _rounded(value: float) -> float:
     return float(f"{value:.6g}")
 
 
-def make_ntk_adapter(source: str, output: str | Path, *, prompt_file: str | Path | None = None,
-                     train_file: str | Path | None = None, queries_file: str | Path | None = None,
-                     steps: int = NTK_STEPS, lr: float = NTK_LR, batch: int = NTK_BATCH, count: int = NTK_QUERIES,
-                     length: int = NTK_QUERY_LENGTH, exact_tokens: int = NTK_EXACT_TOKENS,
-                     least_squares: bool = True, seed: int = 0,
-                     force: bool = False, device: str = "cpu", loaded: tuple | None = None) -> dict:
-    """An NTK-attention adapter distilled from ``prompt_file`` (``exact_tokens`` per layer and KV head kept exactly,
-    then for the rest closed form, least squares and at most ``steps`` of validated KL distillation on
-    ``queries_file`` or ``count`` self-generated queries of ``length`` tokens), or trained from noise on
-    ``train_file`` by next-token loss (``steps`` minibatches of ``batch`` texts). ``loaded``: the (model, tokenizer)
-    of ``source`` when already in memory."""
+def make_ntk_adapter(config: NTKAdapterConfig, *, progress: Callable[[str], None] | None = None,
+                     loaded: tuple | None = None) -> AdapterResult:
+    """An NTK-attention adapter distilled from ``config.prompt_file`` (``exact_tokens`` per layer and KV head kept
+    exactly, then for the rest closed form, least squares and at most ``steps`` of validated KL distillation on
+    ``queries`` or ``count`` self-generated queries of ``length`` tokens), or trained from noise on ``train_file``
+    by next-token loss (``steps`` minibatches of ``batch`` texts).
+
+    Args:
+        config: the source, the prompt or task data, the training settings and the output (checked when made).
+        progress: called with a line before each stage.
+        loaded: the (model, tokenizer) of ``config.source`` when already in memory.
+
+    Returns:
+        What was written and the figures measured::
+
+            make_ntk_adapter(NTKAdapterConfig("org/model", "persona-ntk", prompt_file="persona.txt")).measurements
+    """
     started = time.perf_counter()
-    if (prompt_file is None) == (train_file is None):
-        raise BadInput("give either --prompt-file (distil a prompt) or --train-file (train on task data)")
-    if queries_file is not None and train_file is not None:
-        raise BadInput("--queries is for distilling a prompt; with --train-file the data is the training signal")
-    for value, option in ((steps, "--steps"), (exact_tokens, "--exact-tokens"), (batch, "--batch"),
-                          (count, "--count"), (length, "--length")):
-        if value < (0 if option in ("--steps", "--exact-tokens") else 1):
-            raise BadInput(f"{option} {value}: must be "
-                           f"{'non-negative' if option in ('--steps', '--exact-tokens') else 'positive'}")
-    if not lr > 0:
-        raise BadInput(f"--lr {lr}: must be positive")
+    source, output, prompt_file, train_file = config.source, config.output, config.prompt_file, config.train_file
+    queries_file, steps, lr, batch, seed = config.queries, config.steps, config.lr, config.batch, config.seed
+    count, length, exact_tokens = config.count, config.length, config.exact_tokens
+    least_squares, force, report = config.least_squares, config.force, progress or (lambda line: None)
     check_output_available(output, force)
     text = read_text(prompt_file, "--prompt-file") if prompt_file is not None else None
-    checkpoint, model, tokenizer = _load(source, ntk_attention.FAMILIES, "NTK-attention", device, loaded)
+    checkpoint, model, tokenizer = _load(source, ntk_attention.FAMILIES, "NTK-attention", config.device, loaded)
     with checkpoint:
         recipe = {"method": "ntk", "source": source, "steps": steps, "lr": lr, "batch": batch, "seed": seed}
-        config = {"base_model_name_or_path": base_model_reference(source)}
+        settings = {"base_model_name_or_path": base_model_reference(source)}
         if text is not None:
             ids = prompt_ids(tokenizer, text)
             _check_length(model, ids.shape[1], length, source)
@@ -156,33 +166,34 @@ def make_ntk_adapter(source: str, output: str | Path, *, prompt_file: str | Path
                 queries = self_generated_queries(model, ids, count=count, length=length,
                                                  seed=query_seed(seed, TRAINING))
                 recipe.update(queries="self-generated", count=count, length=length)
-            config["prompt_tokens"] = ids.shape[1]
+            settings["prompt_tokens"] = ids.shape[1]
+            report(f"ntk: distilling {ids.shape[1]} prompt tokens on {len(queries)} queries")
             adapter, measurements = _distil_prompt(model, ids, queries, steps=steps, lr=lr, batch=batch,
                                                    seed=seed, exact_tokens=exact_tokens,
-                                                   least_squares=least_squares, config=config)
+                                                   least_squares=least_squares, config=settings)
         else:
             data = file_queries(tokenizer, train_file, TRAIN_MAX_LENGTH, option="--train-file", special_tokens=True)
             recipe.update(train_file=str(train_file), train_sha256=file_sha256(train_file),
                           max_length=TRAIN_MAX_LENGTH)
+            report(f"ntk: training on {len(data)} texts")
             adapter, measurements = _train_on_task(model, data, steps=steps, lr=lr, batch=batch, seed=seed,
-                                                   config=config)
-        sizes = ntk.sizes(adapter, config.get("prompt_tokens"), next(model.parameters()).dtype.itemsize)
+                                                   config=settings)
+        sizes = ntk.sizes(adapter, settings.get("prompt_tokens"), next(model.parameters()).dtype.itemsize)
         measurements.update(sizes)
-        origin = (f"distilled from a {config['prompt_tokens']}-token prompt" if text is not None
+        origin = (f"distilled from a {settings['prompt_tokens']}-token prompt" if text is not None
                   else "trained on task data")
         body = (f"An NTK-attention adapter (arXiv 2406.14036) for `{source}`, {origin}, made by "
                 "[surgery](https://pypi.org/project/surgery/): per layer and KV head a d×d matrix Z and a "
                 "d-vector k that stand in for a prefix of any length"
                 + (f", with the {adapter.exact_tokens} prompt tokens that draw the most attention kept exactly"
-                   if adapter.exact_tokens else "") + ".\n\n```python\nfrom surgery.extend import "
+                   if adapter.exact_tokens else "") + ".\n\n```python\nfrom surgery.adapters import "
                 "ntk_attention\nntk_attention.apply(model, ADAPTER_DIR)   # llama, mistral, qwen2\n```")
         files = write_adapter(
             output, checkpoint, tensors_file=ntk_attention.WEIGHTS_FILE, tensors=adapter.tensors(),
             files={ntk_attention.CONFIG_FILE: adapter.config_json()}, recipe=recipe, measurements=measurements,
             method="ntk-attention", title=f"{Path(source).name}: NTK-attention adapter", body=body, force=force,
             check=_check_ntk_adapter)
-    return {"output": str(output), "method": "ntk", **measurements, "files": files,
-            "seconds": time.perf_counter() - started}
+    return AdapterResult(str(output), "ntk", measurements, files, time.perf_counter() - started)
 
 
 def _distil_prompt(model, ids: torch.Tensor, queries, *, steps: int, lr: float, batch: int, seed: int,

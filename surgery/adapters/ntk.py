@@ -36,11 +36,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from surgery.adapters.prompts import Queries, cache_layers, mean_kl, plain_logprobs, prefill
-from surgery.extend import ntk_attention
-from surgery.extend.ntk_attention import (
+from surgery.adapters.prompts import Queries, cache_layers, plain_logprobs, prefill
+from surgery.adapters import ntk_attention
+from surgery.adapters.ntk_attention import (
     NTKAdapter, attention_logsumexp, attention_modules, feature_map, merge, token_attention,
 )
+from surgery.runtime import mean_kl
 
 log = logging.getLogger(__name__)
 RIDGE = 1e-6  # Tikhonov term of the least squares, relative to the mean diagonal of the normal matrix

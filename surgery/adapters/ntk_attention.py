@@ -3,7 +3,7 @@ matrix Z and a d-vector k that every query reads through the feature map φ(x) =
 a few of the prefix's tokens kept exactly::
 
     from surgery.evaluation import load_model
-    from surgery.extend import ntk_attention
+    from surgery.adapters import ntk_attention
 
     model, tokenizer = load_model("HuggingFaceTB/SmolLM2-135M-Instruct")
     ntk_attention.apply(model, "persona-ntk")          # a directory written by `surgery adapter ntk`

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import inspect
 import json
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 
 from surgery.errors import BadInput
+from surgery.runtime import cache_kwargs, sample_next
 
 BATCH = 8  # queries per forward pass where a pass over all of them would hold too much
 GENERATION_CHUNK = 64  # continuations sampled together (each holds a copy of the prompt's KV cache)
@@ -117,12 +117,6 @@ def file_queries(tokenizer, path: str | Path, max_length: int, option: str = "--
     return Queries.from_lists(sequences)
 
 
-def with_cache(model, cache) -> dict:
-    """Forward keyword arguments that pass ``cache``: transformers 5.2x renamed ``past_key_values`` to ``cache``."""
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    return {name: cache, "use_cache": True}
-
-
 def prefill(model, ids: torch.Tensor, start: int = 0):
     """The KV cache (and last logits) of ``ids`` [1, m] placed at positions start..start+m−1."""
     from transformers import DynamicCache
@@ -130,7 +124,7 @@ def prefill(model, ids: torch.Tensor, start: int = 0):
     positions = torch.arange(start, start + ids.shape[1], device=model.device)[None]
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        logits = model(ids.to(model.device), position_ids=positions, **with_cache(model, cache)).logits
+        logits = model(ids.to(model.device), position_ids=positions, **cache_kwargs(model, cache)).logits
     return cache, logits[:, -1].float()
 
 
@@ -151,7 +145,7 @@ def shared_prompt(model, cache):
     """Within it, ``model`` runs every row of a batch after the prompt of the batch-1 ``cache`` (positions 0..m−1)
     without copying the cache per row, when NTK-attention supports its family (exact, up to float rounding); yields
     m, or None for other families (then repeat the cache)."""
-    from surgery.extend import ntk_attention
+    from surgery.adapters import ntk_attention
 
     if model.config.model_type not in ntk_attention.FAMILIES:
         yield None
@@ -186,11 +180,10 @@ def self_generated_queries(model, ids: torch.Tensor, *, count: int, length: int,
             logits = prompt_logits.expand(rows, -1)
             tokens = []
             for step in range(length):
-                probabilities = torch.softmax(logits.float().cpu(), dim=-1)
-                token = torch.multinomial(probabilities, 1, generator=generator)
+                token = sample_next(logits, generator)
                 tokens.append(token)
                 if step + 1 < length:
-                    forward = with_cache(model, cache)
+                    forward = cache_kwargs(model, cache)
                     if offset is not None:
                         forward["position_ids"] = _positions(offset + step, rows, 1, model.device)
                     logits = model(token.to(model.device), **forward).logits[:, -1]
@@ -209,7 +202,7 @@ def with_prompt_logprobs(model, cache, queries: Queries, batch: int = BATCH, sha
         for part in queries.batches(batch):
             ids = part.ids.to(model.device)
             if offset is None:
-                logits = model(ids, **with_cache(model, expanded(cache, len(part)))).logits
+                logits = model(ids, **cache_kwargs(model, expanded(cache, len(part)))).logits
             else:
                 logits = model(ids, position_ids=_positions(offset, *ids.shape, model.device)).logits
             rows.append(torch.log_softmax(logits.float(), dim=-1).cpu())
@@ -224,10 +217,3 @@ def plain_logprobs(model, queries: Queries, batch: int = BATCH, **forward) -> to
         logits = model(part.ids.to(model.device), **forward).logits
         rows.append(torch.log_softmax(logits.float(), dim=-1).cpu())
     return torch.cat(rows)
-
-
-def mean_kl(reference: torch.Tensor, other: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over the ``mask``ed positions of KL(reference ‖ other), both log-probabilities [..., vocab]."""
-    reference = reference.float()  # it may be stored in half precision
-    per_position = (reference.exp() * (reference - other)).sum(-1)
-    return per_position[mask].mean()

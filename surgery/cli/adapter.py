@@ -6,8 +6,7 @@ from typing import Optional
 
 import typer
 
-from surgery.cli.options import (DEVICE_OPTION, JSON_OPTION, check_device, print_json, human_size)
-from surgery.errors import BadInput
+from surgery.cli.options import DEVICE_OPTION, JSON_OPTION, human_size, print_json
 
 app = typer.Typer(name="adapter", help="Prompt adapters: a long prompt turned into a PEFT prefix or an NTK-attention "
                                  "adapter, with a fidelity score.", no_args_is_help=True)
@@ -29,10 +28,10 @@ def adapter_prefix(
 ) -> None:
     """Prefill the prompt and pack its KV cache as a PEFT prefix-tuning adapter: PeftModel.from_pretrained(model,
     OUTPUT) then gives the logits of the model run on prompt + query."""
-    from surgery.adapters import make_prefix_adapter
+    from surgery.adapters import PrefixAdapterConfig, make_prefix_adapter
 
-    check_device(device)
-    summary = make_prefix_adapter(source, prompt_file, output, force=force, device=device)
+    config = PrefixAdapterConfig(source=source, prompt_file=prompt_file, output=output, force=force, device=device)
+    summary = make_prefix_adapter(config).summary()
     if as_json:
         return print_json(summary)
     typer.echo(f"wrote {summary['output']}: prefix of {summary['prompt_tokens']} tokens, "
@@ -68,14 +67,14 @@ def adapter_ntk(
     the prompt, plus the --exact-tokens prompt tokens that draw the most attention kept as they are: closed form
     from the prompt's keys and values, least squares per layer, then distillation (KL to the model run with the
     real prompt), validated on held-back queries. Or, with --train-file, the same module trained on task data from
-    noise. Use it with surgery.extend.ntk_attention.apply(model, OUTPUT)."""
-    from surgery.adapters import make_ntk_adapter
+    noise. Use it with surgery.adapters.ntk_attention.apply(model, OUTPUT)."""
+    from surgery.adapters import NTKAdapterConfig, make_ntk_adapter
 
-    check_device(device)
-    summary = make_ntk_adapter(source, output, prompt_file=prompt_file, train_file=train_file,
-                               queries_file=queries, steps=steps, lr=lr, batch=batch, count=count, length=length,
-                               exact_tokens=exact_tokens, least_squares=least_squares, seed=seed, force=force,
-                               device=device)
+    config = NTKAdapterConfig(source=source, output=output, prompt_file=prompt_file, train_file=train_file,
+                              queries=queries, steps=steps, lr=lr, batch=batch, count=count, length=length,
+                              exact_tokens=exact_tokens, least_squares=least_squares, seed=seed, force=force,
+                              device=device)
+    summary = make_ntk_adapter(config).summary()
     if as_json:
         return print_json(summary)
     stages = ", ".join(f"{stage} {value:.4f}" for stage, value in summary.get("train_kl", {}).items())
@@ -101,13 +100,11 @@ def adapter_eval(
 ) -> None:
     """Fidelity: mean next-token KL against the model run with the real prompt, for the adapter and for no prompt,
     top-1 agreement, and the adapter's size against the prompt's KV cache."""
-    from surgery.adapters import evaluate
+    from surgery.adapters import AdapterEvalConfig, evaluate
 
-    if count < 1 or length < 1:
-        raise BadInput("--count and --length must be positive")
-    check_device(device)
-    report = evaluate(model, adapter, prompt_file, queries_file=queries, count=count, length=length, seed=seed,
-                      device=device)
+    config = AdapterEvalConfig(model=model, adapter=adapter, prompt_file=prompt_file, queries=queries, count=count,
+                               length=length, seed=seed, device=device)
+    report = evaluate(config).summary()
     if as_json:
         return print_json(report)
     typer.echo(f"{report['kind']} adapter on {report['queries']} queries ({report['positions']} positions): "

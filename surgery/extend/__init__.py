@@ -5,7 +5,7 @@ against what transformers derives from the written config::
     extend("HuggingFaceTB/SmolLM2-135M", "smol-16k", "linear", factor=2)
     report = verify_rope("smol-16k")          # per-pair table; report["problems"] is empty when all agree
 
-Prompt adapters (prefix, NTK-attention) are the [adapters] issue's part of this package.
+Prompt adapters (prefix, NTK-attention) are not here: they live in :mod:`surgery.adapters`.
 """
 
 from surgery.extend.context import extend, pair_table, plan, verify_rope
