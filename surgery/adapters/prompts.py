@@ -118,7 +118,18 @@ def file_queries(tokenizer, path: str | Path, max_length: int, option: str = "--
 
 
 def prefill(model, ids: torch.Tensor, start: int = 0):
-    """The KV cache (and last logits) of ``ids`` [1, m] placed at positions start..start+m−1."""
+    """The KV cache (and last logits) of ``ids`` [1, m] placed at positions start..start+m−1.
+
+    Args:
+        model: a causal LM.
+        ids: [1, m] prompt ids.
+        start: the first position.
+
+    Returns:
+        (DynamicCache of the prompt, float32 logits [1, vocab] after its last token)::
+
+            cache, logits = prefill(model, prompt_ids(tokenizer, text))
+    """
     from transformers import DynamicCache
 
     positions = torch.arange(start, start + ids.shape[1], device=model.device)[None]
@@ -166,8 +177,22 @@ def _positions(start: int, rows: int, length: int, device) -> torch.Tensor:
 def self_generated_queries(model, ids: torch.Tensor, *, count: int, length: int, seed: int,
                            chunk: int = GENERATION_CHUNK) -> Queries:
     """``count`` continuations of the prompt ``ids``, ``length`` tokens each, sampled from the model (temperature
-    1, no truncation) with a generator seeded by ``seed``, ``chunk`` at a time: what the model expects after the
-    prompt, and nothing is downloaded. Same seed → same queries."""
+    1, no truncation, :func:`surgery.runtime.sample_next`) with a generator seeded by ``seed``, ``chunk`` at a time:
+    what the model expects after the prompt, and nothing is downloaded. Same seed → same queries.
+
+    Args:
+        model: a causal LM.
+        ids: [1, m] prompt ids.
+        count: continuations.
+        length: tokens each.
+        seed: the generator's seed.
+        chunk: continuations sampled together.
+
+    Returns:
+        The queries (all positions real)::
+
+            queries = self_generated_queries(model, ids, count=16, length=64, seed=0)
+    """
     from transformers import DynamicCache
 
     generator = torch.Generator().manual_seed(seed)
@@ -194,9 +219,20 @@ def self_generated_queries(model, ids: torch.Tensor, *, count: int, length: int,
 
 @torch.no_grad()
 def with_prompt_logprobs(model, cache, queries: Queries, batch: int = BATCH, shared: bool = False) -> torch.Tensor:
-    """[count, length, vocab] next-token log-probabilities of the model run on prompt + query (the prompt given as
-    its batch-1 ``cache``), float32, on the CPU; ``shared``: through :func:`shared_prompt` (no copy of the cache per
-    row) where the family allows."""
+    """Next-token log-probabilities of the model run on prompt + query.
+
+    Args:
+        model: a causal LM.
+        cache: the prompt's batch-1 KV cache (:func:`prefill`).
+        queries: the queries.
+        batch: queries per forward pass.
+        shared: through :func:`shared_prompt` (no copy of the cache per row) where the family allows.
+
+    Returns:
+        [count, length, vocab] float32 log-probabilities on the CPU::
+
+            reference = with_prompt_logprobs(model, cache, queries)
+    """
     rows = []
     with (shared_prompt(model, cache) if shared else nullcontext()) as offset:
         for part in queries.batches(batch):

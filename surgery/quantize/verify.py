@@ -429,9 +429,24 @@ def verify(quantized: str, *, reference: str, tokens: int = DEFAULT_TOKENS, prob
 @torch.no_grad()
 def compare_models(ckpt: Checkpoint, ref: Checkpoint, modules: list[str], tokens: int, probes: int, seed: int,
                    backend: str) -> tuple[list[dict], dict, list[dict]]:
-    """One model, transformers' for the output's config. With the reference's weights: generate, score, keep each
-    quantized Linear's inputs; per module, measure and swap the decoded weight in; then the output's other
-    tensors, and score again. Returns the layer reports, the end-to-end measures and the loading failures."""
+    """One model, transformers' for the output's config (built by :func:`surgery.runtime.build_model`). With the
+    reference's weights: generate, score, keep each quantized Linear's inputs; per module, measure and swap the
+    decoded weight in; then the output's other tensors, and score again.
+
+    Args:
+        ckpt: the quantized checkpoint.
+        ref: the reference checkpoint.
+        modules: the quantized modules.
+        tokens: self-generated tokens scored.
+        probes: positions whose inputs each module is measured on.
+        seed: seed of the text and the probe positions.
+        backend: the dequantize-matmul backend.
+
+    Returns:
+        (layer reports, end-to-end measures, loading failures)::
+
+            layers, e2e, problems = compare_models(ckpt, ref, quantized_modules(ckpt), 128, 64, 0, "auto")
+    """
     model = build_model({key: value for key, value in (ckpt.config or {}).items() if key != "quantization_config"},
                         ckpt.source)
     problems = not_linear_problems(model, ckpt, modules)
