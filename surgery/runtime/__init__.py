@@ -23,6 +23,7 @@ Used by AIM (:mod:`surgery.merge.aim`), selfcal (:mod:`surgery.quantize.selfcal`
 gets streaming for free: memory is one decoder layer (plus the embedding) whatever the model's size. Per-channel
 input statistics in one pass (as AIM, or AWQ's activation scales)::
 
+    import torch
     from surgery.runtime import calibration_blocks, equal_length_batches, input_hooks, load_tokenizer, opened, \\
         self_generated_text, streamed_model
 
