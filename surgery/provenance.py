@@ -72,8 +72,18 @@ def _save_cache(path: Path, cache: dict) -> None:
 
 
 def hash_inputs_in_background(checkpoints: list[Checkpoint]) -> Future:
-    """Start hashing every input file on a worker thread (hashlib releases the GIL); the result is a list of
-    input records for the manifest."""
+    """Start hashing every input file on a worker thread (hashlib releases the GIL).
+
+    Args:
+        checkpoints: the opened inputs.
+
+    Returns:
+        A future of the manifest's input records: source, Hub revision (None for a local input), file → SHA-256.
+
+    Example::
+
+        records = hash_inputs_in_background([ckpt]).result()   # [{"source": "org/m", "revision": "…", ...}]
+    """
     pool = ThreadPoolExecutor(max_workers=1)
 
     def work() -> list[dict]:
@@ -111,6 +121,21 @@ def read_manifest(directory: Path) -> dict:
 
 
 def manifest_bytes(command: str, recipe: dict, inputs: list[dict], outputs: dict | None = None) -> bytes:
+    """The ``surgery.json`` manifest: no timestamps or output paths, so identical runs write identical bytes.
+
+    Args:
+        command: the command that made the output.
+        recipe: everything that decides the output bytes.
+        inputs: the input records of :func:`hash_inputs_in_background`.
+        outputs: what was measured (the manifest's ``output``; left out when empty).
+
+    Returns:
+        The file's content (indented JSON, keys sorted, a final newline).
+
+    Example::
+
+        manifest_bytes("merge", recipe.to_dict(), hashes.result())
+    """
     manifest = {"surgery_version": __version__, "command": command, "recipe": recipe, "inputs": inputs}
     if outputs:
         manifest["output"] = outputs

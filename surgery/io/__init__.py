@@ -20,7 +20,7 @@ from surgery.io.writer import WriteResult, atomic_directory, plan_shards, write_
 
 __all__ = [
     "Checkpoint", "TensorInfo", "WriteResult", "atomic_directory", "open_checkpoint", "plan_shards",
-    "write_checkpoint",
+    "resolve_source", "write_checkpoint",
 ]
 
 
