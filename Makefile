@@ -26,7 +26,7 @@ demo: venv
 		PYTHON=$(abspath $(BIN)/python) SURGERY=$(abspath $(BIN)/surgery)
 
 demo-smollm2: venv
-	$(BIN)/python -m surgery.demo $(DEMO_DIR)
+	$(BIN)/python examples/smollm2.py $(DEMO_DIR)
 
 test: venv
 	$(BIN)/python -m pytest -q

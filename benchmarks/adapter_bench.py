@@ -48,7 +48,7 @@ def main() -> None:
     from surgery.adapters import NTKAdapterConfig, PrefixAdapterConfig, make_ntk_adapter, make_prefix_adapter
     from surgery.adapters.fidelity import compare, held_out_queries
     from surgery.adapters.prompts import prompt_ids
-    from surgery.demo import smollm2_gguf
+    from examples.smollm2 import smollm2_gguf
     from surgery.evaluation import load_model
 
     source = str(smollm2_gguf())

@@ -8,7 +8,7 @@ The first run generates a synthetic Llama-layout checkpoint set (``base`` plus f
 base + N(0, 0.002) noise; bf16, 1 GB shards; ~0.85 B parameters, ~1.7 GB each; see ``synthetic.py``) under
 ``benchmarks/data/``, one tensor at a time with surgery's streaming writer; later runs reuse it. ``--small`` uses a
 tiny layout for a smoke test. Each command then runs ``--repeat`` times on a warm page cache, measured with
-:mod:`surgery.procmem` (peak RssAnon of the process tree; mmapped file pages are not counted). A Markdown table
+:mod:`procmem` (peak RssAnon of the process tree; mmapped file pages are not counted). A Markdown table
 goes to stdout and the same numbers to ``benchmarks/results/convert_bench.json`` (``convert_bench.small.json``
 with ``--small``). Every output is checked against the base before it is deleted.
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from surgery.io import open_checkpoint
-from surgery.procmem import measure
+from procmem import measure  # benchmarks/ is on sys.path when run as a script
 from synthetic import benchmark_arguments, prepare, warm_page_cache  # benchmarks/ is on sys.path when run as a script
 
 HERE = Path(__file__).resolve().parent

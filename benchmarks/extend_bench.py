@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE.parent))  # this checkout's surgery and examples/
 VARIANTS = {
     "original": None,
     "linear x2": ("linear", {"factor": 2.0}),
@@ -29,13 +31,13 @@ VARIANTS = {
 
 def prepare(data: Path) -> dict[str, Path]:
     """The converted model and one extension per variant (made once, then reused)."""
-    from surgery.convert import convert
-    from surgery.demo import smollm2_gguf
-    from surgery.extend import extend
+    from surgery.convert import ConvertConfig, convert
+    from examples.smollm2 import smollm2_gguf
+    from surgery.extend import ExtendConfig, extend
 
     original = data / "original"
     if not original.exists():
-        convert(str(smollm2_gguf()), original)
+        convert(ConvertConfig(str(smollm2_gguf()), original))
     paths = {}
     for name, variant in VARIANTS.items():
         if variant is None:
@@ -43,7 +45,7 @@ def prepare(data: Path) -> dict[str, Path]:
             continue
         path = data / name.replace(" ", "_").replace("=", "").replace(",", "")
         if not path.exists():
-            extend(original, path, variant[0], **variant[1])
+            extend(ExtendConfig(original, path, variant[0], **variant[1]))
         paths[name] = path
     return paths
 

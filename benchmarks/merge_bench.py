@@ -8,7 +8,7 @@ Usage::
 Inputs are the synthetic Llama-layout checkpoints of ``synthetic.py`` (``base``, ``ft1``, ``ft2`` = base +
 N(0, 0.002) noise; bf16, 1 GB shards; ~0.85 B parameters, ~1.7 GB each), made on the first run and reused later;
 ``--small`` uses a tiny layout for a smoke test. With a warm page cache, each command runs ``--repeat`` times as
-a subprocess measured with :mod:`surgery.procmem` (peak RssAnon of the process tree; mmapped file pages are not
+a subprocess measured with :mod:`procmem` (peak RssAnon of the process tree; mmapped file pages are not
 counted):
 
 * mergekit (``mergekit-yaml``; ``dtype: float32`` math, ``out_dtype: bfloat16``, ``--out-shard-size 1B``, which
@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from surgery.procmem import measure
+from procmem import measure  # benchmarks/ is on sys.path when run as a script
 from synthetic import benchmark_arguments, prepare, warm_page_cache  # benchmarks/ is on sys.path when run as a script
 
 HERE = Path(__file__).resolve().parent

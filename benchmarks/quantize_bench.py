@@ -25,8 +25,8 @@ from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from surgery.convert import convert  # noqa: E402
-from surgery.demo import smollm2_gguf  # noqa: E402
+from surgery.convert import ConvertConfig, convert  # noqa: E402
+from examples.smollm2 import smollm2_gguf  # noqa: E402
 from surgery.evaluation import load_model, perplexity  # noqa: E402
 from surgery.quantize import quantize  # noqa: E402
 from surgery.runtime import compare_logits, self_generated_ids  # noqa: E402
@@ -65,7 +65,7 @@ def main() -> int:
     selfcal = {"sequences": args.selfcal_sequences, "rounds": args.rounds}
     with tempfile.TemporaryDirectory(prefix="quantize-bench-") as scratch:
         source = Path(scratch) / "smollm2"
-        convert(str(smollm2_gguf()), source, dtype="bfloat16")
+        convert(ConvertConfig(str(smollm2_gguf()), source, dtype="bfloat16"))
         reference, tokenizer = load_model(str(source))
         ids = self_generated_ids(reference, tokenizer, args.tokens, seed=0)
         ppl = lambda model: perplexity(model, tokenizer, [512], stride=512, scored_tokens=512)[0]["perplexity"]  # noqa: E731

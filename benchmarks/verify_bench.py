@@ -63,7 +63,7 @@ def surgery(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 def smol_source(data: Path) -> Path:
     """SmolLM2-135M-Instruct as a bf16 safetensors directory (converted once from the GGUF on PyPI)."""
-    from surgery.demo import smollm2_gguf
+    from examples.smollm2 import smollm2_gguf
 
     source = data / "smol"
     if not (source / "model.safetensors").exists():

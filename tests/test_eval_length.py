@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import MINI_MAX_NEW_TOKENS, run_surgery
 
-from surgery.eval_length import evaluate_length, extract_answer, is_correct, is_reflective, load_tasks
+from surgery.evaluation.length import evaluate_length, extract_answer, is_correct, is_reflective, load_tasks
 
 
 @pytest.mark.parametrize("response, expected", [

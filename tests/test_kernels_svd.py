@@ -53,17 +53,6 @@ def top_k_svd(batch: tuple, m: int, n: int, k: int, seed: int):
     return a, u[..., :k], s[..., :k], vh[..., :k, :].mT  # u is column-major (LAPACK), v row-major
 
 
-def project_case(batch, m, n, k, dtype, seed, transposed=False):
-    """Project a fresh random x; with ``transposed``, x and v are column-major (transposed views)."""
-    _, u, _, v = top_k_svd(batch, m, n, k, seed)
-    generator = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(*batch, m, n, generator=generator).to(dtype)
-    v = v.to(dtype)
-    if transposed:
-        x, v = x.mT.contiguous().mT, v.mT.contiguous().mT
-    return "project", (u.to(dtype), x, v), {}, True
-
-
 def reconstruct_case(batch, m, n, k, dtype, seed, out_dtype=None):
     _, u, s, v = top_k_svd(batch, m, n, k, seed)
     return "reconstruct", (u.to(dtype), s.float(), v.to(dtype)), {"out_dtype": out_dtype}, True
@@ -71,21 +60,14 @@ def reconstruct_case(batch, m, n, k, dtype, seed, out_dtype=None):
 
 def build_cases() -> dict:
     cases = {
-        "project_fp32_batched_k5": project_case((2,), 70, 50, 5, torch.float32, 1),
-        "project_fp32_unbatched_k20": project_case((), 70, 50, 20, torch.float32, 2),
-        "project_bf16_batched_k20": project_case((2,), 70, 50, 20, torch.bfloat16, 3),
-        "project_bf16_unbatched_k5": project_case((), 50, 70, 5, torch.bfloat16, 4),
-        "project_fp16_batched_k20": project_case((2,), 70, 50, 20, torch.float16, 5),
-        "project_bf16_transposed": project_case((2,), 70, 50, 20, torch.bfloat16, 6, transposed=True),
+        "reconstruct_fp16_batched_k20": reconstruct_case((2,), 70, 50, 20, torch.float16, 5),
         "reconstruct_fp32_unbatched_k5": reconstruct_case((), 70, 50, 5, torch.float32, 7),
         "reconstruct_bf16_batched_k20": reconstruct_case((2,), 70, 50, 20, torch.bfloat16, 8),
         "reconstruct_bf16_to_fp32": reconstruct_case((2,), 50, 70, 20, torch.bfloat16, 9, out_dtype=torch.float32),
     }
-    a, u, _, v = top_k_svd((), 70, 50, 20, 10)
-    cases["project_svd_input"] = ("project", (u.float(), a.float(), v.float()), {}, True)
     # The pinned interpreter bug: the same bf16 case with the float32 upcast switched off, and fp16 for contrast.
-    cases["pin_bf16_without_upcast"] = (*cases["project_bf16_batched_k20"][:3], False)
-    cases["pin_fp16_without_upcast"] = (*cases["project_fp16_batched_k20"][:3], False)
+    cases["pin_bf16_without_upcast"] = (*cases["reconstruct_bf16_batched_k20"][:3], False)
+    cases["pin_fp16_without_upcast"] = (*cases["reconstruct_fp16_batched_k20"][:3], False)
     return cases
 
 
@@ -122,9 +104,6 @@ def transposed(a: np.ndarray) -> np.ndarray:
 
 
 def expected(function: str, args: tuple, kwargs: dict) -> np.ndarray:
-    if function == "project":
-        u, x, v = map(as_float64, args)
-        return u @ (transposed(u) @ x @ v) @ transposed(v)
     u, s, v = map(as_float64, args)
     return (u * s[..., None, :]) @ transposed(v)
 
@@ -135,7 +114,7 @@ def relative_error(result: torch.Tensor, reference: np.ndarray) -> float:
 
 def check_case(name: str, result: torch.Tensor) -> None:
     function, args, kwargs, _ = CASES[name]
-    dtype = kwargs.get("out_dtype") or args[0 if function == "reconstruct" else 1].dtype
+    dtype = kwargs.get("out_dtype") or args[0].dtype
     reference = expected(function, args, kwargs)
     assert result.dtype == dtype and tuple(result.shape) == reference.shape
     assert relative_error(result, reference) < TOLERANCE[dtype], name
@@ -157,16 +136,9 @@ def test_torch_reference_matches_float64(name):
     check_case(name, getattr(svd, f"{function}_reference")(*args, **kwargs))
 
 
-def test_projecting_the_svd_input_gives_its_best_rank_k_approximation(interpreted):
-    a, u, s, v = top_k_svd((), 70, 50, 20, 10)  # the factors of case project_svd_input
-    best = as_float64(u) @ np.diag(as_float64(s)) @ as_float64(v).T
-    assert relative_error(interpreted["project_svd_input"]["out"], best) < 1e-5
-
-
 def test_strided_inputs_reached_the_kernels(interpreted):
-    # torch.linalg.svd on CPU gives a column-major U, so u is strided in every case; x and v are in one.
-    assert interpreted["project_bf16_batched_k20"]["contiguous"] == [False, True, True]
-    assert interpreted["project_bf16_transposed"]["contiguous"] == [False, False, False]
+    # torch.linalg.svd on CPU gives a column-major U, so u is strided in every case.
+    assert not interpreted["reconstruct_bf16_batched_k20"]["contiguous"][0]
 
 
 def test_pin_triton_interpreter_bf16_dot_bug(interpreted):
@@ -180,8 +152,6 @@ def test_pin_triton_interpreter_bf16_dot_bug(interpreted):
 
 
 def test_auto_backend_on_cpu_is_the_torch_reference():
-    _, args, _, _ = CASES["project_bf16_batched_k20"]
-    assert torch.equal(svd.project(*args), svd.project_reference(*args))
     _, args, kwargs, _ = CASES["reconstruct_bf16_to_fp32"]
     assert torch.equal(svd.reconstruct(*args, **kwargs), svd.reconstruct_reference(*args, **kwargs))
 
@@ -189,23 +159,17 @@ def test_auto_backend_on_cpu_is_the_torch_reference():
 def test_triton_backend_refuses_cpu_tensors_outside_the_interpreter():
     if svd.triton is None or svd._INTERPRETING:
         pytest.skip("needs triton, imported without TRITON_INTERPRET=1")
-    _, args, _, _ = CASES["project_fp32_batched_k5"]
+    _, args, kwargs, _ = CASES["reconstruct_fp32_unbatched_k5"]
     with pytest.raises(ValueError, match="need CUDA"):
-        svd.project(*args, backend="triton")
+        svd.reconstruct(*args, backend="triton", **kwargs)
 
 
-u3, x3, v3 = torch.zeros(2, 6, 3), torch.zeros(2, 6, 5), torch.zeros(2, 5, 3)
+u3, v3 = torch.zeros(2, 6, 3), torch.zeros(2, 5, 3)
 s2 = torch.zeros(2, 3)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton", "auto"])
 @pytest.mark.parametrize("call, match", [
-    (lambda b: svd.project(u3, x3[0], v3, backend=b), "all be batched"),
-    (lambda b: svd.project(u3, x3.unsqueeze(0), v3, backend=b), r"x must be \(m, n\)"),
-    (lambda b: svd.project(u3[:, :4], x3, v3, backend=b), "so u must be"),
-    (lambda b: svd.project(u3[:1], x3, v3, backend=b), "so u must be"),
-    (lambda b: svd.project(u3, x3, v3[:, :4], backend=b), "so v must be"),
-    (lambda b: svd.project(u3, x3, v3[..., :2], backend=b), "same rank"),
     (lambda b: svd.reconstruct(u3, s2[:, :2], v3, backend=b), "so s must be"),
     (lambda b: svd.reconstruct(u3, s2, v3[..., :2], backend=b), "so s must be"),
     (lambda b: svd.reconstruct(u3, s2[0], v3, backend=b), "expected u"),
@@ -218,15 +182,15 @@ def test_bad_shapes_raise(call, match, backend):
 
 def test_unknown_backend_raises():
     with pytest.raises(ValueError, match="unknown backend 'cuda'; expected one of auto, torch, triton"):
-        svd.project(u3, x3, v3, backend="cuda")
+        svd.reconstruct(u3, s2, v3, backend="cuda")
 
 
 def test_block_k_fits_the_rank():
     """The autotune pruning used on GPUs (the interpreter runs a single config): BLOCK_K <= rank padded to 2^j."""
     if svd.triton is None:
         pytest.skip("triton is not installed")
-    configs = svd._configs(svd._ROWS_TIMES_V_TILES)
-    for rank, widest in [(5, 16), (20, 32), (128, 128), (512, 256)]:
+    configs = svd._configs(svd._TIMES_VT_TILES)  # BLOCK_K at most 64 there
+    for rank, widest in [(5, 16), (20, 32), (128, 64), (512, 64)]:
         fitted = svd._fit_block_k(configs, {"rank": rank})
         assert max(config.kwargs["BLOCK_K"] for config in fitted) == widest
         assert len({str(config) for config in fitted}) == len(fitted)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from conftest import BIG_TENSOR_ELEMENTS
-from surgery.procmem import measure
+from benchmarks.procmem import measure
 
 
 def test_convert_memory_is_far_below_checkpoint_size(big_checkpoint, tiny_checkpoints, tmp_path):

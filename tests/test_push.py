@@ -156,7 +156,7 @@ def test_interrupted_push_resumes_without_resending(hub, checkpoint, tmp_path):
 
 
 def test_partial_lfs_upload_resumes_with_the_missing_objects_only(api_hub, sharded_llama, tmp_path):
-    from surgery.hub import PushFailed, push
+    from surgery.hub import PushConfig, PushFailed, push
 
     directory = shutil.copytree(sharded_llama, tmp_path / "sharded")
     shards = sorted(directory.glob("*.safetensors"))
@@ -164,27 +164,27 @@ def test_partial_lfs_upload_resumes_with_the_missing_objects_only(api_hub, shard
     broken = sha256(shards[1])
     api_hub.fail_uploads = {broken}
     with pytest.raises(PushFailed, match="the Hub answered 400"):
-        push(directory, f"{USER}/sharded")
+        push(PushConfig(directory, f"{USER}/sharded"))
     arrived = [oid for oid, _ in api_hub.uploaded()]
     assert arrived and broken not in arrived
 
-    result = push(directory, f"{USER}/sharded")
+    result = push(PushConfig(directory, f"{USER}/sharded"))
     resent = [oid for oid, _ in api_hub.uploaded()][len(arrived):]
     assert sorted(arrived + resent) == sorted(sha256(shard) for shard in shards)  # each object sent once, in all
-    assert api_hub.files(f"{USER}/sharded") == visible_files(directory) and result["card"] == "none"
+    assert api_hub.files(f"{USER}/sharded") == visible_files(directory) and result.card == "none"
 
 
 def test_existing_card_is_kept_or_completed(api_hub, merged, tmp_path):
-    from surgery.hub import push
+    from surgery.hub import PushConfig, push
 
     directory = shutil.copytree(merged, tmp_path / "checkpoint")
     own_card = (directory / "README.md").read_bytes()  # the merge's card already has every field it can know
-    assert push(directory, f"{USER}/cards")["card"] == "kept"
+    assert push(PushConfig(directory, f"{USER}/cards")).card == "kept"
     assert api_hub.files(f"{USER}/cards")["README.md"] == own_card
 
     user_card = "---\nlicense: mit\ntags:\n- mine\n---\n\n# My merge\n\nWritten by hand.\n"
     (directory / "README.md").write_text(user_card)
-    assert push(directory, f"{USER}/cards", commit_message="Complete the card")["card"] == "completed"
+    assert push(PushConfig(directory, f"{USER}/cards", commit_message="Complete the card")).card == "completed"
     assert (directory / "README.md").read_text() == user_card  # completed in the commit, not on disk
     pushed = api_hub.files(f"{USER}/cards")["README.md"].decode()
     assert pushed.startswith("---\nlicense: mit\ntags:\n- mine\n")
@@ -196,28 +196,28 @@ def test_existing_card_is_kept_or_completed(api_hub, merged, tmp_path):
 
 
 def test_card_the_hub_rejects_is_bad_input(api_hub, merged, tmp_path):
-    from surgery.hub import push
+    from surgery.hub import PushConfig, push
 
     directory = shutil.copytree(merged, tmp_path / "checkpoint")
     (directory / "README.md").write_text("---\nbase_model_relation: none\n---\n# Converted\n")
     with pytest.raises(BadInput, match="the Hub rejects the model card: .*base_model_relation"):
-        push(directory, f"{USER}/rejected")
+        push(PushConfig(directory, f"{USER}/rejected"))
     assert api_hub.uploaded() == []  # validated before anything is sent
 
 
 def test_branch_and_pull_request(api_hub, merged, tmp_path):
-    from surgery.hub import push
+    from surgery.hub import PushConfig, push
 
     directory = shutil.copytree(merged, tmp_path / "checkpoint")
-    on_branch = push(directory, f"{USER}/branches", revision="v2")
+    on_branch = push(PushConfig(directory, f"{USER}/branches", revision="v2"))
     repo = api_hub.repos[f"{USER}/branches"]
-    assert on_branch["revision"] == "v2" and api_hub.files(f"{USER}/branches", "v2") == visible_files(directory)
+    assert on_branch.revision == "v2" and api_hub.files(f"{USER}/branches", "v2") == visible_files(directory)
     assert api_hub.files(f"{USER}/branches") == {}  # main untouched
 
     (directory / "extra.txt").write_text("an addition proposed in a pull request\n")
-    proposal = push(directory, f"{USER}/branches", revision="v2", create_pr=True)
-    assert proposal["pr_url"] == f"{api_hub.url}/{USER}/branches/discussions/1"
-    assert proposal["revision"] == "refs/pr/1" and repo.refs["refs/pr/1"] != repo.refs["v2"]
+    proposal = push(PushConfig(directory, f"{USER}/branches", revision="v2", create_pr=True))
+    assert proposal.pr_url == f"{api_hub.url}/{USER}/branches/discussions/1"
+    assert proposal.revision == "refs/pr/1" and repo.refs["refs/pr/1"] != repo.refs["v2"]
     assert api_hub.files(f"{USER}/branches", "refs/pr/1") == visible_files(directory)
 
 
@@ -228,7 +228,7 @@ def test_branch_and_pull_request(api_hub, merged, tmp_path):
     ("adapter", "adapter", "peft", ["surgery", "adapter", "lora"]),
 ])
 def test_generated_card_fields(command, relation, library, tags, tmp_path):
-    from surgery.hub import card_from_manifest
+    from surgery.cards import card_from_manifest
 
     recipe = {"convert": {"dtype": "bfloat16"}, "extend": {"rope": "yarn", "factor": 4.0},
               "quantize": {"method": "int4"}, "adapter": {"method": "lora"}}[command]
@@ -248,7 +248,7 @@ def test_generated_card_fields(command, relation, library, tags, tmp_path):
 
 
 def test_generated_card_takes_the_license_the_inputs_agree_on(tmp_path):
-    from surgery.hub import card_from_manifest
+    from surgery.cards import card_from_manifest
 
     inputs = []
     for name in ("base", "tuned"):
@@ -261,7 +261,7 @@ def test_generated_card_takes_the_license_the_inputs_agree_on(tmp_path):
 
 
 def test_card_without_front_matter_gets_one(tmp_path):
-    from surgery.hub import complete_front_matter
+    from surgery.cards import complete_front_matter
 
     completed = complete_front_matter("# Notes\n", {"license": "apache-2.0", "tags": ["surgery"]}, "README.md")
     assert completed == "---\nlicense: apache-2.0\ntags:\n- surgery\n---\n\n# Notes\n"
@@ -294,19 +294,19 @@ def test_token_errors_are_one_line_exit_2(token, error, hub, checkpoint, tmp_pat
 def test_unreachable_hub_is_push_failed(api_hub, merged, monkeypatch):
     from huggingface_hub import constants
 
-    from surgery.hub import PushFailed, push
+    from surgery.hub import PushConfig, PushFailed, push
 
     with socket.socket() as sock:  # a port nothing listens on
         sock.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
     monkeypatch.setattr(constants, "ENDPOINT", closed)
     with pytest.raises(PushFailed, match=f"cannot reach the Hub at {closed} .*run the same command again"):
-        push(merged, f"{USER}/offline")
+        push(PushConfig(merged, f"{USER}/offline"))
 
 
 @pytest.mark.parametrize("case", ["invalid repo id", "not a checkpoint", "missing shard"])
 def test_bad_input_before_any_request(case, api_hub, checkpoint, sharded_llama, tmp_path):
-    from surgery.hub import push
+    from surgery.hub import PushConfig, push
 
     repo_id, directory = f"{USER}/errors", checkpoint
     if case == "invalid repo id":
@@ -322,6 +322,6 @@ def test_bad_input_before_any_request(case, api_hub, checkpoint, sharded_llama, 
         shard.unlink()
         error = f"{directory}: not a checkpoint ({shard}: shard file is missing)"
     with pytest.raises(BadInput) as raised:
-        push(directory, repo_id)
+        push(PushConfig(directory, repo_id))
     assert str(raised.value).startswith(error)
     assert api_hub.requests == []

@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from surgery.plots import accuracy_length_plot
+from surgery.evaluation.plots import accuracy_length_plot
 from surgery.sweep import recommend
 
 INPUTS = {"system1", "system2", "base"}

@@ -65,7 +65,7 @@ def _check_length(model, tokens: int, extra: int, source: str) -> None:
 def base_model_reference(source: str) -> str:
     """What an adapter records as its base model: a Hub repo id as given, a local model as its absolute path (a
     relative one would name another model, or none, from anywhere else)."""
-    from surgery.hub import looks_like_repo_id
+    from surgery.io.sources import looks_like_repo_id
 
     path = Path(source).expanduser()
     return source if looks_like_repo_id(source) and not path.exists() else str(path.resolve())

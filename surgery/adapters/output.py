@@ -1,10 +1,10 @@
 """Writing an adapter directory: its tensors, its config, the ``surgery.json`` manifest and a model card with
 ``base_model_relation: adapter``, all at once (nothing appears until everything is written)::
 
-    with opened_source("org/model") as source:
-        write_adapter("out", source, tensors_file="adapter_model.safetensors", tensors={"prompt_embeddings": t},
-                      files={"adapter_config.json": config_bytes}, recipe=recipe, method="prefix-tuning",
-                      title="...", body="...")
+    with open_checkpoint("org/model") as checkpoint:
+        write_adapter("out", checkpoint, tensors_file="adapter_model.safetensors", tensors={"prompt_embeddings": t},
+                      files={"adapter_config.json": config_bytes}, recipe=recipe, measurements={"prompt_tokens": 812},
+                      method="prefix-tuning", library="peft", title="...", body="...")
 """
 
 from __future__ import annotations
@@ -15,13 +15,24 @@ from typing import Callable
 
 import torch
 
-from surgery.io import atomic_directory
 from surgery.io.checkpoint import Checkpoint
 from surgery.io.writer import write_tensor_file
-from surgery.provenance import hash_inputs_in_background, manifest_bytes, model_card_bytes
+from surgery.output import Card, OutputRecord, write_output
 
 
 def json_bytes(value: dict) -> bytes:
+    """A JSON file's bytes as every surgery output writes them (indented, keys sorted, a final newline).
+
+    Args:
+        value: the JSON object.
+
+    Returns:
+        The file's content.
+
+    Example::
+
+        json_bytes({"b": 1, "a": 2})   # b'{\\n  "a": 2,\\n  "b": 1\\n}\\n'
+    """
     return (json.dumps(value, indent=2, sort_keys=True) + "\n").encode()
 
 
@@ -29,22 +40,33 @@ def write_adapter(output: str | Path, checkpoint: Checkpoint, *, tensors_file: s
                   files: dict[str, bytes], recipe: dict, measurements: dict, method: str, title: str, body: str,
                   library: str | None = None, force: bool = False,
                   check: Callable[[Path], None] | None = None) -> list[str]:
-    """Write the adapter directory atomically; returns the names of the files written. ``measurements`` (numbers
-    that the same inputs reproduce, no timings) go into the manifest's ``output``; ``check(staging)`` is the loader
-    check the directory must pass before it appears (:mod:`surgery.io.loader_check`)."""
-    hashes = hash_inputs_in_background([checkpoint])
-    with atomic_directory(output, force=force, check=check) as staging:
-        write_tensor_file(staging / tensors_file, tensors, {"format": "pt"})
-        card = model_card_bytes(title=title, relation="adapter", method=method, checkpoints=[checkpoint], body=body)
-        if library is not None:
-            from huggingface_hub import ModelCard
+    """Write the adapter directory atomically (:func:`surgery.output.write_output`).
 
-            parsed = ModelCard(card.decode())
-            parsed.data.library_name = library
-            card = str(parsed).encode()
-        everything = {**files, "surgery.json": manifest_bytes("adapter", recipe, hashes.result(), measurements),
-                      "README.md": card}
-        for name, content in everything.items():
+    Args:
+        output: the adapter directory.
+        checkpoint: the base model, opened (hashed for the manifest; its card gives the license).
+        tensors_file: the safetensors file the tensors go to.
+        tensors: the adapter's tensors.
+        files: other files (name → content), such as the adapter's config.
+        recipe: everything that decides the adapter's bytes.
+        measurements: numbers that the same inputs reproduce (no timings): the manifest's ``output``.
+        method: the card's method tag.
+        title: the card's title.
+        body: the card's body.
+        library: the card's library_name when not transformers.
+        force: replace an existing output.
+        check: the loader check the directory must pass before it appears (:mod:`surgery.io.loader_check`).
+
+    Returns:
+        The names of the files written, sorted.
+
+    Example: see the module's.
+    """
+    def write(staging: Path) -> dict:
+        write_tensor_file(staging / tensors_file, tensors, {"format": "pt"})
+        for name, content in files.items():
             (staging / name).write_bytes(content)
-        written = sorted(path.name for path in staging.iterdir())
-    return written
+        return measurements
+
+    return write_output(output, OutputRecord("adapter", [checkpoint]), write, recipe=recipe, force=force, check=check,
+                        card=Card(title, "adapter", method, body, library))

@@ -92,12 +92,11 @@ def convert(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Re-shard, cast, or import a GGUF file into a safetensors checkpoint that transformers loads."""
-    from surgery import convert as conversion
-    from surgery.io import open_checkpoint
+    from surgery.convert import ConvertConfig, convert as conversion
 
+    config = ConvertConfig(source, output, dtype, max_shard_size, force, dry_run)
     if dry_run:
-        with open_checkpoint(source) as ckpt:
-            plan = {"output": output, **conversion.plan_conversion(ckpt, dtype, max_shard_size)}
+        plan = conversion(config).summary()
         if as_json:
             return print_json(plan)
         typer.echo(f"would write {output}: {len(plan['shards'])} shard(s), {human_size(plan['total_bytes'])}, "
@@ -106,10 +105,9 @@ def convert(
             typer.echo(f"  {file}: {shard['tensors']} tensors, {human_size(shard['bytes'])}")
         return
     with progress(None, "B", "convert") as advance:
-        result = conversion.convert(source, output, dtype, max_shard_size, force, progress=advance)
-    summary = {"output": str(result.directory), "shards": len(result.shards), "total_bytes": result.total_size,
-               "files": result.files}
+        result = conversion(config, progress=advance)
     if as_json:
-        return print_json(summary)
-    typer.echo(f"wrote {result.directory}: {len(result.shards)} shard(s), {human_size(result.total_size)}, "
-               f"{len(result.files)} files")
+        return print_json(result.summary())
+    written = result.written
+    typer.echo(f"wrote {written.directory}: {len(written.shards)} shard(s), {human_size(written.total_size)}, "
+               f"{len(written.files)} files")

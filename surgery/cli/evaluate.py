@@ -94,7 +94,7 @@ def eval_length(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Accuracy, mean response length and reflection rate (greedy), per difficulty: the long-to-short measures."""
-    from surgery.eval_length import evaluate_length, load_tasks, write_responses
+    from surgery.evaluation.length import evaluate_length, load_tasks, write_responses
 
     if max_new_tokens < 1 or batch_size < 1 or (limit is not None and limit < 1):
         raise BadInput("--max-new-tokens, --batch-size and --limit must be at least 1")

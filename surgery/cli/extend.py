@@ -54,30 +54,23 @@ def extend(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the per-pair table; write nothing."),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    from surgery import extend as extension
+    from surgery.extend import ExtendConfig, extend as extension
 
-    options = dict(factor=factor, target_length=target_length, beta_fast=beta_fast, beta_slow=beta_slow,
-                   low_freq_factor=low_freq_factor, high_freq_factor=high_freq_factor, power=power,
-                   cut_length=cut_length)
-    if dry_run:
-        result = extension.plan(source, rope, **options)
-    else:
-        with progress(None, "B", "extend") as advance:
-            result, _ = extension.extend(source, output, rope, max_shard_size=max_shard_size, force=force,
-                                         progress=advance, **options)
-    pairs = extension.pair_table(result.geometry.inv_freq, result.inv_freq, result.status)
-    summary = {"output": None if dry_run else output, "method": rope, "parameters": result.parameters,
-               "trained_length": result.geometry.trained_length, "source_length": result.geometry.source_length,
-               "new_length": result.new_length,
-               "attention_factor": result.attention_factor, "rope_parameters": result.config.get("rope_parameters"),
-               "pairs": pairs}
+    config = ExtendConfig(source, output, rope, factor=factor, target_length=target_length, beta_fast=beta_fast,
+                          beta_slow=beta_slow, low_freq_factor=low_freq_factor, high_freq_factor=high_freq_factor,
+                          power=power, cut_length=cut_length, max_shard_size=max_shard_size, force=force,
+                          dry_run=dry_run)
+    with progress(None, "B", "extend") as advance:
+        result = extension(config, progress=advance)
+    summary = result.summary()
+    plan = result.plan
     if as_json:
         return print_json(summary)
     verb = "would write" if dry_run else "wrote"
-    typer.echo(f"{verb} {output}: {rope} RoPE, length {result.geometry.source_length} → {result.new_length}, "
-               f"attention factor {result.attention_factor:.4g}; verified against transformers")
+    typer.echo(f"{verb} {output}: {rope} RoPE, length {plan.geometry.source_length} → {plan.new_length}, "
+               f"attention factor {plan.attention_factor:.4g}; verified against transformers")
     if dry_run:
-        _print_pairs(pairs)
+        _print_pairs(summary["pairs"])
 
 
 @app.command("verify-rope")

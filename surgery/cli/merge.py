@@ -231,7 +231,7 @@ def sweep_command(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Merge at every grid point, evaluate accuracy and response length, and recommend a setting on the Pareto front."""
-    from surgery.eval_length import load_tasks
+    from surgery.evaluation.length import load_tasks
     from surgery.merge import ModelEntry, Recipe, load_recipe
     from surgery.sweep import parse_grid, sweep
 

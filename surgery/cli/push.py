@@ -35,21 +35,22 @@ def push(
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()
+    config = hub.PushConfig(directory, repo_id, private=private, revision=revision, commit_message=commit_message,
+                            create_pr=create_pr, dry_run=dry_run)
     try:
-        result = hub.push(directory, repo_id, private=private, revision=revision, commit_message=commit_message,
-                          create_pr=create_pr, dry_run=dry_run)
+        result = hub.push(config)
     except hub.PushFailed as err:
         typer.echo(f"surgery: error: {err}", err=True)
         raise typer.Exit(1)
     if as_json:
-        return print_json(result)
+        return print_json(result.summary())
     verb = "would push" if dry_run else "pushed"
-    typer.echo(f"{verb} {len(result['files'])} files ({human_size(result['bytes'])}) to "
-               f"{result['repo_id']}@{result['revision']}; model card {result['card']}")
+    typer.echo(f"{verb} {len(result.files)} files ({human_size(result.bytes)}) to "
+               f"{result.repo_id}@{result.revision}; model card {result.card}")
     if dry_run:
-        for name, size in result["files"].items():
+        for name, size in result.files.items():
             typer.echo(f"  {name}  {human_size(size)}")
         return
-    typer.echo(result["commit_url"])
-    if result["pr_url"]:
-        typer.echo(f"pull request: {result['pr_url']}")
+    typer.echo(result.commit_url)
+    if result.pr_url:
+        typer.echo(f"pull request: {result.pr_url}")

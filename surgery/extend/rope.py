@@ -267,19 +267,6 @@ def _scaled(method: str, theta: torch.Tensor, g: RopeGeometry, s: float, new_len
     return _llama3(theta, g, s, used["low_freq_factor"], used["high_freq_factor"]), rope, new_length, 1.0, used
 
 
-# The options of each method besides --factor / --target-length (which power does not take either).
-METHOD_OPTIONS = {"yarn": {"beta_fast", "beta_slow"}, "llama3": {"low_freq_factor", "high_freq_factor"},
-                  "power": {"power"}, "truncated": {"cut_length"}}
-
-
-def _check_options_apply(method: str, **options) -> None:
-    """BadInput naming an option given for a method that does not use it (it would be dropped silently)."""
-    for name, value in options.items():
-        if value is not None and name not in METHOD_OPTIONS.get(method, set()):
-            users = [m for m, names in METHOD_OPTIONS.items() if name in names]
-            raise BadInput(f"--{name.replace('_', '-')}: applies to --rope {' / '.join(users)}, not {method}")
-
-
 def plan_extension(config: dict, method: str, *, factor: float | None = None, target_length: int | None = None,
                    beta_fast: float | None = None, beta_slow: float | None = None,
                    low_freq_factor: float | None = None, high_freq_factor: float | None = None,
@@ -288,14 +275,13 @@ def plan_extension(config: dict, method: str, *, factor: float | None = None, ta
 
     Rope parameters the method does not set (Qwen2-VL's mrope_section, gpt-oss's truncate...) are carried
     unchanged. A yarn or llama3 config is extended by the same method: its factor is multiplied, its trained
-    geometry (original_max_position_embeddings, betas or frequency bounds unless given) kept::
+    geometry (original_max_position_embeddings, betas or frequency bounds unless given) kept. Options a method does
+    not use are refused by :class:`surgery.extend.context.ExtendConfig`, not here::
 
         plan_extension(gpt_oss_config, "yarn", factor=2).config["rope_parameters"]["factor"]   # 64.0
     """
     if method not in METHODS:
         raise BadInput(f"--rope {method!r}: expected one of {', '.join(METHODS)}")
-    _check_options_apply(method, beta_fast=beta_fast, beta_slow=beta_slow, low_freq_factor=low_freq_factor,
-                         high_freq_factor=high_freq_factor, power=power, cut_length=cut_length)
     g = rope_geometry(config)
     _check_existing_scaling(g, method)
     theta = g.inv_freq

@@ -15,24 +15,32 @@ from pathlib import Path
 
 from surgery.errors import BadInput
 from surgery.io.checkpoint import Checkpoint, TensorInfo
+from surgery.io.sources import resolve_source
 from surgery.io.writer import WriteResult, atomic_directory, plan_shards, write_checkpoint
 
 __all__ = [
     "Checkpoint", "TensorInfo", "WriteResult", "atomic_directory", "open_checkpoint", "plan_shards",
-    "write_checkpoint",
+    "resolve_source", "write_checkpoint",
 ]
 
 
 def open_checkpoint(source: str | Path) -> Checkpoint:
-    """Open a checkpoint lazily; raises :class:`BadInput` with a one-line reason when it cannot be read."""
-    from surgery.hub import looks_like_repo_id, resolve_repo
+    """Open a checkpoint lazily (see :func:`surgery.io.sources.resolve_source` for what a source may be).
 
+    Args:
+        source: a model directory, a ``.safetensors`` or ``.gguf`` file, or a Hub repo id ``org/name[@revision]``.
+
+    Returns:
+        A :class:`Checkpoint` (a context manager); raises :class:`BadInput` with a one-line reason when it cannot be
+        read.
+
+    Example::
+
+        with open_checkpoint("org/model@main") as ckpt:
+            ckpt.config["model_type"], len(ckpt.tensors)
+    """
     text = str(source)
-    path = Path(text).expanduser()
-    if not path.exists():
-        if isinstance(source, Path) or not looks_like_repo_id(text):
-            raise BadInput(f"{text}: no such file or directory")
-        path = resolve_repo(text)
+    path = resolve_source(source)
     if path.is_file() and path.suffix == ".gguf":
         from surgery.io.gguf_reader import GGUFCheckpoint
 

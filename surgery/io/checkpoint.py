@@ -28,6 +28,9 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 }
 TORCH_TO_SAFETENSORS: dict[torch.dtype, str] = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
+# The index of a sharded safetensors checkpoint (Hugging Face convention), read and written under this name.
+INDEX_FILE = "model.safetensors.index.json"
+
 OUTPUT_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
 }

@@ -13,11 +13,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from surgery.errors import BadInput
-from surgery.io.checkpoint import SAFETENSORS_DTYPES, Checkpoint, TensorInfo, natural_key
+from surgery.io.checkpoint import INDEX_FILE, SAFETENSORS_DTYPES, Checkpoint, TensorInfo, natural_key
 from surgery.io.config_check import validate_config
 
 SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 
 # Files that belong to a model besides its weights and config, carried over to every output.
 AUXILIARY_FILES = (

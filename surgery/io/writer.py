@@ -26,9 +26,8 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from surgery.errors import BadInput
-from surgery.io.checkpoint import TORCH_TO_SAFETENSORS, TensorInfo
+from surgery.io.checkpoint import INDEX_FILE, TORCH_TO_SAFETENSORS, TensorInfo
 
-INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 PARTIAL_MARK = ".partial-"
 REPLACED_MARK = ".replaced-"

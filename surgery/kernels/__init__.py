@@ -1,7 +1,7 @@
-"""Triton kernels, each with a torch reference.
+"""Triton kernels, each with a torch reference (Triton on CUDA, the reference elsewhere).
 
-* :mod:`surgery.kernels.svd_projection` -- batched projection onto top-k singular subspaces
-  (``project(u, x, v)`` = u @ (uᵀ @ x @ v) @ vᵀ) and low-rank reconstruction (``reconstruct(u, s, v)``), for
-  SVD-based merging ([merge-svd-aim] issue). Triton on CUDA, the torch reference elsewhere.
-* A fused dequantize-matmul kernel: not implemented yet, see the project's [quantize] issue.
+* :mod:`surgery.kernels.svd_projection` -- low-rank reconstruction ``reconstruct(u, s, v)`` = u @ diag(s) @ vᵀ,
+  for SVD-based merging (:mod:`surgery.merge.spectral`).
+* :mod:`surgery.kernels.dequant_matmul` -- ``x @ dequantize(W)ᵀ`` read straight from compressed-tensors
+  ``pack-quantized`` int4/int8 weights (``dequant_matmul(x, packed, scale, bits=4, group_size=128)``).
 """

@@ -1,41 +1,30 @@
-"""Batched projection onto top-k singular subspaces, and low-rank reconstruction: Triton kernels, torch reference.
+"""Low-rank reconstruction from singular factors: a Triton kernel, and its torch reference.
 
 Usage::
 
     import torch
-    from surgery.kernels.svd_projection import project, reconstruct
+    from surgery.kernels.svd_projection import reconstruct
 
     u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)  # delta: (B, m, n)
     u, s, v = u[..., :k], s[..., :k], vh[..., :k, :].mT             # (B, m, k), (B, k), (B, n, k)
 
-    kept = project(u, x, v)         # u @ (uᵀ @ x @ v) @ vᵀ: x on the top-k subspaces; x's dtype
-    low_rank = reconstruct(u, s, v)  # u @ diag(s) @ vᵀ; u's dtype unless out_dtype=...
+    low_rank = reconstruct(u, s, v)                       # u @ diag(s) @ vᵀ; u's dtype unless out_dtype=...
+    reconstruct(u[0], s[0], v[0])                         # unbatched: (m, k), (k,), (n, k) -> (m, n)
+    reconstruct(u, s, v, backend="torch")                 # "auto" (default), "torch" or "triton"
 
-    project(u[0], x[0], v[0])       # unbatched: (m, k), (m, n), (n, k) -> (m, n)
-    project(u, x, v, backend="torch")  # "auto" (default), "torch" or "triton"
+SVD-based merges (:mod:`surgery.merge.spectral`) rebuild each task matrix's truncation with it.
 
-``backend="auto"`` runs the Triton kernels when every tensor is a float16/bfloat16 CUDA tensor and triton imports
-(float32 goes to cuBLAS, whose float32 GEMMs beat the kernels' non-tensor-core float32 dots), else the torch
-reference (:func:`project_reference`, :func:`reconstruct_reference`: float32 math, cast at the end).
-``backend="triton"`` insists; on CPU it needs ``TRITON_INTERPRET=1`` in the environment before this module is
-imported (triton picks the interpreter when a kernel is decorated, i.e. at import).
+``backend="auto"`` runs the Triton kernel when every tensor is a float16/bfloat16 CUDA tensor and triton imports
+(float32 goes to cuBLAS, whose float32 GEMMs beat the kernel's non-tensor-core float32 dots), else the torch
+reference (:func:`reconstruct_reference`: float32 math, cast at the end). ``backend="triton"`` insists; on CPU it
+needs ``TRITON_INTERPRET=1`` in the environment before this module is imported (triton picks the interpreter when a
+kernel is decorated, i.e. at import).
 
-How :func:`project` runs on the GPU, for x of shape (B, m, n) and rank k:
+The kernel is one GEMM with inner dimension k, ``out = (u * s) @ vᵀ``, s applied to u's columns inside it: the
+bytes that matter are the one write of the output (``benchmarks/svd_projection_bench.py`` measures it).
 
-1. ``y = x @ v`` (B, m, k) -- a Triton kernel that reads x exactly once: each program owns a block of rows and
-   streams across n. When k needs several accumulator chunks, the programs of one row block are launched side
-   by side, so the repeated reads of that block come from L2.
-2. ``w = u @ (uᵀ @ y)`` (B, m, k) -- two small cuBLAS matmuls (k x k core), negligible next to x.
-3. ``out = w @ vᵀ`` (B, m, n) -- a Triton GEMM with inner dimension k that writes x's dtype.
-
-The bytes that matter are one read of x and one write of the output; the torch chain
-``u @ ((uᵀ @ x) @ v) @ vᵀ`` moves them too, so the kernels win only by running those two passes closer to the
-memory bandwidth (``benchmarks/svd_projection_bench.py`` measures it). :func:`reconstruct` is step 3 alone, with
-s applied to u's columns inside the kernel.
-
-Precision: every GEMM accumulates in float32. For float16/bfloat16 x, the GEMM operands and the intermediates y
-and w are in x's dtype, as in the torch chain run in that dtype; float32 x stays float32 throughout (TF32 only
-if ``torch.backends.cuda.matmul.allow_tf32`` is set). Supported dtypes: float16, bfloat16, float32.
+Precision: the GEMM accumulates in float32, its operands are in the output dtype. Supported dtypes: float16,
+bfloat16, float32.
 """
 
 from __future__ import annotations
@@ -50,7 +39,7 @@ try:
 except ImportError:  # CPU-only torch wheels do not ship triton; the torch backend still works
     triton = tl = None
 
-__all__ = ["project", "reconstruct", "project_reference", "reconstruct_reference", "BACKENDS"]
+__all__ = ["reconstruct", "reconstruct_reference", "BACKENDS"]
 
 BACKENDS = ("auto", "torch", "triton")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -65,27 +54,21 @@ _UPCAST_DOT_OPERANDS = _INTERPRETING
 # ----------------------------------------------------------------------------------------------- public API
 
 
-def project(u: torch.Tensor, x: torch.Tensor, v: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
-    """``u @ (uᵀ @ x @ v) @ vᵀ``: x projected onto the column spaces of u (left) and v (right).
-
-    Shapes (B, m, k), (B, m, n), (B, n, k) -> (B, m, n), or unbatched (m, k), (m, n), (n, k) -> (m, n). u and v
-    are meant to have orthonormal columns (top-k singular vectors). Returns x's dtype; float32 accumulation::
-
-        kept = project(u, x, v)                    # Triton on CUDA, torch elsewhere
-        kept = project(u, x, v, backend="torch")   # always the reference
-    """
-    _check_project_shapes(u, x, v)
-    if _choose_backend(backend, (u, x, v), x.dtype) == "torch":
-        return project_reference(u, x, v)
-    return _batched(_project_triton, u, x, v)
-
-
 def reconstruct(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, *, out_dtype: torch.dtype | None = None,
                 backend: str = "auto") -> torch.Tensor:
     """``u @ diag(s) @ vᵀ``: the rank-k matrix of singular vectors u, v and singular values s.
 
-    Shapes (B, m, k), (B, k), (B, n, k) -> (B, m, n), or unbatched (m, k), (k,), (n, k) -> (m, n). The result
-    has ``out_dtype`` (default: u's dtype); float32 accumulation::
+    Args:
+        u: left singular vectors, (B, m, k) or unbatched (m, k).
+        s: singular values, (B, k) or (k,).
+        v: right singular vectors, (B, n, k) or (n, k).
+        out_dtype: the result's dtype (default: u's).
+        backend: "auto", "torch" or "triton".
+
+    Returns:
+        (B, m, n) or (m, n), accumulated in float32.
+
+    Example::
 
         low_rank = reconstruct(u, s, v, out_dtype=torch.bfloat16)
     """
@@ -94,14 +77,6 @@ def reconstruct(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, *, out_dtype:
     if _choose_backend(backend, (u, s, v), out_dtype) == "torch":
         return reconstruct_reference(u, s, v, out_dtype=out_dtype)
     return _batched(lambda u3, s2, v3: _times_vt(u3, v3, out_dtype, scale=s2), u, s, v)
-
-
-def project_reference(u: torch.Tensor, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """:func:`project` in plain torch: float32 math, cast to x's dtype at the end."""
-    _check_project_shapes(u, x, v)
-    u32, v32 = u.float(), v.float()
-    core = u32.mT @ x.float() @ v32  # (.., k, k)
-    return (u32 @ core @ v32.mT).to(x.dtype)
 
 
 def reconstruct_reference(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, *,
@@ -122,21 +97,6 @@ def _shape(t: torch.Tensor) -> tuple:
 def _dims(*sizes) -> str:
     """``(2, 70, k)``: a shape with symbolic sizes, for messages."""
     return "(" + ", ".join(map(str, sizes)) + ("," if len(sizes) == 1 else "") + ")"
-
-
-def _check_project_shapes(u, x, v) -> None:
-    if x.ndim not in (2, 3):
-        raise ValueError(f"project: x must be (m, n) or (batch, m, n), got shape {_shape(x)}")
-    if u.ndim != x.ndim or v.ndim != x.ndim:
-        raise ValueError(f"project: u, x, v must all be batched (3-D) or all unbatched (2-D), got shapes "
-                         f"{_shape(u)}, {_shape(x)}, {_shape(v)}")
-    *batch, m, n = x.shape
-    if tuple(u.shape[:-1]) != (*batch, m):
-        raise ValueError(f"project: x has shape {_shape(x)}, so u must be {_dims(*batch, m, 'k')}, got {_shape(u)}")
-    if tuple(v.shape[:-1]) != (*batch, n):
-        raise ValueError(f"project: x has shape {_shape(x)}, so v must be {_dims(*batch, n, 'k')}, got {_shape(v)}")
-    if u.shape[-1] != v.shape[-1] or u.shape[-1] == 0:
-        raise ValueError(f"project: u and v need the same rank k >= 1, got u {_shape(u)} and v {_shape(v)}")
 
 
 def _check_reconstruct_shapes(u, s, v) -> None:
@@ -192,34 +152,11 @@ def _batched(run, *tensors):
     return run(*(t.unsqueeze(0) for t in tensors)).squeeze(0)
 
 
-def _project_triton(u, x, v):
-    compute_dtype = x.dtype
-    y = _rows_times_v(x, v, compute_dtype)  # the one pass over x
-    u = u.to(compute_dtype)
-    w = u @ (u.mT @ y)
-    return _times_vt(w, v, x.dtype)
-
-
 def _dot_precision(dtype: torch.dtype) -> str:
     """tl.dot's input_precision: only float32 operands care; follow torch's TF32 switch like cuBLAS does."""
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"
-
-
-def _rows_times_v(x: torch.Tensor, v: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """``x @ v`` for x (B, m, n), v (B, n, k) -> (B, m, k) in ``out_dtype``, reading x once."""
-    batch, m, n = x.shape
-    rank = v.shape[-1]
-    y = torch.empty((batch, m, rank), dtype=out_dtype, device=x.device)
-
-    def grid(meta):
-        return (batch * triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(rank, meta["BLOCK_K"]),)
-
-    _rows_times_v_kernel[grid](
-        x, v, y, m, n, rank, *x.stride(), *v.stride(), *y.stride(),
-        UPCAST_DOT=_UPCAST_DOT_OPERANDS, INPUT_PRECISION=_dot_precision(x.dtype))
-    return y
 
 
 def _times_vt(w: torch.Tensor, v: torch.Tensor, out_dtype: torch.dtype, scale: torch.Tensor | None = None):
@@ -262,13 +199,6 @@ def _fit_block_k(configs, named_args, **_):
 # block edge: several row/column blocks, ragged tails, and several rank chunks once k > 16.
 _INTERPRETER_TILES = [(32, 32, 16, 4, 1)]
 
-# y = x @ v streams x: big row blocks keep the rereads of v (from L2) small; BLOCK_K is the accumulator width.
-_ROWS_TIMES_V_TILES = [
-    (128, 64, 128, 8, 3),
-    (256, 64, 128, 8, 3),
-    (64, 64, 128, 4, 4),
-    (128, 64, 256, 8, 3),
-]
 # out = w @ vᵀ writes the output: square-ish output tiles, inner dimension (the rank) in BLOCK_K steps.
 _TIMES_VT_TILES = [
     (128, 128, 64, 8, 3),
@@ -300,41 +230,6 @@ def _dot(a, b, acc, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-
-
-@_autotuned(_ROWS_TIMES_V_TILES, key=["m", "n", "rank"])
-def _rows_times_v_kernel(
-        x_ptr, v_ptr, y_ptr, m, n, rank,
-        stride_xb, stride_xm, stride_xn, stride_vb, stride_vn, stride_vk, stride_yb, stride_ym, stride_yk,
-        UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One program: rows [BLOCK_M] x rank chunk [BLOCK_K] of y = x @ v, looping over n."""
-    # The rank chunk varies fastest, so the programs that share a row block of x run together (L2 hits).
-    pid = tl.program_id(0)
-    rank_chunks = tl.cdiv(rank, BLOCK_K)
-    per_matrix = tl.cdiv(m, BLOCK_M) * rank_chunks
-    b = (pid // per_matrix).to(tl.int64)
-    tile = pid % per_matrix
-    row_start = ((tile // rank_chunks) * BLOCK_M).to(tl.int64)  # int64 bases: matrices may pass 2^31 elements
-    k_start = (tile % rank_chunks) * BLOCK_K
-    rows, ks, cols = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_K), tl.arange(0, BLOCK_N)
-
-    x_ptrs = (x_ptr + b * stride_xb + row_start * stride_xm) + rows[:, None] * stride_xm + cols[None, :] * stride_xn
-    v_ptrs = (v_ptr + b * stride_vb + k_start * stride_vk) + cols[:, None] * stride_vn + ks[None, :] * stride_vk
-    row_ok = rows < m - row_start
-    k_ok = ks < rank - k_start
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for start in range(0, n, BLOCK_N):
-        col_ok = cols < n - start
-        x_tile = tl.load(x_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        v_tile = tl.load(v_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = _dot(x_tile, v_tile.to(x_tile.dtype), acc, UPCAST_DOT, INPUT_PRECISION)
-        x_ptrs += BLOCK_N * stride_xn
-        v_ptrs += BLOCK_N * stride_vn
-
-    y_ptrs = (y_ptr + b * stride_yb + row_start * stride_ym + k_start * stride_yk) + rows[:, None] * stride_ym \
-        + ks[None, :] * stride_yk
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & k_ok[None, :])
 
 
 @_autotuned(_TIMES_VT_TILES, key=["m", "n", "rank", "HAS_SCALE"])

@@ -36,7 +36,7 @@ from surgery.merge.sparsify import chunk_slices
 from surgery.merge.recipe import DARE_RESCALES, ModelEntry, Recipe, Slice, recipe_json
 from surgery.merge.registry import MergeMethod, TensorMerge, get_method
 from surgery.merge.vocab import TOKENIZER_FILES, VocabularyPlan, VocabularySource, align_rows, plan_vocabulary
-from surgery.provenance import hash_inputs_in_background, manifest_bytes, model_card_bytes
+from surgery.output import Card, OutputRecord
 
 DEFAULTS = {"weight": 1.0, "density": 1.0, "gamma": 0.01, "epsilon": 0.15, "lambda": 1.0, "t": 0.5,
             "scale": None, "normalize": None, "rescale": True, "eta": 0.4, "rank": None, "mu": 0.1}
@@ -491,7 +491,7 @@ def merge(recipe: Recipe, output: str | Path, *, device: str = "cpu",
         inputs = open_inputs(recipe, stack)
         plan = plan_tensors(inputs, dtype)
         specs = [planned.spec for planned in plan]
-        hashes = hash_inputs_in_background(inputs.checkpoints)
+        record = OutputRecord("merge", inputs.checkpoints)
         aim_factors = aim_factors_for(recipe, inputs, plan, device)
         merger = TensorMerger(recipe, inputs, plan, device, aim_factors)
         shards = RayShards(ray, recipe, device, aim_factors, progress) if executor == "ray" else None
@@ -502,12 +502,9 @@ def merge(recipe: Recipe, output: str | Path, *, device: str = "cpu",
                 aux = {n: d for n, d in aux.items() if n not in TOKENIZER_FILES} | inputs.vocabulary.tokenizer_files
             aux = with_chat_template(aux, recipe.chat_template, list(inputs.auxiliary.values()), "chat_template")
             vocabulary = inputs.vocabulary
-            aux["surgery.json"] = manifest_bytes("merge", recipe.to_dict(), hashes.result(), {"vocabulary": {
+            card = Card(f"A {inputs.method.name} merge", "merge", inputs.method.name, _card_body(recipe, inputs))
+            return aux | record.files(recipe.to_dict(), card, {"vocabulary": {
                 "rows": vocabulary.rows, "tokens": vocabulary.tokens, "note": vocabulary.note}} if vocabulary else None)
-            aux["README.md"] = model_card_bytes(
-                title=f"A {inputs.method.name} merge", relation="merge",
-                method=inputs.method.name, checkpoints=inputs.checkpoints, body=_card_body(recipe, inputs))
-            return aux
 
         def check(staging: Path) -> None:
             check_transformers(staging, [ckpt.path for ckpt in inputs.checkpoints])

@@ -213,7 +213,7 @@ def _model_entry(entry: Any, origin: str) -> ModelEntry:
 
 def _check_reference(model: str, origin: str) -> None:
     """BadInput naming the recipe when ``model`` is neither a local path nor a valid Hub repo id."""
-    from surgery.hub import REPO_ID, check_repo_id
+    from surgery.io.sources import REPO_ID, check_repo_id
 
     match = REPO_ID.match(model)
     if match and not Path(model).expanduser().exists():

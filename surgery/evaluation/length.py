@@ -2,7 +2,7 @@
 (arXiv 2503.20641) scores them::
 
     from surgery.evaluation import load_model
-    from surgery.eval_length import evaluate_length, load_tasks
+    from surgery.evaluation.length import evaluate_length, load_tasks
     model, tokenizer = load_model("merged")
     report = evaluate_length(model, tokenizer, load_tasks("tasks.jsonl"), max_new_tokens=512)
     report["accuracy"], report["mean_length"], report["reflection_rate"], report["by_difficulty"]
