@@ -91,6 +91,7 @@ class QuantFormat:
     bits: tuple[int, ...] = (4, 8)
     schemes: tuple[str, ...] = ("sym", "asym")
     default_group_size: int = 128
+    model_types: tuple[str, ...] | None = None  # the model types it writes (None: any transformers loads)
     card_title_note: str = ""  # appended to the model card's title (GGUF: " (GGUF)")
 
     # ------------------------------------------------------------------------------------------- options

@@ -92,7 +92,21 @@ def quantize_weight(weight: torch.Tensor, bits: int, reference_only: bool,
     """One weight (already in llama.cpp's row order) → block bytes. ``reference_only`` (rtn): llama.cpp's reference
     quantizer. Otherwise per block the fitted grid or llama.cpp's, whichever is closer to the weight (Q4_0's
     reference uses the signed extreme, so all 16 levels, which a symmetric fit started from amax / 7.5 does not
-    always beat)."""
+    always beat).
+
+    Args:
+        weight: (rows, columns) float weight in llama.cpp's row order.
+        bits: 4 (Q4_0) or 8 (Q8_0).
+        reference_only: store llama.cpp's blocks as they are (the method is rtn).
+        fit: ``fit(weight, scheme) → Grid``, the method's symmetric grid with group size 32.
+
+    Returns:
+        (rows, blocks · bytes per block) uint8.
+
+    Example::
+
+        data = quantize_weight(weight, 4, False, lambda w, scheme: hqq(w, scheme, torch.float16))
+    """
     import gguf
 
     reference = gguf.quants.quantize(weight.float().numpy(), quant_type(bits))
@@ -181,7 +195,24 @@ def write_gguf(path: Path, ckpt: Checkpoint, modules: set[str], bits: int, load:
     """Write ``ckpt`` as one GGUF file at ``path``: ``load(hf_name)`` gives each tensor, the block bytes of
     ``modules`` (names without ``.weight``; already in llama.cpp's row order) and float tensors otherwise. The header
     needs every tensor's size before the data: quantized tensors are kept as their (small) block bytes between the
-    two passes, float ones are read again."""
+    two passes, float ones are read again.
+
+    Args:
+        path: the .gguf file to write.
+        ckpt: the source (config, tokenizer, tensor names and order).
+        modules: the quantized modules.
+        bits: 4 or 8.
+        load: ``load(hf_name)``: block bytes for ``modules``' weights, a float tensor otherwise.
+        name: the model name recorded in the metadata.
+        progress: called with the bytes of each tensor written.
+
+    Returns:
+        None.
+
+    Example::
+
+        write_gguf(Path("out/model-Q4_0.gguf"), ckpt, set(plan.modules), 4, quantizer, "smollm2")
+    """
     import gguf
 
     config = ckpt.config
@@ -259,6 +290,7 @@ class GGUF(QuantFormat):
     name = "gguf"
     schemes = ("sym",)
     default_group_size = BLOCK
+    model_types = SUPPORTED_MODEL_TYPES
     card_title_note = " (GGUF)"
 
     def check_options(self, group_size: int | None, scheme: str) -> None:
@@ -339,7 +371,7 @@ class GGUF(QuantFormat):
         return found
 
     def reads(self, ckpt: Checkpoint) -> bool:
-        return ckpt.format == "gguf" and (ckpt.config or {}).get("model_type") in SUPPORTED_MODEL_TYPES
+        return ckpt.format == "gguf" and (ckpt.config or {}).get("model_type") in self.model_types
 
     def stored_scheme(self, ckpt: Checkpoint) -> Scheme:
         kinds = set(self._types(ckpt).values())
