@@ -34,11 +34,12 @@ from surgery.provenance import hash_inputs_in_background, manifest_bytes, model_
 from surgery.quantize.formats import FORMATS, format_named
 from surgery.quantize.formats.base import Fit, Plan, QuantFormat
 from surgery.quantize.grid import Scheme
-from surgery.quantize.methods import QuantMethod, method_named
+from surgery.quantize.methods import METHODS, QuantMethod, method_named
 
 log = logging.getLogger(__name__)
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+METHOD_OPTIONS = ("seed", "calibration_sequences", "rounds")  # QuantizeConfig fields only some methods take
 
 
 def compute_device(device: str | torch.device) -> torch.device:
@@ -99,12 +100,12 @@ class QuantizeConfig:
 
     def check(self) -> None:
         """BadInput naming the first option that is out of range or that the method or format would ignore."""
-        if self.method != "selfcal":
-            given = ["--seed"] * (self.seed is not None) + [
-                flag for flag, value in (("--calibration-sequences", self.calibration_sequences),
-                                         ("--rounds", self.rounds)) if value is not None]
-            if given:
-                raise BadInput(f"{given[0]}: applies only to --method selfcal (the method is {self.method})")
+        taken = METHODS[self.method].options if self.method in METHODS else ()
+        for option in METHOD_OPTIONS:
+            if getattr(self, option) is not None and option not in taken:
+                owners = " or ".join(name for name, method in METHODS.items() if option in method.options)
+                raise BadInput(f"--{option.replace('_', '-')}: applies only to --method {owners} (the method is "
+                               f"{self.method})")
         fmt = FORMATS.get(self.format)
         if fmt is not None and self.group_size is not None:
             fmt.check_options(self.group_size, "sym")  # a fixed group size is named before anything else
@@ -353,7 +354,7 @@ def quantize(config: QuantizeConfig, *, progress: Callable[[int], None] | None =
         def measurements() -> dict:
             return {"modules": len(plan.modules), **note, **fmt.plan_extra(plan),
                     "weight_relative_error": round((quantizer.error_sq / quantizer.norm_sq) ** 0.5, 6),
-                    **({"selfcal": calibration} if calibration else {})}
+                    **({method.name: calibration} if calibration else {})}
 
         def files() -> dict[str, bytes]:
             measured = measurements()

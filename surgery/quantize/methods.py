@@ -31,6 +31,7 @@ class QuantMethod:
     """A grid-fitting method. ``grid`` (rtn, hqq) fits one weight; subclasses may override :meth:`prepare`."""
 
     name: str = ""
+    options: tuple[str, ...] = ()  # the QuantizeConfig fields of engine.METHOD_OPTIONS it takes
     reference_rounding = False
     precomputed = False
 
@@ -81,6 +82,7 @@ class SelfCal(QuantMethod):
     """selfcal.py: GPTQ rounding on self-generated text, every grid computed before the output is streamed."""
 
     name = "selfcal"
+    options = ("seed", "calibration_sequences", "rounds")
     precomputed = True
 
     @staticmethod
