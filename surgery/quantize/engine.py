@@ -108,7 +108,7 @@ class QuantizeConfig:
                                f"{self.method})")
         fmt = FORMATS.get(self.format)
         if fmt is not None and self.group_size is not None:
-            fmt.check_options(self.group_size, "sym")  # a fixed group size is named before anything else
+            fmt.check_group_size(self.group_size)  # a fixed group size is named before anything else
         if self.bits not in (4, 8):
             raise BadInput(f"--bits {self.bits}: expected 4 or 8")
         size = self.group_size if self.group_size is not None else fmt.default_group_size if fmt else 128
@@ -118,10 +118,9 @@ class QuantizeConfig:
             raise BadInput(f"--scheme {self.scheme!r}: expected sym or asym")
         self.quant_method.check(self)
         fmt = self.quant_format
-        fmt.check_options(self.group_size, self.scheme)
-        if self.bits not in fmt.bits or self.scheme not in fmt.schemes:
-            raise BadInput(f"--format {fmt.name}: writes {'/'.join(map(str, fmt.bits))}-bit "
-                           f"{'/'.join(fmt.schemes)} grids, not {self.bits}-bit {self.scheme}")
+        fmt.check_scheme(self.scheme)
+        if self.bits not in fmt.bits:
+            raise BadInput(f"--format {fmt.name} --bits {self.bits}: it writes {' or '.join(map(str, fmt.bits))} bits")
         compute_device(self.device)
 
     @property

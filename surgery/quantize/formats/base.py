@@ -96,8 +96,13 @@ class QuantFormat:
 
     # ------------------------------------------------------------------------------------------- options
 
-    def check_options(self, group_size: int | None, scheme: str) -> None:
-        """BadInput for a group size or scheme the format cannot write (``group_size`` None: not given)."""
+    def check_group_size(self, group_size: int) -> None:
+        """BadInput for a requested group size the format cannot write (default: any; groups.py decides)."""
+
+    def check_scheme(self, scheme: str) -> None:
+        """BadInput for a scheme (sym, asym) the format does not write."""
+        if scheme not in self.schemes:
+            raise BadInput(f"--format {self.name} --scheme {scheme}: it writes {' or '.join(self.schemes)} grids")
 
     def scheme(self, bits: int, group_size: int, symmetric: bool) -> Scheme:
         """The grid the methods fit for this format::

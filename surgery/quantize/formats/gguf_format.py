@@ -293,9 +293,11 @@ class GGUF(QuantFormat):
     model_types = SUPPORTED_MODEL_TYPES
     card_title_note = " (GGUF)"
 
-    def check_options(self, group_size: int | None, scheme: str) -> None:
-        if group_size not in (None, BLOCK):
+    def check_group_size(self, group_size: int) -> None:
+        if group_size != BLOCK:
             raise BadInput(f"--group-size {group_size}: GGUF's Q4_0 / Q8_0 blocks are {BLOCK} weights")
+
+    def check_scheme(self, scheme: str) -> None:
         if scheme != "sym":
             raise BadInput("--format gguf --scheme asym: only the symmetric Q4_0 / Q8_0 blocks are written")
 
