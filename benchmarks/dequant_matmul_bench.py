@@ -45,7 +45,7 @@ def main() -> int:
 
     torch.manual_seed(0)
     weight = torch.randn(N, K) * 0.02
-    tensors = CompressedTensors.encode(rtn(weight, Scheme(4, GROUP, True), torch.bfloat16), torch.bfloat16)
+    tensors = CompressedTensors().encode_grid(rtn(weight, Scheme(4, GROUP, True), torch.bfloat16), torch.bfloat16)
     packed, scale = tensors["weight_packed"].cuda(), tensors["weight_scale"].cuda()
     dense = unpack_weight(packed, scale, None, 4, GROUP).to(torch.bfloat16)
     try:  # tinygemm's layout: its own packing of the same int4 values

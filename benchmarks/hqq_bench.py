@@ -8,7 +8,7 @@ the share of tensors and of groups whose values differ, and the largest scale di
     python benchmarks/hqq_bench.py --source benchmarks/data/smollm2-bf16 --old-commit 905e1f2
 
 Every variant runs as its own ``surgery quantize ... --force --json`` process (old hqq: the same CLI with
-``surgery.quantize.engine.hqq`` replaced by the old module's), in the order rtn, old, new for each repeat, after
+``surgery.quantize.methods.hqq`` replaced by the old module's), in the order rtn, old, new for each repeat, after
 one untimed rtn run. The cores may be shared: compare ratios from one run, and use ``--repeat`` (fastest kept).
 """
 
@@ -41,8 +41,8 @@ if old:
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
-    import surgery.quantize.engine as engine
-    engine.hqq = module.hqq
+    import surgery.quantize.methods as methods
+    methods.hqq = module.hqq
 from surgery.cli import main
 sys.argv[0] = "surgery"
 main()

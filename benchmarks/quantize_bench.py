@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from surgery.convert import ConvertConfig, convert  # noqa: E402
 from examples.smollm2 import smollm2_gguf  # noqa: E402
 from surgery.evaluation import load_model, perplexity  # noqa: E402
-from surgery.quantize import quantize  # noqa: E402
+from surgery.quantize import QuantizeConfig, quantize  # noqa: E402
 from surgery.runtime import compare_logits, self_generated_ids  # noqa: E402
 
 METHODS = ("rtn", "hqq", "selfcal")
@@ -62,7 +62,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    selfcal = {"sequences": args.selfcal_sequences, "rounds": args.rounds}
+    selfcal = {"calibration_sequences": args.selfcal_sequences, "rounds": args.rounds}
     with tempfile.TemporaryDirectory(prefix="quantize-bench-") as scratch:
         source = Path(scratch) / "smollm2"
         convert(ConvertConfig(str(smollm2_gguf()), source, dtype="bfloat16"))
@@ -85,8 +85,9 @@ def main() -> int:
             for method in args.methods:
                 output = Path(scratch) / f"{method}-g{group}"
                 started = time.perf_counter()
-                summary = quantize(str(source), output, bits=4, group_size=group, method=method,
-                                   selfcal=selfcal if method == "selfcal" else None)
+                selfcal_options = selfcal if method == "selfcal" else {}
+                summary = quantize(QuantizeConfig(str(source), output, bits=4, group_size=group, method=method,
+                                                  **selfcal_options)).summary()
                 seconds = time.perf_counter() - started
                 model, _ = load_model(str(output))  # transformers + compressed-tensors: proves it loads
                 rows.append(score(method, group, "compressed-tensors", seconds, summary, model))
@@ -94,7 +95,7 @@ def main() -> int:
         for method in args.gguf_methods:
             output = Path(scratch) / f"{method}-gguf"
             started = time.perf_counter()
-            summary = quantize(str(source), output, bits=4, method=method, format="gguf")
+            summary = quantize(QuantizeConfig(str(source), output, bits=4, method=method, format="gguf")).summary()
             seconds = time.perf_counter() - started
             model = AutoModelForCausalLM.from_pretrained(output, gguf_file=summary["gguf_file"],
                                                          dtype=torch.float32).eval()

@@ -161,11 +161,12 @@ def broken_copies(output: Path, root: Path, module: str) -> dict[str, Path]:
 
 
 def measure(label: str, output: Path, reference: Path, seed: int, **options) -> dict:
-    from surgery.quantize import verify
+    from surgery.quantize import VerifyConfig, verify
 
     started = time.perf_counter()
     # any_reference: the unrelated reference is measured, not refused for its hashes
-    report = verify(str(output), reference=str(reference), seed=seed, any_reference=True, **options)
+    report = verify(VerifyConfig(str(output), reference=str(reference), seed=seed, any_reference=True,
+                                 **options)).summary()
     worst = min(report["layers"], key=lambda layer: layer["output_cosine"])
     row = {"case": label, "seed": seed, "min_cosine": round(report["min_output_cosine"], 4),
            "worst_module": worst["module"], "kl": round(report["end_to_end"]["kl"], 4),

@@ -224,11 +224,11 @@ def test_hqq_is_never_worse_than_rtn_per_group_and_keeps_outliers(symmetric):
 
 @pytest.mark.parametrize("method", ["rtn", "hqq"])
 def test_device_cpu_given_explicitly_writes_the_default_bytes(tiny_checkpoints, tmp_path, method):
-    from surgery.quantize import quantize
+    from surgery.quantize import QuantizeConfig, quantize
 
     source = tiny_checkpoints["llama"]
-    quantize(source, tmp_path / "default", group_size=GROUP, method=method)
-    quantize(source, tmp_path / "cpu", group_size=GROUP, method=method, device="cpu")
+    quantize(QuantizeConfig(source, tmp_path / "default", group_size=GROUP, method=method))
+    quantize(QuantizeConfig(source, tmp_path / "cpu", group_size=GROUP, method=method, device="cpu"))
     files = sorted(p.name for p in (tmp_path / "default").iterdir())
     assert files == sorted(p.name for p in (tmp_path / "cpu").iterdir())
     for name in files:

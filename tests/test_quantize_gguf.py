@@ -175,3 +175,34 @@ def test_bad_input_is_one_line(bpe_llama, tiny_checkpoints, tmp_path, model, arg
     assert done.returncode == 2 and message in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name,bits", [("q4", 4), ("q8", 8)])
+def test_verify_reads_the_gguf_output(written, bpe_llama, name, bits):
+    """verify on a GGUF output (its directory): per module the weight error of the blocks decoded here against the
+    source weight in llama.cpp's row order, output cosines and the end-to-end KL; 8 bits closer than 4."""
+    import gguf
+
+    done = run_surgery("verify", written[name], "--reference", bpe_llama, "--tokens", "32", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["format"] == "gguf" and report["bits"] == bits and report["group_size"] == 32
+    assert report["passed"] and report["provenance"]["matches"]
+    source = load_file(bpe_llama / "model.safetensors")
+    tensors = {tensor.name: tensor for tensor in gguf.GGUFReader(gguf_file(written[name])).tensors}
+    layers = {layer["module"]: layer for layer in report["layers"]}
+    assert len(layers) == 14
+    for layer in range(2):
+        for hf, gg, heads in (("self_attn.q_proj", "attn_q", HEADS), ("self_attn.k_proj", "attn_k", KV_HEADS),
+                              ("mlp.down_proj", "ffn_down", None)):
+            weight = source[f"model.layers.{layer}.{hf}.weight"].float().numpy()
+            weight = llama_cpp_rows(weight, heads) if heads else weight
+            approx = dequantize_blocks(*decode_blocks(np.asarray(tensors[f"blk.{layer}.{gg}.weight"].data), bits),
+                                       bits)
+            expected = np.linalg.norm(approx - weight) / np.linalg.norm(weight)
+            assert layers[f"model.layers.{layer}.{hf}"]["weight_rel_error"] == pytest.approx(expected, rel=1e-4)
+    assert report["min_output_cosine"] > (0.98 if bits == 4 else 0.9999)
+    assert 0 < report["end_to_end"]["kl"] < (0.05 if bits == 4 else 0.001)
+    file_report = json.loads(run_surgery("verify", gguf_file(written[name]), "--reference", bpe_llama, "--tokens",
+                                         "32", "--json").stdout)
+    assert file_report["layers"] == report["layers"]  # the .gguf file itself reads the same

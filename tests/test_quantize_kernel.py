@@ -37,7 +37,7 @@ RUNNER = textwrap.dedent("""
 def case(m, n, kdim, bits, group, symmetric, dtype, seed):
     generator = torch.Generator().manual_seed(seed)
     weight = torch.randn(n, kdim, generator=generator)
-    tensors = CompressedTensors.encode(rtn(weight, Scheme(bits, group, symmetric), torch.bfloat16), torch.bfloat16)
+    tensors = CompressedTensors().encode_grid(rtn(weight, Scheme(bits, group, symmetric), torch.bfloat16), torch.bfloat16)
     x = torch.randn(m, kdim, generator=generator).to(dtype)
     return ((x, tensors["weight_packed"], tensors["weight_scale"], tensors.get("weight_zero_point")),
             {"bits": bits, "group_size": group})

@@ -111,10 +111,11 @@ def test_kl_is_that_of_the_model_transformers_loads(outputs, tiny_checkpoints):
     the reference samples (the same seeded sampling)."""
     from transformers import AutoModelForCausalLM
 
-    from surgery.quantize import verify as run_verify
+    from surgery.quantize import VerifyConfig, verify as run_verify
     from surgery.runtime import sampled_ids
 
-    report = run_verify(str(outputs["hqq4"]), reference=str(tiny_checkpoints["llama"]), tokens=32, seed=3)
+    report = run_verify(VerifyConfig(str(outputs["hqq4"]), reference=str(tiny_checkpoints["llama"]), tokens=32,
+                                     seed=3)).summary()
     reference = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"], dtype=torch.float32).eval()
     loaded = AutoModelForCausalLM.from_pretrained(outputs["hqq4"], dtype=torch.float32).eval()
     ids = sampled_ids(reference, 1, 2, 32, seed=3)
@@ -234,13 +235,13 @@ def test_a_conv1d_model_is_unloadable_and_fails(tiny_checkpoints, tmp_path):
     save_tokenizer(source)
     output = tmp_path / "gpt2-w4"
     # quantize's own output check refuses this output (exit 1); made here without it, as another tool would
-    import surgery.quantize.engine as engine
+    import surgery.quantize.formats.base as writer
 
-    real_check, engine.check_transformers = engine.check_transformers, lambda *args: None
+    real_check, writer.check_transformers = writer.check_transformers, lambda *args: None
     try:
         assert run_surgery("quantize", source, "-o", output, "--group-size", str(GROUP)).returncode == 0
     finally:
-        engine.check_transformers = real_check
+        writer.check_transformers = real_check
     _, info = transformers.AutoModelForCausalLM.from_pretrained(output, output_loading_info=True)
     assert "transformer.h.0.attn.c_attn.weight" in info["missing_keys"]
     failed_in_one_line(verify(output, source), "transformer.h.0.attn.c_attn", "Conv1D")
@@ -259,7 +260,7 @@ def test_command_defaults_are_the_documented_library_defaults():
     import inspect
 
     from surgery.cli.quantize import verify as command
-    from surgery.quantize import verify as library
+    from surgery.quantize import VerifyConfig as library
 
     options = inspect.signature(command).parameters
     defaults = inspect.signature(library).parameters

@@ -8,7 +8,6 @@ import typer
 
 from surgery.cli.options import (JSON_OPTION, SHARD_OPTION, check_device, print_json, progress,
                                  human_size)
-from surgery.errors import BadInput
 
 app = typer.Typer()
 
@@ -55,17 +54,17 @@ def quantize(
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists (once the new one is complete)."),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    from surgery.quantize import quantize as run_quantize
+    from surgery.quantize import QuantizeConfig, quantize as run_quantize
 
     check_device(device)
-    ignored = [part.strip() for part in ignore.split(",") if part.strip()]
+    config = QuantizeConfig(source, output, bits=bits, group_size=group_size, scheme=scheme, method=method,
+                            format=fmt, ignore=tuple(part.strip() for part in ignore.split(",") if part.strip()),
+                            seed=seed, calibration_sequences=calibration_sequences, rounds=rounds, device=device,
+                            max_shard_size=max_shard_size, force=force)
     with progress(None, "B", "quantize") as advance:
-        summary = run_quantize(source, output, bits=bits, group_size=group_size, scheme=scheme, method=method,
-                               format=fmt, ignore=ignored, seed=seed, max_shard_size=max_shard_size, force=force,
-                               selfcal={"sequences": calibration_sequences, "rounds": rounds}, progress=advance,
-                               device=device)
+        summary = run_quantize(config, progress=advance).summary()
     if as_json:
-        return print_json({key: value for key, value in summary.items() if key != "per_module"})
+        return print_json(summary)
     typer.echo(f"wrote {summary['output']}: {summary['modules']} modules at {bits} bits ({method}, {fmt}), "
                f"weight relative error {summary['weight_relative_error']:.4f}, {human_size(summary['total_bytes'])}, "
                f"{summary['seconds']:.1f} s")
@@ -91,7 +90,8 @@ hashes its surgery.json records are checked (a difference exits 2 unless --any-r
 
 @app.command(help=VERIFY_HELP)
 def verify(
-    quantized: str = typer.Argument(..., help="A compressed-tensors or GPTQ checkpoint written by quantize."),
+    quantized: str = typer.Argument(..., help="A checkpoint written by quantize, in any of its formats (GGUF: the "
+                                               "output directory or its .gguf file)."),
     reference: str = typer.Option(..., "--reference", help="The unquantized model it was quantized from."),
     tokens: int = typer.Option(128, "--tokens", help="Self-generated tokens scored end to end, in 8 sequences "
                                                      "(more narrow the KL; a decode step per 8)."),
@@ -105,14 +105,11 @@ def verify(
     top: int = typer.Option(5, "--top", help="Modules listed, worst output relative error first (--json: all)."),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    from surgery.quantize.verify import raise_if_failed, report_lines, verify as run_verify
+    from surgery.quantize.verify import VerifyConfig, raise_if_failed, report_lines, verify as run_verify
 
-    if tokens < 2:
-        raise BadInput(f"--tokens {tokens}: must be at least 2")
-    if top < 0:
-        raise BadInput(f"--top {top}: must be 0 or more")
-    report = run_verify(quantized, reference=reference, tokens=tokens, seed=seed, max_kl=max_kl,
-                        min_cosine=min_cosine, any_reference=any_reference, top=top)
+    config = VerifyConfig(quantized, reference=reference, tokens=tokens, seed=seed, max_kl=max_kl,
+                          min_cosine=min_cosine, any_reference=any_reference, top=top)
+    report = run_verify(config).summary()
     if as_json:
         print_json(report)
     else:

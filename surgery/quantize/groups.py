@@ -3,8 +3,8 @@
 SmolLM2-135M has hidden size 576 and intermediate size 1536: ``--group-size 128`` divides the down projection's
 input (1536) but not the others' (576). What each format can express decides the fallback::
 
-    sizes = assign_group_sizes({"model.layers.0.mlp.up_proj": 576, "model.layers.0.mlp.down_proj": 1536}, 128,
-                               "compressed-tensors")      # {... up_proj: 64, ... down_proj: 128}
+    sizes = per_module_group_sizes({"model.layers.0.mlp.up_proj": 576, "model.layers.0.mlp.down_proj": 1536},
+                                   128)                   # {... up_proj: 64, ... down_proj: 128}
     fallback_targets(sizes, 128)                          # {64: ["re:^model\\.layers\\.\\d+\\.mlp\\.up_proj$"]}
 
 compressed-tensors: config groups target modules by name or ``re:`` regex ahead of the class name ``Linear``, so a
@@ -28,18 +28,43 @@ def _no_fit(module: str, columns: int, requested: int, tried: str) -> BadInput:
                     f"{tried} (choose a divisor, or --ignore this module)")
 
 
-def assign_group_sizes(inputs: dict[str, int], requested: int, fmt: str) -> dict[str, int]:
-    """Module name → group size, given each module's input dimension."""
-    if fmt == "gptq":
-        size = requested
-        if any(columns % size for columns in inputs.values()):
-            size = 1 << (requested.bit_length() - 1)
-            while size >= 8 and any(columns % size for columns in inputs.values()):
-                size //= 2
-            if size < 8:
-                module, columns = next((m, c) for m, c in inputs.items() if c % 8)
-                raise _no_fit(module, columns, requested, "any power of two from 8 up")
-        return {module: size for module in inputs}
+def one_group_size(inputs: dict[str, int], requested: int) -> dict[str, int]:
+    """Module name → group size, one for all (GPTQ): the largest power of two not above ``requested`` that divides
+    every module's input dimension (``requested`` itself when it does)::
+
+        one_group_size({"a": 96, "b": 128}, 64)   # {"a": 32, "b": 32}
+
+    Args:
+        inputs: module name → input dimension.
+        requested: the requested group size.
+
+    Returns:
+        module name → group size.
+    """
+    size = requested
+    if any(columns % size for columns in inputs.values()):
+        size = 1 << (requested.bit_length() - 1)
+        while size >= 8 and any(columns % size for columns in inputs.values()):
+            size //= 2
+        if size < 8:
+            module, columns = next((m, c) for m, c in inputs.items() if c % 8)
+            raise _no_fit(module, columns, requested, "any power of two from 8 up")
+    return {module: size for module in inputs}
+
+
+def per_module_group_sizes(inputs: dict[str, int], requested: int) -> dict[str, int]:
+    """Module name → group size, per module (compressed-tensors): ``requested`` where it divides the input
+    dimension, else the largest of :data:`FALLBACK_GROUP_SIZES` below it that does::
+
+        per_module_group_sizes({"a": 96, "b": 128}, 64)   # {"a": 32, "b": 64}
+
+    Args:
+        inputs: module name → input dimension.
+        requested: the requested group size.
+
+    Returns:
+        module name → group size.
+    """
     sizes = {}
     for module, columns in inputs.items():
         candidates = [requested] + [size for size in FALLBACK_GROUP_SIZES if size < requested]

@@ -1,8 +1,8 @@
 """``surgery verify``: how far a quantized checkpoint is from its reference, and whether that is close enough::
 
-    from surgery.quantize import verify
+    from surgery.quantize import VerifyConfig, verify
     from surgery.quantize.verify import raise_if_failed
-    report = verify("model-w4", reference="org/model", tokens=128, seed=0)
+    report = verify(VerifyConfig("model-w4", reference="org/model", tokens=128, seed=0)).summary()
     report["passed"]      # False when a check below failed; report["failures"] lists them, worst first
     report["worst"]       # the ``top`` modules with the largest output relative error
     report["layers"][0]   # {"module", "group_size", "weight_rel_error", "output_rel_error", "output_cosine"}
@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import replace
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -61,16 +61,13 @@ from surgery.errors import BadInput, CheckFailed
 from surgery.io import open_checkpoint
 from surgery.io.checkpoint import Checkpoint
 from surgery.io.loader_check import loading_problems
-from surgery.kernels.dequant_matmul import dequant_matmul
-from surgery.quantize.formats import FORMATS
-from surgery.quantize.grid import Scheme, dequantize
-from surgery.quantize.groups import group_size_of
+from surgery.quantize.formats import QuantFormat, format_of, output_path
+from surgery.quantize.grid import Scheme
 from surgery.runtime import (agreement, build_model, captured_inputs, load_parameters, log_probs, one_torch_thread,
                              sampled_ids, set_parameter)
 
 log = logging.getLogger(__name__)
 
-FIRST_TENSOR = {"compressed-tensors": "weight_packed", "gptq": "qweight"}
 DEFAULT_TOKENS = 128
 DEFAULT_PROBES = 64
 DEFAULT_TOP = 5
@@ -82,67 +79,130 @@ DEFAULT_MAX_KL = 1.5
 # Reading the quantized checkpoint
 
 
-def scheme_of(config: dict | None, source: str) -> tuple[str, Scheme]:
-    """The format name and grid of a quantized checkpoint's config.json."""
-    quant = (config or {}).get("quantization_config") or {}
-    if quant.get("quant_method") == "compressed-tensors" and quant.get("format") == "pack-quantized":
-        groups = quant["config_groups"].values()
-        weights = next((g for g in groups if "Linear" in g["targets"]), next(iter(groups)))["weights"]
-        return "compressed-tensors", Scheme(weights["num_bits"], weights["group_size"], weights["symmetric"])
-    if quant.get("quant_method") == "gptq":
-        return "gptq", Scheme(quant["bits"], quant["group_size"], quant.get("sym", True), v1_zeros=True)
-    raise BadInput(f"{source}: not a compressed-tensors pack-quantized or GPTQ checkpoint (no quantization_config "
-                   f"this command reads)")
+def scheme_of(ckpt: Checkpoint) -> tuple[QuantFormat, Scheme]:
+    """The registered format that wrote a quantized checkpoint, and the grid it declares.
+
+    Args:
+        ckpt: the open quantized checkpoint.
+
+    Returns:
+        (format, scheme); BadInput when no registered format reads it.
+
+    Example::
+
+        fmt, scheme = scheme_of(ckpt)   # (CompressedTensors(), Scheme(bits=4, group_size=32, ...))
+    """
+    fmt = format_of(ckpt)
+    return fmt, fmt.stored_scheme(ckpt)
 
 
-def module_scheme(config: dict | None, module: str, default: Scheme) -> Scheme:
-    """The grid of one module: compressed-tensors may give some modules another group size (groups.py)."""
-    quant = (config or {}).get("quantization_config") or {}
-    if quant.get("quant_method") != "compressed-tensors":
-        return default
-    return replace(default, group_size=group_size_of(module, quant["config_groups"]))
+def module_scheme(ckpt: Checkpoint, module: str, default: Scheme) -> Scheme:
+    """The grid of one module (compressed-tensors may give some modules another group size, groups.py).
+
+    Args:
+        ckpt: the quantized checkpoint.
+        module: a quantized module's name.
+        default: the checkpoint's declared grid.
+
+    Returns:
+        The module's grid.
+
+    Example::
+
+        module_scheme(ckpt, "model.layers.0.mlp.up_proj", scheme).group_size   # 64
+    """
+    return format_of(ckpt).module_scheme(ckpt, module, default)
 
 
 def quantized_modules(ckpt: Checkpoint) -> list[str]:
-    """Names of the quantized modules of a quantized checkpoint."""
-    fmt_name, _ = scheme_of(ckpt.config, ckpt.source)
-    marker = "." + FIRST_TENSOR[fmt_name]
-    return [name.removesuffix(marker) for name in ckpt.tensors if name.endswith(marker)]
+    """Names of the quantized modules of a quantized checkpoint.
 
+    Args:
+        ckpt: the quantized checkpoint.
 
-def module_tensors(ckpt: Checkpoint, module: str) -> dict[str, torch.Tensor]:
-    """The format's tensors of one quantized module, by local name (``weight_packed``, ``qweight``...)."""
-    prefix = module + "."
-    local = {name: name[len(prefix):] for name in ckpt.tensors if name.startswith(prefix)}
-    return {short: ckpt.get(name) for name, short in local.items()
-            if "." not in short and short not in ("weight", "bias")}
+    Returns:
+        Module names (without ``.weight``).
+
+    Example::
+
+        quantized_modules(ckpt)[0]   # "model.layers.0.self_attn.q_proj"
+    """
+    return format_of(ckpt).quantized_modules(ckpt)
 
 
 def decoded_weight(ckpt: Checkpoint, module: str) -> torch.Tensor:
-    """The float32 weight of one quantized module, decoded from the stored bits::
+    """The float32 weight of one quantized module, decoded from the stored bits by its format.
+
+    Args:
+        ckpt: the quantized checkpoint.
+        module: a quantized module's name.
+
+    Returns:
+        float32 (out, in) in transformers' layout.
+
+    Example::
 
         weight = decoded_weight(ckpt, "model.layers.0.mlp.up_proj")   # (out, in)
     """
-    fmt_name, default = scheme_of(ckpt.config, ckpt.source)
-    scheme = module_scheme(ckpt.config, module, default)
-    q, scale, zero = FORMATS[fmt_name].decode(module_tensors(ckpt, module), scheme)
-    return dequantize(q, scale, zero, scheme.group_size)
+    return format_of(ckpt).decoded_weight(ckpt, module)
 
 
 def dequantized_weights(ckpt: Checkpoint) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(module + ".weight", float32 weight)`` for every quantized module, decoded from the stored bits."""
-    for module in quantized_modules(ckpt):
-        yield f"{module}.weight", decoded_weight(ckpt, module)
+    """``(module + ".weight", float32 weight)`` for every quantized module, decoded from the stored bits.
+
+    Args:
+        ckpt: the quantized checkpoint.
+
+    Returns:
+        An iterator of (parameter name, weight).
+
+    Example::
+
+        dict(dequantized_weights(ckpt))["model.layers.0.mlp.up_proj.weight"]
+    """
+    fmt = format_of(ckpt)
+    for module in fmt.quantized_modules(ckpt):
+        yield f"{module}.weight", fmt.decoded_weight(ckpt, module)
+
+
+def open_quantized(path: str):
+    """Open a quantized output: a checkpoint directory, or the one file a single-file format keeps in it (GGUF).
+
+    Args:
+        path: the output (directory or file).
+
+    Returns:
+        The open checkpoint (a context manager).
+
+    Example::
+
+        with open_quantized("smol-gguf") as ckpt:   # opens smol-gguf/model-Q4_0.gguf
+            quantized_modules(ckpt)
+    """
+    inner = output_path(path)
+    return open_checkpoint(inner if inner is not None else path)
 
 
 def load_dequantized(quantized: str, reference_model):
     """A copy of ``reference_model`` whose quantized Linear weights are replaced by the decoded ones (tests compare
-    transformers' own loading of an output with this)."""
+    transformers' own loading of an output with this).
+
+    Args:
+        quantized: the quantized output.
+        reference_model: a transformers model of the same architecture.
+
+    Returns:
+        The copy.
+
+    Example::
+
+        model = load_dequantized("model-w4", AutoModelForCausalLM.from_pretrained("org/model"))
+    """
     import copy
 
     model = copy.deepcopy(reference_model)
     params = dict(model.named_parameters())
-    with open_checkpoint(quantized) as ckpt, torch.no_grad():
+    with open_quantized(quantized) as ckpt, torch.no_grad():
         for name, weight in dequantized_weights(ckpt):
             if name not in params:
                 raise BadInput(f"{quantized}: {name} has no counterpart in the reference model")
@@ -287,18 +347,10 @@ def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
 def layer_report(ckpt: Checkpoint, module: str, weight: torch.Tensor, approx: torch.Tensor, x: torch.Tensor,
                  backend: str) -> dict:
     """The measures of one quantized module: reference ``weight``, decoded ``approx``, probe inputs ``x``."""
-    fmt_name, default = scheme_of(ckpt.config, ckpt.source)
-    scheme = module_scheme(ckpt.config, module, default)
+    fmt, default = scheme_of(ckpt)
+    scheme = fmt.module_scheme(ckpt, module, default)
     expected = x @ weight.T
-    if fmt_name == "compressed-tensors":
-        tensors = module_tensors(ckpt, module)
-        device = "cuda" if backend != "torch" and torch.cuda.is_available() else "cpu"
-        zero = tensors.get("weight_zero_point")
-        got = dequant_matmul(x.to(device), tensors["weight_packed"].to(device), tensors["weight_scale"].to(device),
-                             None if zero is None else zero.to(device), bits=scheme.bits,
-                             group_size=scheme.group_size, backend=backend).cpu().float()
-    else:
-        got = x @ approx.T
+    got = fmt.matmul(ckpt, module, x, approx, scheme, backend)
     return {"module": module, "group_size": scheme.group_size,
             "weight_rel_error": relative_error(approx, weight),
             "output_rel_error": relative_error(got, expected),
@@ -391,39 +443,99 @@ def report_lines(report: dict) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def verify(quantized: str, *, reference: str, tokens: int = DEFAULT_TOKENS, probes: int = DEFAULT_PROBES,
-           seed: int = 0, backend: str = "auto", end_to_end: bool = True, max_kl: float = DEFAULT_MAX_KL,
-           min_cosine: float = DEFAULT_MIN_COSINE, any_reference: bool = False, top: int = DEFAULT_TOP) -> dict:
-    """Compare ``quantized`` with ``reference`` (see the module docstring); ``report["passed"]`` is the verdict::
+@dataclass(frozen=True)
+class VerifyConfig:
+    """What ``surgery verify`` compares and its thresholds, validated on construction (BadInput with the CLI's
+    message). ``source``: the quantized output (a directory, or a GGUF output's directory or file).
+    ``end_to_end=False`` runs no model: per-layer measures on seeded Gaussian probes, and no KL.
 
-        report = verify("model-w4", reference="org/model", max_kl=0.1)
-        raise_if_failed(report)
+    Example::
 
-    ``end_to_end=False`` runs no model: per-layer measures on seeded Gaussian probes, and no KL."""
-    with open_checkpoint(quantized) as ckpt, open_checkpoint(reference) as ref, one_torch_thread():
-        fmt_name, scheme = scheme_of(ckpt.config, ckpt.source)
-        provenance = check_provenance(ckpt, ref, any_reference)
-        modules = quantized_modules(ckpt)
+        config = VerifyConfig("model-w4", reference="org/model", max_kl=0.1)
+    """
+
+    source: str
+    reference: str
+    tokens: int = DEFAULT_TOKENS
+    probes: int = DEFAULT_PROBES
+    seed: int = 0
+    backend: str = "auto"
+    end_to_end: bool = True
+    max_kl: float = DEFAULT_MAX_KL
+    min_cosine: float = DEFAULT_MIN_COSINE
+    any_reference: bool = False
+    top: int = DEFAULT_TOP
+
+    def __post_init__(self):
+        if self.tokens < 2:
+            raise BadInput(f"--tokens {self.tokens}: must be at least 2")
+        if self.top < 0:
+            raise BadInput(f"--top {self.top}: must be 0 or more")
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """A :func:`verify` report; ``passed`` is the verdict."""
+
+    report: dict
+
+    @property
+    def passed(self) -> bool:
+        return self.report["passed"]
+
+    def summary(self) -> dict:
+        """What ``surgery verify --json`` prints (see the module docstring).
+
+        Returns:
+            The report dict.
+
+        Example::
+
+            verify(config).summary()["end_to_end"]["kl"]
+        """
+        return self.report
+
+
+def verify(config: VerifyConfig, *, progress=None) -> VerifyResult:
+    """Compare ``config.source`` with ``config.reference`` (see the module docstring), for any registered format.
+
+    Args:
+        config: the validated VerifyConfig.
+        progress: unused (verify reports no byte progress); accepted as every operation does.
+
+    Returns:
+        The :class:`VerifyResult`; :func:`raise_if_failed` turns a failed one into CheckFailed.
+
+    Example::
+
+        result = verify(VerifyConfig("model-w4", reference="org/model", max_kl=0.1))
+        raise_if_failed(result.summary())
+    """
+    c = config
+    with open_quantized(c.source) as ckpt, open_checkpoint(c.reference) as ref, one_torch_thread():
+        fmt, scheme = scheme_of(ckpt)
+        provenance = check_provenance(ckpt, ref, c.any_reference)
+        modules = fmt.quantized_modules(ckpt)
         if not modules:
-            raise BadInput(f"{ckpt.source}: its quantization_config says {fmt_name}, but it holds no quantized "
+            raise BadInput(f"{ckpt.source}: its quantization_config says {fmt.name}, but it holds no quantized "
                            "module")
-        if end_to_end:
-            layers, e2e, problems = compare_models(ckpt, ref, modules, tokens, probes, seed, backend)
+        if c.end_to_end:
+            layers, e2e, problems = compare_models(ckpt, ref, modules, c.tokens, c.probes, c.seed, c.backend)
         else:
-            layers, e2e, problems = gaussian_layer_reports(ckpt, ref, modules, probes, seed, backend), None, []
-    report = {"quantized": quantized, "reference": reference, "format": fmt_name, "bits": scheme.bits,
+            layers, e2e, problems = gaussian_layer_reports(ckpt, ref, modules, c.probes, c.seed, c.backend), None, []
+    report = {"quantized": c.source, "reference": c.reference, "format": fmt.name, "bits": scheme.bits,
               "group_size": scheme.group_size, "symmetric": scheme.symmetric, "provenance": provenance,
-              "probes": "activations" if end_to_end else "gaussian", "layers": layers,
-              "worst": sorted(layers, key=lambda layer: -_nan_as(layer["output_rel_error"], math.inf))[:top],
+              "probes": "activations" if c.end_to_end else "gaussian", "layers": layers,
+              "worst": sorted(layers, key=lambda layer: -_nan_as(layer["output_rel_error"], math.inf))[:c.top],
               "worst_output_rel_error": max(layers, key=lambda layer: _nan_as(layer["output_rel_error"], math.inf))[
                   "output_rel_error"],
               "min_output_cosine": min(layers, key=lambda layer: _nan_as(layer["output_cosine"], -math.inf))[
                   "output_cosine"],
-              "thresholds": {"max_kl": max_kl, "min_cosine": min_cosine}}
+              "thresholds": {"max_kl": c.max_kl, "min_cosine": c.min_cosine}}
     if e2e is not None:
         report["end_to_end"] = e2e
-    failed = problems + failures(layers, e2e, max_kl=max_kl, min_cosine=min_cosine)
-    return {**report, "passed": not failed, "failures": failed}
+    failed = problems + failures(layers, e2e, max_kl=c.max_kl, min_cosine=c.min_cosine)
+    return VerifyResult({**report, "passed": not failed, "failures": failed})
 
 
 @torch.no_grad()

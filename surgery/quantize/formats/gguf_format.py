@@ -1,7 +1,7 @@
 """GGUF output (``--format gguf``): llama-family checkpoints as one ``.gguf`` file, Q4_0 (4 bits) or Q8_0 (8 bits).
 
-    from surgery.quantize import quantize
-    quantize("smollm2-dir", "smol-gguf", bits=4, format="gguf")   # smol-gguf/model-Q4_0.gguf (+ surgery.json)
+    from surgery.quantize import QuantizeConfig, quantize
+    quantize(QuantizeConfig("smollm2-dir", "smol-gguf", bits=4, format="gguf"))   # smol-gguf/model-Q4_0.gguf
 
 Written through the ``gguf`` package (``GGUFWriter``, ``gguf.quants``) as llama.cpp's convert_hf_to_gguf.py does for
 the llama family: ``llama.*`` hyperparameters, names from ``gguf.TensorNameMap``, and the Q/K rows permuted into
@@ -11,7 +11,8 @@ are float16 (float32 when the source is float32), norms float32. Q4_0: per block
 Q8_0: x = q·d with q int8. Method rtn is llama.cpp's own reference quantizer (``gguf.quants.quantize``); hqq fits a
 symmetric grid with fp16 scales, packed into the same blocks where it beats llama.cpp's block. The tokenizer: copied from a
 GGUF source's ``tokenizer.*`` metadata, or exported from a byte-level BPE ``tokenizer.json`` (tokens, token types,
-merges, special ids; pre-tokenizer "default"); anything else is BadInput.
+merges, special ids; pre-tokenizer "default"); anything else is BadInput. Read back (``surgery verify``) with surgery's GGUF reader, which dequantizes each tensor
+with ``gguf.quants.dequantize`` and undoes the Q/K permutation (transformers' tensor processor).
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ import numpy as np
 import torch
 
 from surgery.errors import BadInput
-from surgery.io.checkpoint import Checkpoint, require_finite
+from surgery.io.checkpoint import Checkpoint, TensorInfo
+from surgery.io.loader_check import check_gguf
+from surgery.io.writer import atomic_directory
+from surgery.quantize.formats.base import Encoded, Fit, Plan, QuantFormat, Written
 from surgery.quantize.grid import Grid, Scheme
 
 BLOCK = 32
@@ -60,6 +64,16 @@ def permute_for_llama_cpp(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
+def _llama_cpp_rows(name: str, tensor: torch.Tensor, heads: int, kv_heads: int) -> torch.Tensor:
+    """A q/k projection's weight or bias (by ``name``, with or without ``.weight``) in llama.cpp's row order; any
+    other tensor as it is."""
+    if name.endswith(("self_attn.q_proj", "self_attn.q_proj.weight", "self_attn.q_proj.bias")):
+        return permute_for_llama_cpp(tensor, heads)
+    if name.endswith(("self_attn.k_proj", "self_attn.k_proj.weight", "self_attn.k_proj.bias")):
+        return permute_for_llama_cpp(tensor, kv_heads)
+    return tensor
+
+
 def encode_blocks(grid: Grid) -> np.ndarray:
     """A symmetric grid with group size 32 → Q4_0 / Q8_0 bytes, (rows, blocks · bytes per block) uint8."""
     rows, columns = grid.q.shape
@@ -73,15 +87,30 @@ def encode_blocks(grid: Grid) -> np.ndarray:
     return np.concatenate([d, packed], axis=-1).reshape(rows, -1)
 
 
-def quantize_weight(weight: torch.Tensor, bits: int, method: str,
+def quantize_weight(weight: torch.Tensor, bits: int, reference_only: bool,
                     fit: Callable[[torch.Tensor, Scheme], Grid]) -> np.ndarray:
-    """One weight (already in llama.cpp's row order) → block bytes. rtn: llama.cpp's reference quantizer. Other
-    methods: per block, the fitted grid or llama.cpp's, whichever is closer to the weight (Q4_0's reference uses the
-    signed extreme, so all 16 levels, which a symmetric fit started from amax / 7.5 does not always beat)."""
+    """One weight (already in llama.cpp's row order) → block bytes. ``reference_only`` (rtn): llama.cpp's reference
+    quantizer. Otherwise per block the fitted grid or llama.cpp's, whichever is closer to the weight (Q4_0's
+    reference uses the signed extreme, so all 16 levels, which a symmetric fit started from amax / 7.5 does not
+    always beat).
+
+    Args:
+        weight: (rows, columns) float weight in llama.cpp's row order.
+        bits: 4 (Q4_0) or 8 (Q8_0).
+        reference_only: store llama.cpp's blocks as they are (the method is rtn).
+        fit: ``fit(weight, scheme) → Grid``, the method's symmetric grid with group size 32.
+
+    Returns:
+        (rows, blocks · bytes per block) uint8.
+
+    Example::
+
+        data = quantize_weight(weight, 4, False, lambda w, scheme: hqq(w, scheme, torch.float16))
+    """
     import gguf
 
     reference = gguf.quants.quantize(weight.float().numpy(), quant_type(bits))
-    if method == "rtn":
+    if reference_only:
         return reference
     fitted = encode_blocks(fit(weight.float(), Scheme(bits, BLOCK, True)))
     rows = weight.shape[0]
@@ -161,13 +190,29 @@ def _export_bpe_tokenizer(writer, files: dict[str, bytes], source: str) -> None:
 
 # ---------------------------------------------------------------------------------------------------- writer
 
-def write_gguf(path: Path, ckpt: Checkpoint, modules: set[str], bits: int,
-               quantize_module: Callable[[str, torch.Tensor], np.ndarray], name: str,
-               progress: Callable[[int], None] = lambda nbytes: None) -> None:
-    """Write ``ckpt`` as one GGUF file at ``path``: ``modules`` (names without ``.weight``) quantized by
-    ``quantize_module(module, weight in llama.cpp row order)``, everything else float. The header needs every
-    tensor's size before the data: quantized tensors are kept as their (small) block bytes between the two passes,
-    float ones are read again."""
+def write_gguf(path: Path, ckpt: Checkpoint, modules: set[str], bits: int, load: Callable[[str], object],
+               name: str, progress: Callable[[int], None] = lambda nbytes: None) -> None:
+    """Write ``ckpt`` as one GGUF file at ``path``: ``load(hf_name)`` gives each tensor, the block bytes of
+    ``modules`` (names without ``.weight``; already in llama.cpp's row order) and float tensors otherwise. The header
+    needs every tensor's size before the data: quantized tensors are kept as their (small) block bytes between the
+    two passes, float ones are read again.
+
+    Args:
+        path: the .gguf file to write.
+        ckpt: the source (config, tokenizer, tensor names and order).
+        modules: the quantized modules.
+        bits: 4 or 8.
+        load: ``load(hf_name)``: block bytes for ``modules``' weights, a float tensor otherwise.
+        name: the model name recorded in the metadata.
+        progress: called with the bytes of each tensor written.
+
+    Returns:
+        None.
+
+    Example::
+
+        write_gguf(Path("out/model-Q4_0.gguf"), ckpt, set(plan.modules), 4, quantizer, "smollm2")
+    """
     import gguf
 
     config = ckpt.config
@@ -210,14 +255,9 @@ def write_gguf(path: Path, ckpt: Checkpoint, modules: set[str], bits: int,
         order.append((hf_name, gguf_name))
 
     def produce(hf_name: str) -> np.ndarray:
-        weight = require_finite(ckpt.get(hf_name), ckpt.source, hf_name).float()
-        if hf_name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
-            weight = permute_for_llama_cpp(weight, heads)
-        elif hf_name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
-            weight = permute_for_llama_cpp(weight, kv_heads)
-        module = hf_name.removesuffix(".weight")
-        if module in modules:
-            return quantize_module(module, weight)
+        if hf_name.removesuffix(".weight") in modules:
+            return load(hf_name)
+        weight = _llama_cpp_rows(hf_name, load(hf_name).float(), heads, kv_heads)
         return weight.numpy().astype(np.float32 if weight.ndim == 1 else float_dtype)
 
     produced = {}
@@ -235,3 +275,118 @@ def write_gguf(path: Path, ckpt: Checkpoint, modules: set[str], bits: int,
         writer.write_tensor_data(data)
         progress(data.nbytes)
     writer.close()
+
+
+# ---------------------------------------------------------------------------------------------------- format
+
+def _heads(config: dict) -> tuple[int, int]:
+    heads = config["num_attention_heads"]
+    return heads, config.get("num_key_value_heads") or heads
+
+
+class GGUF(QuantFormat):
+    """Q4_0 / Q8_0 blocks of 32 (symmetric, float16 scales) in one ``model-Q4_0.gguf`` / ``model-Q8_0.gguf``."""
+
+    name = "gguf"
+    schemes = ("sym",)
+    default_group_size = BLOCK
+    model_types = SUPPORTED_MODEL_TYPES
+    card_title_note = " (GGUF)"
+
+    def check_group_size(self, group_size: int) -> None:
+        if group_size != BLOCK:
+            raise BadInput(f"--group-size {group_size}: GGUF's Q4_0 / Q8_0 blocks are {BLOCK} weights")
+
+    def check_scheme(self, scheme: str) -> None:
+        if scheme != "sym":
+            raise BadInput("--format gguf --scheme asym: only the symmetric Q4_0 / Q8_0 blocks are written")
+
+    def scale_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return torch.float16
+
+    def check_source(self, ckpt: Checkpoint) -> None:
+        if not ckpt.config:
+            raise BadInput(f"{ckpt.source}: has no config.json, so no GGUF hyperparameters could be written")
+        check_source(ckpt.config, ckpt.source)
+
+    def group_sizes(self, inputs: dict[str, int], requested: int) -> dict[str, int]:
+        for module, columns in inputs.items():
+            if columns % BLOCK:
+                raise BadInput(f"{module}: input dimension {columns} is not a multiple of GGUF's block of 32 "
+                               f"(--ignore this module)")
+        return {module: BLOCK for module in inputs}
+
+    def specs(self, module: str, shape: tuple[int, int], scheme: Scheme, dtype: torch.dtype) -> list[TensorInfo]:
+        out, inp = shape
+        return [TensorInfo(f"{module}.weight", torch.uint8, (out, inp // BLOCK * (18 if scheme.bits == 4 else 34)))]
+
+    def encode(self, plan: Plan, module: str, weight: torch.Tensor, fit: Fit, method) -> Encoded:
+        """In llama.cpp's row order. A method whose grids were computed beforehand (selfcal: GPTQ trades weight
+        error for output error) is stored as it is; otherwise :func:`quantize_weight` (rtn: llama.cpp's own)."""
+        heads, kv_heads = _heads(plan.config)
+        scheme = plan.schemes[module]
+        laid = _llama_cpp_rows(module, weight, heads, kv_heads)
+        if method.precomputed:
+            grid = fit(module, weight, scheme)
+            grid = Grid(*(_llama_cpp_rows(module, t, heads, kv_heads) for t in (grid.q, grid.scale, grid.zero)),
+                        grid.scheme)
+            data = encode_blocks(grid)
+        else:
+            data = quantize_weight(laid, scheme.bits, method.reference_rounding,
+                                   lambda w, grid_scheme: fit(module, w, grid_scheme))
+        return Encoded({"weight": data}, laid, dequantize_bytes(data, scheme.bits))
+
+    def quantization_config(self, schemes: dict[str, Scheme], scheme: Scheme, ignore: list[str],
+                            dtype: torch.dtype, fallbacks: dict[int, list[str]]) -> None:
+        return None  # the GGUF metadata says it (file type, tensor types)
+
+    def plan_extra(self, plan: Plan) -> dict:
+        return {"gguf_file": file_name(plan.bits)}
+
+    def write(self, output, ckpt: Checkpoint, plan: Plan, load, files, *, max_shard_size, force,
+              progress) -> Written:
+        """One GGUF file beside the manifest and card, in one atomic directory."""
+        name = file_name(plan.bits)
+        with atomic_directory(output, force=force, check=lambda staging: check_gguf(staging / name)) as staging:
+            write_gguf(staging / name, ckpt, set(plan.modules), plan.bits, load, Path(str(ckpt.source)).name,
+                       progress)
+            for file, content in files().items():
+                (staging / file).write_bytes(content)
+            total = (staging / name).stat().st_size
+        return Written(Path(output).absolute(), 1, total)
+
+    def output_file(self, directory: Path) -> Path | None:
+        found = sorted(directory.glob("*.gguf"))
+        return found[0] if len(found) == 1 else None
+
+    def _types(self, ckpt: Checkpoint) -> dict[str, str]:
+        """HF tensor name → GGUF tensor type name, for a GGUF checkpoint."""
+        import gguf
+
+        names = gguf.TensorNameMap(gguf.MODEL_ARCH.LLAMA, ckpt.config["num_hidden_layers"])
+        types = {tensor.name: tensor.tensor_type.name for tensor in gguf.GGUFReader(ckpt.path).tensors}
+        found = {}
+        for hf_name in ckpt.tensors:
+            gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            if gguf_name in types:
+                found[hf_name] = types[gguf_name]
+        return found
+
+    def reads(self, ckpt: Checkpoint) -> bool:
+        return ckpt.format == "gguf" and (ckpt.config or {}).get("model_type") in self.model_types
+
+    def stored_scheme(self, ckpt: Checkpoint) -> Scheme:
+        kinds = set(self._types(ckpt).values())
+        bits = 4 if "Q4_0" in kinds else 8 if "Q8_0" in kinds else None
+        if bits is None:
+            raise BadInput(f"{ckpt.source}: a GGUF file without Q4_0 or Q8_0 tensors (not an output of "
+                           f"`surgery quantize --format gguf`)")
+        return Scheme(bits, BLOCK, True)
+
+    def quantized_modules(self, ckpt: Checkpoint) -> list[str]:
+        return [name.removesuffix(".weight") for name, kind in self._types(ckpt).items()
+                if kind in ("Q4_0", "Q8_0") and name.endswith(".weight")]
+
+    def decoded_weight(self, ckpt: Checkpoint, module: str) -> torch.Tensor:
+        """gguf.quants.dequantize through surgery's reader, in transformers' row order."""
+        return ckpt.get(f"{module}.weight").float()

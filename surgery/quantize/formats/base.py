@@ -1,0 +1,204 @@
+"""What a quantized-output format is to the engine and to ``verify``: :class:`QuantFormat`.
+
+A format declares what it supports (bits, schemes, a fixed or default group size, the model types it writes), how
+it lays out one module's tensors (:meth:`~QuantFormat.specs`, :meth:`~QuantFormat.encode`) and its config entry
+(:meth:`~QuantFormat.quantization_config`), how the output is written (:meth:`~QuantFormat.write`: a checkpoint
+directory by default, GGUF one file) and how it is read back (:meth:`~QuantFormat.reads`,
+:meth:`~QuantFormat.stored_scheme`, :meth:`~QuantFormat.quantized_modules`, :meth:`~QuantFormat.decoded_weight`)::
+
+    from surgery.quantize.formats import register_format
+    from surgery.quantize.formats.base import QuantFormat
+
+    class MyFormat(QuantFormat):
+        name = "my-format"
+        ...                                   # specs, encode, quantization_config, reads, stored_scheme, ...
+
+    register_format(MyFormat())               # --format my-format: QuantizeConfig accepts it, quantize writes it
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from surgery.errors import BadInput
+from surgery.io.checkpoint import Checkpoint, TensorInfo
+from surgery.io.loader_check import check_transformers
+from surgery.io.writer import write_checkpoint
+from surgery.quantize.grid import Grid, Scheme, dequantize
+
+# fit(module, weight, scheme) → the method's grid (surgery.quantize.methods)
+Fit = Callable[[str, torch.Tensor, Scheme], Grid]
+
+
+@dataclass
+class Encoded:
+    """One module as the format stores it: ``tensors`` (local name → tensor, or block bytes), and the weight as the
+    format lays it out with its stored approximation, which the engine's error accounting compares."""
+
+    tensors: dict[str, Any]
+    weight: torch.Tensor
+    approx: torch.Tensor
+
+
+@dataclass
+class Plan:
+    """Which weights are quantized (module name → input TensorInfo), their grids, the output specs and config."""
+
+    modules: dict[str, TensorInfo]
+    schemes: dict[str, Scheme]  # module → its grid (group sizes may differ, see groups.py)
+    fallbacks: dict[int, list[str]]  # fallback group size → config targets (empty when the request fits all)
+    specs: list[TensorInfo]
+    config: dict
+    dtype: torch.dtype
+    source_of: dict[str, str]  # output tensor name → module it belongs to (quantized ones only)
+
+    @property
+    def bits(self) -> int:
+        return next(iter(self.schemes.values())).bits
+
+
+@dataclass
+class Written:
+    """Where the output went: its directory (as the summary prints it), shard count and tensor bytes."""
+
+    directory: Path
+    shards: int
+    total_bytes: int
+
+
+def module_tensors(ckpt: Checkpoint, module: str) -> dict[str, torch.Tensor]:
+    """The format's tensors of one quantized module, by local name (``weight_packed``, ``qweight``...)::
+
+        module_tensors(ckpt, "model.layers.0.mlp.up_proj")["weight_scale"]
+    """
+    prefix = module + "."
+    local = {name: name[len(prefix):] for name in ckpt.tensors if name.startswith(prefix)}
+    return {short: ckpt.get(name) for name, short in local.items()
+            if "." not in short and short not in ("weight", "bias")}
+
+
+class QuantFormat:
+    """A loader-native layout of quantized Linear weights. Subclasses set the class attributes and implement
+    ``specs``, ``encode``, ``quantization_config`` and the reading side (``reads``, ``stored_scheme``,
+    ``quantized_modules``, and ``decode`` or ``decoded_weight``); ``write`` defaults to a safetensors checkpoint
+    directory that transformers must load."""
+
+    name: str = ""
+    bits: tuple[int, ...] = (4, 8)
+    schemes: tuple[str, ...] = ("sym", "asym")
+    default_group_size: int = 128
+    model_types: tuple[str, ...] | None = None  # the model types it writes (None: any transformers loads)
+    card_title_note: str = ""  # appended to the model card's title (GGUF: " (GGUF)")
+
+    # ------------------------------------------------------------------------------------------- options
+
+    def check_group_size(self, group_size: int) -> None:
+        """BadInput for a requested group size the format cannot write (default: any; groups.py decides)."""
+
+    def check_scheme(self, scheme: str) -> None:
+        """BadInput for a scheme (sym, asym) the format does not write."""
+        if scheme not in self.schemes:
+            raise BadInput(f"--format {self.name} --scheme {scheme}: it writes {' or '.join(self.schemes)} grids")
+
+    def scheme(self, bits: int, group_size: int, symmetric: bool) -> Scheme:
+        """The grid the methods fit for this format::
+
+            CompressedTensors().scheme(4, 128, True)   # Scheme(bits=4, group_size=128, symmetric=True)
+        """
+        return Scheme(bits, group_size, symmetric)
+
+    def scale_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype the format stores scales in, given the model's (default: the model's)."""
+        return dtype
+
+    # ------------------------------------------------------------------------------------------- writing
+
+    def check_source(self, ckpt: Checkpoint) -> None:
+        """BadInput when the format cannot be written for ``ckpt`` (default: it needs a config.json)."""
+        if not ckpt.config:
+            raise BadInput(f"{ckpt.source}: has no config.json, so the quantized model could not be loaded")
+
+    def group_sizes(self, inputs: dict[str, int], requested: int) -> dict[str, int]:
+        """Module → group size, given each module's input dimension (groups.py's fallbacks)."""
+        raise NotImplementedError
+
+    def fallbacks(self, sizes: dict[str, int], requested: int) -> dict[int, list[str]]:
+        """Fallback group size → config targets, for formats whose config names them (default: none)."""
+        return {}
+
+    def specs(self, module: str, shape: tuple[int, int], scheme: Scheme, dtype: torch.dtype) -> list[TensorInfo]:
+        """The output tensors of one quantized module of weight ``shape`` (out, in)."""
+        raise NotImplementedError
+
+    def encode(self, plan: Plan, module: str, weight: torch.Tensor, fit: Fit, method) -> Encoded:
+        """One module's stored tensors, given its float32 ``weight`` and the method (``fit`` its grid-fitting
+        function, ``method`` the :class:`~surgery.quantize.methods.QuantMethod`): by default the method's grid in the
+        format's layout (:meth:`encode_grid`)."""
+        grid = fit(module, weight, plan.schemes[module])
+        return Encoded(self.encode_grid(grid, plan.dtype), weight, grid.dequantize())
+
+    def encode_grid(self, grid: Grid, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """A grid → local tensor name → tensor."""
+        raise NotImplementedError
+
+    def quantization_config(self, schemes: dict[str, Scheme], scheme: Scheme, ignore: list[str],
+                            dtype: torch.dtype, fallbacks: dict[int, list[str]]) -> dict | None:
+        """The config.json ``quantization_config`` entry (None: the format writes no config.json)."""
+        raise NotImplementedError
+
+    def plan_extra(self, plan: Plan) -> dict:
+        """What the format adds to the summary and manifest measurements (default: nothing)."""
+        return {}
+
+    def write(self, output: str | Path, ckpt: Checkpoint, plan: Plan, load: Callable[[str], Any],
+              files: Callable[[], dict[str, bytes]], *, max_shard_size: int | str, force: bool,
+              progress: Callable[[int], None]) -> Written:
+        """Write the output atomically, pulling each tensor through ``load(name)``; ``files()`` (manifest, card)
+        is called once the tensors are written. Default: safetensors shards, config.json and the source's other
+        files, checked by transformers' loader."""
+        result = write_checkpoint(output, plan.specs, load, config=plan.config,
+                                  files=lambda: {**ckpt.auxiliary_files(), **files()},
+                                  max_shard_size=max_shard_size, force=force, progress=progress,
+                                  check=lambda staging: check_transformers(staging, [ckpt.path]))
+        return Written(result.directory, len(result.shards), result.total_size)
+
+    # ------------------------------------------------------------------------------------------- reading
+
+    def output_file(self, directory: Path) -> Path | None:
+        """The file to open inside an output directory, for single-file formats (default: the directory)."""
+        return None
+
+    def reads(self, ckpt: Checkpoint) -> bool:
+        """Whether ``ckpt`` is an output of this format."""
+        raise NotImplementedError
+
+    def stored_scheme(self, ckpt: Checkpoint) -> Scheme:
+        """The grid the output's config (or metadata) declares."""
+        raise NotImplementedError
+
+    def module_scheme(self, ckpt: Checkpoint, module: str, default: Scheme) -> Scheme:
+        """The grid of one module (default: the declared one)."""
+        return default
+
+    def quantized_modules(self, ckpt: Checkpoint) -> list[str]:
+        """Names of the quantized modules."""
+        raise NotImplementedError
+
+    def decode(self, tensors: dict[str, torch.Tensor], scheme: Scheme) -> tuple[torch.Tensor, ...]:
+        """A module's stored tensors → (q, scale, zero) on the grid."""
+        raise NotImplementedError
+
+    def decoded_weight(self, ckpt: Checkpoint, module: str) -> torch.Tensor:
+        """The float32 weight of one quantized module, decoded from the stored bits."""
+        scheme = self.module_scheme(ckpt, module, self.stored_scheme(ckpt))
+        q, scale, zero = self.decode(module_tensors(ckpt, module), scheme)
+        return dequantize(q, scale, zero, scheme.group_size)
+
+    def matmul(self, ckpt: Checkpoint, module: str, x: torch.Tensor, approx: torch.Tensor, scheme: Scheme,
+               backend: str) -> torch.Tensor:
+        """``x @ Ŵᵀ`` as the format's loaders compute it (default: with the decoded weight)."""
+        return x @ approx.T

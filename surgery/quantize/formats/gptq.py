@@ -1,0 +1,78 @@
+"""GPTQ v1 (``checkpoint_format: gptq``): qweight int32 (in·b/32, out), qzeros int32 (in/g, out·b/32) holding
+unsigned zero − 1, scales float16 (in/g, out), g_idx int32 (in,) = i // g. One group size in the config: where the
+request does not divide every module, groups.py lowers it for all::
+
+    fmt = GPTQ()
+    tensors = fmt.encode_grid(grid, torch.bfloat16)    # {"qweight", "qzeros", "scales", "g_idx"}
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from surgery.io.checkpoint import Checkpoint, TensorInfo
+from surgery.quantize.formats.base import QuantFormat
+from surgery.quantize.formats.packing import pack, unpack
+from surgery.quantize.grid import Grid, Scheme
+from surgery.quantize.groups import one_group_size
+
+
+class GPTQ(QuantFormat):
+    name = "gptq"
+
+    def scheme(self, bits: int, group_size: int, symmetric: bool) -> Scheme:
+        """v1 stores zero − 1 unsigned, so the grid keeps zero points above the lowest."""
+        return Scheme(bits, group_size, symmetric, v1_zeros=True)
+
+    def scale_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return torch.float16
+
+    def group_sizes(self, inputs: dict[str, int], requested: int) -> dict[str, int]:
+        return one_group_size(inputs, requested)
+
+    def specs(self, module: str, shape: tuple[int, int], scheme: Scheme, dtype: torch.dtype) -> list[TensorInfo]:
+        out, inp = shape
+        groups = inp // scheme.group_size
+        return [TensorInfo(f"{module}.qweight", torch.int32, (inp * scheme.bits // 32, out)),
+                TensorInfo(f"{module}.qzeros", torch.int32, (groups, math.ceil(out * scheme.bits / 32))),
+                TensorInfo(f"{module}.scales", torch.float16, (groups, out)),
+                TensorInfo(f"{module}.g_idx", torch.int32, (inp,))]
+
+    def encode_grid(self, grid: Grid, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        bits, offset = grid.scheme.bits, 1 << (grid.scheme.bits - 1)
+        out, inp = grid.q.shape
+        unsigned_zero = grid.zero.to(torch.int32) + offset - 1  # v1 stores zero − 1
+        padded = torch.cat([unsigned_zero.T, unsigned_zero.new_zeros(unsigned_zero.shape[1], -out % (32 // bits))],
+                           dim=1)
+        return {"qweight": pack(grid.q.to(torch.int32) + offset, bits).T.contiguous(),
+                "qzeros": pack(padded & ((1 << bits) - 1), bits),
+                "scales": grid.scale.T.to(torch.float16).contiguous(),
+                "g_idx": torch.arange(inp, dtype=torch.int32) // grid.scheme.group_size}
+
+    def decode(self, tensors: dict[str, torch.Tensor], scheme: Scheme) -> tuple[torch.Tensor, ...]:
+        offset = 1 << (scheme.bits - 1)
+        scale = tensors["scales"].float().T
+        out = scale.shape[0]
+        q = unpack(tensors["qweight"].T, scheme.bits) - offset
+        zero = (unpack(tensors["qzeros"], scheme.bits)[:, :out].T + 1) - offset
+        return q, scale, zero
+
+    def quantization_config(self, schemes: dict[str, Scheme], scheme: Scheme, ignore: list[str],
+                            dtype: torch.dtype, fallbacks: dict[int, list[str]]) -> dict:
+        """One group size for all modules (groups.py has already lowered it where needed)."""
+        used = next(iter(schemes.values()))
+        return {"quant_method": "gptq", "bits": used.bits, "group_size": used.group_size, "desc_act": False,
+                "sym": used.symmetric, "checkpoint_format": "gptq", "true_sequential": True,
+                "static_groups": False, "damp_percent": 0.01, "lm_head": "lm_head" not in ignore}
+
+    def reads(self, ckpt: Checkpoint) -> bool:
+        return ((ckpt.config or {}).get("quantization_config") or {}).get("quant_method") == "gptq"
+
+    def stored_scheme(self, ckpt: Checkpoint) -> Scheme:
+        quant = ckpt.config["quantization_config"]
+        return Scheme(quant["bits"], quant["group_size"], quant.get("sym", True), v1_zeros=True)
+
+    def quantized_modules(self, ckpt: Checkpoint) -> list[str]:
+        return [name.removesuffix(".qweight") for name in ckpt.tensors if name.endswith(".qweight")]

@@ -1,0 +1,50 @@
+"""Integer packing shared by the formats: unsigned ``bits``-bit fields in int32 words, LSB-first::
+
+    words = pack(torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]]), 4)   # int32 (1, 1)
+    unpack(words, 4)                                            # [[1, 2, 3, 4, 5, 6, 7, 8]]
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def pack(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned ``bits``-bit values (any int dtype, last dim a multiple of 32/bits) → int32, LSB-first along the
+    last dim.
+
+    Args:
+        values: the unsigned fields.
+        bits: 4 or 8.
+
+    Returns:
+        int32 words, the last dim divided by 32 / bits.
+    """
+    per_word = 32 // bits
+    rows = values.shape[:-1]
+    fields = values.to(torch.int64).reshape(*rows, -1, per_word)
+    shifts = torch.arange(per_word, dtype=torch.int64) * bits
+    words = (fields << shifts).sum(-1)
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+
+
+def unpack(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 words → unsigned values (int32), LSB-first along the last dim (inverse of :func:`pack`).
+
+    Args:
+        words: int32 words.
+        bits: 4 or 8.
+
+    Returns:
+        int32 fields, the last dim multiplied by 32 / bits.
+    """
+    per_word = 32 // bits
+    shifts = torch.arange(per_word, dtype=torch.int64) * bits
+    fields = (words.to(torch.int64).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return fields.reshape(*words.shape[:-1], -1).to(torch.int32)
+
+
+def pad_rows(values: torch.Tensor, multiple: int) -> torch.Tensor:
+    """``values`` with zero rows appended up to a multiple of ``multiple`` rows."""
+    extra = -values.shape[0] % multiple
+    return torch.cat([values, values.new_zeros(extra, *values.shape[1:])]) if extra else values
