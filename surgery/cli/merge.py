@@ -142,13 +142,14 @@ def merge_signature() -> inspect.Signature:
 
     Example: ``"density_" in merge_signature().parameters``
     """
-    declared = inspect.signature(merge, eval_str=True).parameters.values()
+    declared = _FIXED_OPTIONS.parameters.values()
     fixed = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if p.name != "models" else p
              for p in declared if p.kind is not inspect.Parameter.VAR_KEYWORD]
     at = [p.name for p in fixed].index("weights") + 1
     return inspect.Signature(fixed[:at] + _parameter_options() + fixed[at:])
 
 
+_FIXED_OPTIONS = inspect.signature(merge, eval_str=True)  # the options every merge has, as written above
 merge.__signature__ = merge_signature()
 app.command(help=MERGE_HELP)(merge)
 

@@ -2,9 +2,9 @@
 
 Memory is one tensor per input model (plus the method's work) at a time; the output appears atomically::
 
-    from surgery.merge import Recipe, ModelEntry, merge
+    from surgery.merge import MergeJob, ModelEntry, Recipe, merge
     recipe = Recipe("ties", [ModelEntry("org/short"), ModelEntry("org/long")], parameters={"density": 0.2})
-    merge(recipe, "out")
+    merge(MergeJob(recipe, "out"))
 
 Vocabulary rule: the output keeps the tokenizer source's vocabulary (the base's by default, a model's, or the
 ``union`` of all); embedding and lm_head rows are matched by token, and a model lacking a token gets a stand-in row
