@@ -174,8 +174,19 @@ INT8_MASK = Parameter("int8_mask", bool, None, "mergekit's int8 masks (accepted,
 
 
 def setting_values(setting: Any, key: str, where: str) -> Iterator[Any]:
-    """Every value ``setting`` can take (gradient points, each filter's value), BadInput if it is not of a shape
-    parameters take: a scalar, a list of numbers, or a list of {filter, value}."""
+    """Every value ``setting`` can take (gradient points, each filter's value).
+
+    Args:
+        setting: a parameter's setting as a recipe writes it.
+        key, where: the parameter and where it is set, for the message.
+
+    Returns:
+        An iterator over the values; BadInput if ``setting`` is not of a shape parameters take: a scalar, a list of
+        numbers, or a list of {filter, value}.
+
+    Example: ``list(setting_values([{"filter": "mlp", "value": [0.1, 0.3]}, {"value": 0.5}], "density", "global"))``
+    is ``[0.1, 0.3, 0.5]``
+    """
     if isinstance(setting, dict):
         setting = [setting]
     if isinstance(setting, list):
@@ -198,7 +209,18 @@ def setting_values(setting: Any, key: str, where: str) -> Iterator[Any]:
 
 
 def resolve_value(setting: Any, tensor_name: str, t: float) -> Any:
-    """The value ``setting`` takes for ``tensor_name`` at layer position ``t`` ∈ [0, 1]; None when no filter matches."""
+    """The value ``setting`` takes for one tensor.
+
+    Args:
+        setting: a parameter's setting (scalar, gradient, {filter, value} list).
+        tensor_name: the output tensor's name (filters are substrings of it).
+        t: the tensor's layer position in [0, 1] (gradients are interpolated at it).
+
+    Returns:
+        The value (numbers as float), or None when no filter matches.
+
+    Example: ``resolve_value([0.0, 1.0], "model.layers.1.mlp.up_proj.weight", t=0.25) == 0.25``
+    """
     if isinstance(setting, dict):
         setting = [setting]
     if isinstance(setting, (bool, str)) or setting is None:
