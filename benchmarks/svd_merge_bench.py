@@ -61,8 +61,7 @@ def main() -> None:
 
     def merge_input(count: int, **parameters) -> TensorMerge:
         return TensorMerge(name="model.layers.0.mlp.up_proj.weight", base=base, models=models[:count],
-                           weight=[1.0] * count, density=[1.0] * count, gamma=[0.0] * count,
-                           epsilon=[0.0] * count, is_matrix=True, **parameters)
+                           parameters={"weight": [1.0] * count, **parameters}, is_matrix=True)
 
     def full_svd(x: TensorMerge) -> torch.Tensor:
         return torch.linalg.svd(x.models[0].float() - x.base.float(), full_matrices=False)[0]

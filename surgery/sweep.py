@@ -12,8 +12,9 @@ response length, and find the accuracy / length Pareto front::
 rate, per difficulty, on the front or not), ``pareto.png``, and ``recipes/point-NN.yaml``, the recipe of each point,
 so that ``surgery merge --recipe sweep-out/recipes/point-07.yaml -o best`` rebuilds the recommended merge.
 
-Grid keys are merge parameters (``lambda``, ``density``, ``weight``, ``t``, ``eta``, ``rank``, ...), and also
-``method``, ``seed`` and ``omega`` (AIM; the recipe needs an ``aim`` section). The recommended setting is the
+Grid keys are the declared merge parameters (``lambda``, ``density``, ``weight``, ``t``, ``eta``, ``rank``, ... and
+any a registered method declares; values parsed by their declared type), and also ``method``, ``seed`` and
+``omega`` (AIM; the recipe needs an ``aim`` section). The recommended setting is the
 shortest one whose accuracy is at least ``1 − tolerance`` times the best input model's; when none is, the most
 accurate one.
 """
@@ -24,8 +25,6 @@ import copy
 import itertools
 import json
 import logging
-import os
-import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -35,23 +34,37 @@ from typing import Any, Callable
 import yaml
 
 from surgery.errors import BadInput
+from surgery.executors import check_executor, run_jobs
 from surgery.io.writer import atomic_directory, check_output_available
-from surgery.merge import Recipe, get_method, merge
-from surgery.merge.ray_executor import check_executor
+from surgery.merge import MergeJob, Recipe, get_method, merge
+from surgery.merge.job import check_parameters
+from surgery.merge.params import Parameter
+from surgery.merge.registry import PARAMETERS, aliases
 
 log = logging.getLogger(__name__)
-SPECIAL_KEYS = {"method", "seed", "omega"}
 TOLERANCE = 0.05
+# grid keys besides the merge parameters: how each one's values are read
+RECIPE_KEYS = {"method": str, "seed": Parameter("seed", int, 0, "the recipe's seed").parse,
+               "omega": Parameter("omega", float, 0.4, "AIM's omega").parse}
+
+
+def grid_keys() -> list[str]:
+    """Every key a ``--grid`` may set: ``method``, ``seed``, ``omega`` and each declared merge parameter's names.
+
+    Returns:
+        The keys, sorted.
+
+    Example: ``"density" in grid_keys()``
+    """
+    return sorted(set(RECIPE_KEYS) | set(aliases()))
 
 
 def _value(text: str, key: str) -> Any:
-    try:
-        number = float(text)
-    except ValueError:
-        if key != "method":
-            raise BadInput(f"--grid: {key}={text!r} is not a number") from None
+    if key == "method":
         return text
-    return int(number) if key in {"seed", "rank"} and number == int(number) else number
+    if key in RECIPE_KEYS:
+        return RECIPE_KEYS[key](text, "--grid")
+    return PARAMETERS[aliases()[key]].parse(text, "--grid")
 
 
 def _range(text: str, key: str) -> list[float]:
@@ -63,15 +76,25 @@ def _range(text: str, key: str) -> list[float]:
 
 
 def parse_grid(text: str) -> dict[str, list]:
-    """``"lambda=0.5:1.0:0.1,density=0.1,0.2"`` → {"lambda": [0.5, 0.6, ..., 1.0], "density": [0.1, 0.2]}: a comma
-    starts a new value, or a new key when the item holds ``=``; START:STOP:STEP includes STOP."""
+    """The settings a ``--grid`` text gives: a comma starts a new value, or a new key when the item holds ``=``;
+    START:STOP:STEP includes STOP. Keys are :func:`grid_keys`; values are read by the parameter's declared type.
+
+    Args:
+        text: e.g. ``"lambda=0.5:1.0:0.1,density=0.1,0.2"``.
+
+    Returns:
+        Key → values, e.g. ``{"lambda": [0.5, 0.6, ..., 1.0], "density": [0.1, 0.2]}``; BadInput when malformed.
+
+    Example: ``parse_grid("rank=8,16") == {"rank": [8, 16]}``
+    """
     grid: dict[str, list] = {}
     key = None
     for item in (part.strip() for part in text.split(",")):
         if "=" in item:
             key, item = (side.strip() for side in item.split("=", 1))
-            if not re.fullmatch(r"[a-z_]+", key) or key in grid:
-                raise BadInput(f"--grid: {key!r} is not a parameter name or is given twice")
+            if key not in grid_keys() or key in grid:
+                raise BadInput(f"--grid: {key!r} is not a parameter name or is given twice "
+                               f"(keys: {', '.join(grid_keys())})")
             grid[key] = []
         if key is None or not item:
             raise BadInput(f"--grid {text!r}: expected KEY=VALUE[,VALUE...][,KEY=...]")
@@ -87,7 +110,18 @@ def grid_points(grid: dict[str, list]) -> list[dict]:
 
 
 def with_setting(recipe: Recipe, setting: dict) -> Recipe:
-    """A copy of ``recipe`` with one grid point's values in place (global parameters, method, seed, AIM omega)."""
+    """A copy of ``recipe`` with one grid point's values in place (global parameters, method, seed, AIM omega).
+
+    Args:
+        recipe: the sweep's recipe.
+        setting: one grid point (:func:`grid_points`).
+
+    Returns:
+        The changed copy; BadInput for an unknown method, an omega without AIM or a parameter the method does not
+        take.
+
+    Example: ``with_setting(recipe, {"lambda": 0.5, "seed": 2}).parameters["lambda"] == 0.5``
+    """
     changed = copy.deepcopy(recipe)
     for key, value in setting.items():
         if key == "method":
@@ -100,7 +134,8 @@ def with_setting(recipe: Recipe, setting: dict) -> Recipe:
                 raise BadInput("--grid: omega needs a recipe with an aim section")
             changed.aim["omega"] = value
         else:
-            changed.parameters[key] = value
+            changed.parameters[aliases()[key]] = value
+    check_parameters(changed)  # a parameter the method does not take is an error before anything runs
     return changed
 
 
@@ -162,44 +197,8 @@ class Evaluation:
 
 def merge_and_evaluate(recipe: Recipe, model_dir: str, evaluation: Evaluation) -> dict:
     """One grid point: merge into ``model_dir`` (replacing what a lost earlier attempt left), then evaluate it."""
-    merge(recipe, model_dir, device=evaluation.device, force=True)
+    merge(MergeJob(recipe, model_dir, device=evaluation.device, force=True))
     return evaluation(model_dir)
-
-
-def _run_local(jobs: list[tuple[Callable, tuple]], labels: list[str], progress) -> list[dict]:
-    results = []
-    for label, (function, args) in zip(labels, jobs):
-        progress(label)
-        results.append(function(*args))
-    return results
-
-
-def _in_directory(directory: str, function: Callable, *args):
-    """A Ray task: relative input paths mean what they meant on the driver."""
-    if os.path.isdir(directory):
-        os.chdir(directory)
-    return function(*args)
-
-
-def _run_on_ray(jobs: list[tuple[Callable, tuple]], labels: list[str], progress, address: str | None,
-                device: str) -> list[dict]:
-    """Every job as a Ray task (one GPU each with ``device`` cuda), retried when its worker is lost."""
-    from surgery.merge.ray_executor import RETRIES, ray_connection
-
-    with ray_connection(address) as ray:
-        task = ray.remote(max_retries=RETRIES, retry_exceptions=False, num_cpus=1,
-                          num_gpus=1 if device.startswith("cuda") else 0)(_in_directory)
-        references = [task.remote(os.getcwd(), function, *args) for function, args in jobs]
-        progress(f"{len(references)} evaluations submitted to Ray")
-        try:
-            results = ray.get(references)
-        except ray.exceptions.RayTaskError as err:
-            if isinstance(err.cause, BadInput):
-                raise err.cause from None
-            raise RuntimeError(f"a sweep task failed: {type(err.cause).__name__}: {err.cause}") from None
-    for label in labels:
-        progress(f"done: {label}")
-    return results
 
 
 def sweep(recipe: Recipe, grid: dict[str, list], tasks: list[dict], output: str | Path, *,
@@ -234,8 +233,7 @@ def sweep(recipe: Recipe, grid: dict[str, list], tasks: list[dict], output: str 
             model_dir = (staging / "models" if keep_models else Path(scratch)) / name
             jobs.append((merge_and_evaluate, (point_recipe, str(model_dir), evaluation)))
             labels.append(f"{name} ({number}/{len(points)}): {setting}")
-        results = (_run_on_ray(jobs, labels, progress, ray_address, device) if executor == "ray"
-                   else _run_local(jobs, labels, progress))
+        results = run_jobs(executor, jobs, labels, progress, ray_address=ray_address, device=device)
         count = len(recipe.sources)
         references = [{"name": source, "kind": "input", **measures}
                       for source, measures in zip(recipe.sources, results[:count])]

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from conftest import logits, run_surgery, save_tokenizer
 from merge_helpers import read_numpy, save_family
 from surgery.errors import BadInput
-from surgery.merge import Recipe, merge
+from surgery.merge import MergeJob, Recipe, merge
 
 CALIBRATION = " ".join(f"w{(7 * i) % 100}" for i in range(300))
 
@@ -99,5 +99,5 @@ def test_aim_errors_are_one_line(setup, tmp_path):
         with pytest.raises(BadInput, match=re.escape(message)):
             recipe = Recipe.from_dict({"method": method, "models": [str(p) for p in (base, ft1, ft2)],
                                        "aim": settings})
-            merge(recipe, tmp_path / "out")
+            merge(MergeJob(recipe, tmp_path / "out"))
         assert not (tmp_path / "out").exists()

@@ -64,10 +64,10 @@ def low_rank_models(count, rows=48, cols=32, seed=0):
 
 def run(method, base, models, weights=None, **parameters):
     weights = weights or [1.0] * len(models)
+    parameters = {("lambda" if key == "lambda_" else key): value for key, value in parameters.items()}
     x = TensorMerge(name="w", base=None if base is None else torch.tensor(base, dtype=torch.float32),
-                    models=[torch.tensor(m, dtype=torch.float32) for m in models], weight=weights,
-                    density=[1.0] * len(models), gamma=[0.0] * len(models), epsilon=[0.0] * len(models),
-                    is_matrix=True, **parameters)
+                    models=[torch.tensor(m, dtype=torch.float32) for m in models],
+                    parameters={"weight": weights, **parameters}, is_matrix=True)
     return method(x).to(torch.float64).numpy()
 
 

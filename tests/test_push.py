@@ -58,7 +58,7 @@ def merged(tmp_path_factory) -> Path:
     Hugging Face cache, so that its surgery.json names Hub inputs (merged in-process: a subprocess costs ~3 s)."""
     from huggingface_hub import constants
 
-    from surgery.merge import ModelEntry, Recipe, merge
+    from surgery.merge import MergeJob, ModelEntry, Recipe, merge
 
     root = tmp_path_factory.mktemp("push")
     cache = root / "hub-cache"
@@ -70,7 +70,8 @@ def merged(tmp_path_factory) -> Path:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(constants, "HF_HUB_CACHE", str(cache))
         patch.setattr(constants, "HF_HUB_OFFLINE", True)
-        merge(Recipe("task_arithmetic", [ModelEntry("org/tiny-base"), ModelEntry("org/tiny-ft")]), root / "merged")
+        merge(MergeJob(Recipe("task_arithmetic", [ModelEntry("org/tiny-base"), ModelEntry("org/tiny-ft")]),
+                       root / "merged"))
     return root / "merged"
 
 

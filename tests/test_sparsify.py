@@ -63,7 +63,7 @@ def test_chunked_ties_equals_whole_tensor_formula():
     base = torch.randn(1000, 700, generator=generator).bfloat16().float()
     models = [(base + 0.01 * torch.randn(base.shape, generator=generator)).bfloat16().float() for _ in range(2)]
     weights, densities = [1.0, 0.7], [0.2, 0.3]
-    merged = ties(TensorMerge("t", base, models, weights, densities, [0.0, 0.0], [0.0, 0.0], lambda_=0.9))
+    merged = ties(TensorMerge("t", base, models, {"weight": weights, "density": densities, "lambda": 0.9}))
 
     kept = []
     for model, weight, density in zip(models, weights, densities):

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from typing import Optional
 
 import typer
 
 from surgery.cli.options import (BATCH_OPTION, CHAT_TEMPLATE_OPTION, DEVICE_OPTION, JSON_OPTION, LIMIT_OPTION,
-                                 MAX_NEW_TOKENS_OPTION, SHARD_OPTION, check_device, float_list, print_json,
+                                 MAX_NEW_TOKENS_OPTION, SHARD_OPTION, check_device, print_json,
                                  progress, human_size)
 from surgery.errors import BadInput
 
@@ -16,9 +17,8 @@ app = typer.Typer()
 
 
 def _method_help() -> str:
-    from surgery.merge import METHODS, get_method
+    from surgery.merge import METHODS
 
-    get_method("linear")  # registers the built-in methods
     return "\n\n".join(f"{m.name} — {m.summary}" for m in METHODS.values())
 
 
@@ -49,7 +49,6 @@ best merge is `--method ties --density 0.2 --aim --omega 0.4`.
 """.split("\n")).strip()
 
 
-@app.command(help=MERGE_HELP)
 def merge(
     models: list[str] = typer.Argument(None, help="Models to merge (any source inspect accepts). Without --base, "
                                                    "the FIRST is the base for methods that use one."),
@@ -57,19 +56,6 @@ def merge(
     method: Optional[str] = typer.Option(None, "--method", help="Merge method (listed above)."),
     base: Optional[str] = typer.Option(None, "--base", help="Base model; task vectors are model − base."),
     weights: Optional[str] = typer.Option(None, "--weights", help="W1,W2,...: one per non-base model (default 1)."),
-    lambda_: Optional[float] = typer.Option(None, "--lambda", "--alpha", help="Scale of the merged task vector."),
-    density: Optional[float] = typer.Option(None, "--density", help="Fraction of task-vector entries KEPT."),
-    t: Optional[float] = typer.Option(None, "--t", help="slerp: 0 gives the base, 1 the other model."),
-    gamma: Optional[float] = typer.Option(None, "--gamma", help="breadcrumbs: top fraction dropped (0.01)."),
-    epsilon: Optional[float] = typer.Option(None, "--epsilon", help="della: keep-probability spread (0.15)."),
-    eta: Optional[float] = typer.Option(None, "--eta", help="star / svd with one model: share of each task "
-                                                            "matrix's spectrum kept (0.4)."),
-    rank: Optional[int] = typer.Option(None, "--rank", help="star, tsv, svd: a fixed rank instead of the eta rule "
-                                                            "(star) or the full rank split over the tasks (tsv)."),
-    mu: Optional[float] = typer.Option(None, "--mu", help="lore: singular-value threshold relative to the largest "
-                                                          "one (0.1)."),
-    normalize: Optional[bool] = typer.Option(None, "--normalize/--no-normalize",
-                                             help="Divide by the summed weights (method default)."),
     dare_rescale: Optional[str] = typer.Option(None, "--dare-rescale",
                                                help="DARE/DELLA rescale: l1 (mergekit, default), inverse (1/p, "
                                                     "the papers), none."),
@@ -83,8 +69,8 @@ def merge(
                                                      help="Vocabulary rows: the tokenizer's tokens rounded up to a "
                                                           "multiple of N, extra rows the mean (mergekit's sizing; "
                                                           "default: the tokenizer source's rows)."),
-    recipe_file: Optional[str] = typer.Option(None, "--recipe", help="Recipe: our YAML, a mergekit YAML config, "
-                                                                     "or an earlier output's surgery.json."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="Recipe: our YAML, a mergekit YAML config, "
+                                                                "or an earlier output's surgery.json."),
     aim: bool = typer.Option(False, "--aim", help="Apply AIM on top of the method: each weight's change is scaled "
                                                   "down on the input channels the base uses most."),
     omega: Optional[float] = typer.Option(None, "--omega", help="AIM: change kept on the most active channel (0.4)."),
@@ -102,58 +88,22 @@ def merge(
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster to run on, HOST:PORT "
                                                                           "(default: start a local one)."),
     as_json: bool = JSON_OPTION,
+    **parameters,
 ) -> None:
-    """Merge checkpoints (task arithmetic, TIES, DARE, SLERP, Model Stock...), one tensor at a time."""
-    from surgery.merge import ModelEntry, Recipe, get_method, load_recipe, merge as run_merge, plan_merge
-    from surgery.merge.recipe import aim_settings
+    """Merge checkpoints (task arithmetic, TIES, DARE, SLERP, Model Stock...), one tensor at a time.
 
-    if recipe_file:
-        recipe = load_recipe(recipe_file)
-        if models:
-            raise BadInput("--recipe: give the models in the recipe, not on the command line")
-    else:
-        if not models:
-            raise BadInput("no models given (pass MODEL... or --recipe FILE)")
-        if method is None:
-            raise BadInput("--method is required without --recipe")
-        recipe = Recipe(method=method, models=[ModelEntry(m) for m in models], base=base)
-    if method is not None:
-        recipe.method = method
-    first_is_base = recipe.base is None and get_method(recipe.method).uses_base
-    non_base = len(recipe.models) - (1 if first_is_base else 0)
-    weight_list = float_list(weights, "--weights")
-    if weight_list is not None and recipe.slices:
-        raise BadInput("--weights: this recipe has slices; give the weights in it, per source")
-    if weight_list is not None:
-        if len(weight_list) != non_base:
-            raise BadInput(f"--weights: {len(weight_list)} value(s) for {non_base} non-base model(s)")
-        offset = len(recipe.models) - non_base
-        for entry, value in zip(recipe.models[offset:], weight_list):
-            entry.parameters["weight"] = value
-    for key, value in (("lambda", lambda_), ("density", density), ("t", t), ("gamma", gamma),
-                       ("epsilon", epsilon), ("normalize", normalize), ("eta", eta), ("rank", rank), ("mu", mu)):
-        if value is not None:
-            recipe.parameters[key] = value
-    if seed is not None:
-        recipe.seed = seed
-    if dtype is not None:
-        recipe.dtype = dtype
-    if dare_rescale is not None:
-        recipe.dare_rescale = dare_rescale
-    if tokenizer_source is not None:
-        recipe.tokenizer_source = tokenizer_source
-    if pad_to_multiple_of is not None:
-        from surgery.merge.vocab import check_pad_to_multiple_of
+    ``parameters`` are the declared merge parameters' options, by keyword NAME_ (see :func:`merge_signature`)."""
+    from surgery.merge import MergeJob, merge as run_merge, plan_merge
 
-        recipe.pad_to_multiple_of = check_pad_to_multiple_of(pad_to_multiple_of, "--pad-to-multiple-of")
-    aim_options = {"omega": omega, "calibration": calibration, "stats": stats, "max_tokens": max_tokens}
-    given = {key: value for key, value in aim_options.items() if value is not None}
-    if given and not aim:
-        raise BadInput(f"--{next(iter(given)).replace('_', '-')}: applies only with --aim")
-    if aim:
-        recipe.aim = aim_settings({**(recipe.aim or {}), **given}, "--aim")
+    parameters = {key.removesuffix("_"): value for key, value in parameters.items()}
+    job = MergeJob.from_options(models or (), output=output, method=method, base=base, weights=weights,
+                                parameters=parameters, seed=seed, dtype=dtype, dare_rescale=dare_rescale,
+                                tokenizer_source=tokenizer_source, pad_to_multiple_of=pad_to_multiple_of,
+                                recipe=recipe, aim=aim, omega=omega, calibration=calibration, stats=stats,
+                                max_tokens=max_tokens, device=device, max_shard_size=max_shard_size, force=force,
+                                executor=executor, ray_address=ray_address)
     if dry_run:
-        plan = {"output": output, **plan_merge(recipe, max_shard_size)}
+        plan = plan_merge(job)
         if as_json:
             return print_json(plan)
         typer.echo(f"would merge {len(plan['models'])} model(s) into {output} with {plan['method']}"
@@ -162,15 +112,46 @@ def merge(
                    f"dtype {plan['dtype']}, seed {plan['seed']}, parameters {json.dumps(plan['parameters'])}")
         return
     with progress(None, "B", "merge") as advance:
-        result = run_merge(recipe, output, device=device, max_shard_size=max_shard_size, force=force,
-                           progress=advance, executor=executor, ray_address=ray_address)
-    summary = {"output": str(result.write.directory), "method": recipe.method, "shards": len(result.write.shards),
-               "total_bytes": result.write.total_size, "files": result.write.files}
+        result = run_merge(job, progress=advance)
     if as_json:
-        return print_json(summary)
-    typer.echo(f"wrote {result.write.directory}: {recipe.method} merge, {len(result.write.shards)} shard(s), "
+        return print_json(result.summary())
+    typer.echo(f"wrote {result.write.directory}: {job.recipe.method} merge, {len(result.write.shards)} shard(s), "
                f"{human_size(result.write.total_size)}")
 
+
+def _parameter_options() -> list[inspect.Parameter]:
+    """One ``surgery merge`` option per declared merge parameter with CLI flags, in declaration order."""
+    from surgery.merge import PARAMETERS
+
+    options = []
+    for parameter in PARAMETERS.values():
+        if parameter.cli_flags:
+            kind = Optional[parameter.kind]
+            option = typer.Option(None, *parameter.cli_flags, help=parameter.help)
+            options.append(inspect.Parameter(parameter.name + "_", inspect.Parameter.KEYWORD_ONLY, default=option,
+                                             annotation=kind))
+    return options
+
+
+def merge_signature() -> inspect.Signature:
+    """The merge command's signature as typer reads it: its fixed options, with one option per declared merge
+    parameter that has CLI flags (``--lambda/--alpha``, ``--density``...) after ``--weights``.
+
+    Returns:
+        The signature; a parameter's keyword is its name plus ``_`` (``lambda_``, ``density_``).
+
+    Example: ``"density_" in merge_signature().parameters``
+    """
+    declared = _FIXED_OPTIONS.parameters.values()
+    fixed = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if p.name != "models" else p
+             for p in declared if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    at = [p.name for p in fixed].index("weights") + 1
+    return inspect.Signature(fixed[:at] + _parameter_options() + fixed[at:])
+
+
+_FIXED_OPTIONS = inspect.signature(merge, eval_str=True)  # the options every merge has, as written above
+merge.__signature__ = merge_signature()
+app.command(help=MERGE_HELP)(merge)
 
 
 CALIBRATE_HELP = " ".join("""
@@ -232,17 +213,10 @@ def sweep_command(
 ) -> None:
     """Merge at every grid point, evaluate accuracy and response length, and recommend a setting on the Pareto front."""
     from surgery.evaluation.length import load_tasks
-    from surgery.merge import ModelEntry, Recipe, load_recipe
+    from surgery.merge import build_recipe
     from surgery.sweep import parse_grid, sweep
 
-    if bool(recipe_file) == bool(models):
-        raise BadInput("give the models to merge (with --method) or --recipe FILE, not both")
-    if recipe_file:
-        recipe = load_recipe(recipe_file)
-    elif method is None:
-        raise BadInput("--method is required without --recipe")
-    else:
-        recipe = Recipe(method=method, models=[ModelEntry(model) for model in models])
+    recipe = build_recipe(models or (), method=method, recipe=recipe_file)
     if not 0 <= tolerance < 1 or max_new_tokens < 1 or batch_size < 1 or (limit is not None and limit < 1):
         raise BadInput("--tolerance must be in [0, 1); --max-new-tokens, --batch-size and --limit at least 1")
     settings = parse_grid(grid)

@@ -2,9 +2,9 @@
 
 Memory is one tensor per input model (plus the method's work) at a time; the output appears atomically::
 
-    from surgery.merge import Recipe, ModelEntry, merge
+    from surgery.merge import MergeJob, ModelEntry, Recipe, merge
     recipe = Recipe("ties", [ModelEntry("org/short"), ModelEntry("org/long")], parameters={"density": 0.2})
-    merge(recipe, "out")
+    merge(MergeJob(recipe, "out"))
 
 Vocabulary rule: the output keeps the tokenizer source's vocabulary (the base's by default, a model's, or the
 ``union`` of all); embedding and lm_head rows are matched by token, and a model lacking a token gets a stand-in row
@@ -28,19 +28,16 @@ from surgery.errors import BadInput
 from surgery.io import open_checkpoint, plan_shards, write_checkpoint
 from surgery.io.checkpoint import Checkpoint, TensorInfo, natural_key, parse_dtype
 from surgery.io.loader_check import check_transformers
-from surgery.io.writer import DEFAULT_MAX_SHARD_SIZE, WriteResult, check_output_available
+from surgery.io.writer import WriteResult, check_output_available, write_shard_file
 from surgery.merge.chat_template import resolve_template, with_chat_template
-from surgery.merge.params import check_setting, resolve_value
-from surgery.merge.ray_executor import check_executor
+from surgery.merge.job import MergeJob, check_parameters
+from surgery.merge.params import resolve_value
 from surgery.merge.sparsify import chunk_slices
-from surgery.merge.recipe import DARE_RESCALES, ModelEntry, Recipe, Slice, recipe_json
+from surgery.merge.recipe import ModelEntry, Recipe, Slice, recipe_json
 from surgery.merge.registry import MergeMethod, TensorMerge, get_method
 from surgery.merge.vocab import TOKENIZER_FILES, VocabularyPlan, VocabularySource, align_rows, plan_vocabulary
 from surgery.output import Card, OutputRecord
 
-DEFAULTS = {"weight": 1.0, "density": 1.0, "gamma": 0.01, "epsilon": 0.15, "lambda": 1.0, "t": 0.5,
-            "scale": None, "normalize": None, "rescale": True, "eta": 0.4, "rank": None, "mu": 0.1}
-PER_MODEL = {"weight", "density", "gamma", "epsilon"}
 VOCAB_ROLES = {"embedding", "lm_head"}
 
 
@@ -93,23 +90,6 @@ class PlannedTensor:
     def inputs(self) -> list[tuple[Checkpoint, str]]:
         pairs = [(self.part.base, self.base_name)] if self.part.base else []
         return pairs + list(zip(self.part.models, self.model_names))
-
-
-def _check_parameters(recipe: Recipe, method: MergeMethod) -> None:
-    """Every parameter given applies to the method and has allowed values (params.RULES), wherever it is set."""
-    given = [("global", key, value) for key, value in recipe.parameters.items()]
-    entries = recipe.models + [source for part in recipe.slices or [] for source in part.sources]
-    given += [(entry.model, key, value) for entry in entries for key, value in entry.parameters.items()]
-    given += [(f"slice {number}", key, value) for number, part in enumerate(recipe.slices or [])
-              for key, value in part.parameters.items()]
-    for where, key, value in sorted(given, key=lambda item: item[:2]):
-        if key not in method.parameters:
-            accepted = ", ".join(sorted(method.parameters)) or "none"
-            raise BadInput(f"parameter {key!r} ({where}) does not apply to method {method.name!r} "
-                           f"(it takes: {accepted})")
-        check_setting(key, value, where)
-    if recipe.dare_rescale not in DARE_RESCALES:
-        raise BadInput(f"--dare-rescale {recipe.dare_rescale!r}: expected l1, inverse or none")
 
 
 def _layer_count(ckpt: Checkpoint) -> int:
@@ -171,7 +151,7 @@ def _open_slice(number: int, part: Slice, recipe: Recipe, method: MergeMethod, o
 def open_inputs(recipe: Recipe, stack: ExitStack) -> MergeInputs:
     """Open every checkpoint of ``recipe`` once (closed with ``stack``); check method, counts, ranges, parameters."""
     method = get_method(recipe.method)
-    _check_parameters(recipe, method)
+    check_parameters(recipe, method)
     opened: dict[str, Checkpoint] = {}
 
     def open_once(source: str) -> Checkpoint:
@@ -350,17 +330,33 @@ class TensorMerger:
         raise BadInput(f"tensor {planned.spec.name!r}: the {self.inputs.method.name} merge produced NaN or Inf from "
                        "finite inputs (check the weights and parameters)")
 
-    def _value(self, key: str, setting_sources: list[dict], name: str, t: float):
-        for settings in setting_sources:
-            if key in settings:
-                value = resolve_value(settings[key], name, t)
-                if value is not None:
-                    return value
-        return DEFAULTS[key]
+    def _parameters(self, planned: PlannedTensor) -> dict:
+        """The method's parameters for this tensor: the first setting that applies (a model entry's for a per-model
+        one, then the slice's, then the recipe's), else the declared default."""
+        part, name, t = planned.part, planned.spec.name, planned.t
+        globals_ = [part.parameters, self.recipe.parameters]
+
+        def value(parameter, setting_sources):
+            for settings in setting_sources:
+                if parameter.name in settings:
+                    resolved = resolve_value(settings[parameter.name], name, t)
+                    if resolved is not None:
+                        return resolved
+            return parameter.default
+
+        values = {}
+        for parameter in self.inputs.method.parameters:
+            if parameter.per_model:
+                values[parameter.name] = [value(parameter, [entry.parameters, *globals_]) for entry in part.entries]
+            else:
+                values[parameter.name] = value(parameter, globals_)
+            if parameter.finish is not None:
+                values[parameter.name] = parameter.finish(values[parameter.name], self.recipe)
+        return values
 
     def __call__(self, name: str) -> torch.Tensor:
         planned = self.plan[name]
-        part, t = planned.part, planned.t
+        part = planned.part
         tensors = [self._read(ckpt, input_name) for ckpt, input_name in planned.inputs()]
         vocabulary = self.inputs.vocabulary
         if self.arch.role(name).kind in VOCAB_ROLES and vocabulary is not None:
@@ -368,26 +364,14 @@ class TensorMerger:
             tensors = align_rows(tensors, [None if i is None else i.to(self.device) for i in indices],
                                  vocabulary.rows, base_position=0 if part.base else None)
         base, models = (tensors[0], tensors[1:]) if part.base else (None, tensors)
-        globals_ = [part.parameters, self.recipe.parameters]
-        per_model = {key: [self._value(key, [entry.parameters, *globals_], name, t) for entry in part.entries]
-                     for key in PER_MODEL}
-
-        def value(key):
-            return self._value(key, globals_, name, t)
-
-        rescale = value("rescale")
         generator = None
         if self.inputs.method.random:
             generator = torch.Generator(device=self.device).manual_seed(_seed_for(self.recipe.seed, name))
         factors = self.aim_factors.get(name)
         dtype = planned.spec.dtype if planned.spec.dtype.is_floating_point and factors is None else torch.float32
         merge_input = TensorMerge(
-            name=name, base=base, models=models, weight=per_model["weight"], density=per_model["density"],
-            gamma=per_model["gamma"], epsilon=per_model["epsilon"], lambda_=value("lambda"), t=value("t"),
-            scale=value("scale"), normalize=value("normalize"), eta=value("eta"), rank=value("rank"),
-            mu=value("mu"),
+            name=name, base=base, models=models, parameters=self._parameters(planned),
             is_matrix=len(planned.spec.shape) == 2 and self.arch.role(name).kind not in NOT_DECOMPOSED_KINDS,
-            rescale=None if not rescale or self.recipe.dare_rescale == "none" else self.recipe.dare_rescale,
             generator=generator, out_dtype=dtype,
         )
         result = self.inputs.method.function(merge_input)
@@ -401,8 +385,21 @@ class TensorMerger:
 
 @dataclass
 class MergeResult:
+    """What :func:`merge` wrote: the writer's result and the recipe merged."""
+
     write: WriteResult
     recipe: Recipe
+
+    def summary(self) -> dict:
+        """What ``surgery merge --json`` prints.
+
+        Returns:
+            output directory, method, shard count, total bytes and the files written.
+
+        Example: ``merge(job).summary()["shards"]``
+        """
+        return {"output": str(self.write.directory), "method": self.recipe.method, "shards": len(self.write.shards),
+                "total_bytes": self.write.total_size, "files": self.write.files}
 
 
 def _output_config(inputs: MergeInputs, specs: list[TensorInfo], dtype: torch.dtype | None) -> dict | None:
@@ -445,16 +442,27 @@ def _card_body(recipe: Recipe, inputs: MergeInputs) -> str:
     return "\n".join(lines)
 
 
-def plan_merge(recipe: Recipe, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> dict:
-    """What :func:`merge` would do, without computing or writing anything."""
+def plan_merge(job: MergeJob) -> dict:
+    """What :func:`merge` would do with ``job``, without computing or writing anything (``--dry-run``).
+
+    Args:
+        job: the merge job.
+
+    Returns:
+        The plan ``surgery merge --dry-run --json`` prints: output, method, base, models, parameters, slices,
+        vocabulary, tensor / byte / shard counts, dtype, seed, aim.
+
+    Example: ``plan_merge(MergeJob.from_options(["a", "b"], method="ties", output="out"))["shards"]``
+    """
+    recipe = job.recipe
     dtype = parse_dtype(recipe.dtype) if recipe.dtype else None
     with ExitStack() as stack:
         inputs = open_inputs(recipe, stack)
         specs = [planned.spec for planned in plan_tensors(inputs, dtype)]
-        shards = plan_shards(specs, max_shard_size)
+        shards = plan_shards(specs, job.max_shard_size)
         entries = [entry for part in inputs.slices for entry in part.entries]
         return {
-            "method": inputs.method.name, "base": inputs.base.source if inputs.base else None,
+            "output": job.output, "method": inputs.method.name, "base": inputs.base.source if inputs.base else None,
             "models": [c.source for c in inputs.checkpoints if c is not inputs.base],
             "parameters": recipe.parameters,
             "per_model_parameters": {e.model: e.parameters for e in entries if e.parameters},
@@ -470,31 +478,42 @@ def plan_merge(recipe: Recipe, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZ
         }
 
 
-def merge(recipe: Recipe, output: str | Path, *, device: str = "cpu",
-          max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, force: bool = False,
-          progress: Callable[[int], None] = lambda nbytes: None, executor: str = "local",
-          ray_address: str | None = None) -> MergeResult:
-    """Merge per ``recipe`` into ``output`` (atomically), with a model card and a ``surgery.json`` manifest.
+def merge(job: MergeJob, *, progress: Callable[[int], None] | None = None) -> MergeResult:
+    """Merge per ``job.recipe`` into ``job.output`` (atomically), with a model card and a ``surgery.json`` manifest.
 
-    ``executor="ray"`` computes and writes the shards as tasks on a Ray cluster (``ray_address``, or a new local
-    one), see :mod:`surgery.merge.ray_executor`; the output's bytes are the same."""
+    ``job.executor == "ray"`` computes and writes the shards as tasks on a Ray cluster (``job.ray_address``, or a new
+    local one), see :mod:`surgery.executors.ray_tasks`; the output's bytes are the same.
+
+    Args:
+        job: the checked merge job (:meth:`MergeJob.from_options` builds it from the CLI's options).
+        progress: receives the bytes of each tensor (or shard, with Ray) as it is written.
+
+    Returns:
+        The :class:`MergeResult`.
+
+    Example::
+
+        merge(MergeJob(Recipe("ties", [ModelEntry("a"), ModelEntry("b")], parameters={"density": 0.2}), "out"))
+    """
+    recipe, output, device = job.recipe, job.output, job.device
+    progress = progress or (lambda nbytes: None)
     dtype = parse_dtype(recipe.dtype) if recipe.dtype else None
-    check_executor(executor, ray_address)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BadInput(f"--device {device}: no CUDA device is available")
-    check_output_available(output, force)
+    check_output_available(output, job.force)
     with ExitStack() as stack:
-        if executor == "ray":
-            from surgery.merge.ray_executor import RayShards, ray_connection
+        if job.executor == "ray":
+            from surgery.executors.ray_tasks import RayShards, ray_connection, task_device
 
-            ray = stack.enter_context(ray_connection(ray_address))
+            ray = stack.enter_context(ray_connection(job.ray_address))
         inputs = open_inputs(recipe, stack)
         plan = plan_tensors(inputs, dtype)
         specs = [planned.spec for planned in plan]
         record = OutputRecord("merge", inputs.checkpoints)
         aim_factors = aim_factors_for(recipe, inputs, plan, device)
         merger = TensorMerger(recipe, inputs, plan, device, aim_factors)
-        shards = RayShards(ray, recipe, device, aim_factors, progress) if executor == "ray" else None
+        shards = None
+        if job.executor == "ray":
+            shard_task = ShardTask(recipe, task_device(device), aim_factors)
+            shards = RayShards(ray, shard_task, device, progress)
 
         def files() -> dict[str, bytes]:
             aux = dict(inputs.auxiliary[inputs.tokenizer_source.source])
@@ -511,9 +530,33 @@ def merge(recipe: Recipe, output: str | Path, *, device: str = "cpu",
 
         with _cpu_workers(merger.device) as workers:
             result = write_checkpoint(output, specs, merger, config=_output_config(inputs, specs, dtype),
-                                      files=files, max_shard_size=max_shard_size, force=force, progress=progress,
-                                      workers=workers, write_shards=shards, check=check)
+                                      files=files, max_shard_size=job.max_shard_size, force=job.force,
+                                      progress=progress, workers=workers, write_shards=shards, check=check)
     return MergeResult(result, recipe)
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One output shard's work, picklable for a Ray task: open the inputs, plan the merge again (checking it plans
+    the driver's tensors), merge and write the shard's tensors."""
+
+    recipe: Recipe
+    device: str
+    aim_factors: dict[str, torch.Tensor]
+
+    def __call__(self, path: str, header: bytes, order: list[TensorInfo], after_header: Callable[[], None]) -> int:
+        """Write the shard file at ``path`` (its ``header``, then ``order``'s tensors); returns the bytes written."""
+        dtype = parse_dtype(self.recipe.dtype) if self.recipe.dtype else None
+        with ExitStack() as stack:
+            inputs = open_inputs(self.recipe, stack)
+            plan = plan_tensors(inputs, dtype)
+            planned = {p.spec.name: p.spec for p in plan}
+            if any(planned.get(spec.name) != spec for spec in order):
+                raise RuntimeError(f"{Path(path).name}: this worker planned other tensors than the driver "
+                                   "(do all nodes see the same inputs?)")
+            merger = TensorMerger(self.recipe, inputs, plan, self.device, self.aim_factors)
+            write_shard_file(path, header, order, merger, after_header=after_header)
+        return sum(spec.nbytes for spec in order)
 
 
 @contextmanager

@@ -18,15 +18,14 @@ from typing import Callable
 import torch
 
 from surgery.merge import sparsify
+from surgery.merge.params import DENSITY, EPSILON, GAMMA, INT8_MASK, LAMBDA, NORMALIZE, RESCALE, SCALE, T, WEIGHT
 from surgery.merge.registry import TensorMerge, register
 
-# int8_mask: mergekit's option to hold masks as int8 to save memory; accepted so its configs run, and without effect
-# on the result (masks are boolean here).
-TASK_VECTOR_PARAMETERS = {"weight", "lambda", "normalize", "int8_mask"}
+TASK_VECTOR_PARAMETERS = [WEIGHT, LAMBDA, NORMALIZE, INT8_MASK]
 
 
 def _stacked_weights(x: TensorMerge, like: torch.Tensor) -> torch.Tensor:
-    weights = torch.tensor(x.weight, dtype=torch.float32, device=like.device)
+    weights = torch.tensor(x.per_model("weight"), dtype=torch.float32, device=like.device)
     return weights.reshape(-1, *([1] * like.dim()))
 
 
@@ -43,13 +42,13 @@ def _combine_task_vectors(x: TensorMerge, delta_of: DeltaSource, sign_consensus:
     """
     base = x.base.reshape(-1)
     out = torch.empty(base.shape, dtype=x.out_dtype, device=base.device)
-    normalize = normalize_default if x.normalize is None else x.normalize
-    weight_sum = torch.tensor(sum(x.weight), dtype=torch.float32, device=base.device)
+    normalize = normalize_default if x.value("normalize") is None else x.value("normalize")
+    weight_sum = torch.tensor(sum(x.per_model("weight")), dtype=torch.float32, device=base.device)
     if weight_sum.abs() < 1e-8:
         weight_sum.fill_(1)
     for part in sparsify.chunk_slices(base.numel()):
         base_chunk = base[part].to(torch.float32)
-        weighted = [delta_of(i, part, base_chunk).mul_(w) for i, w in enumerate(x.weight)]
+        weighted = [delta_of(i, part, base_chunk).mul_(w) for i, w in enumerate(x.per_model("weight"))]
         mixed = weighted[0].clone()
         for delta in weighted[1:]:
             mixed += delta
@@ -60,7 +59,7 @@ def _combine_task_vectors(x: TensorMerge, delta_of: DeltaSource, sign_consensus:
             elected = torch.ge(mixed, 0, out=torch.empty_like(mixed)).mul_(2).sub_(1)
             mixed.zero_()
             divisor = torch.zeros_like(mixed)
-            for w, delta in zip(x.weight, weighted):
+            for w, delta in zip(x.per_model("weight"), weighted):
                 delta.mul_(elected)
                 divisor.add_(torch.gt(delta, 0, out=scratch), alpha=w)
                 mixed += delta.clamp_(min=0)
@@ -70,7 +69,7 @@ def _combine_task_vectors(x: TensorMerge, delta_of: DeltaSource, sign_consensus:
             divisor = weight_sum
         if normalize:
             mixed /= divisor
-        out[part] = mixed.mul_(x.lambda_).add_(base_chunk)
+        out[part] = mixed.mul_(x.value("lambda")).add_(base_chunk)
     return out.reshape(x.base.shape)
 
 
@@ -90,13 +89,13 @@ def _deltas(x: TensorMerge) -> list[torch.Tensor]:
     return [model.to(torch.float32) - base for model in x.models]
 
 
-@register("linear", uses_base=False, parameters={"weight", "normalize"}, min_models=2)
+@register("linear", uses_base=False, parameters=[WEIGHT, NORMALIZE], min_models=2)
 def linear(x: TensorMerge) -> torch.Tensor:
     """Weighted average Σ wi θi / Σ wi of all models (no base)."""
     x = x.as_float32()
     weights = _stacked_weights(x, x.models[0])
     total = (torch.stack(x.models) * weights).sum(dim=0)
-    normalize = True if x.normalize is None else x.normalize
+    normalize = True if x.value("normalize") is None else x.value("normalize")
     return total / weights.sum() if normalize else total
 
 
@@ -106,7 +105,7 @@ def task_arithmetic(x: TensorMerge) -> torch.Tensor:
     return _combine_task_vectors(x, _plain_deltas(x), sign_consensus=False, normalize_default=False)
 
 
-@register("ties", uses_base=True, parameters=TASK_VECTOR_PARAMETERS | {"density"})
+@register("ties", uses_base=True, parameters=TASK_VECTOR_PARAMETERS + [DENSITY])
 def ties(x: TensorMerge) -> torch.Tensor:
     """TIES: keep the top-density |δi|, elect signs, weighted disjoint mean, times λ (the long-to-short method)."""
     plain = _plain_deltas(x)
@@ -118,7 +117,7 @@ def ties(x: TensorMerge) -> torch.Tensor:
 
     cuts = [None if p >= 1 else sparsify.magnitude_cut(lambda part, i=i: magnitudes(i, part), numel,
                                                        sparsify.kept_count(numel, p))
-            for i, p in enumerate(x.density)]
+            for i, p in enumerate(x.per_model("density"))]
     ties_seen = [0] * len(cuts)
 
     def trimmed(i: int, part: slice, base_chunk: torch.Tensor) -> torch.Tensor:
@@ -132,61 +131,63 @@ def ties(x: TensorMerge) -> torch.Tensor:
 
 
 def _dare(x: TensorMerge) -> list[torch.Tensor]:
-    return [sparsify.bernoulli(d, p, x.generator, x.rescale) for d, p in zip(_deltas(x), x.density)]
+    return [sparsify.bernoulli(d, p, x.generator, x.value("rescale"))
+            for d, p in zip(_deltas(x), x.per_model("density"))]
 
 
-@register("dare_linear", uses_base=True, parameters=TASK_VECTOR_PARAMETERS | {"density", "rescale"}, random=True)
+@register("dare_linear", uses_base=True, parameters=TASK_VECTOR_PARAMETERS + [DENSITY, RESCALE], random=True)
 def dare_linear(x: TensorMerge) -> torch.Tensor:
     """DARE: drop δ entries with probability 1 − density, rescale, then task arithmetic."""
     return _combine_task_vectors(x, _precomputed(_dare(x)), sign_consensus=False, normalize_default=False)
 
 
-@register("dare_ties", uses_base=True, parameters=TASK_VECTOR_PARAMETERS | {"density", "rescale"}, random=True)
+@register("dare_ties", uses_base=True, parameters=TASK_VECTOR_PARAMETERS + [DENSITY, RESCALE], random=True)
 def dare_ties(x: TensorMerge) -> torch.Tensor:
     """DARE drop and rescale, then TIES sign election and disjoint mean."""
     return _combine_task_vectors(x, _precomputed(_dare(x)), sign_consensus=True, normalize_default=False)
 
 
 def _breadcrumbs(x: TensorMerge) -> list[torch.Tensor]:
-    return [sparsify.magnitude_outliers(d, p, g) for d, p, g in zip(_deltas(x), x.density, x.gamma)]
+    return [sparsify.magnitude_outliers(d, p, g)
+            for d, p, g in zip(_deltas(x), x.per_model("density"), x.per_model("gamma"))]
 
 
-@register("breadcrumbs", uses_base=True, parameters=TASK_VECTOR_PARAMETERS | {"density", "gamma"})
+@register("breadcrumbs", uses_base=True, parameters=TASK_VECTOR_PARAMETERS + [DENSITY, GAMMA])
 def breadcrumbs(x: TensorMerge) -> torch.Tensor:
     """Model Breadcrumbs: drop the top gamma and the smallest |δ| entries (keeping density), task arithmetic."""
     return _combine_task_vectors(x, _precomputed(_breadcrumbs(x)), sign_consensus=False, normalize_default=False)
 
 
-@register("breadcrumbs_ties", uses_base=True, parameters=TASK_VECTOR_PARAMETERS | {"density", "gamma"})
+@register("breadcrumbs_ties", uses_base=True, parameters=TASK_VECTOR_PARAMETERS + [DENSITY, GAMMA])
 def breadcrumbs_ties(x: TensorMerge) -> torch.Tensor:
     """Breadcrumbs trimming with TIES sign election."""
     return _combine_task_vectors(x, _precomputed(_breadcrumbs(x)), sign_consensus=True, normalize_default=False)
 
 
 def _della(x: TensorMerge) -> list[torch.Tensor]:
-    return [sparsify.rank_sampling(d, p, e, x.generator, x.rescale)
-            for d, p, e in zip(_deltas(x), x.density, x.epsilon)]
+    return [sparsify.rank_sampling(d, p, e, x.generator, x.value("rescale"))
+            for d, p, e in zip(_deltas(x), x.per_model("density"), x.per_model("epsilon"))]
 
 
-@register("della", uses_base=True, parameters=TASK_VECTOR_PARAMETERS | {"density", "epsilon", "rescale"},
+@register("della", uses_base=True, parameters=TASK_VECTOR_PARAMETERS + [DENSITY, EPSILON, RESCALE],
           random=True)
 def della(x: TensorMerge) -> torch.Tensor:
     """DELLA: keep probabilities density ± epsilon by magnitude rank, rescale, TIES sign election."""
     return _combine_task_vectors(x, _precomputed(_della(x)), sign_consensus=True, normalize_default=True)
 
 
-@register("della_linear", uses_base=True, parameters=TASK_VECTOR_PARAMETERS | {"density", "epsilon", "rescale"},
+@register("della_linear", uses_base=True, parameters=TASK_VECTOR_PARAMETERS + [DENSITY, EPSILON, RESCALE],
           random=True)
 def della_linear(x: TensorMerge) -> torch.Tensor:
     """DELLA sampling and rescale, then task arithmetic."""
     return _combine_task_vectors(x, _precomputed(_della(x)), sign_consensus=False, normalize_default=False)
 
 
-@register("slerp", uses_base=True, parameters={"t"}, max_models=1)
+@register("slerp", uses_base=True, parameters=[T], max_models=1)
 def slerp(x: TensorMerge, dot_threshold: float = 0.9995, eps: float = 1e-8) -> torch.Tensor:
     """Spherical interpolation from the base (t = 0) to the other model (t = 1); lerp when nearly colinear."""
     x = x.as_float32()
-    v0, v1, t = x.base, x.models[0], x.t
+    v0, v1, t = x.base, x.models[0], x.value("t")
     if v0.numel() == 0:
         return v0
     norm0, norm1 = v0.norm(), v1.norm()
@@ -199,7 +200,7 @@ def slerp(x: TensorMerge, dot_threshold: float = 0.9995, eps: float = 1e-8) -> t
     return (math.sin((1 - t) * theta) * v0 + math.sin(t * theta) * v1) / math.sin(theta)
 
 
-@register("model_stock", uses_base=True, parameters=set(), min_models=2)
+@register("model_stock", uses_base=True, parameters=[], min_models=2)
 def model_stock(x: TensorMerge) -> torch.Tensor:
     """Model Stock: t = N·cos / (1 + (N − 1)·cos) from the mean pairwise cosine of the δi; θ0 + t (mean θi − θ0)."""
     x = x.as_float32()
@@ -216,7 +217,8 @@ def model_stock(x: TensorMerge) -> torch.Tensor:
     return t * average + (1 - t) * x.base
 
 
-@register("passthrough", uses_base=False, parameters={"scale"}, max_models=1)
+@register("passthrough", uses_base=False, parameters=[SCALE], max_models=1)
 def passthrough(x: TensorMerge) -> torch.Tensor:
     """Copy the single model's tensors, optionally multiplied by scale."""
-    return x.models[0] if x.scale is None else x.models[0].to(torch.float32) * x.scale
+    scale = x.value("scale")
+    return x.models[0] if scale is None else x.models[0].to(torch.float32) * scale

@@ -1,51 +1,93 @@
-"""The merge-method registry: every method is one pure function on float32 tensors, registered by name.
+"""The merge-method registry: every method is one pure function on float32 tensors, registered by name with the
+parameters it takes (:class:`~surgery.merge.params.Parameter` declarations).
 
 A method receives a :class:`TensorMerge` — the base tensor (None for base-free methods), the other models' tensors
-and the parameters resolved for this tensor — and returns the merged float32 tensor. It never opens a file::
+and the parameters resolved for this tensor — and returns the merged float32 tensor. It never opens a file. A method
+with a parameter of its own is one file: declare the parameter, register the method, import the file::
 
-    @register("my_method", uses_base=True, parameters={"weight", "lambda"})
+    BETA = Parameter("beta", float, 0.5, "my_method: share of the change kept (0.5).", low=0, high=1)
+
+    @register("my_method", uses_base=True, parameters=[WEIGHT, BETA])
     def my_method(x: TensorMerge) -> torch.Tensor:
-        return x.base + x.lambda_ * sum(w * (m - x.base) for w, m in zip(x.weight, x.models))
+        \"\"\"θ0 + β Σ wi (θi − θ0).\"\"\"
+        return x.base + x.value("beta") * sum(w * (m - x.base) for w, m in zip(x.per_model("weight"), x.models))
+
+The recipe then accepts ``beta``, ``surgery merge`` has ``--beta`` and ``surgery sweep --grid beta=...`` parses.
+The built-in methods are registered by :mod:`surgery.merge.builtin` (imported by ``surgery.merge``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterable
 
 import torch
 
 from surgery.errors import BadInput
+from surgery.merge.params import SHARED, Parameter
 
 
 @dataclass
 class TensorMerge:
-    """One tensor's inputs and parameters. Per-model lists follow ``models``' order.
+    """One tensor's inputs and the method's parameters resolved for it.
 
     Tensors arrive in their stored dtype (often bf16, possibly memory-mapped: never modify them in place); methods
-    compute in float32, either chunk by chunk or after :meth:`as_float32`."""
+    compute in float32, either chunk by chunk or after :meth:`as_float32`. ``parameters`` maps a parameter's name
+    to its value (a list, one per model in ``models``' order, for a per-model parameter); an absent one takes its
+    declared default.
+
+    Example::
+
+        x = TensorMerge("w", base, [model], {"weight": [1.0], "lambda": 0.5})
+        x.value("lambda"), x.per_model("weight")        # 0.5, [1.0]
+    """
 
     name: str
     base: torch.Tensor | None
     models: list[torch.Tensor]
-    weight: list[float]
-    density: list[float]
-    gamma: list[float]
-    epsilon: list[float]
-    lambda_: float = 1.0
-    t: float = 0.5
-    scale: float | None = None
-    normalize: bool | None = None  # None: the method's default
-    rescale: str | None = "l1"  # DARE / DELLA rescale: "l1" (mergekit), "inverse" (1/p, the papers), or None
-    eta: float = 0.4  # STAR: share of the spectrum kept
-    rank: float | None = None  # SVD methods: a fixed rank instead of the eta rule / the full rank
-    mu: float = 0.1  # LoRE: singular-value threshold, relative to the largest singular value
+    parameters: dict[str, Any] = field(default_factory=dict)
     is_matrix: bool = False  # a 2-D weight, not an embedding or router (arch.NOT_DECOMPOSED_KINDS): SVD decomposes it
     generator: torch.Generator | None = None
     out_dtype: torch.dtype = torch.float32  # what chunked methods write their result in
 
+    def value(self, name: str) -> Any:
+        """A global parameter's value for this tensor.
+
+        Args:
+            name: a declared parameter's name (``"lambda"``, ``"eta"``...).
+
+        Returns:
+            The resolved value, or the declared default when none was given.
+
+        Example: ``x.value("eta")``
+        """
+        if name in self.parameters:
+            return self.parameters[name]
+        return PARAMETERS[name].default
+
+    def per_model(self, name: str) -> list:
+        """A per-model parameter's values for this tensor, one per model of ``models``.
+
+        Args:
+            name: a declared per-model parameter's name (``"weight"``, ``"density"``...).
+
+        Returns:
+            The resolved values, or the declared default for every model when none was given.
+
+        Example: ``x.per_model("weight")``
+        """
+        if name in self.parameters:
+            return self.parameters[name]
+        return [PARAMETERS[name].default] * len(self.models)
+
     def as_float32(self) -> "TensorMerge":
-        """The same inputs converted to float32 whole (for methods that do not work in chunks)."""
+        """The same inputs converted to float32 whole (for methods that do not work in chunks).
+
+        Returns:
+            A copy whose base and models are float32.
+
+        Example: ``x = x.as_float32()``
+        """
         def f32(tensor):
             return None if tensor is None else tensor.to(torch.float32)
 
@@ -54,17 +96,30 @@ class TensorMerge:
 
 @dataclass(frozen=True)
 class MergeMethod:
+    """A registered method: its function, whether it uses a base, the parameters it takes, how many models."""
+
     name: str
     function: Callable[[TensorMerge], torch.Tensor]
     uses_base: bool
-    parameters: frozenset[str]
+    parameters: tuple[Parameter, ...]
     min_models: int = 1  # models other than the base
     max_models: int | None = None
     summary: str = ""
     random: bool = False
 
+    @property
+    def parameter_names(self) -> frozenset[str]:
+        """The names of the parameters this method takes (the recipe keys it accepts)."""
+        return frozenset(parameter.name for parameter in self.parameters)
+
     def check_model_count(self, count: int) -> None:
-        """BadInput unless ``count`` non-base models suit this method."""
+        """BadInput unless ``count`` non-base models suit this method.
+
+        Args:
+            count: models other than the base.
+
+        Example: ``get_method("slerp").check_model_count(2)``   # BadInput: takes at most 1 model(s)
+        """
         base_note = " besides the base" if self.uses_base else ""
         if count < self.min_models:
             raise BadInput(f"--method {self.name}: needs at least {self.min_models} model(s){base_note}, got {count}")
@@ -73,27 +128,73 @@ class MergeMethod:
 
 
 METHODS: dict[str, MergeMethod] = {}
+PARAMETERS: dict[str, Parameter] = {p.name: p for p in SHARED}  # every declared parameter, by name
 
 
-def register(name: str, *, uses_base: bool, parameters: set[str], min_models: int = 1,
+def register(name: str, *, uses_base: bool, parameters: Iterable[Parameter], min_models: int = 1,
              max_models: int | None = None, random: bool = False):
-    """Decorator adding a method to :data:`METHODS`; its docstring's first line is the ``--help`` summary."""
+    """Decorator adding a method to :data:`METHODS` and its parameters to :data:`PARAMETERS`.
+
+    Args:
+        name: the method's name (``--method NAME``, a recipe's ``method``).
+        uses_base: whether it merges task vectors relative to a base model.
+        parameters: the :class:`~surgery.merge.params.Parameter` declarations it takes.
+        min_models, max_models: how many models besides the base it merges.
+        random: whether it draws random masks (it then gets a seeded ``generator``).
+
+    Returns:
+        The decorator; the function's docstring's first line is the ``--help`` summary.
+
+    Example::
+
+        @register("my_method", uses_base=True, parameters=[WEIGHT, BETA])
+        def my_method(x: TensorMerge) -> torch.Tensor: ...
+    """
+    parameters = tuple(parameters)
+    for parameter in parameters:
+        known = PARAMETERS.get(parameter.name)
+        if known is not None and known != parameter:
+            raise ValueError(f"merge method {name!r}: parameter {parameter.name!r} is declared twice, differently")
+        clash = [alias for alias in parameter.aliases if alias in aliases() and aliases()[alias] != parameter.name]
+        if clash:
+            raise ValueError(f"merge method {name!r}: alias {clash[0]!r} already names another parameter")
 
     def decorate(function: Callable[[TensorMerge], torch.Tensor]):
         summary = (function.__doc__ or "").strip().splitlines()[0] if function.__doc__ else ""
-        METHODS[name] = MergeMethod(name, function, uses_base, frozenset(parameters), min_models, max_models,
-                                    summary, random)
+        for parameter in parameters:
+            PARAMETERS[parameter.name] = parameter
+        METHODS[name] = MergeMethod(name, function, uses_base, parameters, min_models, max_models, summary, random)
         return function
 
     return decorate
 
 
-def get_method(name: str) -> MergeMethod:
-    from surgery.merge import methods, spectral  # noqa: F401  (register the built-in methods)
+def aliases() -> dict[str, str]:
+    """Every name a parameter goes by (its name and its aliases) → its name.
 
+    Returns:
+        e.g. ``{"lambda": "lambda", "alpha": "lambda", "density": "density", ...}``
+
+    Example: ``aliases()["alpha"] == "lambda"``
+    """
+    names = {}
+    for parameter in PARAMETERS.values():
+        names.update({alias: parameter.name for alias in (parameter.name, *parameter.aliases)})
+    return names
+
+
+def get_method(name: str) -> MergeMethod:
+    """The registered method called ``name``.
+
+    Args:
+        name: a method's name.
+
+    Returns:
+        Its :class:`MergeMethod`; BadInput listing the known methods when there is none.
+
+    Example: ``get_method("ties").uses_base``
+    """
     try:
         return METHODS[name]
     except KeyError:
         raise BadInput(f"--method {name!r}: unknown merge method (known: {', '.join(sorted(METHODS))})") from None
-
-

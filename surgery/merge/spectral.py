@@ -29,18 +29,19 @@ import torch
 
 from surgery.errors import BadInput
 from surgery.kernels.svd_projection import reconstruct
+from surgery.merge.params import ETA, LAMBDA, MU, NORMALIZE, RANK, WEIGHT
 from surgery.merge.registry import TensorMerge, register
 
-SVD_PARAMETERS = {"weight", "lambda", "normalize"}
+SVD_PARAMETERS = [WEIGHT, LAMBDA, NORMALIZE]
 RANDOMISED_MIN_SIZE = 512  # below this a full SVD is cheap and exact
 LORE_ROUNDS = 10
 
 
 def _weighted_task_vector(x: TensorMerge, deltas: torch.Tensor, normalize_default: bool) -> torch.Tensor:
     """Σ wi δi (over the stacked first dimension), divided by Σ wi when normalising."""
-    weights = torch.tensor(x.weight, dtype=torch.float32, device=deltas.device)
+    weights = torch.tensor(x.per_model("weight"), dtype=torch.float32, device=deltas.device)
     mixed = torch.tensordot(weights, deltas, dims=1)
-    normalize = normalize_default if x.normalize is None else x.normalize
+    normalize = normalize_default if x.value("normalize") is None else x.value("normalize")
     total = float(weights.sum())
     return mixed / total if normalize and abs(total) > 1e-8 else mixed
 
@@ -53,12 +54,13 @@ def _task_vectors(x: TensorMerge) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _as_task_arithmetic(x: TensorMerge) -> torch.Tensor:
     base, deltas = _task_vectors(x)
-    return base + x.lambda_ * _weighted_task_vector(x, deltas, normalize_default=True)
+    return base + x.value("lambda") * _weighted_task_vector(x, deltas, normalize_default=True)
 
 
 def _check_rank(x: TensorMerge) -> None:
-    if x.rank is not None and (x.rank < 1 or x.rank != int(x.rank)):
-        raise BadInput(f"--rank {x.rank}: must be a whole number of at least 1")
+    rank = x.value("rank")
+    if rank is not None and (rank < 1 or rank != int(rank)):
+        raise BadInput(f"--rank {rank}: must be a whole number of at least 1")
 
 
 def _generator_for(x: TensorMerge, device: torch.device) -> torch.Generator:
@@ -120,27 +122,29 @@ def star_ranks(spectra: torch.Tensor, eta: float) -> list[int]:
 def _star_task_vectors(x: TensorMerge, deltas: torch.Tensor) -> torch.Tensor:
     """Each task matrix truncated to its STAR rank, kept singular values rescaled to the full nuclear norm."""
     spectra, vectors = gram_spectrum(deltas)
-    if x.rank is not None:
-        ranks = [min(int(x.rank), spectra.shape[-1])] * len(deltas)
+    rank = x.value("rank")
+    if rank is not None:
+        ranks = [min(int(rank), spectra.shape[-1])] * len(deltas)
     else:
-        ranks = star_ranks(spectra, x.eta)
+        ranks = star_ranks(spectra, x.value("eta"))
     nuclear_norms = spectra.sum(dim=-1)
     kept_sums = torch.stack([row[:rank].sum() for row, rank in zip(spectra, ranks)])
     scales = torch.where(kept_sums > 0, nuclear_norms / kept_sums.clamp(min=1e-300), 0.0).to(deltas.dtype)
     return project_on_top(deltas, vectors, ranks) * scales[:, None, None]
 
 
-@register("star", uses_base=True, parameters=SVD_PARAMETERS | {"eta", "rank"})
+@register("star", uses_base=True, parameters=SVD_PARAMETERS + [ETA, RANK])
 def star(x: TensorMerge) -> torch.Tensor:
     """STAR: truncate each task matrix at eta of its spectrum (or --rank), keep its nuclear norm, average."""
-    if not 0 < x.eta <= 1:
-        raise BadInput(f"--eta {x.eta}: must be in (0, 1]")
+    eta = x.value("eta")
+    if not 0 < eta <= 1:
+        raise BadInput(f"--eta {eta}: must be in (0, 1]")
     _check_rank(x)
     if not x.is_matrix:
         return _as_task_arithmetic(x)
     base, deltas = _task_vectors(x)
     truncated = _star_task_vectors(x, deltas)
-    return base + x.lambda_ * _weighted_task_vector(x, truncated, normalize_default=True)
+    return base + x.value("lambda") * _weighted_task_vector(x, truncated, normalize_default=True)
 
 
 def orthogonalise(vectors: torch.Tensor) -> torch.Tensor:
@@ -149,7 +153,7 @@ def orthogonalise(vectors: torch.Tensor) -> torch.Tensor:
     return p @ qh
 
 
-@register("tsv", uses_base=True, parameters=SVD_PARAMETERS | {"rank"})
+@register("tsv", uses_base=True, parameters=SVD_PARAMETERS + [RANK])
 def tsv(x: TensorMerge) -> torch.Tensor:
     """TSV-M: each task's top rank/T singular vectors, decorrelated across tasks (Procrustes), summed."""
     _check_rank(x)
@@ -157,21 +161,22 @@ def tsv(x: TensorMerge) -> torch.Tensor:
         return _as_task_arithmetic(x)
     base, deltas = _task_vectors(x)
     count, rows, cols = deltas.shape
-    total_rank = min(rows, cols) if x.rank is None else min(int(x.rank), rows, cols)
+    rank = x.value("rank")
+    total_rank = min(rows, cols) if rank is None else min(int(rank), rows, cols)
     per_task = max(1, total_rank // count)
     u, s, v = top_singular_triplets(deltas, per_task, _generator_for(x, deltas.device))
-    weights = torch.tensor(x.weight, dtype=torch.float32, device=s.device)[:, None]
+    weights = torch.tensor(x.per_model("weight"), dtype=torch.float32, device=s.device)[:, None]
     u_all = u.transpose(0, 1).reshape(rows, -1)  # task after task: [U1 | U2 | ...]
     v_all = v.transpose(0, 1).reshape(cols, -1)
     s_all = (s * weights).reshape(-1)
     merged = reconstruct(orthogonalise(u_all), s_all, orthogonalise(v_all), out_dtype=torch.float32)
-    normalize = False if x.normalize is None else x.normalize
+    normalize = False if x.value("normalize") is None else x.value("normalize")
     if normalize and abs(float(weights.sum())) > 1e-8:
         merged = merged / float(weights.sum())
-    return base + x.lambda_ * merged
+    return base + x.value("lambda") * merged
 
 
-@register("svd", uses_base=True, parameters=SVD_PARAMETERS | {"eta", "rank"})
+@register("svd", uses_base=True, parameters=SVD_PARAMETERS + [ETA, RANK])
 def svd(x: TensorMerge) -> torch.Tensor:
     """The recommended SVD merge: STAR (eta 0.4) for one task vector, TSV-M (full rank) for two or more."""
     return star(x) if len(x.models) == 1 else tsv(x)
@@ -183,17 +188,18 @@ def singular_value_threshold(matrices: torch.Tensor, thresholds: torch.Tensor) -
     return reconstruct(u, (s - thresholds[:, None]).clamp(min=0), vh.transpose(-2, -1), out_dtype=torch.float32)
 
 
-@register("lore", uses_base=False, parameters=SVD_PARAMETERS | {"mu"}, min_models=2)
+@register("lore", uses_base=False, parameters=SVD_PARAMETERS + [MU], min_models=2)
 def lore(x: TensorMerge) -> torch.Tensor:
     """LoRE: estimate a shared base and low-rank task vectors (no base model needed), task arithmetic on them."""
-    if x.mu < 0:
-        raise BadInput(f"--mu {x.mu}: must be at least 0")
+    mu = x.value("mu")
+    if mu < 0:
+        raise BadInput(f"--mu {mu}: must be at least 0")
     models = torch.stack([model.to(torch.float32) for model in x.models])
     if not x.is_matrix:
         return _weighted_task_vector(x, models, normalize_default=True)
-    thresholds = x.mu * torch.linalg.matrix_norm(models - models.mean(dim=0), ord=2)
+    thresholds = mu * torch.linalg.matrix_norm(models - models.mean(dim=0), ord=2)
     deltas = torch.zeros_like(models)
     for _ in range(LORE_ROUNDS):
         base = (models - deltas).mean(dim=0)
         deltas = singular_value_threshold(models - base, thresholds)
-    return base + x.lambda_ * _weighted_task_vector(x, deltas, normalize_default=False)
+    return base + x.value("lambda") * _weighted_task_vector(x, deltas, normalize_default=False)
