@@ -15,17 +15,15 @@ from pathlib import Path
 from typing import Iterator
 
 from surgery.cards import model_card_for
-from surgery.errors import BadInput
+from surgery.errors import BadInput, Failed
 from surgery.io.checkpoint import INDEX_FILE
 from surgery.io.sources import check_repo_id
-# pipeline.py still imports these two from here; once it imports surgery.io.sources, this line goes.
-from surgery.io.sources import looks_like_repo_id, resolve_repo  # noqa: F401
 
 NO_TOKEN = "no Hugging Face token: set HF_TOKEN or run `hf auth login`"
 RESUME = "run the same command again to resume (what arrived is not sent again)"
 
 
-class PushFailed(Exception):
+class PushFailed(Failed):
     """The Hub or the network failed during a push: one line, exit code 1. Rerunning the push resumes it."""
 
 

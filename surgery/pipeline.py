@@ -1,6 +1,8 @@
-"""Pipeline files: a list of surgery commands run in order, each skipped when its output is up to date.
+"""Pipeline files: a list of surgery operations run in order, each skipped when its output is up to date.
 
-A step is one command of the CLI with the same options, written as YAML; positional arguments have names (``models``
+A step is one command with the options of the CLI, written as YAML (the pipeline builds the operation's config
+from them, e.g. :class:`~surgery.quantize.QuantizeConfig`, and calls the operation: the same checks as the command
+line, no argv); positional arguments have names (``models``
 for merge, ``input`` for the others, ``repo`` for push) and ``output`` is ``-o``::
 
     steps:
@@ -20,34 +22,74 @@ output exists and its stamp records the same options and inputs; otherwise it ru
 atomically — and so does every step after it.
 
 A step replaces only an output this pipeline made (one with its stamp): an existing output without a stamp is a
-one-line error unless the step says ``force: true``. A step's keys are its command's options (``output`` for
+one-line error unless the step says ``force: true``. A step's keys are its operation's options (``output`` for
 ``-o``, the positional names above, ``force``), nothing else; their values are strings, numbers, booleans or
-lists of them.
+lists of them. A new command becomes a step with one line in :data:`OPERATIONS`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import importlib
 import json
+import types
+import typing
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from surgery.errors import BadInput, CheckFailed
+from surgery.errors import BadInput, Failed
 from surgery.io.writer import write_file_atomic
 
-# command → (names of its positional arguments, in order; whether it writes an output directory with -o)
-COMMANDS = {
-    "merge": (["models"], True),
-    "extend": (["input"], True),
-    "convert": (["input"], True),
-    "calibrate": (["input"], True),
-    "quantize": (["input"], True),
-    "push": (["input", "repo"], False),
+
+@dataclass(frozen=True)
+class Operation:
+    """What a step of one command runs: ``config`` (``module:name``) built from the step's keys, then ``function``
+    called with it. ``positional`` are the keys naming its inputs (``renames`` maps a key to the config's argument
+    where they differ); ``writes``: it takes ``output``; ``replaceable``: its config has ``force``."""
+
+    config: str
+    function: str
+    positional: tuple[str, ...]
+    renames: dict[str, str]
+    writes: bool = True
+    replaceable: bool = True
+
+    @staticmethod
+    def _named(path: str) -> Any:
+        module, _, name = path.partition(":")
+        target: Any = importlib.import_module(module)
+        for part in name.split("."):
+            target = getattr(target, part)
+        return target
+
+    def build(self, options: dict[str, Any]) -> Any:
+        """The step's config, from its keys (values already checked by :func:`_check_options`)."""
+        arguments = {self.renames.get(key, key): value for key, value in options.items() if value is not None}
+        return self._named(self.config)(**arguments)
+
+    def run(self, config: Any) -> Any:
+        return self._named(self.function)(config)
+
+
+# A new command becomes a pipeline step with one line here.
+OPERATIONS = {
+    "merge": Operation("surgery.merge.job:MergeJob.from_options", "surgery.merge.engine:merge", ("models",), {}),
+    "extend": Operation("surgery.extend.context:ExtendConfig", "surgery.extend.context:extend", ("input",),
+                        {"input": "source"}),
+    "convert": Operation("surgery.convert:ConvertConfig", "surgery.convert:convert", ("input",), {"input": "source"}),
+    "calibrate": Operation("surgery.merge.aim:CalibrateConfig", "surgery.merge.aim:calibrate", ("input",),
+                           {"input": "source"}, replaceable=False),  # replaces its statistics file anyway
+    "quantize": Operation("surgery.quantize.engine:QuantizeConfig", "surgery.quantize.engine:quantize", ("input",),
+                          {"input": "source"}),
+    "push": Operation("surgery.hub:PushConfig", "surgery.hub:push", ("input", "repo"),
+                      {"input": "directory", "repo": "repo_id"}, writes=False, replaceable=False),
 }
-REPLACEABLE = {"merge", "extend", "convert", "quantize"}  # take --force; calibrate replaces its file anyway
+COMMANDS = OPERATIONS  # the step names
 # the pipeline's to decide, not the step's (a push step may be a dry run: it sends nothing and needs no network)
-NOT_STEP_OPTIONS = {"help", "dry_run", "json", "force", "version"}
+NOT_STEP_OPTIONS = {"dry_run", "force"}
 
 
 @dataclass(frozen=True)
@@ -55,6 +97,10 @@ class Step:
     command: str
     options: dict[str, Any]
     number: int
+
+    @property
+    def operation(self) -> Operation:
+        return OPERATIONS[self.command]
 
     @property
     def output(self) -> str | None:
@@ -80,67 +126,105 @@ class Step:
         """The step may replace an existing output that has no stamp of this pipeline."""
         return self.options.get("force") is True
 
-    def argv(self) -> list[str]:
-        """The command line this step stands for (without --force, which :func:`_run_step` decides): options first,
-        then ``--`` and the positional values, so that no value (``--help``, say) is read as an option."""
-        positional, _ = COMMANDS[self.command]
-        declared = _step_options(self.command)
-        args = [self.command]
-        for key, value in self.options.items():
-            option = declared.get(key)
-            if key in positional or key == "force" or value is None:
-                continue
-            if isinstance(value, bool) and option is not None and option.is_flag:
-                flags = option.opts if value else option.secondary_opts  # --normalize / --no-normalize
-                args += [flag for flag in flags if flag.startswith("--")][:1]
-                continue
-            flag = "-o" if key == "output" else "--" + key.replace("_", "-")
-            args += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
-        args.append("--")
-        for name in positional:
-            value = self.options[name]
-            args += [str(v) for v in value] if isinstance(value, list) else [str(value)]
-        return args
+
+@dataclass(frozen=True)
+class Declared:
+    """A step key: the type of what it sets, whether the step must give it."""
+
+    kind: Any
+    required: bool = False
+
+    def types(self) -> set:
+        """The plain types the key accepts (None aside): bool, int, float, str, or list."""
+        found = set()
+        union = typing.get_origin(self.kind) in (typing.Union, types.UnionType)
+        for kind in typing.get_args(self.kind) if union else (self.kind,):
+            origin = typing.get_origin(kind) or kind
+            if origin in (list, tuple) or (isinstance(origin, type) and issubclass(origin, Sequence)
+                                           and origin is not str):
+                found.add(list)
+            elif kind in (bool, int, float, str):
+                found.add(kind)
+            elif kind is Path:
+                found.add(str)
+        return found or {str}
+
+    @property
+    def is_flag(self) -> bool:
+        return self.types() == {bool}
 
 
 @functools.lru_cache(maxsize=None)
-def _step_options(command: str) -> dict[str, Any]:
-    """The keys a step of ``command`` may have → the command line's option they stand for (None for the positional
-    names and ``force``), read from the command line's own declaration of that command."""
-    import typer
+def _step_options(command: str) -> dict[str, Declared]:
+    """The keys a step of ``command`` may have → what they set, read from the operation's config: its fields (or,
+    for merge, every option of ``MergeJob.from_options``), positional arguments by their step names."""
+    operation = OPERATIONS[command]
+    target = Operation._named(operation.config)
+    inverse = {argument: key for key, argument in operation.renames.items()}
+    declared: dict[str, Declared] = {}
+    if dataclasses.is_dataclass(target):
+        hints = typing.get_type_hints(target)
+        for field in dataclasses.fields(target):
+            required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+            declared[inverse.get(field.name, field.name)] = Declared(hints[field.name], required)
+    else:
+        from surgery.merge.job import option_types
 
-    from surgery.cli import app
-
-    positional, writes = COMMANDS[command]
-    declared: dict[str, Any] = {name: None for name in positional + (["output", "force"] if writes else [])}
-    group = typer.main.get_command(app)
-    for parameter in group.get_command(None, command).params:
-        if parameter.param_type_name != "option":
-            continue
-        for flag in parameter.opts:
-            key = flag.removeprefix("--").replace("-", "_")
-            pipeline_only = key in NOT_STEP_OPTIONS and not (command == "push" and key == "dry_run")
-            if flag.startswith("--") and not pipeline_only and key != "output":
-                declared[key] = parameter
+        declared = {name: Declared(kind) for name, kind in option_types().items()}
+    for name in NOT_STEP_OPTIONS - ({"dry_run"} if command == "push" else set()):
+        declared.pop(name, None)
+    if operation.writes:
+        declared["force"] = Declared(bool)
     return declared
 
+def _coerced(key: str, value: Any, declared: Declared, where: str) -> Any:
+    """``value`` as the config takes it, the way the command line reads its text: numbers where a number is
+    declared (BadInput naming the key when it is none), text where text is, a list only where a list is."""
+    accepted = declared.types()
+    if value is None:
+        return None
+    if isinstance(value, list) and list not in accepted:
+        value = ",".join(map(str, value))  # as on the command line: one comma-separated value
+    if isinstance(value, list) or bool in accepted:
+        return value
+    if int in accepted and not isinstance(value, bool):
+        try:
+            return value if isinstance(value, int) else int(value) if isinstance(value, str) else int(str(value))
+        except ValueError:
+            if str not in accepted:
+                raise BadInput(f"{where}: {key} must be an integer, found {value!r}") from None
+    if float in accepted and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            if str not in accepted:
+                raise BadInput(f"{where}: {key} must be a number, found {value!r}") from None
+    if str in accepted:
+        return value if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
+    raise BadInput(f"{where}: {key}: unexpected value {value!r}")
 
-def _check_options(command: str, options: dict, where: str) -> None:
-    """BadInput naming the key unless ``options`` are declared options of ``command`` with plain values."""
+
+def _check_options(command: str, options: dict, where: str) -> dict[str, Any]:
+    """The step's options as its config takes them; BadInput naming the key unless each is an option of
+    ``command`` with a plain value of the declared kind and every required one is given."""
     declared = _step_options(command)
+    checked = {}
     for key, value in options.items():
         if not isinstance(key, str) or key not in declared:
             known = ", ".join(sorted(declared))
             raise BadInput(f"{where}: {key!r} is not an option of {command} (its options: {known})")
-        flag = key == "force" or (declared[key] is not None and declared[key].is_flag)
+        flag = declared[key].is_flag
         if flag and not isinstance(value, bool) and value is not None:
             raise BadInput(f"{where}: {key} must be true or false, found {value!r}")
-        if isinstance(value, bool) and not flag:
+        if isinstance(value, bool) and not flag and bool not in declared[key].types():
             raise BadInput(f"{where}: {key} takes a value, not {str(value).lower()}")
         scalars = value if isinstance(value, list) else [value]
         if not all(v is None or isinstance(v, (str, int, float, bool)) for v in scalars):
             raise BadInput(f"{where}: {key} must be a string, a number or a list of them, found {value!r}")
-    required = sorted({key for key, option in declared.items() if option is not None and option.required})
+        checked[key] = _coerced(key, value, declared[key], where)
+    operation = OPERATIONS[command]
+    required = sorted(key for key, option in declared.items() if option.required
+                      and key not in operation.positional and key != "output")
     missing = [key for key in required if options.get(key) is None]
     if missing:
         raise BadInput(f"{where}: {command} needs {', '.join(missing)}")
@@ -150,6 +234,7 @@ def _check_options(command: str, options: dict, where: str) -> None:
     models = options.get("models")
     if models is not None and not (isinstance(models, list) and all(isinstance(m, str) and m for m in models)):
         raise BadInput(f"{where}: models must be a list of model paths or repo ids, found {models!r}")
+    return checked
 
 
 def load_pipeline(path: str | Path) -> list[Step]:
@@ -170,8 +255,8 @@ def load_pipeline(path: str | Path) -> list[Step]:
             raise BadInput(f"{where}: unknown command {command!r} (known: {', '.join(COMMANDS)})")
         if not isinstance(options, dict):
             raise BadInput(f"{where}: the options of {command} must be a mapping")
-        positional, writes = COMMANDS[command]
-        needed = positional + (["output"] if writes else [])
+        operation = OPERATIONS[command]
+        needed = list(operation.positional) + (["output"] if operation.writes else [])
         missing = [name for name in needed if options.get(name) in (None, [], "")]
         if missing:
             raise BadInput(f"{where}: {command} needs {', '.join(missing)}")
@@ -184,12 +269,10 @@ def _input_state(source: str, planned: set[str]) -> Any:
     """What a step input is now: content hashes of a local file or directory's files (hidden ones aside; a Hub
     snapshot's files are named by their hashes already), or None when it does not exist yet. ``planned`` are the
     outputs of earlier steps: always local paths, never Hub repo ids."""
-    from surgery.hub import looks_like_repo_id, resolve_repo
+    from surgery.io.sources import resolve_source
     from surgery.provenance import content_hashes
 
-    path = Path(source).expanduser()
-    if not path.exists() and looks_like_repo_id(source) and _normal(source) not in planned:
-        path = resolve_repo(source)
+    path = Path(source).expanduser() if _normal(source) in planned else resolve_source(source, must_exist=False)
     if not path.exists():
         return None  # produced by an earlier step that has not run yet (dry run), or missing
     if path.is_file():
@@ -230,8 +313,7 @@ class StepReport:
 
     def describe(self) -> str:
         text = f"step {self.step.number} {self.step.command}"
-        positional, _ = COMMANDS[self.step.command]
-        arguments = " ".join(str(self.step.options[name]) for name in positional)
+        arguments = " ".join(str(self.step.options[name]) for name in self.step.operation.positional)
         text += f" → {self.step.output}" if self.step.output else f" {arguments}"
         return f"{text}: {self.status}" + (f" ({self.reason})" if self.reason else "")
 
@@ -284,23 +366,16 @@ def _check_replaceable(step: Step) -> None:
 
 
 def _run_step(step: Step) -> None:
-    """The step's command, in this process, with its errors named after the step."""
-    import typer
-
-    from surgery.cli import app
-
-    argv = step.argv()
-    if step.command in REPLACEABLE and Path(step.output).expanduser().exists():
-        argv.insert(argv.index("--"), "--force")
+    """The step's operation, in this process: its config built from the step's keys (``force`` when it replaces
+    its own earlier output), then run; errors are named after the step."""
+    options = _check_options(step.command, step.options, f"step {step.number}")
+    options.pop("force", None)
+    operation = step.operation
+    if operation.replaceable and Path(step.output).expanduser().exists():
+        options["force"] = True
     try:
-        code = typer.main.get_command(app).main(argv, prog_name="surgery", standalone_mode=False)
+        operation.run(operation.build(options))
     except BadInput as err:
         raise BadInput(f"step {step.number} ({step.command}): {err}") from None
-    except CheckFailed as err:
-        raise CheckFailed(f"step {step.number} ({step.command}): {err}") from None
-    except Exception as err:
-        if not hasattr(err, "format_message"):  # a usage error (typer ships its own copy of click's classes)
-            raise
-        raise BadInput(f"step {step.number} ({step.command}): {err.format_message()}") from None
-    if isinstance(code, int) and code != 0:  # the command reported its failure itself (e.g. a push to retry)
-        raise SystemExit(code)
+    except Failed as err:  # CheckFailed, a push to retry...: the same kind, named after the step
+        raise type(err)(f"step {step.number} ({step.command}): {err}") from None

@@ -214,7 +214,7 @@ def test_an_output_problem_the_input_does_not_have_is_the_commands(tiny_checkpoi
         check_transformers(out, [model])
 
 
-def test_loader_reports_stay_off_the_terminal_where_ci_is_set(monkeypatch, caplog):
+def test_loader_reports_stay_off_the_terminal_where_ci_is_set(monkeypatch):
     """transformers lets its logs propagate to the root logger when the environment has CI=true: the loading report
     of a check must still be collected, not printed as a warning of ours (which broke the one-line error)."""
     import logging
@@ -222,10 +222,24 @@ def test_loader_reports_stay_off_the_terminal_where_ci_is_set(monkeypatch, caplo
     from surgery.io.loader_check import _quiet
     from transformers.utils import logging as transformers_logging
 
+    class Keep(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.seen: list[str] = []
+
+        def emit(self, record):
+            self.seen.append(record.getMessage())
+
     transformers_logging.get_verbosity()  # configures transformers' root logger
     monkeypatch.setattr(logging.getLogger("transformers"), "propagate", True)
-    with caplog.at_level(logging.WARNING), _quiet() as messages:
-        logging.getLogger("transformers.modeling_utils").warning("LlamaForCausalLM LOAD REPORT")
-    assert messages == ["LlamaForCausalLM LOAD REPORT"]
-    assert not [record for record in caplog.records if "LOAD REPORT" in record.getMessage()]
-    assert logging.getLogger("transformers").propagate is True  # restored
+    ours = Keep()
+    logging.getLogger().addHandler(ours)
+    try:
+        with _quiet() as messages:
+            logging.getLogger("transformers.modeling_utils").warning("LlamaForCausalLM LOAD REPORT")
+        assert messages == ["LlamaForCausalLM LOAD REPORT"] and ours.seen == []
+        assert logging.getLogger("transformers").propagate is True  # restored
+        logging.getLogger("surgery.test").warning("a warning of ours")
+        assert ours.seen == ["a warning of ours"]  # the handler does see what reaches the root logger
+    finally:
+        logging.getLogger().removeHandler(ours)

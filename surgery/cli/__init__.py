@@ -23,7 +23,7 @@ import typer
 from typer.core import TyperGroup
 
 from surgery import __version__
-from surgery.errors import BadInput, CheckFailed
+from surgery.errors import BadInput, Failed
 
 # command → its module under surgery/cli/ (help lists them in this order); eval and adapter are groups
 COMMANDS = {
@@ -90,7 +90,7 @@ def invoke(argv: list[str] | None = None) -> int:
     except BadInput as err:
         typer.echo(f"surgery: error: {err}", err=True)
         return 2
-    except CheckFailed as err:
+    except Failed as err:
         typer.echo(f"surgery: error: {err}", err=True)
         return 1
     except KeyboardInterrupt:

@@ -37,11 +37,7 @@ def push(
         disable_progress_bars()
     config = hub.PushConfig(directory, repo_id, private=private, revision=revision, commit_message=commit_message,
                             create_pr=create_pr, dry_run=dry_run)
-    try:
-        result = hub.push(config)
-    except hub.PushFailed as err:
-        typer.echo(f"surgery: error: {err}", err=True)
-        raise typer.Exit(1)
+    result = hub.push(config)  # hub.PushFailed: one line, exit 1 (surgery.cli.invoke)
     if as_json:
         return print_json(result.summary())
     verb = "would push" if dry_run else "pushed"

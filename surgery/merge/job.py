@@ -195,3 +195,28 @@ class MergeJob:
         """
         return cls(build_recipe(models, **recipe_options), output, device=device, max_shard_size=max_shard_size,
                    force=force, executor=executor, ray_address=ray_address)
+
+
+def option_types() -> dict[str, Any]:
+    """Every option :meth:`MergeJob.from_options` takes → its type (a pipeline step's keys are these).
+
+    Returns:
+        e.g. ``{"models": Sequence[str], "output": str | Path, ..., "density": float, "alpha": float, ...}``:
+        the job's fields, :func:`build_recipe`'s options, and each merge parameter by name and alias.
+
+    Example: ``option_types()["normalize"] is bool``
+    """
+    import inspect
+    import typing
+
+    from surgery.merge import builtin  # noqa: F401  (the built-in methods declare their parameters)
+
+    types: dict[str, Any] = {}
+    for function in (MergeJob.from_options, build_recipe):
+        hints = typing.get_type_hints(function)
+        for name, parameter in inspect.signature(function).parameters.items():
+            if parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY) and name != "parameters":
+                types.setdefault(name, hints.get(name, Any))
+    for alias, name in aliases().items():
+        types[alias] = PARAMETERS[name].kind
+    return types

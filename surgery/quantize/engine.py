@@ -95,7 +95,8 @@ class QuantizeConfig:
     force: bool = False
 
     def __post_init__(self):
-        object.__setattr__(self, "ignore", tuple(self.ignore))
+        ignore = self.ignore.split(",") if isinstance(self.ignore, str) else self.ignore  # "lm_head,mlp.down_proj"
+        object.__setattr__(self, "ignore", tuple(part.strip() for part in ignore if part.strip()))
         self.check()
 
     def check(self) -> None:
