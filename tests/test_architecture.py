@@ -135,3 +135,26 @@ def test_every_module_has_a_docstring(name):
     path = module_files()[name]
     if path.read_text().strip():
         assert ast.get_docstring(ast.parse(path.read_text())), f"{path} has no module docstring"
+
+
+def undocumented(path: Path) -> list[str]:
+    """The module-level public functions of ``path`` whose docstring lacks Args (when they take any), Returns
+    (or Yields; not needed for ``-> None``) or a usage example (``Example``, ``>>>`` or a ``::`` block)."""
+    missing = []
+    for node in ast.parse(path.read_text()).body:
+        if not isinstance(node, ast.FunctionDef) or node.name.startswith("_"):
+            continue
+        doc = ast.get_docstring(node) or ""
+        takes = [a for a in node.args.posonlyargs + node.args.args + node.args.kwonlyargs if a.arg not in ("self", "cls")]
+        returns_none = isinstance(node.returns, ast.Constant) and node.returns.value is None
+        lacks = [what for what, ok in (("Args", not takes or "Args:" in doc),
+                                       ("Returns", returns_none or "Returns:" in doc or "Yields:" in doc),
+                                       ("an example", "Example" in doc or ">>>" in doc or "::" in doc)) if not ok]
+        if lacks:
+            missing.append(f"{node.name} ({', '.join(lacks)})")
+    return missing
+
+
+@pytest.mark.parametrize("name", sorted(name for name in module_files() if not name.startswith("surgery.cli")))
+def test_every_public_function_has_args_returns_and_an_example(name):
+    assert undocumented(module_files()[name]) == []
