@@ -65,8 +65,17 @@ VISION_MODULE = re.compile(r"(^|\.)(vision_tower|vision_model|multi_modal_projec
 
 
 def with_layer_index(name: str, layer: int) -> str:
-    """``name`` moved to decoder layer ``layer``: ``with_layer_index("model.layers.3.mlp.up_proj.weight", 7)`` is
-    ``"model.layers.7.mlp.up_proj.weight"``."""
+    """``name`` moved to decoder layer ``layer`` (ValueError when ``name`` is not inside a decoder layer).
+
+    Args:
+        name: a tensor name inside a decoder layer.
+        layer: the new layer index.
+
+    Returns:
+        The name with its layer index replaced.
+
+    Example: ``with_layer_index("model.layers.3.mlp.up_proj.weight", 7)`` is ``"model.layers.7.mlp.up_proj.weight"``
+    """
     match = LAYER_INDEX.search(name)
     if match is None:
         raise ValueError(f"{name!r} is not inside a decoder layer")

@@ -19,7 +19,18 @@ from surgery.io.writer import DEFAULT_MAX_SHARD_SIZE, WriteResult, check_output_
 
 
 def output_specs(ckpt: Checkpoint, dtype: torch.dtype | None) -> list[TensorInfo]:
-    """The output tensors: floating tensors cast to ``dtype`` (if given), everything else as it is."""
+    """The output tensors: floating tensors cast to ``dtype`` (if given), everything else as it is.
+
+    Args:
+        ckpt: the opened source.
+        dtype: the dtype floating tensors are cast to (None: unchanged).
+
+    Returns:
+        One :class:`TensorInfo` per source tensor, in the source's order.
+
+    Example:
+        ``plan_shards(output_specs(ckpt, torch.bfloat16), "2GB")``
+    """
     return [
         TensorInfo(info.name, dtype if dtype is not None and info.dtype.is_floating_point else info.dtype, info.shape)
         for info in ckpt.tensors.values()
@@ -27,7 +38,18 @@ def output_specs(ckpt: Checkpoint, dtype: torch.dtype | None) -> list[TensorInfo
 
 
 def output_config(config: dict | None, dtype: torch.dtype | None) -> dict | None:
-    """``config`` with its dtype fields naming the output dtype."""
+    """``config`` with its dtype fields naming the output dtype.
+
+    Args:
+        config: the source's config, or None.
+        dtype: the output dtype (None: ``config`` unchanged).
+
+    Returns:
+        A copy with ``dtype`` (and ``torch_dtype``, when present) set; ``config`` itself when nothing changes.
+
+    Example:
+        ``output_config({"torch_dtype": "float32"}, torch.bfloat16)["dtype"]``   # "bfloat16"
+    """
     if config is None or dtype is None:
         return config
     config = dict(config)

@@ -23,7 +23,16 @@ class CheckFailed(Failed):
 
 def one_line(err: object, limit: int = 300) -> str:
     """An exception (or any text) as one line for a message: whitespace collapsed, at most ``limit`` characters,
-    prefixed by the exception's type when it is one::
+    prefixed by the exception's type when it is one (not for BadInput or Failed).
+
+    Args:
+        err: an exception, or any object whose text is wanted.
+        limit: the most characters returned (longer text is cut and ends in ``...``).
+
+    Returns:
+        The one-line text, e.g. ``"OSError: disk full"``.
+
+    Example::
 
         raise BadInput(f"{path}: not a readable GGUF file ({one_line(err)})")
     """

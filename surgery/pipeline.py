@@ -238,7 +238,17 @@ def _check_options(command: str, options: dict, where: str) -> dict[str, Any]:
 
 
 def load_pipeline(path: str | Path) -> list[Step]:
-    """The steps of a pipeline file (BadInput naming the file and step when malformed)."""
+    """The steps of a pipeline file (BadInput naming the file and step when malformed).
+
+    Args:
+        path: the YAML pipeline file (a mapping with a non-empty ``steps`` list).
+
+    Returns:
+        One :class:`Step` per entry, in order, its options checked against its operation's.
+
+    Example:
+        ``[step.command for step in load_pipeline("pipeline.yaml")]``   # ["merge", "extend", "quantize", "push"]
+    """
     from surgery.yamlfile import read_yaml
 
     path = Path(path)
@@ -333,7 +343,22 @@ def _why_stale(step: Step, stamp: dict) -> str | None:
 
 
 def run_pipeline(steps: list[Step], *, dry_run: bool = False) -> Iterator[StepReport]:
-    """Run (or with ``dry_run`` only assess) the steps in order, yielding a report per step as it finishes."""
+    """Run (or with ``dry_run`` only assess) the steps in order, yielding a report per step as it finishes.
+
+    A step runs when its output or stamp is stale, and then so does every step after it.
+
+    Args:
+        steps: from :func:`load_pipeline`.
+        dry_run: say which steps would run, running none.
+
+    Yields:
+        A :class:`StepReport` per step: "up to date", "ran" or "would run", with the reason.
+
+    Example::
+
+        for report in run_pipeline(load_pipeline("pipeline.yaml"), dry_run=True):
+            print(report.describe())
+    """
     earlier_ran = False
     planned: set[str] = set()
     for step in steps:

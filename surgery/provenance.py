@@ -1,9 +1,9 @@
 """Provenance written next to every output: the ``surgery.json`` manifest and the content hashes it records
 (the ``README.md`` model card is :mod:`surgery.cards`; :mod:`surgery.output` writes both with the weights).
 
-The manifest names the inputs (with Hub revisions and SHA-256 content hashes, remembered between runs), the full recipe, the seed and the
-surgery version; ``surgery merge --recipe OUT/surgery.json`` reproduces the output bit for bit. It holds no
-timestamps or output paths, so identical runs write identical manifests.
+The manifest names the inputs (with Hub revisions and SHA-256 content hashes, remembered between runs), the full
+recipe, the seed and the surgery version; ``surgery merge --recipe OUT/surgery.json`` reproduces the output bit
+for bit. It holds no timestamps or output paths, so identical runs write identical manifests.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ SNAPSHOT_REVISION = re.compile(r"/snapshots/([0-9a-f]{40})(/|$)")
 BLOB_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-def sha256_file(path: Path) -> str:
+def _sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         while chunk := file.read(HASH_CHUNK):
@@ -31,7 +31,7 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def hash_cache_path() -> Path:
+def _hash_cache_path() -> Path:
     """Where known file hashes are remembered: $SURGERY_CACHE or ~/.cache/surgery, file sha256.json."""
     root = os.environ.get("SURGERY_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "surgery"
     return Path(root) / "sha256.json"
@@ -42,6 +42,16 @@ def content_hash(path: Path, cache: dict) -> str:
 
     A Hub cache names LFS blobs by their SHA-256, so a snapshot's weights cost nothing; other files are hashed once
     and remembered by (path, size, modification time, inode) in ``cache``, like make and git remember theirs.
+
+    Args:
+        path: the file (symbolic links are followed).
+        cache: known hashes by file key, updated with any hash computed.
+
+    Returns:
+        The hex digest.
+
+    Example:
+        ``content_hash(Path("out/model.safetensors"), {})``
     """
     resolved = path.resolve()
     if BLOB_SHA256.fullmatch(resolved.name) and resolved.parent.name == "blobs":
@@ -49,7 +59,7 @@ def content_hash(path: Path, cache: dict) -> str:
     stat = resolved.stat()
     key = f"{resolved}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}"
     if key not in cache:
-        cache[key] = sha256_file(resolved)
+        cache[key] = _sha256_file(resolved)
     return cache[key]
 
 
@@ -87,7 +97,7 @@ def hash_inputs_in_background(checkpoints: list[Checkpoint]) -> Future:
     pool = ThreadPoolExecutor(max_workers=1)
 
     def work() -> list[dict]:
-        cache_file = hash_cache_path()
+        cache_file = _hash_cache_path()
         cache = _load_cache(cache_file)
         known = len(cache)
         records = []
@@ -107,8 +117,15 @@ def hash_inputs_in_background(checkpoints: list[Checkpoint]) -> Future:
 
 
 def read_manifest(directory: Path) -> dict:
-    """The ``surgery.json`` manifest every surgery output carries ({} when there is none; BadInput naming it when it
-    is not a JSON object)::
+    """The ``surgery.json`` manifest every surgery output carries.
+
+    Args:
+        directory: the output directory.
+
+    Returns:
+        The manifest; {} when there is none (BadInput naming it when it is not a JSON object).
+
+    Example::
 
         read_manifest(Path("merged")).get("command")   # "merge"
     """
@@ -143,11 +160,19 @@ def manifest_bytes(command: str, recipe: dict, inputs: list[dict], outputs: dict
 
 
 def content_hashes(paths: list[Path]) -> dict[Path, str]:
-    """SHA-256 of each file (several read at once), read only when not remembered from an earlier run::
+    """SHA-256 of each file (several read at once), read only when not remembered from an earlier run.
+
+    Args:
+        paths: the files.
+
+    Returns:
+        Each path's hex digest; new hashes are remembered in the hash cache ($SURGERY_CACHE or ~/.cache/surgery).
+
+    Example::
 
         hashes = content_hashes([Path("out/model.safetensors")])   # a rerun on unchanged files reads nothing
     """
-    cache_file = hash_cache_path()
+    cache_file = _hash_cache_path()
     cache = _load_cache(cache_file)
     known = len(cache)
     with ThreadPoolExecutor(max_workers=min(8, max(1, len(paths)))) as pool:

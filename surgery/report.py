@@ -22,7 +22,22 @@ DIFF_CHUNK_ELEMENTS = 1 << 24  # 64 MB of float32 per operand at a time
 
 
 def inspect_checkpoint(ckpt: Checkpoint, with_tensors: bool = False) -> dict:
-    """Architecture, parameter count, dtypes, files, tied embeddings and rope settings of ``ckpt``."""
+    """Architecture, parameter count, dtypes, files, tied embeddings and rope settings of ``ckpt``.
+
+    Args:
+        ckpt: an opened checkpoint (only its header and config are read).
+        with_tensors: also list every tensor's name, dtype, shape, role and layer.
+
+    Returns:
+        ``source``, ``format``, ``path``, ``files``, ``architecture``, ``parameters``, ``tensor_bytes``,
+        ``num_tensors``, ``dtypes`` (tensors and parameters per dtype), ``tied_embeddings``, ``roles`` and, when
+        asked, ``tensors``.
+
+    Example::
+
+        with open_checkpoint("org/model") as ckpt:
+            inspect_checkpoint(ckpt)["parameters"]
+    """
     arch = Architecture.from_config(ckpt.config)
     dtypes: dict[str, dict[str, int]] = {}
     roles = Counter()
@@ -58,6 +73,17 @@ def tensor_delta(a: torch.Tensor, b: torch.Tensor) -> dict:
     """Task-vector view of ``b`` against ``a``: relative delta norm ‖b−a‖/‖a‖ and cosine similarity of a and b.
 
     Accumulated in float64 over float32 slices, so a bf16 tensor larger than memory allows in float32 is fine.
+
+    Args:
+        a: the base tensor.
+        b: a tensor of the same number of elements.
+
+    Returns:
+        ``{"relative_delta", "cosine", "delta_norm"}``; cosine is None when either tensor is zero, and the relative
+        delta inf when only ``a`` is.
+
+    Example:
+        ``tensor_delta(torch.ones(4), torch.ones(4) * 2)["relative_delta"]``   # 1.0
     """
     flat_a, flat_b = a.reshape(-1), b.reshape(-1)
     dot = norm_a = norm_b = norm_delta = 0.0
@@ -75,7 +101,22 @@ def tensor_delta(a: torch.Tensor, b: torch.Tensor) -> dict:
 
 
 def diff_checkpoints(a: Checkpoint, b: Checkpoint, progress: Callable[[int], None] = lambda n: None) -> dict:
-    """Tensors missing from / extra in ``b``, shape mismatches, and per shared tensor :func:`tensor_delta`."""
+    """Tensors missing from / extra in ``b``, shape mismatches, and per shared tensor :func:`tensor_delta`.
+
+    Args:
+        a: the base checkpoint.
+        b: the checkpoint compared with it.
+        progress: called with 1 after each tensor compared.
+
+    Returns:
+        ``a``, ``b``, ``missing``, ``extra``, ``shape_mismatch``, ``tensors`` (one row per tensor compared) and
+        ``summary`` (compared, identical, max and mean relative delta, min cosine).
+
+    Example::
+
+        with open_checkpoint("base") as base, open_checkpoint("merged") as merged:
+            diff_checkpoints(base, merged)["summary"]["max_relative_delta"]
+    """
     missing = [name for name in a.tensors if name not in b.tensors]
     extra = [name for name in b.tensors if name not in a.tensors]
     mismatched, rows = [], []

@@ -105,7 +105,16 @@ def parse_grid(text: str) -> dict[str, list]:
 
 
 def grid_points(grid: dict[str, list]) -> list[dict]:
-    """Every combination of the grid's values, the last key varying fastest."""
+    """Every combination of the grid's values, the last key varying fastest.
+
+    Args:
+        grid: values by key (:func:`parse_grid`).
+
+    Returns:
+        One setting (key → value) per combination.
+
+    Example: ``grid_points({"lambda": [0.5, 1.0], "seed": [0, 1]})[1]``   # {"lambda": 0.5, "seed": 1}
+    """
     return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
 
 
@@ -140,7 +149,16 @@ def with_setting(recipe: Recipe, setting: dict) -> Recipe:
 
 
 def pareto_front(rows: list[dict]) -> list[int]:
-    """Indices of the rows no other row beats: at least as accurate and as short, and better in one of the two."""
+    """Indices of the rows no other row beats: at least as accurate and as short, and better in one of the two.
+
+    Args:
+        rows: sweep rows, each with ``accuracy`` and ``mean_length``.
+
+    Returns:
+        The indices of the rows on the front, in order.
+
+    Example: ``pareto_front([{"accuracy": 0.8, "mean_length": 100}, {"accuracy": 0.7, "mean_length": 120}])``   # [0]
+    """
     def beaten(row: dict) -> bool:
         return any(other["accuracy"] >= row["accuracy"] and other["mean_length"] <= row["mean_length"]
                    and (other["accuracy"] > row["accuracy"] or other["mean_length"] < row["mean_length"])
@@ -150,7 +168,18 @@ def pareto_front(rows: list[dict]) -> list[int]:
 
 def recommend(rows: list[dict], reference_accuracy: float, tolerance: float = TOLERANCE) -> int:
     """Index of the shortest row within ``tolerance`` (relative) of ``reference_accuracy``; if none, the most
-    accurate row (the shorter on a tie)."""
+    accurate row (the shorter on a tie).
+
+    Args:
+        rows: sweep rows, each with ``accuracy`` and ``mean_length`` (at least one).
+        reference_accuracy: the accuracy to stay close to (the best input model's).
+        tolerance: the relative accuracy loss allowed (default 0.05).
+
+    Returns:
+        The index of the recommended row.
+
+    Example: ``recommend([{"accuracy": 0.8, "mean_length": 100}, {"accuracy": 0.77, "mean_length": 60}], 0.8)``   # 1
+    """
     good = [i for i, row in enumerate(rows) if row["accuracy"] >= (1 - tolerance) * reference_accuracy - 1e-12]
     if good:
         return min(good, key=lambda i: (rows[i]["mean_length"], -rows[i]["accuracy"], i))
@@ -196,7 +225,18 @@ class Evaluation:
 
 
 def merge_and_evaluate(recipe: Recipe, model_dir: str, evaluation: Evaluation) -> dict:
-    """One grid point: merge into ``model_dir`` (replacing what a lost earlier attempt left), then evaluate it."""
+    """One grid point: merge into ``model_dir`` (replacing what a lost earlier attempt left), then evaluate it.
+
+    Args:
+        recipe: the point's recipe (:func:`with_setting`).
+        model_dir: where the merged model is written.
+        evaluation: how it is evaluated.
+
+    Returns:
+        Its measures: accuracy, mean_length, reflection_rate, truncated_rate, count, by_difficulty.
+
+    Example: ``merge_and_evaluate(with_setting(recipe, {"lambda": 0.5}), "scratch/point-01", evaluation)["accuracy"]``
+    """
     merge(MergeJob(recipe, model_dir, device=evaluation.device, force=True))
     return evaluation(model_dir)
 
@@ -209,7 +249,26 @@ def sweep(recipe: Recipe, grid: dict[str, list], tasks: list[dict], output: str 
     """Merge and evaluate every grid point; evaluate the recipe's input models as references; write ``output``
     (atomically): sweep.json, pareto.png, recipes/. With ``keep_models`` the merges stay in ``output/models/``.
     ``executor="ray"`` runs the evaluations and the merge + evaluation of each point as Ray tasks (``ray_address``
-    or a new local cluster; OUTPUT's parent and the inputs on paths every node sees): the same results."""
+    or a new local cluster; OUTPUT's parent and the inputs on paths every node sees): the same results.
+
+    Args:
+        recipe: the recipe every point starts from.
+        grid: values by key (:func:`parse_grid`).
+        tasks: the evaluation tasks (``load_tasks``).
+        output: the output directory (BadInput when it exists, unless ``force``).
+        max_new_tokens, batch_size, chat_template, device: how models are evaluated (``device`` also merges).
+        tolerance: the relative accuracy loss the recommendation allows.
+        keep_models: keep each point's merged model in ``output/models/``.
+        force: replace an existing ``output``.
+        executor, ray_address: ``"local"`` or ``"ray"`` and the Ray cluster to use.
+        progress: called with a line per step.
+
+    Returns:
+        The report sweep.json holds (grid, tolerance, reference_accuracy, recommended, inputs, points,
+        max_new_tokens, tasks), plus ``seconds``.
+
+    Example: ``sweep(load_recipe("ties.yaml"), parse_grid("lambda=0.5,1.0"), load_tasks("t.jsonl"), "out")``
+    """
     from surgery.evaluation.plots import accuracy_length_plot
 
     check_executor(executor, ray_address)

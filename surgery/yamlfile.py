@@ -57,7 +57,17 @@ def _children(node, yaml) -> list:
 
 
 def read_yaml(path: str | Path, kind: str) -> Any:
-    """The parsed content of ``path``; BadInput naming the file and ``kind`` ("recipe", "pipeline") otherwise::
+    """The parsed content of ``path``; BadInput naming the file and ``kind`` ("recipe", "pipeline") otherwise.
+
+    Args:
+        path: a YAML (or JSON) file; ``~`` is expanded.
+        kind: what the file holds, for messages (``"recipe"``, ``"pipeline"``).
+
+    Returns:
+        The parsed YAML (a dict, list, scalar, or None for an empty file); BadInput when the file is missing,
+        unreadable, invalid or nested too deeply.
+
+    Example::
 
         data = read_yaml("pipeline.yaml", "pipeline")
     """

@@ -31,7 +31,7 @@ from surgery.runtime import mean_kl, top1_agreement
 log = logging.getLogger(__name__)
 
 
-def adapter_kind(directory: str | Path) -> str:
+def _adapter_kind(directory: str | Path) -> str:
     """"prefix" or "ntk" from the files in ``directory``; BadInput for anything else."""
     directory = Path(directory)
     if not directory.is_dir():
@@ -46,9 +46,25 @@ def adapter_kind(directory: str | Path) -> str:
 
 @torch.no_grad()
 def compare(model, adapter_dir: str | Path, ids: torch.Tensor, queries: Queries) -> dict:
-    """The fidelity figures of the adapter in ``adapter_dir`` for the prompt ``ids`` [1, m] on ``queries``, a
-    batch of queries at a time (memory holds a few batches' log-probabilities, whatever the number of queries)."""
-    kind = adapter_kind(adapter_dir)
+    """The fidelity figures of the adapter in ``adapter_dir`` for the prompt ``ids`` on ``queries``.
+
+    The queries go a batch at a time, so memory holds a few batches' log-probabilities whatever their number.
+
+    Args:
+        model: the loaded base model.
+        adapter_dir: a prefix or NTK-attention adapter directory.
+        ids: the prompt's token ids [1, m].
+        queries: the held-out queries.
+
+    Returns:
+        ``adapter``, ``kind``, ``queries``, ``positions``, ``kl_adapter``, ``kl_no_prompt``, ``top1_adapter``,
+        ``top1_no_prompt`` (means over the queries' positions), ``prompt_tokens``, ``adapter_bytes``,
+        ``prompt_kv_cache_bytes`` and ``seconds``.
+
+    Example:
+        ``compare(model, "persona-ntk", prompt_ids(tokenizer, text), queries)["kl_adapter"]``
+    """
+    kind = _adapter_kind(adapter_dir)
     started = time.perf_counter()
     prompt_cache, _ = prefill(model, ids)
     itemsize = next(model.parameters()).dtype.itemsize
@@ -93,7 +109,23 @@ def compare(model, adapter_dir: str | Path, ids: torch.Tensor, queries: Queries)
 
 def held_out_queries(model, tokenizer, ids: torch.Tensor, queries_file: str | Path | None, *, count: int,
                      length: int, seed: int) -> Queries:
-    """``queries_file``'s texts, or ``count`` × ``length`` continuations sampled with the held-out seed."""
+    """``queries_file``'s texts, or ``count`` × ``length`` continuations sampled with the held-out seed.
+
+    Args:
+        model: the loaded base model (samples the continuations).
+        tokenizer: its tokenizer.
+        ids: the prompt's token ids [1, m].
+        queries_file: a file of query texts, or None to sample them.
+        count: continuations sampled.
+        length: tokens per query (texts are cut to it).
+        seed: the user's seed (its HELD_OUT stream is used).
+
+    Returns:
+        The :class:`Queries`.
+
+    Example:
+        ``queries = held_out_queries(model, tokenizer, ids, None, count=16, length=64, seed=0)``
+    """
     if queries_file is not None:
         return file_queries(tokenizer, queries_file, length)
     return self_generated_queries(model, ids, count=count, length=length, seed=query_seed(seed, HELD_OUT))
@@ -116,7 +148,7 @@ def evaluate(config: AdapterEvalConfig, *, progress: Callable[[str], None] | Non
 
     report = progress or (lambda line: None)
     text = read_text(config.prompt_file, "--prompt-file")
-    kind = adapter_kind(config.adapter)
+    kind = _adapter_kind(config.adapter)
     model, tokenizer = load_model(config.model, config.device)
     (prefix.kv_geometry if kind == "prefix" else ntk_attention.model_geometry)(model)  # the family is supported
     ids = prompt_ids(tokenizer, text)

@@ -62,7 +62,7 @@ def _check_length(model, tokens: int, extra: int, source: str) -> None:
                        f"{limit} positions")
 
 
-def base_model_reference(source: str) -> str:
+def _base_model_reference(source: str) -> str:
     """What an adapter records as its base model: a Hub repo id as given, a local model as its absolute path (a
     relative one would name another model, or none, from anywhere else)."""
     from surgery.io.sources import looks_like_repo_id
@@ -115,7 +115,7 @@ def make_prefix_adapter(config: PrefixAdapterConfig, *, progress: Callable[[str]
         files = write_adapter(
             output, checkpoint, tensors_file=prefix.WEIGHTS_FILE, tensors={"prompt_embeddings": embeddings},
             files={prefix.CONFIG_FILE: json_bytes(prefix.prefix_config(geometry, ids.shape[1],
-                                                                         base_model_reference(source)))},
+                                                                         _base_model_reference(source)))},
             recipe=recipe, measurements=measurements, method="prefix-tuning", library="peft",
             title=f"{Path(source).name}: prefix adapter", body=body, force=force,
             check=lambda staging: check_peft(staging, checkpoint.config))
@@ -153,7 +153,7 @@ def make_ntk_adapter(config: NTKAdapterConfig, *, progress: Callable[[str], None
     checkpoint, model, tokenizer = _load(source, ntk_attention.FAMILIES, "NTK-attention", config.device, loaded)
     with checkpoint:
         recipe = {"method": "ntk", "source": source, "steps": steps, "lr": lr, "batch": batch, "seed": seed}
-        settings = {"base_model_name_or_path": base_model_reference(source)}
+        settings = {"base_model_name_or_path": _base_model_reference(source)}
         if text is not None:
             ids = prompt_ids(tokenizer, text)
             _check_length(model, ids.shape[1], length, source)

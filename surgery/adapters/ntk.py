@@ -50,12 +50,23 @@ PATIENCE = 2  # validations without improvement before distillation stops
 
 
 def prompt_keys_values(model, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer (keys, values) [kv_heads, m, d] of the prompt prefilled at positions −m..−1, float32."""
+    """Per layer (keys, values) [kv_heads, m, d] of the prompt prefilled at positions −m..−1, float32.
+
+    Args:
+        model: a loaded llama, mistral or qwen2 causal LM.
+        ids: the prompt's token ids [1, m].
+
+    Returns:
+        One (keys after RoPE, values) pair per layer.
+
+    Example:
+        ``prompt_kv = prompt_keys_values(model, prompt_ids(tokenizer, text))``
+    """
     cache, _ = prefill(model, ids, start=-ids.shape[1])
     return [(keys[0].float(), values[0].float()) for keys, values in cache_layers(cache)]
 
 
-def split_prompt(keys: torch.Tensor, values: torch.Tensor, exact_index: torch.Tensor | None):
+def _split_prompt(keys: torch.Tensor, values: torch.Tensor, exact_index: torch.Tensor | None):
     """One layer's prompt (keys, values) [kv_heads, m, d] split into the tokens at ``exact_index`` [kv_heads, s]
     and the rest, each per KV head in prompt order: (exact keys, exact values, rest keys, rest values)."""
     if exact_index is None:
@@ -106,9 +117,22 @@ def _each_layer(model, queries: Queries, visit, prompt_kv=None, adapter: NTKAdap
 
 def heaviest_prompt_tokens(model, prompt_kv: list[tuple[torch.Tensor, torch.Tensor]], queries: Queries,
                            count: int) -> list[torch.Tensor]:
-    """Per layer [kv_heads, count] (ascending) the positions of the prompt tokens that draw the most attention,
-    summed over the query heads of each KV head and the real positions of ``queries``, in the model run with the
-    real prompt (``prompt_kv`` from :func:`prompt_keys_values`); ``count`` is capped at the prompt's length."""
+    """Per layer the positions of the prompt tokens that draw the most attention in the model run with the real prompt.
+
+    The attention is summed over the query heads of each KV head and the real positions of ``queries``.
+
+    Args:
+        model: a loaded llama, mistral or qwen2 causal LM.
+        prompt_kv: the prompt's keys and values from :func:`prompt_keys_values`.
+        queries: the queries whose attention is summed.
+        count: tokens to keep per KV head (capped at the prompt's length).
+
+    Returns:
+        Per layer [kv_heads, count] prompt positions, ascending.
+
+    Example:
+        ``exact = heaviest_prompt_tokens(model, prompt_kv, queries, 16)``
+    """
     count = min(count, prompt_kv[0][0].shape[1])
     chosen: list[torch.Tensor | None] = [None] * len(prompt_kv)
 
@@ -129,12 +153,26 @@ def heaviest_prompt_tokens(model, prompt_kv: list[tuple[torch.Tensor, torch.Tens
 
 def closed_form(model, prompt_kv: list[tuple[torch.Tensor, torch.Tensor]], exact: list[torch.Tensor] | None = None,
                 **config) -> NTKAdapter:
-    """The prompt tokens at ``exact`` (per layer [kv_heads, s] positions, or None) kept as they are, and
-    Z = Σ_j φ(k_j) v_jᵀ, k = Σ_j φ(k_j) per layer and KV head over the others."""
+    """The paper's closed-form adapter: Z = Σ_j φ(k_j) v_jᵀ, k = Σ_j φ(k_j) per layer and KV head.
+
+    The prompt tokens at ``exact`` are kept as they are, and Z and k sum over the others.
+
+    Args:
+        model: the model the adapter is shaped for.
+        prompt_kv: the prompt's keys and values from :func:`prompt_keys_values`.
+        exact: per layer [kv_heads, s] positions of tokens to keep exactly, or None.
+        **config: extra entries of the adapter's config.
+
+    Returns:
+        The new :class:`NTKAdapter`.
+
+    Example:
+        ``adapter = closed_form(model, prompt_kv, exact, source="org/model")``
+    """
     adapter = NTKAdapter.zeros(model, **config)
     kept = []
     for layer, (keys, values) in enumerate(prompt_kv):
-        exact_keys, exact_values, rest_keys, rest_values = split_prompt(keys, values, exact[layer] if exact else None)
+        exact_keys, exact_values, rest_keys, rest_values = _split_prompt(keys, values, exact[layer] if exact else None)
         kept.append((exact_keys.cpu(), exact_values.cpu()))
         features = feature_map(rest_keys)
         adapter.z[layer] = torch.einsum("hmd,hme->hde", features, rest_values).cpu()
@@ -164,7 +202,7 @@ def _fit_layer(module, adapter: NTKAdapter, layer: int, keys_values, hidden, pos
     """Least-squares Z and k of one layer from the queries it receives (see the module docstring)."""
     query, key, value = _projections(module, hidden, position_embeddings)
     index = adapter.exact_index[layer] if adapter.exact_tokens else None
-    exact_keys, exact_values, rest_keys, rest_values = split_prompt(*keys_values, index)
+    exact_keys, exact_values, rest_keys, rest_values = _split_prompt(*keys_values, index)
     kv_heads, groups = rest_keys.shape[0], query.shape[1] // rest_keys.shape[0]
     own_lse = attention_logsumexp(query, key, None, module.scaling)
     own_out = torch.nn.functional.scaled_dot_product_attention(
@@ -211,8 +249,19 @@ def _joint_solve(a: torch.Tensor, out: torch.Tensor, t: torch.Tensor) -> tuple[t
 
 
 def least_squares(model, adapter: NTKAdapter, prompt_kv, queries: Queries) -> None:
-    """Fit every layer's Z and k in one forward pass over ``queries`` with the adapter applied: each layer is
-    fitted on the queries it receives, before its attention runs with the new values."""
+    """Fit every layer's Z and k (in place) in one forward pass over ``queries`` with the adapter applied.
+
+    Each layer is fitted on the queries it receives, before its attention runs with the new values.
+
+    Args:
+        model: the model ``adapter`` is applied to.
+        adapter: the adapter to fit (its exact tokens are kept).
+        prompt_kv: the prompt's keys and values from :func:`prompt_keys_values`.
+        queries: the queries to fit on.
+
+    Example:
+        ``least_squares(model, adapter, prompt_kv, queries)``
+    """
     def fit(layer, module, hidden, position_embeddings, mask):
         _fit_layer(module, adapter, layer, prompt_kv[layer], hidden, position_embeddings, mask)
 
@@ -220,7 +269,20 @@ def least_squares(model, adapter: NTKAdapter, prompt_kv, queries: Queries) -> No
 
 
 def adapter_kl(model, adapter: NTKAdapter, queries: Queries, reference: torch.Tensor) -> float:
-    """Mean KL(with prompt ‖ with adapter) over the queries' positions."""
+    """Mean KL(with prompt ‖ with adapter) over the queries' positions.
+
+    Args:
+        model: the model to apply ``adapter`` to (removed again afterwards).
+        adapter: the adapter measured.
+        queries: the queries.
+        reference: the log-probabilities of the queries with the real prompt.
+
+    Returns:
+        The mean KL, in nats.
+
+    Example:
+        ``kl = adapter_kl(model, adapter, held_out, held_out_reference)``
+    """
     ntk_attention.apply(model, adapter)
     try:
         return float(mean_kl(reference, plain_logprobs(model, queries), queries.mask))
@@ -335,9 +397,28 @@ def _optimise(model, adapter: NTKAdapter, loss_of, count: int, *, steps: int, lr
 
 def distill(model, adapter: NTKAdapter, queries: Queries, reference: torch.Tensor, *, steps: int, lr: float,
             batch: int, seed: int, validation: tuple[Queries, torch.Tensor] | None = None) -> Training:
-    """Train Z and k (in place) to minimise KL(with prompt ‖ with adapter) on minibatches of ``queries``; with
-    ``validation`` (queries and their reference log-probabilities, none of them trained on), the values with the
-    lowest validation KL are kept (the start included) and training stops once it no longer falls."""
+    """Train Z and k (in place) to minimise KL(with prompt ‖ with adapter) on minibatches of ``queries``.
+
+    With ``validation`` the values with the lowest validation KL are kept (the start included) and training stops
+    once it no longer falls.
+
+    Args:
+        model: the model the adapter is applied to while training.
+        adapter: the adapter trained.
+        queries: the training queries.
+        reference: their log-probabilities with the real prompt.
+        steps: Adam steps (at most).
+        lr: the learning rate, relative to each head's scale (cosine schedule).
+        batch: queries per step.
+        seed: the seed of the minibatch order.
+        validation: held-out queries and their reference log-probabilities, or None.
+
+    Returns:
+        The :class:`Training`: the loss of each step, validation losses and the step kept.
+
+    Example:
+        ``distill(model, adapter, queries, reference, steps=60, lr=1e-2, batch=8, seed=0)``
+    """
     def loss_of(rows: torch.Tensor) -> torch.Tensor:
         part = queries.subset(rows)
         logits = model(part.ids.to(model.device)).logits.float()
@@ -353,8 +434,24 @@ def distill(model, adapter: NTKAdapter, queries: Queries, reference: torch.Tenso
 
 def train_on_data(model, adapter: NTKAdapter, data: Queries, *, steps: int, lr: float, batch: int, seed: int,
                   absolute: bool) -> Training:
-    """Train Z and k (in place) by next-token cross-entropy on ``data`` (the paper's parameter-efficient
-    fine-tuning); ``absolute`` steps for an adapter started from noise rather than from a prompt."""
+    """Train Z and k (in place) by next-token cross-entropy on ``data`` (the paper's parameter-efficient fine-tuning).
+
+    Args:
+        model: the model the adapter is applied to while training.
+        adapter: the adapter trained.
+        data: the training sequences (loss on their real tokens).
+        steps: Adam steps.
+        lr: the learning rate.
+        batch: sequences per step.
+        seed: the seed of the minibatch order.
+        absolute: steps for an adapter started from noise rather than scaled to each head's starting values.
+
+    Returns:
+        The :class:`Training` with the loss of each step.
+
+    Example:
+        ``train_on_data(model, random_start(model, 0), data, steps=100, lr=1e-3, batch=8, seed=0, absolute=True)``
+    """
     def loss_of(rows: torch.Tensor) -> torch.Tensor:
         part = data.subset(rows)
         ids = part.ids.to(model.device)
@@ -366,7 +463,19 @@ def train_on_data(model, adapter: NTKAdapter, data: Queries, *, steps: int, lr: 
 
 
 def random_start(model, seed: int, **config) -> NTKAdapter:
-    """The paper's start for training from scratch: randn / 1e4 (seeded)."""
+    """The paper's start for training from scratch: randn / 1e4 (seeded).
+
+    Args:
+        model: the model the adapter is shaped for.
+        seed: the seed of the noise.
+        **config: extra entries of the adapter's config.
+
+    Returns:
+        The new :class:`NTKAdapter`.
+
+    Example:
+        ``adapter = random_start(model, 0, source="org/model")``
+    """
     adapter = NTKAdapter.zeros(model, **config)
     generator = torch.Generator().manual_seed(seed)
     adapter.z = torch.randn(adapter.z.shape, generator=generator) / 1e4
@@ -375,7 +484,20 @@ def random_start(model, seed: int, **config) -> NTKAdapter:
 
 
 def sizes(adapter: NTKAdapter, prompt_tokens: int | None, kv_itemsize: int) -> dict:
-    """The adapter's bytes as saved against those of the prompt's KV cache in the model's dtype."""
+    """The adapter's bytes as saved against those of the prompt's KV cache in the model's dtype.
+
+    Args:
+        adapter: the adapter.
+        prompt_tokens: the prompt's length, or None (no KV cache size then).
+        kv_itemsize: bytes per element of the model's KV cache.
+
+    Returns:
+        ``adapter_parameters``, ``adapter_bytes``, ``exact_tokens``, ``prompt_kv_cache_bytes`` and
+        ``break_even_prompt_tokens`` (the prompt length whose KV cache is as big as the adapter).
+
+    Example:
+        ``sizes(adapter, 512, 2)["break_even_prompt_tokens"]``
+    """
     layers, heads, dim = adapter.k.shape
     per_token = 2 * layers * heads * dim * kv_itemsize
     kv = None if prompt_tokens is None else per_token * prompt_tokens

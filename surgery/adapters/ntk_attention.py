@@ -123,7 +123,17 @@ class NTKAdapter:
 
 
 def model_geometry(model) -> dict:
-    """model_type, layers, query and KV heads and head_dim of a transformers causal LM of a supported family."""
+    """model_type, layers, query and KV heads and head_dim of a transformers causal LM of a supported family.
+
+    Args:
+        model: a loaded llama, mistral or qwen2 causal LM (BadInput for any other ``model_type``).
+
+    Returns:
+        ``{"model_type", "num_layers", "num_attention_heads", "num_key_value_heads", "head_dim"}``.
+
+    Example:
+        ``model_geometry(model)["head_dim"]``   # 64 for SmolLM2-135M
+    """
     config = model.config
     if config.model_type not in FAMILIES:
         raise BadInput(f"model type {config.model_type!r}: NTK-attention supports {', '.join(FAMILIES)}")
@@ -134,7 +144,17 @@ def model_geometry(model) -> dict:
 
 
 def attention_modules(model) -> list[torch.nn.Module]:
-    """The self-attention module of every decoder layer, in layer order."""
+    """The self-attention module of every decoder layer, in layer order.
+
+    Args:
+        model: a transformers causal LM whose decoder has ``layers`` with a ``self_attn`` each.
+
+    Returns:
+        The ``self_attn`` modules, one per layer.
+
+    Example:
+        ``len(attention_modules(model)) == model.config.num_hidden_layers``
+    """
     return [layer.self_attn for layer in model.get_decoder().layers]
 
 
@@ -159,9 +179,21 @@ class _LayerTerms:
 
 def token_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                     scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of ``query`` [batch, heads, rows, d] to tokens every row sees, ``keys`` and ``values``
-    [kv_heads, m, d] (query heads grouped over KV heads): the output [batch, heads, rows, d_v] and the log-sum-exp
-    of the scores [batch, heads, rows], in float32 (−inf and 0 when m is 0)."""
+    """Attention of ``query`` to tokens every row sees (query heads grouped over KV heads), in float32.
+
+    Args:
+        query: [batch, heads, rows, d].
+        keys: [kv_heads, m, d].
+        values: [kv_heads, m, d_v].
+        scaling: the factor applied to the scores (usually d^-½).
+
+    Returns:
+        The output [batch, heads, rows, d_v] and the log-sum-exp of the scores [batch, heads, rows] (0 and −inf
+        when m is 0).
+
+    Example:
+        ``output, logsumexp = token_attention(query, exact_keys[layer], exact_values[layer], query.shape[-1] ** -0.5)``
+    """
     batch, heads, rows, dim = query.shape
     kv_heads = keys.shape[0]
     grouped = query.float().reshape(batch, kv_heads, heads // kv_heads, rows, dim)
@@ -172,7 +204,20 @@ def token_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
 
 def merge(output: torch.Tensor, logsumexp: torch.Tensor, other: torch.Tensor,
           other_logsumexp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The attention over two disjoint sets of keys from each set's output and log-sum-exp (float32)."""
+    """The attention over two disjoint sets of keys from each set's output and log-sum-exp (float32).
+
+    Args:
+        output: the attention output over the first set [..., d_v].
+        logsumexp: the log-sum-exp of the first set's scores [...].
+        other: the attention output over the second set [..., d_v].
+        other_logsumexp: the log-sum-exp of the second set's scores [...].
+
+    Returns:
+        The output over both sets and its log-sum-exp.
+
+    Example:
+        ``mixed, logsumexp = merge(mixed, logsumexp, *token_attention(query, keys, values, scaling))``
+    """
     total = torch.logaddexp(logsumexp, other_logsumexp)
     share = torch.exp(other_logsumexp - total).nan_to_num()[..., None]
     own = output.float()
@@ -180,15 +225,39 @@ def merge(output: torch.Tensor, logsumexp: torch.Tensor, other: torch.Tensor,
 
 
 def feature_map(x: torch.Tensor) -> torch.Tensor:
-    """φ(x) = elu(x / d^¼) + 1, positive everywhere (d = the last dimension)."""
+    """φ(x) = elu(x / d^¼) + 1, positive everywhere (d = the last dimension).
+
+    Args:
+        x: any tensor; its last dimension is d.
+
+    Returns:
+        φ(x), shaped like ``x``.
+
+    Example:
+        ``feature_map(torch.zeros(2, 64))``   # all ones
+    """
     return F.elu(x / x.shape[-1] ** 0.25) + 1
 
 
 def attention_logsumexp(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
                         scaling: float) -> torch.Tensor:
-    """ℓ [batch, heads, queries]: per query row, the log-sum-exp of the scores scaled_dot_product_attention
-    normalises, under the same mask rules as transformers' sdpa path (no mask: causal when several queries, keys
-    cut to the first ``queries`` then, as it does; boolean: True attends; float: added)."""
+    """ℓ: per query row, the log-sum-exp of the scores scaled_dot_product_attention normalises.
+
+    The mask rules are those of transformers' sdpa path: no mask means causal when there are several queries (keys
+    cut to the first ``queries`` then, as it does); a boolean mask's True attends; a float mask is added.
+
+    Args:
+        query: [batch, heads, queries, d] (after RoPE).
+        key: [batch, kv_heads, keys, d] (after RoPE).
+        attention_mask: None, boolean or additive float, broadcastable to [batch, heads, queries, keys].
+        scaling: the factor applied to the scores.
+
+    Returns:
+        ℓ [batch, heads, queries], float32, computed in blocks of ``ROW_BLOCK`` rows.
+
+    Example:
+        ``logsumexp = attention_logsumexp(query, key, None, query.shape[-1] ** -0.5)``
+    """
     batch, heads, rows, dim = query.shape
     groups = heads // key.shape[1]
     if attention_mask is None and rows > 1:
@@ -209,10 +278,24 @@ def attention_logsumexp(query: torch.Tensor, key: torch.Tensor, attention_mask: 
 
 def combine(output: torch.Tensor, logsumexp: torch.Tensor, query: torch.Tensor, z: torch.Tensor,
             k: torch.Tensor) -> torch.Tensor:
-    """(e^ℓ O + φ(Q) Z) / (e^ℓ + φ(Q)|k|) in float32 for ``output`` O [batch, heads, queries, d_v], ``logsumexp``
-    ℓ [batch, heads, queries], ``query`` [batch, heads, queries, d], one layer's ``z`` [kv_heads, d, d_v] and ``k``
-    [kv_heads, d]. Both terms are scaled by e^−c, c = max(ℓ, log φ(Q)|k|), so nothing overflows; where φ(Q)|k| is
-    0 (a zero adapter) the result is O exactly."""
+    """(e^ℓ O + φ(Q) Z) / (e^ℓ + φ(Q)|k|) in float32.
+
+    Both terms are scaled by e^−c, c = max(ℓ, log φ(Q)|k|), so nothing overflows; where φ(Q)|k| is 0 (a zero
+    adapter) the result is O exactly.
+
+    Args:
+        output: O [batch, heads, queries, d_v].
+        logsumexp: ℓ [batch, heads, queries].
+        query: [batch, heads, queries, d].
+        z: one layer's Z [kv_heads, d, d_v].
+        k: one layer's k [kv_heads, d].
+
+    Returns:
+        The mixed output [batch, heads, queries, d_v], float32.
+
+    Example:
+        ``mixed = combine(mixed, logsumexp, query, *terms.z_k(query.device))``
+    """
     batch, heads, rows, dim = query.shape
     kv_heads = z.shape[0]
     features = feature_map(query.float()).reshape(batch, kv_heads, heads // kv_heads, rows, dim)
@@ -230,7 +313,24 @@ def combine(output: torch.Tensor, logsumexp: torch.Tensor, query: torch.Tensor, 
 def ntk_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                           scaling: float | None = None, **kwargs):
     """The "surgery_ntk" attention function: transformers' sdpa, plus the NTK term of ``module``'s layer when an
-    adapter is applied to it."""
+    adapter is applied to it.
+
+    Args:
+        module: the attention module calling it (its adapter terms, if any, are an attribute of it).
+        query: [batch, heads, queries, d] after RoPE.
+        key: [batch, kv_heads, keys, d] after RoPE.
+        value: [batch, kv_heads, keys, d_v].
+        attention_mask: as transformers' sdpa path gets it.
+        dropout: the attention dropout, passed to sdpa.
+        scaling: the score scale (d^-½ when None).
+        **kwargs: passed on to transformers' ``sdpa_attention_forward``.
+
+    Returns:
+        ``(output, None)``, output [batch, queries, heads, d_v] in the query's dtype, as transformers expects.
+
+    Example:
+        ``output, _ = ntk_attention_forward(model.model.layers[0].self_attn, q, k, v, None)``
+    """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     output, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
@@ -257,8 +357,16 @@ def _register() -> None:
 
 
 def check_compatible(adapter: NTKAdapter, model, label: str = "adapter") -> None:
-    """BadInput when ``adapter`` was made for another family, layer count, KV head count or head_dim than
-    ``model``."""
+    """BadInput when ``adapter`` was made for another family, layer count, KV head count or head_dim than ``model``.
+
+    Args:
+        adapter: the adapter to check.
+        model: the model it is meant for.
+        label: how the adapter is named in the error message.
+
+    Example:
+        ``check_compatible(NTKAdapter.load("persona-ntk"), model, "persona-ntk")``
+    """
     geometry = model_geometry(model)
     made_for = adapter.config.get("model_type")
     if made_for is not None and made_for != geometry["model_type"]:
@@ -281,8 +389,20 @@ def _switch_attention(model) -> None:
 
 
 def apply(model, adapter: str | Path | NTKAdapter) -> NTKAdapter:
-    """Patch ``model`` (in place) so that its attention adds ``adapter``'s terms; returns the adapter. The
-    adapter's tensors are read at every call, so training them in place works. Applying again replaces it."""
+    """Patch ``model`` (in place) so that its attention adds ``adapter``'s terms.
+
+    The adapter's tensors are read at every call, so training them in place works. Applying again replaces it.
+
+    Args:
+        model: a loaded llama, mistral or qwen2 causal LM.
+        adapter: an adapter directory (written by ``surgery adapter ntk``) or an :class:`NTKAdapter`.
+
+    Returns:
+        The applied adapter (loaded, when a directory was given).
+
+    Example:
+        ``adapter = apply(model, "persona-ntk")``
+    """
     label = str(adapter) if not isinstance(adapter, NTKAdapter) else "adapter"
     if not isinstance(adapter, NTKAdapter):
         adapter = NTKAdapter.load(adapter)
@@ -294,9 +414,18 @@ def apply(model, adapter: str | Path | NTKAdapter) -> NTKAdapter:
 
 
 def apply_prompt(model, keys_values: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Patch ``model`` (in place) so that every row of a batch attends to one real prompt: per layer its (keys after
-    RoPE, values) [kv_heads, m, d], kept as exact tokens of a zero adapter, not repeated per row. Inputs then need
-    position_ids from m on. Undo with :func:`remove`."""
+    """Patch ``model`` (in place) so that every row of a batch attends to one real prompt, not repeated per row.
+
+    The prompt is kept as the exact tokens of a zero adapter. Inputs then need position_ids from m on. Undo with
+    :func:`remove`.
+
+    Args:
+        model: a loaded llama, mistral or qwen2 causal LM.
+        keys_values: per layer, the prompt's (keys after RoPE, values), each [kv_heads, m, d].
+
+    Example:
+        ``apply_prompt(model, [(keys[0], values[0]) for keys, values in cache_layers(prefill(model, ids)[0])])``
+    """
     adapter = NTKAdapter.zeros(model)
     adapter.exact_keys = torch.stack([keys for keys, _ in keys_values])
     adapter.exact_values = torch.stack([values for _, values in keys_values])
@@ -305,7 +434,14 @@ def apply_prompt(model, keys_values: list[tuple[torch.Tensor, torch.Tensor]]) ->
 
 
 def remove(model) -> None:
-    """Undo :func:`apply`: the adapter is detached and the previous attention implementation restored."""
+    """Undo :func:`apply`: the adapter is detached and the previous attention implementation restored.
+
+    Args:
+        model: a model patched by :func:`apply` or :func:`apply_prompt` (nothing happens to one that is not).
+
+    Example:
+        ``remove(model)``   # the original model again, bit for bit
+    """
     previous = getattr(model, PREVIOUS, None)
     for module in attention_modules(model):
         if hasattr(module, STATE):

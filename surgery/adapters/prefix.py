@@ -25,8 +25,17 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
 
 def kv_geometry(model) -> dict:
-    """Layers, KV heads and head_dim of ``model`` (a BadInput for families whose cache is not one plain
-    key/value pair per layer)."""
+    """Layers, KV heads and head_dim of ``model``.
+
+    Args:
+        model: a loaded causal LM (BadInput for families whose cache is not one plain key/value pair per layer).
+
+    Returns:
+        ``{"num_layers", "num_key_value_heads", "head_dim"}``.
+
+    Example:
+        ``kv_geometry(model)["num_key_value_heads"]``
+    """
     config = model.config
     if config.model_type not in FAMILIES:
         raise BadInput(f"model type {config.model_type!r}: prefix adapters support {', '.join(FAMILIES)}")
@@ -37,19 +46,54 @@ def kv_geometry(model) -> dict:
 
 
 def pack(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """[m, 2·L·H_kv·d] from per-layer (keys, values) [1, H_kv, m, d]: PEFT's prompt_embeddings layout."""
+    """PEFT's prompt_embeddings layout from per-layer keys and values.
+
+    Args:
+        layers: per layer (keys, values) [1, H_kv, m, d].
+
+    Returns:
+        [m, 2·L·H_kv·d]: row 2l of PEFT's view holds layer l's keys, row 2l+1 its values.
+
+    Example:
+        ``embeddings = pack(cache_layers(cache))``
+    """
     stacked = torch.stack([tensor[0] for pair in layers for tensor in pair])  # [2L, H_kv, m, d]
     return stacked.permute(2, 0, 1, 3).reshape(stacked.shape[2], -1).contiguous()
 
 
 def unpack(embeddings: torch.Tensor, num_layers: int, kv_heads: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The inverse of :func:`pack`: per-layer (keys, values) [1, H_kv, m, d]."""
+    """The inverse of :func:`pack`.
+
+    Args:
+        embeddings: prompt_embeddings [m, 2·L·H_kv·d].
+        num_layers: L.
+        kv_heads: H_kv.
+
+    Returns:
+        Per layer (keys, values) [1, H_kv, m, d] (views of ``embeddings``).
+
+    Example:
+        ``layers = unpack(pack(layers), len(layers), layers[0][0].shape[1])``
+    """
     tokens = embeddings.shape[0]
     stacked = embeddings.reshape(tokens, 2 * num_layers, kv_heads, -1).permute(1, 2, 0, 3)
     return [(stacked[2 * layer][None], stacked[2 * layer + 1][None]) for layer in range(num_layers)]
 
 
 def prefix_config(geometry: dict, tokens: int, base_model: str) -> dict:
+    """The ``adapter_config.json`` of a PEFT PREFIX_TUNING adapter.
+
+    Args:
+        geometry: :func:`kv_geometry` of the model.
+        tokens: the prompt's length (PEFT's ``num_virtual_tokens``).
+        base_model: what the config records as ``base_model_name_or_path``.
+
+    Returns:
+        The config, as a dict ready for JSON.
+
+    Example:
+        ``prefix_config(kv_geometry(model), ids.shape[1], "org/model")["token_dim"]``
+    """
     token_dim = geometry["num_key_value_heads"] * geometry["head_dim"]
     return {
         "peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": tokens,
@@ -61,7 +105,18 @@ def prefix_config(geometry: dict, tokens: int, base_model: str) -> dict:
 
 
 def prefix_tensors(model, ids: torch.Tensor) -> torch.Tensor:
-    """prompt_embeddings of the prompt ``ids`` [1, m] for ``model``."""
+    """prompt_embeddings of the prompt ``ids`` for ``model``.
+
+    Args:
+        model: a loaded causal LM of a supported family.
+        ids: the prompt's token ids [1, m].
+
+    Returns:
+        [m, 2·L·H_kv·d] on the CPU, in the model's dtype (BadInput when its KV cache does not fit the layout).
+
+    Example:
+        ``embeddings = prefix_tensors(model, prompt_ids(tokenizer, text))``
+    """
     geometry = kv_geometry(model)
     cache, _ = prefill(model, ids)
     layers = cache_layers(cache)
@@ -73,6 +128,17 @@ def prefix_tensors(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def is_prefix_adapter(directory: Path) -> bool:
+    """Whether ``directory`` holds a PEFT PREFIX_TUNING adapter (by its ``adapter_config.json``).
+
+    Args:
+        directory: the directory.
+
+    Returns:
+        True for a prefix adapter; False otherwise, or when its config cannot be read.
+
+    Example:
+        ``is_prefix_adapter(Path("persona-prefix"))``
+    """
     try:
         return json.loads((directory / CONFIG_FILE).read_text()).get("peft_type") == "PREFIX_TUNING"
     except (OSError, ValueError, AttributeError):
@@ -80,8 +146,18 @@ def is_prefix_adapter(directory: Path) -> bool:
 
 
 def load_prefix_cache(directory: str | Path, model):
-    """A DynamicCache holding the prefix adapter in ``directory``, for ``model`` (what PEFT builds from it), and
-    its number of virtual tokens. BadInput when it was made for another geometry."""
+    """A DynamicCache holding the prefix adapter in ``directory``, for ``model`` (what PEFT builds from it).
+
+    Args:
+        directory: the adapter's directory.
+        model: the model it is for (BadInput when the adapter was made for another geometry).
+
+    Returns:
+        The cache, on the model's device in its dtype, and the adapter's number of virtual tokens.
+
+    Example:
+        ``cache, tokens = load_prefix_cache("persona-prefix", model)``
+    """
     from safetensors.torch import load_file
     from transformers import DynamicCache
 

@@ -30,7 +30,18 @@ TRAINING, HELD_OUT = 0, 1  # the two streams of self-generated queries: one seed
 
 
 def query_seed(seed: int, stream: int) -> int:
-    """The generator seed of ``stream`` (TRAINING or HELD_OUT) for the user's ``seed``."""
+    """The generator seed of ``stream`` (TRAINING or HELD_OUT) for the user's ``seed``.
+
+    Args:
+        seed: the user's seed.
+        stream: TRAINING (0) or HELD_OUT (1).
+
+    Returns:
+        ``2 * seed + stream``: the two streams of one seed never meet those of another.
+
+    Example:
+        ``query_seed(3, HELD_OUT)``   # 7
+    """
     return 2 * seed + stream
 
 
@@ -63,7 +74,18 @@ class Queries:
 
 
 def read_text(path: str | Path, option: str) -> str:
-    """A UTF-8 text file; BadInput naming ``option`` when it is missing or unreadable."""
+    """A UTF-8 text file; BadInput naming ``option`` when it is missing or unreadable.
+
+    Args:
+        path: the file.
+        option: the command-line option that named it, for the error message.
+
+    Returns:
+        The file's text.
+
+    Example:
+        ``read_text("system.txt", "--prompt-file")``
+    """
     try:
         return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -73,18 +95,41 @@ def read_text(path: str | Path, option: str) -> str:
 
 
 def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes.
+
+    Args:
+        path: the file.
+
+    Returns:
+        The hex digest.
+
+    Example:
+        ``recipe["prompt_sha256"] = file_sha256("persona.txt")``
+    """
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def prompt_ids(tokenizer, text: str, option: str = "--prompt-file") -> torch.Tensor:
-    """[1, m] token ids of the prompt, with the special tokens the tokenizer adds at the start (BOS...)."""
+    """[1, m] token ids of the prompt, with the special tokens the tokenizer adds at the start (BOS...).
+
+    Args:
+        tokenizer: the model's tokenizer.
+        text: the prompt (BadInput when it is empty).
+        option: the command-line option that named it, for the error message.
+
+    Returns:
+        A long tensor [1, m].
+
+    Example:
+        ``ids = prompt_ids(tokenizer, read_text("system.txt", "--prompt-file"))``
+    """
     ids = tokenizer(text)["input_ids"]
     if not text.strip() or not ids:
         raise BadInput(f"{option}: the prompt is empty")
     return torch.tensor([ids], dtype=torch.long)
 
 
-def read_texts(path: str | Path, option: str) -> list[str]:
+def _read_texts(path: str | Path, option: str) -> list[str]:
     """Texts of a file: one per line of a ``.jsonl`` file (``{"text": ...}``), otherwise one per paragraph
     (separated by blank lines)."""
     content = read_text(path, option)
@@ -106,9 +151,26 @@ def read_texts(path: str | Path, option: str) -> list[str]:
 
 def file_queries(tokenizer, path: str | Path, max_length: int, option: str = "--queries",
                  special_tokens: bool = False) -> Queries:
-    """The texts of ``path`` tokenized (without special tokens unless asked), each cut to ``max_length`` tokens."""
+    """The texts of ``path`` tokenized (without special tokens unless asked), each cut to ``max_length`` tokens.
+
+    A ``.jsonl`` file holds one ``{"text": ...}`` per line; any other file one text per paragraph (separated by
+    blank lines).
+
+    Args:
+        tokenizer: the model's tokenizer.
+        path: the file of texts.
+        max_length: tokens kept of each text.
+        option: the command-line option that named it, for the error message.
+        special_tokens: add the tokenizer's special tokens.
+
+    Returns:
+        The :class:`Queries` (BadInput when no text has any token).
+
+    Example:
+        ``queries = file_queries(tokenizer, "queries.jsonl", 64)``
+    """
     sequences = []
-    for text in read_texts(path, option):
+    for text in _read_texts(path, option):
         ids = tokenizer(text, add_special_tokens=special_tokens)["input_ids"][:max_length]
         if ids:
             sequences.append(ids)
@@ -140,22 +202,57 @@ def prefill(model, ids: torch.Tensor, start: int = 0):
 
 
 def expanded(cache, batch: int):
-    """A copy of a batch-1 cache repeated ``batch`` times (the forward pass then appends to the copy)."""
+    """A copy of a batch-1 cache repeated ``batch`` times (the forward pass then appends to the copy).
+
+    Args:
+        cache: a batch-1 DynamicCache (:func:`prefill`).
+        batch: the rows wanted.
+
+    Returns:
+        The repeated copy; ``cache`` is unchanged.
+
+    Example:
+        ``model(ids, **cache_kwargs(model, expanded(cache, len(ids))))``
+    """
     copied = copy.deepcopy(cache)
     copied.batch_repeat_interleave(batch)
     return copied
 
 
 def cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(keys, values) per layer, each [batch, kv_heads, tokens, head_dim]."""
+    """(keys, values) per layer, each [batch, kv_heads, tokens, head_dim].
+
+    Args:
+        cache: a transformers DynamicCache.
+
+    Returns:
+        One (keys, values) pair per layer (the cache's own tensors, not copies).
+
+    Example:
+        ``keys, values = cache_layers(prefill(model, ids)[0])[0]``
+    """
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
 @contextmanager
 def shared_prompt(model, cache):
-    """Within it, ``model`` runs every row of a batch after the prompt of the batch-1 ``cache`` (positions 0..m−1)
-    without copying the cache per row, when NTK-attention supports its family (exact, up to float rounding); yields
-    m, or None for other families (then repeat the cache)."""
+    """A context within which ``model`` runs every row of a batch after the prompt of the batch-1 ``cache``.
+
+    The prompt (positions 0..m−1) is not copied per row when NTK-attention supports the model's family (exact, up to
+    float rounding); inputs then need position_ids from m on.
+
+    Args:
+        model: a causal LM.
+        cache: the prompt's batch-1 KV cache (:func:`prefill`).
+
+    Yields:
+        m, or None for other families (then repeat the cache).
+
+    Example::
+
+        with shared_prompt(model, cache) as offset:
+            logits = model(ids, position_ids=torch.arange(offset, offset + ids.shape[1])[None]).logits
+    """
     from surgery.adapters import ntk_attention
 
     if model.config.model_type not in ntk_attention.FAMILIES:
@@ -247,7 +344,20 @@ def with_prompt_logprobs(model, cache, queries: Queries, batch: int = BATCH, sha
 
 @torch.no_grad()
 def plain_logprobs(model, queries: Queries, batch: int = BATCH, **forward) -> torch.Tensor:
-    """[count, length, vocab] next-token log-probabilities of the model run on the queries alone."""
+    """Next-token log-probabilities of the model run on the queries alone.
+
+    Args:
+        model: a causal LM.
+        queries: the queries.
+        batch: queries per forward pass.
+        **forward: passed on to every forward call of the model.
+
+    Returns:
+        [count, length, vocab] float32 log-probabilities on the CPU.
+
+    Example:
+        ``plain = plain_logprobs(model, queries)``
+    """
     rows = []
     for part in queries.batches(batch):
         logits = model(part.ids.to(model.device), **forward).logits

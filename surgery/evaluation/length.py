@@ -35,7 +35,18 @@ _ANSWER_PATTERNS = [re.compile(r"\\boxed\{([^{}]*)\}"),
 
 
 def load_tasks(path: str | Path, option: str = "--tasks") -> list[dict]:
-    """The tasks of a JSONL file; every line needs ``prompt`` and ``answer``."""
+    """The tasks of a JSONL file; every line needs ``prompt`` (a string) and ``answer``.
+
+    Args:
+        path: the JSONL file (blank lines are skipped).
+        option: the command-line option that named it, for the error message.
+
+    Returns:
+        One dict per task line, as written (BadInput when there is none).
+
+    Example:
+        ``load_tasks("tasks.jsonl")[0]["prompt"]``
+    """
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as err:
@@ -57,7 +68,18 @@ def load_tasks(path: str | Path, option: str = "--tasks") -> list[dict]:
 
 
 def extract_answer(text: str) -> str | None:
-    """The answer a response gives (see the module docstring), or None."""
+    """The answer a response gives (see the module docstring), or None.
+
+    Args:
+        text: the response.
+
+    Returns:
+        The last ``\\boxed{...}``, else the last "answer is X", else the last "#### X", else the last number
+        (stripped of a final "."); None when there is none of them.
+
+    Example:
+        ``extract_answer("so the answer is 42.")``   # "42"
+    """
     for pattern in _ANSWER_PATTERNS:
         found = pattern.findall(text)
         if found:
@@ -73,6 +95,19 @@ def _as_number(text: str) -> float | None:
 
 
 def is_correct(response: str, answer) -> bool:
+    """Whether the answer read from ``response`` is ``answer``: numerically when both are numbers, else as text
+    (case-insensitive).
+
+    Args:
+        response: the model's response.
+        answer: the task's answer (any JSON value).
+
+    Returns:
+        True when they agree; False, too, when the response gives no answer.
+
+    Example:
+        ``is_correct("The answer is 1,000.", 1000)``   # True
+    """
     given = extract_answer(response)
     if given is None:
         return False
@@ -83,6 +118,17 @@ def is_correct(response: str, answer) -> bool:
 
 
 def is_reflective(response: str) -> bool:
+    """Whether ``response`` contains one of the study's reflection keywords (REFLECTION_KEYWORDS, case-insensitive).
+
+    Args:
+        response: the model's response.
+
+    Returns:
+        True when it does.
+
+    Example:
+        ``is_reflective("Wait, let me re-examine that.")``   # True
+    """
     return _REFLECTION.search(response) is not None
 
 
@@ -94,8 +140,8 @@ def _prompt_text(tokenizer, prompt: str, chat_template: bool) -> str:
 
 
 @torch.no_grad()
-def generate_responses(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int,
-                       chat_template: bool) -> list[tuple[str, int]]:
+def _generate_responses(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int,
+                        chat_template: bool) -> list[tuple[str, int]]:
     """Greedy responses, and the number of tokens each generated before end-of-sequence, in the order given.
     Prompts are batched by length (left padding) so that padding is short."""
     eos = tokenizer.eos_token_id
@@ -122,7 +168,7 @@ def generate_responses(model, tokenizer, prompts: list[str], *, max_new_tokens: 
     return results
 
 
-def summarise(rows: list[dict]) -> dict:
+def _summarise(rows: list[dict]) -> dict:
     """Accuracy, mean length and reflection rate of scored rows (``correct``, ``length``, ``reflective``)."""
     count = len(rows)
     return {"count": count,
@@ -135,27 +181,50 @@ def summarise(rows: list[dict]) -> dict:
 def evaluate_length(model, tokenizer, tasks: list[dict], *, max_new_tokens: int = 512, batch_size: int = 16,
                     chat_template: bool | None = None) -> dict:
     """Greedy answers to ``tasks`` scored for accuracy, length and reflection, overall and per difficulty.
-    ``chat_template`` None uses the tokenizer's chat template when it has one. The report's ``responses`` lists every
-    response with its score, in task order."""
+
+    Args:
+        model: the loaded causal LM.
+        tokenizer: its tokenizer.
+        tasks: from :func:`load_tasks`.
+        max_new_tokens: the most tokens generated per response (a response that long counts as truncated).
+        batch_size: prompts generated together.
+        chat_template: wrap each prompt in the tokenizer's chat template; None: when it has one.
+
+    Returns:
+        ``count``, ``accuracy``, ``mean_length``, ``reflection_rate``, ``truncated_rate``, ``by_difficulty`` (the same
+        figures per level), ``max_new_tokens``, ``chat_template`` and ``responses`` (every response with its score,
+        in task order).
+
+    Example:
+        ``evaluate_length(model, tokenizer, load_tasks("tasks.jsonl"), max_new_tokens=512)["accuracy"]``
+    """
     if chat_template is None:
         chat_template = bool(getattr(tokenizer, "chat_template", None))
-    generated = generate_responses(model, tokenizer, [task["prompt"] for task in tasks],
-                                   max_new_tokens=max_new_tokens, batch_size=batch_size, chat_template=chat_template)
+    generated = _generate_responses(model, tokenizer, [task["prompt"] for task in tasks],
+                                    max_new_tokens=max_new_tokens, batch_size=batch_size, chat_template=chat_template)
     rows = []
     for task, (response, length) in zip(tasks, generated):
         rows.append({"difficulty": task.get("difficulty"), "answer": task["answer"], "response": response,
                      "length": length, "truncated": length >= max_new_tokens,
                      "correct": is_correct(response, task["answer"]), "reflective": is_reflective(response)})
-    report = summarise(rows)
+    report = _summarise(rows)
     levels = sorted({row["difficulty"] for row in rows if row["difficulty"] is not None}, key=str)
-    report["by_difficulty"] = {str(level): summarise([row for row in rows if row["difficulty"] == level])
+    report["by_difficulty"] = {str(level): _summarise([row for row in rows if row["difficulty"] == level])
                                for level in levels}
     report.update(max_new_tokens=max_new_tokens, chat_template=chat_template, responses=rows)
     return report
 
 
 def write_responses(path: str | Path, rows: list[dict]) -> None:
-    """Every scored response as a JSONL file, written atomically."""
+    """Every scored response as a JSONL file, written atomically.
+
+    Args:
+        path: the file to write.
+        rows: the scored responses (the ``responses`` of :func:`evaluate_length`).
+
+    Example:
+        ``write_responses("responses.jsonl", report["responses"])``
+    """
     from surgery.io.writer import write_file_atomic
 
     text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)

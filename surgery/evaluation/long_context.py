@@ -26,7 +26,17 @@ QUESTION = "What is the pass key? The pass key is"
 
 
 def parse_lengths(text: str) -> list[int]:
-    """``"1k,2k,4096"`` → [1024, 2048, 4096] (k = 1024)."""
+    """Token counts from a comma-separated list (k = 1024).
+
+    Args:
+        text: e.g. ``"1k,2k,4096"`` (BadInput for anything but positive counts).
+
+    Returns:
+        The lengths in tokens.
+
+    Example:
+        ``parse_lengths("1k,2k,4096")``   # [1024, 2048, 4096]
+    """
     lengths = []
     for part in text.split(","):
         part = part.strip().lower()
@@ -38,8 +48,20 @@ def parse_lengths(text: str) -> list[int]:
 
 
 def passkey_prompt(tokenizer, length: int, depth: float, key: int) -> torch.Tensor:
-    """Token ids of a passkey prompt of about ``length`` tokens with the key at ``depth`` ∈ [0, 1] (the share of the
-    filler that comes before it)."""
+    """Token ids of a passkey prompt of about ``length`` tokens with the key at ``depth``.
+
+    Args:
+        tokenizer: the model's tokenizer.
+        length: the prompt's length in tokens, about.
+        depth: in [0, 1], the share of the filler that comes before the key.
+        key: the pass key.
+
+    Returns:
+        The ids, [1, tokens].
+
+    Example:
+        ``passkey_prompt(tokenizer, 4096, 0.5, 12345).shape[1]``   # about 4096
+    """
     needle = f"The pass key is {key}. Remember it. {key} is the pass key."
     fixed = len(tokenizer(f"{INTRO} {needle} {QUESTION}")["input_ids"])
     per_filler = len(tokenizer(" " + FILLER * 10)["input_ids"]) / 10
@@ -51,7 +73,21 @@ def passkey_prompt(tokenizer, length: int, depth: float, key: int) -> torch.Tens
 
 @torch.no_grad()
 def passkey(model, tokenizer, lengths: list[int], depths: int = 5, seed: int = 0) -> list[dict]:
-    """Accuracy per length over ``depths`` evenly spread depths, keys drawn from ``seed``."""
+    """Passkey accuracy per length over ``depths`` evenly spread depths, keys drawn from ``seed``.
+
+    Args:
+        model: the loaded causal LM.
+        tokenizer: its tokenizer.
+        lengths: the prompt lengths, in tokens.
+        depths: trials per length, at depths (i + 0.5) / depths.
+        seed: the seed of the keys.
+
+    Returns:
+        Per length ``{"length", "accuracy", "trials"}``, each trial with its depth, key, answer, correct and tokens.
+
+    Example:
+        ``passkey(model, tokenizer, [4096, 8192], depths=5, seed=0)[0]["accuracy"]``
+    """
     rng = random.Random(seed)
     results = []
     for length in lengths:
@@ -72,8 +108,15 @@ def passkey(model, tokenizer, lengths: list[int], depths: int = 5, seed: int = 0
 
 
 def default_text() -> str:
-    """Offline English prose for perplexity: the Python documentation topics in the standard library
-    (``pydoc_data``), present on every Python install."""
+    """Offline English prose for perplexity: the Python documentation topics in the standard library (``pydoc_data``),
+    present on every Python install.
+
+    Returns:
+        The topics, in key order, separated by blank lines.
+
+    Example:
+        ``perplexity(model, tokenizer, [4096], text=default_text())``
+    """
     from pydoc_data.topics import topics
 
     return "\n\n".join(topics[key] for key in sorted(topics))
@@ -82,8 +125,25 @@ def default_text() -> str:
 @torch.no_grad()
 def perplexity(model, tokenizer, lengths: list[int], text: str | None = None, stride: int = 256,
                scored_tokens: int = 1024) -> list[dict]:
-    """Sliding-window perplexity per window length: the first window scores all its tokens, each later one (moved
-    by ``stride``) the ``stride`` new ones, until ``length + scored_tokens`` tokens of the text are covered."""
+    """Sliding-window perplexity per window length.
+
+    The first window scores all its tokens, each later one (moved by ``stride``) the ``stride`` new ones, until
+    ``length + scored_tokens`` tokens of the text are covered.
+
+    Args:
+        model: the loaded causal LM.
+        tokenizer: its tokenizer.
+        lengths: the window lengths, in tokens.
+        text: the text scored (:func:`default_text` when None); BadInput when it is too short for a length.
+        stride: tokens each window moves by.
+        scored_tokens: tokens covered past the first window.
+
+    Returns:
+        Per length ``{"length", "perplexity", "tokens_scored"}``.
+
+    Example:
+        ``perplexity(model, tokenizer, [4096, 8192])[0]["perplexity"]``
+    """
     ids = tokenizer(text or default_text(), return_tensors="pt")["input_ids"]
     results = []
     for length in lengths:

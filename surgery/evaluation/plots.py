@@ -39,6 +39,16 @@ def _panel(axes, rows: list[dict], title: str) -> None:
 
 
 def accuracy_length_plot(rows: list[dict], path: str | Path, title: str) -> None:
+    """Write accuracy against mean response length as a PNG: one panel for all tasks, then one per difficulty.
+
+    Args:
+        rows: the points (see the module docstring for their keys).
+        path: the PNG file, written atomically.
+        title: the figure's title.
+
+    Example:
+        ``accuracy_length_plot(rows, "pareto.png", title="ties sweep")``
+    """
     import matplotlib
 
     matplotlib.use("Agg")

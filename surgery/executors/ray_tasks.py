@@ -97,6 +97,12 @@ def ray_connection(address: str | None) -> Iterator:
 def task_device(device: str) -> str:
     """The device a task uses: ``cuda`` for any CUDA device (each task sees only the GPU Ray gave it).
 
+    Args:
+        device: the driver's device (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
+
+    Returns:
+        ``"cuda"`` for a CUDA device, else ``device`` unchanged.
+
     Example: ``task_device("cuda:1") == "cuda"``
     """
     return "cuda" if device.startswith("cuda") else device

@@ -122,7 +122,19 @@ def plan(config: ExtendConfig) -> ExtensionPlan:
 
 
 def pair_table(original: torch.Tensor, new: torch.Tensor, status: list[str]) -> list[dict]:
-    """Per rotary pair: original and new wavelength (tokens; None = no rotation) and what happened to it."""
+    """Per rotary pair: original and new wavelength (tokens; None = no rotation) and what happened to it.
+
+    Args:
+        original: the source's inverse frequencies.
+        new: the extended ones.
+        status: per pair, from :func:`surgery.extend.rope.classify_pairs`.
+
+    Returns:
+        One ``{"pair", "wavelength", "new_wavelength", "status"}`` row per pair.
+
+    Example:
+        ``pair_table(plan.geometry.inv_freq, plan.inv_freq, plan.status)[0]["wavelength"]``   # 2π: θ_0 = 1
+    """
     rows = []
     for pair, (old, now, what) in enumerate(zip(original.tolist(), new.tolist(), status)):
         rows.append({"pair": pair, "wavelength": 2 * math.pi / old,
@@ -178,8 +190,21 @@ def extend(config: ExtendConfig, *, progress=None) -> ExtendResult:
 
 
 def verify_rope(source: str | Path) -> dict:
-    """What transformers derives from ``source``'s config, per pair, against the base frequencies — and against the
-    intended ones when ``source`` was written by ``surgery extend`` (its ``surgery.json``)."""
+    """What transformers derives from ``source``'s config, per pair, against the base frequencies.
+
+    When ``source`` was written by ``surgery extend`` (its ``surgery.json``), it is also checked against the intended
+    frequencies.
+
+    Args:
+        source: a checkpoint directory, file or Hub repo id.
+
+    Returns:
+        ``{"source", "rope_type", "attention_scaling", "pairs" (:func:`pair_table`), "intended", "problems"}``:
+        ``problems`` lists the differences from the intended config (empty when none or nothing intended).
+
+    Example:
+        ``verify_rope("smol-16k")["problems"]``   # []
+    """
     with open_checkpoint(source) as ckpt:
         config = ckpt.config
         manifest = read_manifest(ckpt.path) if ckpt.path.is_dir() else {}

@@ -93,7 +93,17 @@ def _source_rope(text: dict) -> dict:
 
 
 def rope_geometry(config: dict) -> RopeGeometry:
-    """The rotary geometry of ``config``, scaled or not; BadInput if it is not a RoPE model."""
+    """The rotary geometry of ``config``, scaled or not; BadInput if it is not a RoPE model.
+
+    Args:
+        config: a ``config.json`` as a dict (a multimodal one's ``text_config`` is read).
+
+    Returns:
+        Its :class:`RopeGeometry`.
+
+    Example:
+        ``rope_geometry(config).inv_freq``   # θ_i, float64
+    """
     text = _text_config(config)
     rope = _source_rope(text)
     if any(isinstance(value, dict) for value in rope.values()):
@@ -125,7 +135,19 @@ def _set_up_length(text: dict, kind: str, trained: int, factor: float) -> int:
 
 
 def classify_pairs(before: torch.Tensor, after: torch.Tensor, rel_tol: float = 1e-9) -> list[str]:
-    """Per rotary pair: zeroed, kept, interpolated (lower frequency) or raised (higher)."""
+    """Per rotary pair: zeroed, kept, interpolated (lower frequency) or raised (higher).
+
+    Args:
+        before: the source's inverse frequencies.
+        after: the extended ones.
+        rel_tol: how close a frequency must stay to count as kept.
+
+    Returns:
+        One status per pair.
+
+    Example:
+        ``classify_pairs(torch.tensor([1.0, 0.1]), torch.tensor([1.0, 0.05]))``   # ["kept", "interpolated"]
+    """
     status = []
     for old, new in zip(before.tolist(), after.tolist()):
         if new <= old * 1e-20:
@@ -276,7 +298,24 @@ def plan_extension(config: dict, method: str, *, factor: float | None = None, ta
     Rope parameters the method does not set (Qwen2-VL's mrope_section, gpt-oss's truncate...) are carried
     unchanged. A yarn or llama3 config is extended by the same method: its factor is multiplied, its trained
     geometry (original_max_position_embeddings, betas or frequency bounds unless given) kept. Options a method does
-    not use are refused by :class:`surgery.extend.context.ExtendConfig`, not here::
+    not use are refused by :class:`surgery.extend.context.ExtendConfig`, not here.
+
+    Args:
+        config: the model's ``config.json`` as a dict.
+        method: one of METHODS.
+        factor: the new length over the current one (or give ``target_length``).
+        target_length: the new length.
+        beta_fast: yarn's beta_fast.
+        beta_slow: yarn's beta_slow.
+        low_freq_factor: llama3's low_freq_factor.
+        high_freq_factor: llama3's high_freq_factor.
+        power: the exponent k of Giraffe's power basis.
+        cut_length: the cut length of Giraffe's truncated basis, in tokens.
+
+    Returns:
+        The :class:`ExtensionPlan`.
+
+    Example::
 
         plan_extension(gpt_oss_config, "yarn", factor=2).config["rope_parameters"]["factor"]   # 64.0
     """

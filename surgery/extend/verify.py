@@ -101,8 +101,18 @@ def _same(a, b) -> bool:
 
 
 def text_config(config: dict):
-    """transformers' text config for ``config`` (a deep copy: transformers edits rope dicts in place), its rope
-    parameters standardised."""
+    """transformers' text config for ``config``, its rope parameters standardised.
+
+    Args:
+        config: a ``config.json`` as a dict (deep-copied first: transformers edits rope dicts in place).
+
+    Returns:
+        The text config object (``get_text_config()`` of the family's config class); BadInput when transformers
+        cannot read ``config``.
+
+    Example:
+        ``text_config(config).rope_parameters["rope_type"]``
+    """
     from transformers import AutoConfig
 
     fields = copy.deepcopy({key: value for key, value in config.items() if key != "model_type"})
@@ -132,8 +142,19 @@ def _rotary_attributes(module) -> dict:
 
 
 def read_back(config: dict, seq_len: int | None = None) -> ReadBack:
-    """Frequencies (float32), attention scaling, standardised rope parameters, rotary-module attributes and
-    max_position_embeddings transformers derives from ``config``; for a dynamic scaling, at ``seq_len``."""
+    """What transformers derives from ``config``.
+
+    Args:
+        config: a ``config.json`` as a dict.
+        seq_len: for a dynamic scaling, the length to derive the frequencies at.
+
+    Returns:
+        A :class:`ReadBack`: frequencies (float32), attention scaling, standardised rope parameters, rotary-module
+        attributes and max_position_embeddings, with ``error`` set when the rotary embedding does not build.
+
+    Example:
+        ``read_back(json.loads(Path("out/config.json").read_text())).inv_freq``
+    """
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     text = text_config(config)
@@ -159,7 +180,18 @@ def read_back(config: dict, seq_len: int | None = None) -> ReadBack:
 
 
 def derived_frequencies(config: dict, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies (float32) and attention scaling transformers computes from ``config``."""
+    """Inverse frequencies (float32) and attention scaling transformers computes from ``config``.
+
+    Args:
+        config: a ``config.json`` as a dict.
+        seq_len: for a dynamic scaling, the length to derive them at.
+
+    Returns:
+        ``(inv_freq, attention_scaling)``; BadInput when the rotary embedding does not build.
+
+    Example:
+        ``inv_freq, attention = derived_frequencies(plan.config)``
+    """
     got = read_back(config, seq_len)
     if got.error:
         raise BadInput(f"config.json: {got.error}")
@@ -192,8 +224,17 @@ def _tiny(text):
 
 
 def forward_error(config: dict) -> str | None:
-    """Why a tiny random model of ``config``'s family (its rotary geometry, little else) fails one forward on a few
-    tokens; None when it runs and gives finite values."""
+    """Why a tiny random model of ``config``'s family (its rotary geometry, little else) fails one forward.
+
+    Args:
+        config: a ``config.json`` as a dict.
+
+    Returns:
+        The error in one line, or None when it runs and gives finite values.
+
+    Example:
+        ``forward_error(plan.config) is None``   # the extended config runs
+    """
     from transformers import AutoModel
 
     try:
@@ -209,9 +250,19 @@ def forward_error(config: dict) -> str | None:
 
 
 def expectation(plan: ExtensionPlan) -> Expectation:
-    """What transformers should derive from ``plan.config``: the plan's frequencies, the source's standardised rope
-    parameters with those the method sets replaced, the source's rotary attributes, the new length (``runs`` is
-    left to check_plan)."""
+    """What transformers should derive from ``plan.config``.
+
+    Args:
+        plan: the extension plan.
+
+    Returns:
+        An :class:`Expectation`: the plan's frequencies, the source's standardised rope parameters with those the
+        method sets replaced, the source's rotary attributes and the new length (``runs`` is left to
+        :func:`check_plan`).
+
+    Example:
+        ``problems(plan.config, expectation(plan))``   # [] when transformers reads it as intended
+    """
     source = read_back(plan.source)
     rotary = None if source.error else source.rotary
     rope = {key: value for key, value in {**source.rope, **_plain(plan.rope_set)}.items()
@@ -224,7 +275,20 @@ def expectation(plan: ExtensionPlan) -> Expectation:
 
 
 def mismatches(intended: torch.Tensor, attention: float, derived: torch.Tensor, derived_attention: float) -> list[str]:
-    """Human-readable differences between intended and derived frequencies (empty when they agree)."""
+    """Human-readable differences between intended and derived frequencies and attention scaling.
+
+    Args:
+        intended: the intended inverse frequencies.
+        attention: the intended attention scaling.
+        derived: the inverse frequencies transformers derives.
+        derived_attention: the attention scaling it derives.
+
+    Returns:
+        One line per difference (empty when they agree).
+
+    Example:
+        ``mismatches(plan.inv_freq, plan.attention_factor, *derived_frequencies(plan.config))``
+    """
     problems = []
     if derived.numel() != intended.numel():
         return [f"{derived.numel()} rotary pairs in the config, {intended.numel()} intended"]
@@ -241,7 +305,19 @@ def mismatches(intended: torch.Tensor, attention: float, derived: torch.Tensor, 
 
 
 def dict_mismatches(what: str, intended: dict, got: dict, verb: str = "read", wanted: str = "intended") -> list[str]:
-    """Per key of ``intended`` or ``got``: missing, extra or different (empty when they agree)::
+    """Per key of ``intended`` or ``got``: missing, extra or different (empty when they agree).
+
+    Args:
+        what: how each key is named in the lines ("rope parameter").
+        intended: the wanted values.
+        got: the values found.
+        verb: how a found value is said to be got ("read", "derived", "found").
+        wanted: how a wanted value is said to be wanted ("intended", "written").
+
+    Returns:
+        One line per differing key, in key order.
+
+    Example::
 
         dict_mismatches("rope parameter", {"factor": 2.0}, {})   # ["rope parameter 'factor' missing (2.0 intended)"]
     """
@@ -270,8 +346,18 @@ def _written_mismatches(config: dict, written: dict) -> list[str]:
 
 
 def problems(config: dict, want: Expectation) -> list[str]:
-    """Every difference between what transformers derives from ``config`` and ``want`` (empty when none), the
-    frequencies first."""
+    """Every difference between what transformers derives from ``config`` and ``want``, the frequencies first.
+
+    Args:
+        config: a ``config.json`` as a dict.
+        want: what it should give.
+
+    Returns:
+        One line per difference (empty when none).
+
+    Example:
+        ``problems(plan.config, expectation(plan))``   # []
+    """
     got = read_back(config, want.dynamic_length)
     if got.error:
         return [got.error]
@@ -298,12 +384,33 @@ def _forward_problems(config: dict) -> list[str]:
 
 
 def summary(found: list[str], shown: int = 3) -> str:
+    """The first differences of ``found`` in one line.
+
+    Args:
+        found: lines from :func:`problems`.
+        shown: how many are shown; the rest are counted.
+
+    Returns:
+        ``"a; b; c; and 2 more"``.
+
+    Example:
+        ``summary(["a", "b", "c", "d"], shown=2)``   # "a; b; and 2 more"
+    """
     return "; ".join(found[:shown]) + (f"; and {len(found) - shown} more" if len(found) > shown else "")
 
 
 def check_plan(plan: ExtensionPlan) -> Expectation:
-    """BadInput unless transformers, reading ``plan.config``, gives what ``plan`` intends; else the expectation
-    (for the manifest)."""
+    """BadInput unless transformers, reading ``plan.config``, gives what ``plan`` intends.
+
+    Args:
+        plan: the extension plan.
+
+    Returns:
+        The expectation (for the manifest), ``runs`` set by a forward of a tiny model of the family.
+
+    Example:
+        ``recorded = check_plan(plan_extension(config, "yarn", factor=4.0)).to_json()``
+    """
     want = expectation(plan)
     found = problems(plan.config, want)
     if not found:

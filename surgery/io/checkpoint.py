@@ -37,7 +37,16 @@ OUTPUT_DTYPES: dict[str, torch.dtype] = {
 
 
 def parse_dtype(name: str) -> torch.dtype:
-    """``"bfloat16"`` → ``torch.bfloat16``; only the floating dtypes a checkpoint is written in are accepted."""
+    """``"bfloat16"`` → ``torch.bfloat16``; only the floating dtypes a checkpoint is written in are accepted.
+
+    Args:
+        name: ``"float32"``, ``"bfloat16"`` or ``"float16"`` (BadInput otherwise).
+
+    Returns:
+        The torch dtype.
+
+    Example: ``parse_dtype("bfloat16")   # torch.bfloat16``
+    """
     from surgery.errors import BadInput
 
     try:
@@ -47,7 +56,16 @@ def parse_dtype(name: str) -> torch.dtype:
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.bfloat16`` → ``"bfloat16"``, the spelling config.json uses."""
+    """``torch.bfloat16`` → ``"bfloat16"``, the spelling config.json uses.
+
+    Args:
+        dtype: any torch dtype.
+
+    Returns:
+        Its name without the ``torch.`` prefix.
+
+    Example: ``dtype_name(torch.float16)   # "float16"``
+    """
     return str(dtype).removeprefix("torch.")
 
 
@@ -74,7 +92,17 @@ class TensorInfo:
 
 def require_finite(tensor: torch.Tensor, source: str, name: str) -> torch.Tensor:
     """``tensor`` itself, or BadInput naming it when it holds NaN or Inf (commands that transform weights refuse
-    such inputs instead of carrying them into an output)::
+    such inputs instead of carrying them into an output).
+
+    Args:
+        tensor: the tensor to check (integer tensors always pass).
+        source: the checkpoint's name, for the message.
+        name: the tensor's name, for the message.
+
+    Returns:
+        ``tensor`` unchanged.
+
+    Example::
 
         weight = require_finite(ckpt.get(name), ckpt.source, name)
     """
@@ -86,7 +114,16 @@ def require_finite(tensor: torch.Tensor, source: str, name: str) -> torch.Tensor
 
 
 def natural_key(name: str) -> tuple:
-    """Sort key that orders ``layers.2`` before ``layers.10``."""
+    """Sort key that orders ``layers.2`` before ``layers.10``.
+
+    Args:
+        name: a tensor or file name.
+
+    Returns:
+        The name split into text and integer parts.
+
+    Example: ``sorted(["layers.10.w", "layers.2.w"], key=natural_key)   # ["layers.2.w", "layers.10.w"]``
+    """
     return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
 
 

@@ -45,7 +45,17 @@ def _is_dtype(name: Any) -> bool:
 
 
 def validate_config(config: Any, where: str) -> None:
-    """BadInput naming ``where`` and the key unless the generic fields of ``config`` have sane types and values."""
+    """BadInput naming ``where`` and the key unless the generic fields of ``config`` have sane types and values.
+
+    Args:
+        config: the parsed config (anything: a non-dict is refused too).
+        where: what to name in the message (the file, or the GGUF metadata).
+
+    Example::
+
+        validate_config({"model_type": "llama", "hidden_size": -1}, "m/config.json")
+        # BadInput: m/config.json: hidden_size must be a positive whole number, found -1
+    """
     if not isinstance(config, dict):
         raise BadInput(f"{where}: a config must be a JSON object, found {type(config).__name__}")
     model_type = config.get("model_type")

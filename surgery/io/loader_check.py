@@ -115,7 +115,7 @@ def _installed(package: str, what: Path) -> bool:
     return False
 
 
-def known_to_transformers(config: dict | None) -> bool:
+def _known_to_transformers(config: dict | None) -> bool:
     """Whether transformers has a config class for this model type (custom code models are not checked)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
@@ -152,14 +152,20 @@ def check_transformers(directory: str | Path, inputs: list[Path] = ()) -> None:
     checked against the unquantized model instead (:func:`_gptq_problems`). An asymmetric compressed-tensors
     checkpoint that transformers reads only with ``CompressedTensorsConfig(dequantize=True)`` passes with a warning
     saying so. A directory without config.json (bare tensors) and model types transformers does not know are not
-    checked (a warning says so for the latter)::
+    checked (a warning says so for the latter).
+
+    Args:
+        directory: the output checkpoint (usually the staging directory).
+        inputs: the paths of the checkpoints it was made from.
+
+    Example::
 
         check_transformers(staging, inputs=[ckpt.path])
     """
-    found = findings(Path(directory))
+    found = _findings(Path(directory))
     if not found:
         return
-    theirs = {Path(source): findings(Path(source)) for source in inputs if Path(source).suffix != ".gguf"}
+    theirs = {Path(source): _findings(Path(source)) for source in inputs if Path(source).suffix != ".gguf"}
     inherited: dict[str, set[str]] = {}
     for problems in theirs.values():
         for problem in problems.values():
@@ -179,11 +185,20 @@ def check_transformers(directory: str | Path, inputs: list[Path] = ()) -> None:
 
 def loading_problems(path: Path) -> list[str]:
     """What goes wrong when transformers loads the checkpoint at ``path`` (a directory, or one safetensors file
-    beside its config.json), a line each; empty: nothing."""
-    return [problem.message for problem in findings(path).values()]
+    beside its config.json), a line each; empty: nothing.
+
+    Args:
+        path: a checkpoint directory, or one safetensors file in it.
+
+    Returns:
+        One message per kind of problem (see :func:`check_transformers`); empty when it loads completely.
+
+    Example: ``loading_problems(Path("model-w4"))   # ["parameters missing: 'lm_head.weight'"]``
+    """
+    return [problem.message for problem in _findings(path).values()]
 
 
-def findings(path: Path) -> dict[str, Problem]:
+def _findings(path: Path) -> dict[str, Problem]:
     """The problems, by kind, transformers would have loading the checkpoint at ``path`` (see
     :func:`check_transformers`)."""
     from surgery.io.safetensors_reader import SafetensorsCheckpoint, read_json
@@ -192,7 +207,7 @@ def findings(path: Path) -> dict[str, Problem]:
     if not (directory / "config.json").is_file():
         return {}
     raw = read_json(directory / "config.json", "config.json")
-    if not known_to_transformers(raw):
+    if not _known_to_transformers(raw):
         log.warning("model type %r is not one transformers knows: %s is not checked against a loader",
                     raw.get("model_type"), path.name)
         return {}
@@ -336,7 +351,13 @@ def _gptq_problems(model, specs: dict, quant: dict) -> list[Problem]:
 def check_gguf(path: str | Path) -> None:
     """CheckFailed unless ``path`` reads back as the GGUF checkpoint transformers and llama.cpp load: metadata
     transformers maps to a config, every tensor inside the file, every tensor the model needs present, with its
-    shape (:class:`~surgery.io.gguf_reader.GGUFCheckpoint` checks all of that when it opens a file)."""
+    shape (:class:`~surgery.io.gguf_reader.GGUFCheckpoint` checks all of that when it opens a file).
+
+    Args:
+        path: the GGUF file.
+
+    Example: ``check_gguf(staging / "model-Q8_0.gguf")``
+    """
     from surgery.io.gguf_reader import GGUFCheckpoint
 
     path = Path(path)
@@ -350,7 +371,15 @@ def check_gguf(path: str | Path) -> None:
 def check_peft(directory: str | Path, base_config: dict) -> None:
     """CheckFailed unless PEFT loads the adapter in ``directory`` onto a model built (on the meta device) from
     ``base_config``, using every tensor and missing none it needs (prompt-learning adapters: PEFT loads
-    ``prompt_embeddings`` into the prompt encoder strictly, so a wrong shape fails there)."""
+    ``prompt_embeddings`` into the prompt encoder strictly, so a wrong shape fails there). Not checked when peft is
+    not installed.
+
+    Args:
+        directory: the adapter directory (``adapter_config.json``, ``adapter_model.safetensors``).
+        base_config: the base model's ``config.json``.
+
+    Example: ``check_peft(staging, checkpoint.config)``
+    """
     directory = Path(directory)
     if not _installed("peft", directory):
         return

@@ -27,7 +27,17 @@ AUXILIARY_FILES = (
 
 
 def read_json(path: Path, what: str) -> dict:
-    """Parse a JSON object from ``path`` or raise a one-line :class:`BadInput` naming it."""
+    """Parse a JSON object from ``path`` or raise a one-line :class:`BadInput` naming it.
+
+    Args:
+        path: the JSON file.
+        what: what the file is, for the messages (``"config.json"``).
+
+    Returns:
+        The parsed object (BadInput when missing, not JSON, or not an object).
+
+    Example: ``read_json(directory / "config.json", "config.json")["model_type"]``
+    """
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -41,7 +51,7 @@ def read_json(path: Path, what: str) -> dict:
     return value
 
 
-def read_shard_index(directory: Path) -> dict[str, str]:
+def _read_shard_index(directory: Path) -> dict[str, str]:
     """tensor name → shard file name from ``directory``'s index: BadInput unless every shard is a plain file name
     inside ``directory`` (no absolute path, no ``..``: a checkpoint never reads outside its directory)."""
     index_path = directory / INDEX_FILE
@@ -86,7 +96,7 @@ class SafetensorsCheckpoint(Checkpoint):
     def _shard_map(directory: Path) -> dict[str, str] | None:
         """tensor → shard file from the index, or None for a single ``model.safetensors``."""
         if (directory / INDEX_FILE).exists():
-            return read_shard_index(directory)
+            return _read_shard_index(directory)
         if (directory / SINGLE_FILE).exists():
             return None
         raise BadInput(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE} in this directory")

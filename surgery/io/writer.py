@@ -44,7 +44,17 @@ class WriteResult:
 
 
 def plan_shards(specs: Iterable[TensorInfo], max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> dict:
-    """Shard file name → the specs it holds, in the order given (Hugging Face's greedy splitter)."""
+    """Shard file name → the specs it holds, in the order given (Hugging Face's greedy splitter).
+
+    Args:
+        specs: every output tensor's name, dtype and shape.
+        max_shard_size: the largest shard, in bytes or as ``"5GB"``-style text (BadInput when not positive).
+
+    Returns:
+        ``{"model-00001-of-00002.safetensors": [TensorInfo, ...], ...}`` (``model.safetensors`` when one shard).
+
+    Example: ``plan_shards([TensorInfo("w", torch.float32, (4, 4))])   # {"model.safetensors": [TensorInfo(...)]}``
+    """
     from huggingface_hub import split_state_dict_into_shards_factory
 
     if isinstance(max_shard_size, int) and max_shard_size <= 0:
@@ -138,7 +148,13 @@ def _write_shard(path: Path, header: bytes, tensors: Iterator[tuple[TensorInfo, 
 
 def write_file_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
     """Have ``write(temporary)`` fill a temporary file beside ``path``, then rename it over ``path``: readers see
-    the old file or the new one, never part of one::
+    the old file or the new one, never part of one.
+
+    Args:
+        path: the file to write (its parent directories are created).
+        write: fills the temporary file it is given (a ``Path``).
+
+    Example::
 
         write_file_atomic("report.json", lambda temporary: temporary.write_text("{}"))
     """
@@ -160,7 +176,14 @@ def write_file_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
 
 def write_tensor_file(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """One small safetensors file (held in memory), written atomically (``write_file_atomic``). Same tensors and
-    metadata → same bytes::
+    metadata → same bytes.
+
+    Args:
+        path: the ``.safetensors`` file to write.
+        tensors: name → tensor.
+        metadata: the header's ``__metadata__`` (written with sorted keys).
+
+    Example::
 
         write_tensor_file("stats.safetensors", {"a": torch.ones(3)}, {"format": "my-format/1"})
     """
@@ -171,7 +194,16 @@ def write_tensor_file(path: str | Path, tensors: dict[str, torch.Tensor], metada
 
 
 def shard_headers(shards: dict[str, list[TensorInfo]]) -> dict[str, tuple[bytes, list[TensorInfo]]]:
-    """Shard file → (its safetensors header, its specs in data order), for a plan from :func:`plan_shards`."""
+    """Shard file → (its safetensors header, its specs in data order), for a plan from :func:`plan_shards`.
+
+    Args:
+        shards: shard file → its specs, as :func:`plan_shards` returns them.
+
+    Returns:
+        Shard file → ``(header bytes, specs in data order)``: what :func:`write_shard_file` takes.
+
+    Example: ``header, order = shard_headers(plan_shards(specs))["model.safetensors"]``
+    """
     return {file: _header(shard_specs) for file, shard_specs in shards.items()}
 
 
@@ -181,7 +213,18 @@ def write_shard_file(path: str | Path, header: bytes, order: list[TensorInfo], l
     """Write one shard of :func:`write_checkpoint` on its own (a worker's share of the output): ``header`` and
     ``order`` from :func:`shard_headers`, ``load(name)`` for each tensor. The bytes are those ``write_checkpoint``
     writes for that shard. Atomic (a temporary file beside ``path``, renamed over it), so a retried worker simply
-    replaces its shard. ``after_header`` runs once the header is on disk (tests use it to kill a worker mid-shard)::
+    replaces its shard. ``after_header`` runs once the header is on disk (tests use it to kill a worker mid-shard).
+
+    Args:
+        path: the shard file to write.
+        header: the shard's safetensors header bytes.
+        order: the shard's specs in data order.
+        load: name → the tensor to store (cast to its planned dtype).
+        workers: how many tensors to compute ahead on threads.
+        progress: called with each tensor's bytes once written.
+        after_header: called once the header is on disk.
+
+    Example::
 
         header, order = shard_headers(plan_shards(specs))["model-00001-of-00003.safetensors"]
         write_shard_file(staging / "model-00001-of-00003.safetensors", header, order, merger)
@@ -229,6 +272,24 @@ def write_checkpoint(
     ``check(staging)`` runs on the complete output before it appears (:func:`atomic_directory`): commands pass
     :func:`surgery.io.loader_check.check_transformers`. The file system must have room for the tensors (BadInput
     before anything is computed otherwise).
+
+    Args:
+        directory: the output directory.
+        specs: every output tensor's name, dtype and shape.
+        load: name → the tensor to store.
+        config: written as ``config.json`` when given.
+        files: other files, name → bytes (or a function returning them).
+        max_shard_size: the largest shard (bytes or ``"5GB"``-style text).
+        force: replace an existing output.
+        progress: called with each tensor's bytes once written.
+        workers: how many tensors to compute ahead on threads.
+        write_shards: writes the shards instead, ``(staging, headers)``.
+        check: runs on the complete staging directory before it is renamed into place.
+
+    Returns:
+        The :class:`WriteResult`: directory, shard file → tensor names, total bytes, the files written.
+
+    Example: ``write_checkpoint("out", specs, load=lambda name: tensors[name], config=config, max_shard_size="5GB")``
     """
     specs = list(specs)
     shards = plan_shards(specs, max_shard_size)
@@ -309,7 +370,16 @@ OUTPUT_SUFFIXES = (".safetensors", ".gguf")
 
 
 def replaceable(directory: Path) -> bool:
-    """Whether ``--force`` may replace ``directory``: it is empty, or holds a checkpoint or an earlier output."""
+    """Whether ``--force`` may replace ``directory``: it is empty, or holds a checkpoint or an earlier output.
+
+    Args:
+        directory: an existing directory.
+
+    Returns:
+        True when it is empty or holds safetensors/GGUF files, an index, or a surgery, adapter or sweep manifest.
+
+    Example: ``replaceable(Path("out"))   # False for a directory of the user's own notes``
+    """
     entries = list(directory.iterdir())
     return not entries or any(entry.name in OUTPUT_MARKERS or entry.suffix in OUTPUT_SUFFIXES for entry in entries)
 
@@ -318,7 +388,17 @@ def check_output_available(directory: str | Path, force: bool = False) -> Path:
     """Fail early (BadInput) when ``directory`` exists and may not be replaced; returns it as an absolute path
     (``~`` expanded). Killed runs' leftovers beside it are cleaned up first (:func:`_remove_abandoned`). With
     ``force`` only a directory holding a checkpoint (or an earlier output, or nothing) is replaced: a directory of
-    the user's own files never is."""
+    the user's own files never is.
+
+    Args:
+        directory: the output directory.
+        force: whether an existing output may be replaced.
+
+    Returns:
+        The absolute output path.
+
+    Example: ``output = check_output_available("~/models/out", force=True)``
+    """
     directory = Path(directory).expanduser().absolute()
     if directory.parent.is_dir():
         _remove_abandoned(directory)  # first restore an output a killed run left moved aside
@@ -344,7 +424,7 @@ def _existing_parent(path: Path) -> Path:
     return path
 
 
-def check_free_space(directory: str | Path, needed: int) -> None:
+def _check_free_space(directory: str | Path, needed: int) -> None:
     """BadInput naming ``directory`` when its file system has less than ``needed`` bytes free."""
     directory = Path(directory).expanduser().absolute()
     if shutil.disk_usage(_existing_parent(directory)).free < needed:
@@ -361,10 +441,24 @@ def atomic_directory(directory: str | Path, force: bool = False, *, check: Calla
     the staging directory is deleted and ``directory`` is left as it was. A run killed outright leaves only hidden
     directories, which the next run beside it cleans up (restoring the old output if the kill came mid-swap). A full
     disk is a one-line BadInput naming the output and the space ``needed_bytes``.
+
+    Args:
+        directory: the output directory.
+        force: replace an existing output (see :func:`check_output_available`).
+        check: runs on the staging directory before the rename.
+        needed_bytes: the space the output needs (BadInput before anything is written when less is free).
+
+    Yields:
+        The staging directory to write into.
+
+    Example::
+
+        with atomic_directory("out", force=True, check=check_transformers) as staging:
+            (staging / "config.json").write_text("{}")
     """
     directory = check_output_available(directory, force)
     if needed_bytes:
-        check_free_space(directory, needed_bytes)
+        _check_free_space(directory, needed_bytes)
     created = _first_missing(directory.parent)  # removed again if the output does not appear
     try:
         directory.parent.mkdir(parents=True, exist_ok=True)

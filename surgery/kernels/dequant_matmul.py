@@ -38,7 +38,20 @@ _UPCAST_DOT_OPERANDS = _INTERPRETING
 
 def unpack_weight(packed: torch.Tensor, scale: torch.Tensor, zero_packed: torch.Tensor | None, bits: int,
                   group_size: int) -> torch.Tensor:
-    """The float32 weight (N, K) of a pack-quantized Linear."""
+    """The float32 weight (N, K) of a pack-quantized Linear.
+
+    Args:
+        packed: ``weight_packed``, int32 (N, K·bits/32).
+        scale: ``weight_scale`` (N, K/group_size).
+        zero_packed: ``weight_zero_point``, int32 (ceil(N·bits/32), K/group_size), or None when symmetric.
+        bits: 4 or 8.
+        group_size: the input columns sharing a scale.
+
+    Returns:
+        ``(q − zero)·scale``, float32 (N, K).
+
+    Example: ``unpack_weight(packed, scale, None, 4, 128)   # float32 (N, K)``
+    """
     per_word, mask, offset = 32 // bits, (1 << bits) - 1, 1 << (bits - 1)
     shifts = torch.arange(per_word, dtype=torch.int64, device=packed.device) * bits
     q = ((packed.to(torch.int64).unsqueeze(-1) >> shifts) & mask).reshape(packed.shape[0], -1).float() - offset
@@ -55,12 +68,43 @@ def unpack_weight(packed: torch.Tensor, scale: torch.Tensor, zero_packed: torch.
 def dequant_matmul_reference(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
                              zero_packed: torch.Tensor | None = None, *, bits: int = 4,
                              group_size: int = 128) -> torch.Tensor:
+    """The torch reference of :func:`dequant_matmul`: unpack, dequantize to float32, matmul, cast to x's dtype.
+
+    Args:
+        x: the inputs (M, K).
+        packed: ``weight_packed``, int32 (N, K·bits/32).
+        scale: ``weight_scale`` (N, K/group_size).
+        zero_packed: ``weight_zero_point`` (asymmetric), or None.
+        bits: 4 or 8.
+        group_size: the input columns sharing a scale.
+
+    Returns:
+        ``x @ Wᵀ`` (M, N) in x's dtype.
+
+    Example: ``dequant_matmul_reference(x, packed, scale, bits=4, group_size=128)``
+    """
     weight = unpack_weight(packed, scale, zero_packed, bits, group_size)
     return (x.float() @ weight.T).to(x.dtype)
 
 
 def dequant_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero_packed: torch.Tensor | None = None,
                    *, bits: int = 4, group_size: int = 128, backend: str = "auto") -> torch.Tensor:
+    """``x @ dequantize(W)ᵀ`` straight from the packed weights (the module docstring has the layout).
+
+    Args:
+        x: the inputs (M, K).
+        packed: ``weight_packed``, int32 (N, K·bits/32).
+        scale: ``weight_scale`` (N, K/group_size).
+        zero_packed: ``weight_zero_point`` (asymmetric), or None.
+        bits: 4 or 8.
+        group_size: the input columns sharing a scale.
+        backend: ``"auto"`` (the kernel for CUDA tensors when triton imports), ``"torch"`` or ``"triton"``.
+
+    Returns:
+        (M, N) in x's dtype; ValueError on mismatched shapes or an unavailable backend.
+
+    Example: ``y = dequant_matmul(x, packed, scale, zero_packed=None, bits=4, group_size=128)``
+    """
     if x.ndim != 2 or packed.ndim != 2 or x.shape[1] != packed.shape[1] * 32 // bits:
         raise ValueError(f"dequant_matmul: x (M, K) and packed (N, K·{bits}/32) expected, got {tuple(x.shape)} and "
                          f"{tuple(packed.shape)}")

@@ -81,7 +81,19 @@ def reconstruct(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, *, out_dtype:
 
 def reconstruct_reference(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, *,
                           out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """:func:`reconstruct` in plain torch: float32 math, cast to ``out_dtype`` (default u's dtype) at the end."""
+    """:func:`reconstruct` in plain torch: float32 math, cast to ``out_dtype`` (default u's dtype) at the end.
+
+    Args:
+        u: the left factors (B, m, k), or (m, k) unbatched.
+        s: the singular values (B, k), or (k,).
+        v: the right factors (B, n, k), or (n, k) (vh's rows transposed).
+        out_dtype: the output dtype; None keeps u's.
+
+    Returns:
+        ``u @ diag(s) @ vᵀ``: (B, m, n), or (m, n).
+
+    Example: ``reconstruct_reference(u, s, v, out_dtype=torch.bfloat16)   # (B, m, n) bfloat16``
+    """
     _check_reconstruct_shapes(u, s, v)
     scaled = u.float() * s.float().unsqueeze(-2)
     return (scaled @ v.float().mT).to(out_dtype or u.dtype)

@@ -226,7 +226,15 @@ def _read_text(path: Path) -> str:
 
 
 def load_stats(path: str | Path) -> dict[str, torch.Tensor]:
-    """Statistics written by :func:`calibrate`: weight name → float32 per-input-channel activity::
+    """Statistics written by :func:`calibrate`: weight name → float32 per-input-channel activity.
+
+    Args:
+        path: the AIM statistics file (safetensors with the AIM format tag).
+
+    Returns:
+        The statistics by weight name, in natural order; BadInput when the file is missing or not AIM statistics.
+
+    Example::
 
         stats = load_stats("base.aim.safetensors")
     """
@@ -252,7 +260,16 @@ def load_stats(path: str | Path) -> dict[str, torch.Tensor]:
 
 def aim_factors(stats: torch.Tensor, omega: float) -> torch.Tensor:
     """r_j = 1 − (a_j / max a)(1 − ω) ∈ [ω, 1]: the most active input channel keeps only ω of the change, a silent
-    one all of it. All-zero statistics give r = 1 (the merge unchanged)::
+    one all of it. All-zero statistics give r = 1 (the merge unchanged).
+
+    Args:
+        stats: one weight's per-input-channel activity a (from :func:`load_stats`).
+        omega: ω, the share of the change the most active channel keeps, in [0, 1] (else BadInput).
+
+    Returns:
+        The float32 factors r, shaped like ``stats``.
+
+    Example::
 
         aim_factors(torch.tensor([2.0, 1.0, 0.0]), omega=0.4)    # tensor([0.4, 0.7, 1.0])
     """
@@ -267,7 +284,17 @@ def aim_factors(stats: torch.Tensor, omega: float) -> torch.Tensor:
 
 def apply_aim(base: torch.Tensor, merged: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     """W0 + (W − W0) ⊙ r in float32, r over the input channels (the last dimension of a 2-D weight, elementwise for
-    a 1-D norm weight)::
+    a 1-D norm weight).
+
+    Args:
+        base: the base weight W0 (1-D or 2-D).
+        merged: the merged weight W, shaped like ``base`` (else BadInput).
+        factors: r, one per input channel (``base.shape[-1]`` of them, else BadInput).
+
+    Returns:
+        The float32 weight with AIM applied.
+
+    Example::
 
         weight = apply_aim(base_weight, merged_weight, aim_factors(stats[name], omega=0.4))
     """

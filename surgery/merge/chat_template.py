@@ -23,7 +23,16 @@ NAMED = {"chatml": CHATML}
 
 def template_of(files: dict[str, bytes]) -> str | None:
     """The chat template a model's tokenizer files carry (``chat_template.jinja``, else the ``default`` or only
-    template of ``tokenizer_config.json`` / ``chat_template.json``), or None."""
+    template of ``tokenizer_config.json`` / ``chat_template.json``), or None.
+
+    Args:
+        files: a model's auxiliary files, name → bytes.
+
+    Returns:
+        The template text, or None when the files carry none.
+
+    Example: ``template_of({"chat_template.jinja": b"{{ messages }}"})``   # "{{ messages }}"
+    """
     if TEMPLATE_FILE in files:
         return files[TEMPLATE_FILE].decode("utf-8", errors="replace")
     for name in ("chat_template.json", "tokenizer_config.json"):
@@ -40,7 +49,18 @@ def template_of(files: dict[str, bytes]) -> str | None:
 
 
 def resolve_template(setting: str, inputs: list[dict[str, bytes]], origin: str) -> str | None:
-    """The template text ``setting`` stands for (None: ``auto`` and no input has one)."""
+    """The template text ``setting`` stands for (None: ``auto`` and no input has one).
+
+    Args:
+        setting: ``"auto"``, a named template (``"chatml"``) or a Jinja template (anything with ``{``).
+        inputs: the input models' auxiliary files (for ``auto``).
+        origin: where the setting comes from, for the BadInput message of an unknown one.
+
+    Returns:
+        The template text, or None.
+
+    Example: ``resolve_template("chatml", [], "recipe.yaml") == CHATML``
+    """
     if setting == "auto":
         found = [template.strip() for template in map(template_of, inputs) if template]
         return Counter(found).most_common(1)[0][0] if found else None
@@ -54,7 +74,19 @@ def resolve_template(setting: str, inputs: list[dict[str, bytes]], origin: str) 
 def with_chat_template(files: dict[str, bytes], setting: str | None, inputs: list[dict[str, bytes]],
                        origin: str) -> dict[str, bytes]:
     """``files`` (an output's tokenizer files) carrying the template ``setting`` stands for; unchanged when
-    ``setting`` is None, or ``auto`` finds no template among the inputs."""
+    ``setting`` is None, or ``auto`` finds no template among the inputs.
+
+    Args:
+        files: the output's tokenizer files, name → bytes.
+        setting: the recipe's ``chat_template`` (None: keep the files as they are).
+        inputs: the input models' auxiliary files (for ``auto``).
+        origin: where the setting comes from, for messages.
+
+    Returns:
+        The files with ``chat_template.jinja`` set and no other copy of a template (a new dict when changed).
+
+    Example: ``with_chat_template(files, "chatml", [], "--chat-template")["chat_template.jinja"]``
+    """
     template = resolve_template(setting, inputs, origin) if setting else None
     if template is None:
         return files

@@ -149,7 +149,21 @@ def _open_slice(number: int, part: Slice, recipe: Recipe, method: MergeMethod, o
 
 
 def open_inputs(recipe: Recipe, stack: ExitStack) -> MergeInputs:
-    """Open every checkpoint of ``recipe`` once (closed with ``stack``); check method, counts, ranges, parameters."""
+    """Open every checkpoint of ``recipe`` once (closed with ``stack``); check method, counts, ranges, parameters.
+
+    Args:
+        recipe: the recipe to merge.
+        stack: the ``ExitStack`` that closes the opened checkpoints.
+
+    Returns:
+        The :class:`MergeInputs`: method, slices, checkpoints (base first), auxiliary files, vocabulary plan and
+        tokenizer source; BadInput for a bad method, parameter, tokenizer source or chat template.
+
+    Example::
+
+        with ExitStack() as stack:
+            inputs = open_inputs(load_recipe("recipe.yaml"), stack)
+    """
     method = get_method(recipe.method)
     check_parameters(recipe, method)
     opened: dict[str, Checkpoint] = {}
@@ -236,6 +250,16 @@ def plan_tensors(inputs: MergeInputs, dtype: torch.dtype | None) -> list[Planned
     Tensors outside the decoder layers come from the first slice (embeddings) or the last (the rest: final norm,
     lm_head); decoder layers follow slice by slice, renumbered from 0. The layer position t (for gradients) runs
     from 0 to 1 over each slice's layers (1 for a single-layer slice), 0 outside the layers, as in mergekit.
+
+    Args:
+        inputs: the opened inputs, from :func:`open_inputs`.
+        dtype: the output dtype of floating-point tensors (None: each tensor keeps its stored dtype).
+
+    Returns:
+        The :class:`PlannedTensor` list in natural name order; BadInput for mismatched architectures, missing
+        tensors or shapes.
+
+    Example: ``specs = [planned.spec for planned in plan_tensors(open_inputs(recipe, stack), torch.bfloat16)]``
     """
     reference = inputs.reference
     arch = Architecture.from_config(reference.config)
@@ -276,7 +300,19 @@ def _seed_for(seed: int, name: str) -> int:
 def aim_factors_for(recipe: Recipe, inputs: MergeInputs, plan: list[PlannedTensor],
                     device: str) -> dict[str, torch.Tensor]:
     """Output tensor name → AIM factors r (per input channel), from the recipe's stats file or from calibrating the
-    base now. Empty when the recipe has no ``aim``."""
+    base now. Empty when the recipe has no ``aim``.
+
+    Args:
+        recipe: the recipe (its ``aim`` settings and ``seed``).
+        inputs: the opened inputs (AIM needs one base and no slices, else BadInput).
+        plan: the output tensors, from :func:`plan_tensors`.
+        device: where calibration runs (``"cpu"``, ``"cuda"``).
+
+    Returns:
+        The factors by output tensor name (only tensors with statistics); BadInput when no tensor has any.
+
+    Example: ``aim_factors_for(recipe, inputs, plan_tensors(inputs, None), "cpu")``
+    """
     from surgery.merge import aim
 
     settings = recipe.aim

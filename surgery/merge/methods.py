@@ -91,7 +91,16 @@ def _deltas(x: TensorMerge) -> list[torch.Tensor]:
 
 @register("linear", uses_base=False, parameters=[WEIGHT, NORMALIZE], min_models=2)
 def linear(x: TensorMerge) -> torch.Tensor:
-    """Weighted average Σ wi θi / Σ wi of all models (no base)."""
+    """Weighted average Σ wi θi / Σ wi of all models (no base).
+
+    Args:
+        x: the tensor's base, models and resolved parameters (a :class:`~surgery.merge.registry.TensorMerge`).
+
+    Returns:
+        The merged float32 tensor, shaped like the inputs.
+
+    Example: ``linear(TensorMerge("w", None, [a, b], {"weight": [0.7, 0.3]}))``
+    """
     x = x.as_float32()
     weights = _stacked_weights(x, x.models[0])
     total = (torch.stack(x.models) * weights).sum(dim=0)
@@ -101,13 +110,31 @@ def linear(x: TensorMerge) -> torch.Tensor:
 
 @register("task_arithmetic", uses_base=True, parameters=TASK_VECTOR_PARAMETERS)
 def task_arithmetic(x: TensorMerge) -> torch.Tensor:
-    """θ0 + λ Σ wi δi."""
+    """θ0 + λ Σ wi δi.
+
+    Args:
+        x: the tensor's base, models and resolved parameters (a :class:`~surgery.merge.registry.TensorMerge`).
+
+    Returns:
+        The merged tensor in ``x.out_dtype``, shaped like the base.
+
+    Example: ``task_arithmetic(TensorMerge("w", base, [a, b], {"weight": [1.0, 1.0], "lambda": 0.5}))``
+    """
     return _combine_task_vectors(x, _plain_deltas(x), sign_consensus=False, normalize_default=False)
 
 
 @register("ties", uses_base=True, parameters=TASK_VECTOR_PARAMETERS + [DENSITY])
 def ties(x: TensorMerge) -> torch.Tensor:
-    """TIES: keep the top-density |δi|, elect signs, weighted disjoint mean, times λ (the long-to-short method)."""
+    """TIES: keep the top-density |δi|, elect signs, weighted disjoint mean, times λ (the long-to-short method).
+
+    Args:
+        x: the tensor's base, models and resolved parameters (a :class:`~surgery.merge.registry.TensorMerge`).
+
+    Returns:
+        The merged tensor in ``x.out_dtype``, shaped like the base.
+
+    Example: ``ties(TensorMerge("w", base, [a, b], {"weight": [1.0, 1.0], "density": [0.2, 0.2]}))``
+    """
     plain = _plain_deltas(x)
     base = x.base.reshape(-1)
     numel = base.numel()
@@ -137,13 +164,33 @@ def _dare(x: TensorMerge) -> list[torch.Tensor]:
 
 @register("dare_linear", uses_base=True, parameters=TASK_VECTOR_PARAMETERS + [DENSITY, RESCALE], random=True)
 def dare_linear(x: TensorMerge) -> torch.Tensor:
-    """DARE: drop δ entries with probability 1 − density, rescale, then task arithmetic."""
+    """DARE: drop δ entries with probability 1 − density, rescale, then task arithmetic.
+
+    Args:
+        x: the tensor's base, models and resolved parameters (a :class:`~surgery.merge.registry.TensorMerge`),
+            with a seeded ``generator`` (``gen = torch.Generator().manual_seed(0)``) for the random masks.
+
+    Returns:
+        The merged tensor in ``x.out_dtype``, shaped like the base.
+
+    Example: ``dare_linear(TensorMerge("w", base, [a], {"density": [0.3]}, generator=gen))``
+    """
     return _combine_task_vectors(x, _precomputed(_dare(x)), sign_consensus=False, normalize_default=False)
 
 
 @register("dare_ties", uses_base=True, parameters=TASK_VECTOR_PARAMETERS + [DENSITY, RESCALE], random=True)
 def dare_ties(x: TensorMerge) -> torch.Tensor:
-    """DARE drop and rescale, then TIES sign election and disjoint mean."""
+    """DARE drop and rescale, then TIES sign election and disjoint mean.
+
+    Args:
+        x: the tensor's base, models and resolved parameters (a :class:`~surgery.merge.registry.TensorMerge`),
+            with a seeded ``generator`` (``gen = torch.Generator().manual_seed(0)``) for the random masks.
+
+    Returns:
+        The merged tensor in ``x.out_dtype``, shaped like the base.
+
+    Example: ``dare_ties(TensorMerge("w", base, [a, b], {"density": [0.3, 0.3]}, generator=gen))``
+    """
     return _combine_task_vectors(x, _precomputed(_dare(x)), sign_consensus=True, normalize_default=False)
 
 
@@ -154,13 +201,31 @@ def _breadcrumbs(x: TensorMerge) -> list[torch.Tensor]:
 
 @register("breadcrumbs", uses_base=True, parameters=TASK_VECTOR_PARAMETERS + [DENSITY, GAMMA])
 def breadcrumbs(x: TensorMerge) -> torch.Tensor:
-    """Model Breadcrumbs: drop the top gamma and the smallest |δ| entries (keeping density), task arithmetic."""
+    """Model Breadcrumbs: drop the top gamma and the smallest |δ| entries (keeping density), task arithmetic.
+
+    Args:
+        x: the tensor's base, models and resolved parameters (a :class:`~surgery.merge.registry.TensorMerge`).
+
+    Returns:
+        The merged tensor in ``x.out_dtype``, shaped like the base.
+
+    Example: ``breadcrumbs(TensorMerge("w", base, [a], {"density": [0.9], "gamma": [0.01]}))``
+    """
     return _combine_task_vectors(x, _precomputed(_breadcrumbs(x)), sign_consensus=False, normalize_default=False)
 
 
 @register("breadcrumbs_ties", uses_base=True, parameters=TASK_VECTOR_PARAMETERS + [DENSITY, GAMMA])
 def breadcrumbs_ties(x: TensorMerge) -> torch.Tensor:
-    """Breadcrumbs trimming with TIES sign election."""
+    """Breadcrumbs trimming with TIES sign election.
+
+    Args:
+        x: the tensor's base, models and resolved parameters (a :class:`~surgery.merge.registry.TensorMerge`).
+
+    Returns:
+        The merged tensor in ``x.out_dtype``, shaped like the base.
+
+    Example: ``breadcrumbs_ties(TensorMerge("w", base, [a, b], {"density": [0.9, 0.9], "gamma": [0.01, 0.01]}))``
+    """
     return _combine_task_vectors(x, _precomputed(_breadcrumbs(x)), sign_consensus=True, normalize_default=False)
 
 
@@ -172,20 +237,51 @@ def _della(x: TensorMerge) -> list[torch.Tensor]:
 @register("della", uses_base=True, parameters=TASK_VECTOR_PARAMETERS + [DENSITY, EPSILON, RESCALE],
           random=True)
 def della(x: TensorMerge) -> torch.Tensor:
-    """DELLA: keep probabilities density ± epsilon by magnitude rank, rescale, TIES sign election."""
+    """DELLA: keep probabilities density ± epsilon by magnitude rank, rescale, TIES sign election.
+
+    Args:
+        x: the tensor's base, models and resolved parameters (a :class:`~surgery.merge.registry.TensorMerge`),
+            with a seeded ``generator`` (``gen = torch.Generator().manual_seed(0)``) for the random masks.
+
+    Returns:
+        The merged tensor in ``x.out_dtype``, shaped like the base.
+
+    Example: ``della(TensorMerge("w", base, [a, b], {"density": [0.5, 0.5], "epsilon": [0.1, 0.1]}, generator=gen))``
+    """
     return _combine_task_vectors(x, _precomputed(_della(x)), sign_consensus=True, normalize_default=True)
 
 
 @register("della_linear", uses_base=True, parameters=TASK_VECTOR_PARAMETERS + [DENSITY, EPSILON, RESCALE],
           random=True)
 def della_linear(x: TensorMerge) -> torch.Tensor:
-    """DELLA sampling and rescale, then task arithmetic."""
+    """DELLA sampling and rescale, then task arithmetic.
+
+    Args:
+        x: the tensor's base, models and resolved parameters (a :class:`~surgery.merge.registry.TensorMerge`),
+            with a seeded ``generator`` (``gen = torch.Generator().manual_seed(0)``) for the random masks.
+
+    Returns:
+        The merged tensor in ``x.out_dtype``, shaped like the base.
+
+    Example: ``della_linear(TensorMerge("w", base, [a], {"density": [0.5], "epsilon": [0.1]}, generator=gen))``
+    """
     return _combine_task_vectors(x, _precomputed(_della(x)), sign_consensus=False, normalize_default=False)
 
 
 @register("slerp", uses_base=True, parameters=[T], max_models=1)
 def slerp(x: TensorMerge, dot_threshold: float = 0.9995, eps: float = 1e-8) -> torch.Tensor:
-    """Spherical interpolation from the base (t = 0) to the other model (t = 1); lerp when nearly colinear."""
+    """Spherical interpolation from the base (t = 0) to the other model (t = 1); lerp when nearly colinear.
+
+    Args:
+        x: the tensor's base, models and resolved parameters (a :class:`~surgery.merge.registry.TensorMerge`).
+        dot_threshold: above this |cosine| between the two, interpolate linearly instead.
+        eps: norms below this count as 1 (no division by zero).
+
+    Returns:
+        The merged float32 tensor, shaped like the inputs.
+
+    Example: ``slerp(TensorMerge("w", base, [a], {"t": 0.5}))``
+    """
     x = x.as_float32()
     v0, v1, t = x.base, x.models[0], x.value("t")
     if v0.numel() == 0:
@@ -202,7 +298,16 @@ def slerp(x: TensorMerge, dot_threshold: float = 0.9995, eps: float = 1e-8) -> t
 
 @register("model_stock", uses_base=True, parameters=[], min_models=2)
 def model_stock(x: TensorMerge) -> torch.Tensor:
-    """Model Stock: t = N·cos / (1 + (N − 1)·cos) from the mean pairwise cosine of the δi; θ0 + t (mean θi − θ0)."""
+    """Model Stock: t = N·cos / (1 + (N − 1)·cos) from the mean pairwise cosine of the δi; θ0 + t (mean θi − θ0).
+
+    Args:
+        x: the tensor's base, models and resolved parameters (a :class:`~surgery.merge.registry.TensorMerge`).
+
+    Returns:
+        The merged float32 tensor, shaped like the inputs.
+
+    Example: ``model_stock(TensorMerge("w", base, [a, b]))``
+    """
     x = x.as_float32()
     deltas = [d.reshape(-1) for d in _deltas(x)]
     cosines = []
@@ -219,6 +324,15 @@ def model_stock(x: TensorMerge) -> torch.Tensor:
 
 @register("passthrough", uses_base=False, parameters=[SCALE], max_models=1)
 def passthrough(x: TensorMerge) -> torch.Tensor:
-    """Copy the single model's tensors, optionally multiplied by scale."""
+    """Copy the single model's tensors, optionally multiplied by scale.
+
+    Args:
+        x: the tensor's base, models and resolved parameters (a :class:`~surgery.merge.registry.TensorMerge`).
+
+    Returns:
+        The model's tensor as stored (no scale) or multiplied by scale in float32.
+
+    Example: ``passthrough(TensorMerge("w", None, [a], {"scale": 0.5}))``
+    """
     scale = x.value("scale")
     return x.models[0] if scale is None else x.models[0].to(torch.float32) * scale

@@ -169,7 +169,18 @@ def _dtype(value: Any, origin: str) -> str | None:
 
 
 def aim_settings(settings: Any, origin: str) -> dict | None:
-    """AIM settings with their defaults (omega 0.4; self-generated calibration of 2048 tokens without stats)."""
+    """AIM settings with their defaults (omega 0.4; self-generated calibration of 2048 tokens without stats).
+
+    Args:
+        settings: a recipe's ``aim`` mapping (``omega``, ``stats``, ``calibration``, ``max_tokens``), or None.
+        origin: where it comes from, for messages (a recipe path, ``"--aim"``).
+
+    Returns:
+        ``{"omega", "stats", "calibration", "max_tokens"}`` with defaults filled in, or None without settings;
+        BadInput for an unknown key, bad value, or both stats and calibration.
+
+    Example: ``aim_settings({"omega": 0.5}, "--aim")``   # {"omega": 0.5, "stats": None, ..., "max_tokens": 2048}
+    """
     if settings is None:
         return None
     if not isinstance(settings, dict) or set(settings) - AIM_KEYS:
@@ -299,7 +310,16 @@ def _from_mergekit(config: dict, origin: str) -> Recipe:
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Read our YAML/JSON recipe, a mergekit config, or a ``surgery.json`` manifest."""
+    """Read our YAML/JSON recipe, a mergekit config, or a ``surgery.json`` manifest.
+
+    Args:
+        path: the file (a mergekit config has ``merge_method``; a manifest ``recipe`` and ``surgery_version``).
+
+    Returns:
+        The :class:`Recipe`; BadInput when the file is not a recipe or a merge's manifest.
+
+    Example: ``load_recipe("out/surgery.json").method``
+    """
     from surgery.yamlfile import read_yaml
 
     path = Path(path)
@@ -318,4 +338,14 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 def recipe_json(recipe: Recipe) -> str:
+    """The recipe as indented JSON with sorted keys (what the model card shows and ``--recipe`` reads back).
+
+    Args:
+        recipe: the recipe.
+
+    Returns:
+        ``json.dumps(recipe.to_dict(), indent=2, sort_keys=True)``.
+
+    Example: ``print(recipe_json(load_recipe("recipe.yaml")))``
+    """
     return json.dumps(recipe.to_dict(), indent=2, sort_keys=True)

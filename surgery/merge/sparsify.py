@@ -23,7 +23,16 @@ def kth_largest_magnitude(magnitudes: torch.Tensor, k: int) -> tuple[torch.Tenso
 
     ``magnitudes`` is a flat non-negative float32 tensor; its int32 bit patterns order exactly as the values do, so
     a 16-bit histogram of the high half finds the bucket of the k-th largest, and a second histogram of the low half
-    inside that bucket finds the exact value. Returns (threshold as int32 bits, count strictly greater).
+    inside that bucket finds the exact value.
+
+    Args:
+        magnitudes: flat non-negative float32 values.
+        k: which largest to find (1 = the maximum); at least 1, at most ``magnitudes.numel()``.
+
+    Returns:
+        (the threshold's int32 bit pattern as a 0-d tensor, how many values are strictly greater).
+
+    Example: ``kth_largest_magnitude(torch.tensor([3., 1., 2., 5.]), 2)``   # (bits of 3.0, 1)
     """
     bits = magnitudes.view(torch.int32)
     high = bits >> 16
@@ -71,11 +80,31 @@ CHUNK = 1 << 18  # elements per step of the chunked loops: small enough to stay 
 
 
 def magnitudes_of(tensor: torch.Tensor) -> torch.Tensor:
-    """|tensor| as a flat float32 tensor."""
+    """|tensor| as a flat float32 tensor.
+
+    Args:
+        tensor: any tensor.
+
+    Returns:
+        Its absolute values, float32, flattened.
+
+    Example: ``magnitudes_of(torch.tensor([[-1., 2.]]))``   # tensor([1., 2.])
+    """
     return tensor.abs().to(torch.float32).reshape(-1)
 
 
 def chunk_slices(numel: int, size: int = CHUNK) -> list[slice]:
+    """Consecutive slices covering ``range(numel)``, ``size`` elements each (the last may be shorter).
+
+    Args:
+        numel: the flattened tensor's element count.
+        size: elements per slice (default :data:`CHUNK`).
+
+    Returns:
+        The slices, in order; none when ``numel`` is 0.
+
+    Example: ``chunk_slices(5, 2)``   # [slice(0, 2), slice(2, 4), slice(4, 5)]
+    """
     return [slice(start, min(start + size, numel)) for start in range(0, numel, size)]
 
 
@@ -91,6 +120,16 @@ def magnitude_cut(magnitudes_in: Callable[[slice], torch.Tensor], numel: int, k:
 
     A strided sample brackets the k-th largest value; one pass over chunks counts the entries above the bracket and
     collects the (few) inside it, which locates the cut exactly. If the bracket misses, a radix select decides.
+
+    Args:
+        magnitudes_in: gives the float32 magnitudes of a slice of the flattened tensor.
+        numel: the flattened tensor's element count.
+        k: how many of the largest magnitudes to keep (1 to ``numel``).
+
+    Returns:
+        The :class:`MagnitudeCut` (threshold and how many entries exactly at it are kept).
+
+    Example: ``magnitude_cut(magnitudes.__getitem__, magnitudes.numel(), k).keep(magnitudes)``
     """
     if numel > 4 * SAMPLE_SIZE:
         step = numel // SAMPLE_SIZE
@@ -119,7 +158,17 @@ def magnitude_cut(magnitudes_in: Callable[[slice], torch.Tensor], numel: int, k:
 
 
 def top_k_mask(tensor: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the ``k`` largest |values|; among equal magnitudes at the cut, the first in memory order win."""
+    """Boolean mask of the ``k`` largest |values|; among equal magnitudes at the cut, the first in memory order win.
+
+    Args:
+        tensor: any tensor.
+        k: how many entries to keep (all when ``k >= tensor.numel()``, none when ``k <= 0``).
+
+    Returns:
+        A bool tensor shaped like ``tensor``, True where an entry is kept.
+
+    Example: ``top_k_mask(torch.tensor([1., -3., 2.]), 2)``   # tensor([False, True, True])
+    """
     if k >= tensor.numel():
         return torch.ones_like(tensor, dtype=torch.bool)
     if k <= 0:
@@ -129,12 +178,33 @@ def top_k_mask(tensor: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def kept_count(numel: int, density: float) -> int:
-    """How many entries TIES keeps: at least one, ``int(density · n)`` otherwise (mergekit's rule)."""
+    """How many entries TIES keeps: at least one, ``int(density · n)`` otherwise (mergekit's rule).
+
+    Args:
+        numel: the tensor's element count.
+        density: the fraction kept (all at 1 or more, none at 0 or less).
+
+    Returns:
+        The count of entries kept.
+
+    Example: ``kept_count(10, 0.25)``   # 2 (and kept_count(10, 0.01) is 1)
+    """
     return numel if density >= 1 else (0 if density <= 0 or numel == 0 else max(1, int(density * numel)))
 
 
 def rescale_l1(original: torch.Tensor, kept: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    """``kept`` scaled so its L1 norm equals ``original``'s (mergekit's default DARE/DELLA rescale)."""
+    """``kept`` scaled so its L1 norm equals ``original``'s (mergekit's default DARE/DELLA rescale).
+
+    Args:
+        original: the task vector before dropping.
+        kept: what is left of it after dropping.
+        eps: below this L1 norm (of either) ``kept`` is returned unscaled.
+
+    Returns:
+        ``kept`` times ``|original|₁ / |kept|₁``.
+
+    Example: ``rescale_l1(torch.tensor([1., 1., 2.]), torch.tensor([0., 1., 0.]))``   # tensor([0., 4., 0.])
+    """
     before, after = original.abs().sum(), kept.abs().sum()
     if before < eps or after < eps:
         return kept
@@ -142,14 +212,36 @@ def rescale_l1(original: torch.Tensor, kept: torch.Tensor, eps: float = 1e-7) ->
 
 
 def magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the top ``density`` fraction of entries by magnitude (at least one), zero the rest (TIES)."""
+    """Keep the top ``density`` fraction of entries by magnitude (at least one), zero the rest (TIES).
+
+    Args:
+        delta: a task vector.
+        density: the fraction kept (``delta`` itself at 1 or more).
+
+    Returns:
+        ``delta`` with the entries not kept zeroed.
+
+    Example: ``magnitude(torch.tensor([1., -3., 2.]), 0.5)``   # tensor([0., -3., 0.])
+    """
     if density >= 1:
         return delta
     return delta * top_k_mask(delta, kept_count(delta.numel(), density))
 
 
 def bernoulli(delta: torch.Tensor, density: float, generator: torch.Generator, rescale: str | None) -> torch.Tensor:
-    """Keep each entry with probability ``density`` (DARE); rescale ``"l1"`` (mergekit) or ``"inverse"`` (1/p, paper)."""
+    """Keep each entry with probability ``density`` (DARE); rescale ``"l1"`` (mergekit) or ``"inverse"`` (1/p, paper).
+
+    Args:
+        delta: a task vector.
+        density: the probability of keeping each entry (``delta`` itself at 1 or more, zeros at 0 or less).
+        generator: the seeded generator the mask is drawn from.
+        rescale: ``"l1"``, ``"inverse"`` or None (no rescale).
+
+    Returns:
+        The dropped (and rescaled) task vector, shaped like ``delta``.
+
+    Example: ``bernoulli(torch.ones(4), 0.5, torch.Generator().manual_seed(0), "inverse")``   # entries 0 or 2
+    """
     if density >= 1:
         return delta
     if density <= 0:
@@ -164,7 +256,18 @@ def bernoulli(delta: torch.Tensor, density: float, generator: torch.Generator, r
 
 
 def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    """Breadcrumbs: drop the largest ``gamma`` fraction and the smallest entries, keeping ``density`` of them."""
+    """Breadcrumbs: drop the largest ``gamma`` fraction and the smallest entries, keeping ``density`` of them.
+
+    Args:
+        delta: a task vector.
+        density: the fraction kept (``delta`` itself at 1 or more).
+        gamma: the fraction of largest-magnitude entries dropped.
+
+    Returns:
+        ``delta`` with the dropped entries zeroed.
+
+    Example: ``magnitude_outliers(torch.arange(1., 11.), 0.5, 0.1)``   # keeps 5 to 9
+    """
     if density >= 1:
         return delta
     count = delta.numel()
@@ -179,7 +282,20 @@ def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float) -> tor
 
 def rank_sampling(delta: torch.Tensor, density: float, epsilon: float, generator: torch.Generator,
                   rescale: str | None) -> torch.Tensor:
-    """DELLA: keep probabilities from density − ε (smallest) to density + ε (largest) by magnitude rank per row."""
+    """DELLA: keep probabilities from density − ε (smallest) to density + ε (largest) by magnitude rank per row.
+
+    Args:
+        delta: a task vector (a 0-d or 1-d one counts as one row).
+        density: the mean keep probability (``delta`` itself at 1 or more, zeros at 0 or less).
+        epsilon: the spread of keep probabilities; density ± epsilon must stay inside (0, 1) (else BadInput).
+        generator: the seeded generator the mask is drawn from.
+        rescale: ``"l1"``, ``"inverse"`` (1/p per entry) or None (no rescale).
+
+    Returns:
+        The sampled (and rescaled) task vector, shaped like ``delta``.
+
+    Example: ``rank_sampling(torch.arange(1., 11.), 0.5, 0.1, torch.Generator().manual_seed(0), "l1")``
+    """
     if density >= 1:
         return delta
     if density <= 0:

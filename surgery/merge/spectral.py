@@ -73,7 +73,19 @@ def top_singular_triplets(matrices: torch.Tensor, k: int, generator: torch.Gener
 
     A full SVD when k is a sizeable part of the rank or the matrices are small (exact); otherwise a randomised SVD
     (Halko et al.: Gaussian sketch of k + max(k, 10) columns, ``power_iterations`` re-orthonormalised power steps),
-    seeded by ``generator`` so results are reproducible (``torch.svd_lowrank`` draws from the global RNG)."""
+    seeded by ``generator`` so results are reproducible (``torch.svd_lowrank`` draws from the global RNG).
+
+    Args:
+        matrices: a (B, m, n) batch of float32 matrices.
+        k: how many triplets to keep (at most min(m, n)).
+        generator: seeds the randomised SVD's sketch (the global RNG when None).
+        power_iterations: power steps of the randomised SVD.
+
+    Returns:
+        (U (B, m, k), S (B, k) descending, V (B, n, k)).
+
+    Example: ``u, s, v = top_singular_triplets(deltas, 20, torch.Generator().manual_seed(3))``
+    """
     rows, cols = matrices.shape[-2:]
     smallest = min(rows, cols)
     k = min(k, smallest)
@@ -94,7 +106,17 @@ def gram_spectrum(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Singular values (descending, float64) of each matrix and the matching singular vectors of its shorter side
     (left ones for a wide matrix, right ones for a tall one), from the eigendecomposition of the float64 Gram matrix
     of that side. On one core, for 2048×5632: ~6 s against ~13-18 s for ``torch.linalg.svd``; the values agree with
-    svdvals to ~1e-6 of the largest (svdvals' own float32 accuracy)."""
+    svdvals to ~1e-6 of the largest (svdvals' own float32 accuracy).
+
+    Args:
+        matrices: a (B, m, n) batch of matrices.
+
+    Returns:
+        (singular values (B, min(m, n)) descending, float64; their singular vectors (B, min(m, n), min(m, n)),
+        one per column, float64).
+
+    Example: ``spectra, vectors = gram_spectrum(torch.randn(2, 4, 6))``   # shapes (2, 4) and (2, 4, 4)
+    """
     wide = matrices.to(torch.float64)
     if wide.shape[-2] > wide.shape[-1]:
         wide = wide.transpose(-2, -1)
@@ -104,7 +126,18 @@ def gram_spectrum(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def project_on_top(matrices: torch.Tensor, vectors: torch.Tensor, ranks: list[int]) -> torch.Tensor:
     """Each matrix projected on its top ``ranks[i]`` singular directions (``vectors`` of its shorter side, from
-    :func:`gram_spectrum`): U_r U_rᵀ A for a wide matrix, A V_r V_rᵀ for a tall one — its rank-r SVD truncation."""
+    :func:`gram_spectrum`): U_r U_rᵀ A for a wide matrix, A V_r V_rᵀ for a tall one — its rank-r SVD truncation.
+
+    Args:
+        matrices: a (B, m, n) batch of matrices.
+        vectors: their shorter side's singular vectors, descending, from :func:`gram_spectrum`.
+        ranks: the rank kept, one per matrix.
+
+    Returns:
+        The truncated matrices, shaped and typed like ``matrices``.
+
+    Example: ``project_on_top(deltas, gram_spectrum(deltas)[1], [1, 2])``
+    """
     kept = torch.arange(vectors.shape[-1], device=vectors.device) < torch.tensor(ranks, device=vectors.device)[:, None]
     basis = (vectors * kept[:, None, :]).to(matrices.dtype)
     if matrices.shape[-2] > matrices.shape[-1]:
@@ -113,7 +146,17 @@ def project_on_top(matrices: torch.Tensor, vectors: torch.Tensor, ranks: list[in
 
 
 def star_ranks(spectra: torch.Tensor, eta: float) -> list[int]:
-    """Per matrix, the smallest r with σ1 + … + σr ≥ eta · Σσ (at least 1), from descending ``spectra``."""
+    """Per matrix, the smallest r with σ1 + … + σr ≥ eta · Σσ (at least 1), from descending ``spectra``.
+
+    Args:
+        spectra: (B, r) descending singular values.
+        eta: the share of the nuclear norm to reach, in (0, 1].
+
+    Returns:
+        One rank per matrix.
+
+    Example: ``star_ranks(torch.tensor([[3., 1., 0.]]), 0.9)``   # [2]
+    """
     totals = spectra.sum(dim=-1, keepdim=True)
     reached = spectra.cumsum(dim=-1) >= eta * totals * (1 - 1e-6)
     return [int(row.to(torch.int64).argmax()) + 1 for row in reached]
@@ -135,7 +178,16 @@ def _star_task_vectors(x: TensorMerge, deltas: torch.Tensor) -> torch.Tensor:
 
 @register("star", uses_base=True, parameters=SVD_PARAMETERS + [ETA, RANK])
 def star(x: TensorMerge) -> torch.Tensor:
-    """STAR: truncate each task matrix at eta of its spectrum (or --rank), keep its nuclear norm, average."""
+    """STAR: truncate each task matrix at eta of its spectrum (or --rank), keep its nuclear norm, average.
+
+    Args:
+        x: the tensor's base, models and resolved parameters (a :class:`~surgery.merge.registry.TensorMerge`).
+
+    Returns:
+        The merged float32 tensor (task arithmetic with normalised weights when ``x`` is not a matrix).
+
+    Example: ``star(TensorMerge("w", base, [a], {"eta": 0.4}, is_matrix=True))``
+    """
     eta = x.value("eta")
     if not 0 < eta <= 1:
         raise BadInput(f"--eta {eta}: must be in (0, 1]")
@@ -148,14 +200,32 @@ def star(x: TensorMerge) -> torch.Tensor:
 
 
 def orthogonalise(vectors: torch.Tensor) -> torch.Tensor:
-    """The orthonormal matrix nearest to ``vectors`` (Procrustes): svd = P S Qᵀ → P Qᵀ."""
+    """The orthonormal matrix nearest to ``vectors`` (Procrustes): svd = P S Qᵀ → P Qᵀ.
+
+    Args:
+        vectors: an (m, k) matrix of concatenated singular vectors.
+
+    Returns:
+        The (m, k) matrix with orthonormal columns nearest to it.
+
+    Example: ``orthogonalise(torch.tensor([[2., 0.], [0., 3.]]))``   # the identity
+    """
     p, _, qh = torch.linalg.svd(vectors, full_matrices=False)
     return p @ qh
 
 
 @register("tsv", uses_base=True, parameters=SVD_PARAMETERS + [RANK])
 def tsv(x: TensorMerge) -> torch.Tensor:
-    """TSV-M: each task's top rank/T singular vectors, decorrelated across tasks (Procrustes), summed."""
+    """TSV-M: each task's top rank/T singular vectors, decorrelated across tasks (Procrustes), summed.
+
+    Args:
+        x: the tensor's base, models and resolved parameters (a :class:`~surgery.merge.registry.TensorMerge`).
+
+    Returns:
+        The merged float32 tensor (task arithmetic with normalised weights when ``x`` is not a matrix).
+
+    Example: ``tsv(TensorMerge("w", base, [a, b], {"weight": [1.0, 1.0]}, is_matrix=True))``
+    """
     _check_rank(x)
     if not x.is_matrix:
         return _as_task_arithmetic(x)
@@ -178,19 +248,47 @@ def tsv(x: TensorMerge) -> torch.Tensor:
 
 @register("svd", uses_base=True, parameters=SVD_PARAMETERS + [ETA, RANK])
 def svd(x: TensorMerge) -> torch.Tensor:
-    """The recommended SVD merge: STAR (eta 0.4) for one task vector, TSV-M (full rank) for two or more."""
+    """The recommended SVD merge: STAR (eta 0.4) for one task vector, TSV-M (full rank) for two or more.
+
+    Args:
+        x: the tensor's base, models and resolved parameters (a :class:`~surgery.merge.registry.TensorMerge`).
+
+    Returns:
+        The merged float32 tensor, as :func:`star` or :func:`tsv` gives it.
+
+    Example: ``svd(TensorMerge("w", base, [a, b], is_matrix=True))``
+    """
     return star(x) if len(x.models) == 1 else tsv(x)
 
 
 def singular_value_threshold(matrices: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
-    """Soft-threshold the singular values of each matrix by its threshold (the prox of τ‖·‖*)."""
+    """Soft-threshold the singular values of each matrix by its threshold (the prox of τ‖·‖*).
+
+    Args:
+        matrices: a (B, m, n) batch of float32 matrices.
+        thresholds: (B,) one threshold τ per matrix.
+
+    Returns:
+        The matrices rebuilt with singular values max(σ − τ, 0), float32.
+
+    Example: ``singular_value_threshold(torch.diag(torch.tensor([3., 1.]))[None], torch.tensor([2.]))``   # diag(1, 0)
+    """
     u, s, vh = torch.linalg.svd(matrices, full_matrices=False)
     return reconstruct(u, (s - thresholds[:, None]).clamp(min=0), vh.transpose(-2, -1), out_dtype=torch.float32)
 
 
 @register("lore", uses_base=False, parameters=SVD_PARAMETERS + [MU], min_models=2)
 def lore(x: TensorMerge) -> torch.Tensor:
-    """LoRE: estimate a shared base and low-rank task vectors (no base model needed), task arithmetic on them."""
+    """LoRE: estimate a shared base and low-rank task vectors (no base model needed), task arithmetic on them.
+
+    Args:
+        x: the tensor's base, models and resolved parameters (a :class:`~surgery.merge.registry.TensorMerge`).
+
+    Returns:
+        The merged float32 tensor (the weighted mean of the models when ``x`` is not a matrix).
+
+    Example: ``lore(TensorMerge("w", None, [a, b], {"mu": 0.05}, is_matrix=True))``
+    """
     mu = x.value("mu")
     if mu < 0:
         raise BadInput(f"--mu {mu}: must be at least 0")

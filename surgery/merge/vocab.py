@@ -148,7 +148,17 @@ MAX_MULTIPLE = 1 << 20  # beyond any tokenizer: rows are planned one by one
 
 
 def check_pad_to_multiple_of(value, where: str = "pad_to_multiple_of") -> int | None:
-    """``value`` when it is None or a whole number from 1 to 2^20; BadInput naming ``where`` otherwise."""
+    """``value`` when it is None or a whole number from 1 to 2^20; BadInput naming ``where`` otherwise.
+
+    Args:
+        value: the ``pad_to_multiple_of`` given (None: not given).
+        where: how messages name it (``"--pad-to-multiple-of"``, a recipe key).
+
+    Returns:
+        ``value`` unchanged.
+
+    Example: ``check_pad_to_multiple_of(64, "--pad-to-multiple-of")``   # 64 (0 or True: BadInput)
+    """
     if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                               or not 1 <= value <= MAX_MULTIPLE):
         raise BadInput(f"{where} {value!r}: expected a whole number from 1 to {MAX_MULTIPLE}")
@@ -162,7 +172,20 @@ def plan_vocabulary(sources: list[VocabularySource], tokenizer_source: str, base
     ``pad_to_multiple_of`` None keeps the tokenizer source's row count (grown when the union needs more rows);
     N sizes the output from its tokenizer, as mergekit does: its token count rounded up to a multiple of N, rows
     past the last token holding the mean of the token rows (1: exactly one row per token). The plan's ``note``
-    says how many rows and why; it is logged, as a warning where mergekit would give another row count."""
+    says how many rows and why; it is logged, as a warning where mergekit would give another row count.
+
+    Args:
+        sources: every input's name, auxiliary files and embedding row count.
+        tokenizer_source: ``"base"``, ``"union"`` or the name of one of ``sources``.
+        base: the base's name (None: the first source is the reference).
+        pad_to_multiple_of: None, or N to size the output from its tokenizer's token count (see above).
+
+    Returns:
+        The :class:`VocabularyPlan`: output rows, each source's row index, new tokenizer files, token count, note.
+
+    Example: ``plan_vocabulary([VocabularySource("base", {}, 8), VocabularySource("ft", {}, 8)], "base", "base")``
+    (8 rows, both indices None: matched by id)
+    """
     check_pad_to_multiple_of(pad_to_multiple_of)
     by_name = {source.name: source for source in sources}
     reference = by_name[base] if base is not None else sources[0]
@@ -233,7 +256,19 @@ def align_rows(tensors: list[torch.Tensor], indices: list[torch.Tensor | None], 
                base_position: int | None) -> list[torch.Tensor]:
     """Each tensor's rows put in output order; rows a model lacks filled with the base's row where the base has
     the token, else the mean of the models that have it, else zeros; PADDING rows with the mean of that model's
-    other (token) rows, once those are filled (see the module docstring)."""
+    other (token) rows, once those are filled (see the module docstring).
+
+    Args:
+        tensors: each source's embedding (or lm_head) rows.
+        indices: each one's index from the :class:`VocabularyPlan` (None: already in output order).
+        rows: the output row count.
+        base_position: the base's position in ``tensors`` (None: no base).
+
+    Returns:
+        The tensors with ``rows`` rows each, in output order (``tensors`` itself when every index is None).
+
+    Example: ``align_rows([torch.ones(2, 4), torch.zeros(3, 4)], [torch.tensor([0, 1, -1]), None], 3, 0)``
+    """
     if all(index is None for index in indices):
         return tensors
     device = tensors[0].device

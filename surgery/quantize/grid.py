@@ -71,20 +71,32 @@ def _grouped(weight: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
-    """``(q − zero) · scale`` per group, in float32."""
+    """``(q − zero) · scale`` per group, in float32.
+
+    Args:
+        q: the integer values (out, in).
+        scale: the per-group scales (out, in / group_size).
+        zero: the per-group integer zero points (out, in / group_size).
+        group_size: the consecutive input columns sharing a scale.
+
+    Returns:
+        The dequantized weight, float32 (out, in).
+
+    Example: ``dequantize(grid.q, grid.scale, grid.zero, 128)   # the same as grid.dequantize()``
+    """
     rows, columns = q.shape
     grouped = q.float().reshape(rows, -1, group_size) - zero.float().unsqueeze(-1)
     return (grouped * scale.float().unsqueeze(-1)).reshape(rows, columns)
 
 
-def quantize_with(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: Scheme) -> torch.Tensor:
+def _quantize_with(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: Scheme) -> torch.Tensor:
     """q = clamp(round(W / scale) + zero) on the scheme's grid, int8."""
     grouped = _grouped(weight, scheme.group_size)
     q = torch.round(grouped / scale.unsqueeze(-1)) + zero.float().unsqueeze(-1)
     return q.clamp(scheme.qmin, scheme.qmax).to(torch.int8).reshape(weight.shape)
 
 
-def rtn_parameters(weight: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor]:
+def _rtn_parameters(weight: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor]:
     """Scales and zero points of round-to-nearest, as compressed-tensors computes them: symmetric
     scale = amax / ((qmax − qmin) / 2); asymmetric scale = (max − min) / (qmax − qmin) over a range that includes
     0, zero = clamp(qmin − round(min / scale))."""
@@ -103,16 +115,27 @@ def rtn_parameters(weight: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, 
     return scale, zero.to(torch.int8)
 
 
-def representable_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _representable_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The scale rounded to the dtype it is stored in (so quantizing with it matches what loaders see)."""
     return scale.to(dtype).float()
 
 
 def rtn(weight: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype = torch.float32) -> Grid:
-    """Round-to-nearest on ``weight``'s device (exact arithmetic: the same grid on any device)."""
-    scale, zero = rtn_parameters(weight, scheme)
-    scale = representable_scale(scale, scale_dtype)
-    return Grid(quantize_with(weight, scale, zero, scheme), scale, zero, scheme)
+    """Round-to-nearest on ``weight``'s device (exact arithmetic: the same grid on any device).
+
+    Args:
+        weight: the 2-D weight (out, in); ``scheme.group_size`` divides ``in``.
+        scheme: bits, group size and symmetry.
+        scale_dtype: the dtype the scales are stored in; they are rounded to it before quantizing.
+
+    Returns:
+        The :class:`Grid`: int8 values, float32 scales, int8 zero points.
+
+    Example: ``rtn(torch.randn(64, 256), Scheme(bits=4, group_size=128)).dequantize()   # float32 (64, 256)``
+    """
+    scale, zero = _rtn_parameters(weight, scheme)
+    scale = _representable_scale(scale, scale_dtype)
+    return Grid(_quantize_with(weight, scale, zero, scheme), scale, zero, scheme)
 
 
 def _shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
@@ -191,7 +214,7 @@ def _fit_parameters(goal: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, ze
     centred = q if scheme.symmetric else q - zero.unsqueeze(-1)
     denominator = (centred * centred).sum(-1)
     fitted = (centred * goal).sum(-1) / denominator.clamp_min(1e-12)
-    scale = representable_scale(torch.where((denominator > 0) & (fitted > 0), fitted, scale), scale_dtype)
+    scale = _representable_scale(torch.where((denominator > 0) & (fitted > 0), fitted, scale), scale_dtype)
     if not scheme.symmetric:
         zero = torch.round((q - goal / scale.unsqueeze(-1)).mean(-1)).clamp(scheme.zero_min, scheme.qmax)
     return scale, zero
@@ -279,11 +302,25 @@ def hqq(weight: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype = torch.f
     All groups step at once; a group that reached a fixed point leaves the active set (:class:`_ActiveGroups`),
     which changes no result. On SmolLM2 about half the groups still moving settle at each step, so the later steps
     cost little; the lp shrink's power is only evaluated in groups whose errors are large enough for it to matter.
+
+    Args:
+        weight: the 2-D weight (out, in); ``scheme.group_size`` divides ``in``.
+        scheme: bits, group size and symmetry.
+        scale_dtype: the dtype the scales are stored in; they are rounded to it at every step.
+        iterations: the most refinement steps.
+        beta: the starting penalty of the half-quadratic split.
+        kappa: the factor ``beta`` grows by at each step.
+        p: the lp norm of the sparse error estimate (p < 1).
+
+    Returns:
+        The refined :class:`Grid` (the same layout as :func:`rtn`'s).
+
+    Example: ``hqq(weight, Scheme(bits=4, group_size=64, symmetric=False), torch.bfloat16, iterations=10)``
     """
     size = scheme.group_size
     target = _grouped(weight, size).reshape(-1, size)
-    scale, zero = rtn_parameters(weight, scheme)
-    scale, zero = representable_scale(scale, scale_dtype).reshape(-1), zero.float().reshape(-1)
+    scale, zero = _rtn_parameters(weight, scheme)
+    scale, zero = _representable_scale(scale, scale_dtype).reshape(-1), zero.float().reshape(-1)
     active = _ActiveGroups(target, scale, zero, scheme, scale_dtype)
     magnitude = active.reconstruct()  # |W − W_r| of every group, for the stopping rule
     best = _BestParameters(active.error, active.largest, scale, zero)
@@ -302,4 +339,4 @@ def hqq(weight: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype = torch.f
             break
     rows = weight.shape[0]
     scale, zero = best.scale.reshape(rows, -1), best.zero.reshape(rows, -1).to(torch.int8)
-    return Grid(quantize_with(weight, scale, zero, scheme), scale, zero, scheme)
+    return Grid(_quantize_with(weight, scale, zero, scheme), scale, zero, scheme)

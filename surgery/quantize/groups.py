@@ -82,7 +82,20 @@ def _pattern(module: str) -> str:
 
 def fallback_targets(sizes: dict[str, int], requested: int) -> dict[int, list[str]]:
     """Fallback group size → compressed-tensors targets: one ``re:`` regex per kind of module (layer index
-    generalised) when every module of that kind shares the fallback, else the module names themselves."""
+    generalised) when every module of that kind shares the fallback, else the module names themselves.
+
+    Args:
+        sizes: module → the group size it is quantized with.
+        requested: the requested group size (modules with it need no target of their own).
+
+    Returns:
+        Each fallback size (largest first) → its sorted targets.
+
+    Example::
+
+        fallback_targets({"model.layers.0.mlp.down_proj": 64, "model.layers.1.mlp.down_proj": 64}, 128)
+        # {64: ["re:^model\\.layers\\.\\d+\\.mlp\\.down_proj$"]}
+    """
     by_pattern: dict[str, set[int]] = {}
     for module, size in sizes.items():
         by_pattern.setdefault(_pattern(module), set()).add(size)
@@ -100,7 +113,7 @@ def fallback_targets(sizes: dict[str, int], requested: int) -> dict[int, list[st
     return {size: sorted(names) for size, names in sorted(targets.items(), reverse=True)}
 
 
-def target_matches(module: str, target: str) -> bool:
+def _target_matches(module: str, target: str) -> bool:
     """compressed-tensors' name matching: an exact name, or ``re:REGEX`` matched from the start."""
     if target.startswith("re:"):
         return re.match(target[3:], module) is not None
@@ -109,7 +122,17 @@ def target_matches(module: str, target: str) -> bool:
 
 def group_size_of(module: str, config_groups: dict) -> int:
     """The group size compressed-tensors applies to ``module``: exact-name targets first, then regex, then
-    ``Linear``."""
+    ``Linear``.
+
+    Args:
+        module: the module's name.
+        config_groups: the ``config_groups`` of a compressed-tensors ``quantization_config``.
+
+    Returns:
+        The group size; KeyError when no target matches.
+
+    Example: ``group_size_of("lm_head", {"g": {"targets": ["Linear"], "weights": {"group_size": 128}}})   # 128``
+    """
     targets = [(target, group["weights"]["group_size"]) for group in config_groups.values()
                for target in group["targets"]]
     for kind in ("exact", "regex", "class"):
@@ -117,7 +140,7 @@ def group_size_of(module: str, config_groups: dict) -> int:
             is_regex = target.startswith("re:")
             if kind == "exact" and not is_regex and target != "Linear" and target == module:
                 return size
-            if kind == "regex" and is_regex and target_matches(module, target):
+            if kind == "regex" and is_regex and _target_matches(module, target):
                 return size
             if kind == "class" and target == "Linear":
                 return size

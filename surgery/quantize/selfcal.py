@@ -79,7 +79,16 @@ Fit = Callable[[torch.Tensor, Scheme], Grid]
 
 
 def resolve(given: dict | None) -> dict:
-    """The full parameter set: ``given`` over :data:`DEFAULTS`, checked (BadInput names the bad one)."""
+    """The full parameter set: ``given`` over :data:`DEFAULTS`, checked (BadInput names the bad one).
+
+    Args:
+        given: the parameters set (a None value keeps the default), or None for all defaults.
+
+    Returns:
+        Every parameter of :data:`DEFAULTS`; ``candidates`` defaults to twice ``sequences``.
+
+    Example: ``resolve({"sequences": 8, "rounds": None})["candidates"]   # 16``
+    """
     given = dict(given or {})
     unknown = sorted(set(given) - set(DEFAULTS))
     if unknown:
@@ -116,7 +125,19 @@ def select_sequences(kl: torch.Tensor, keep: int, *, low: float = 20.0, high: fl
 
     ``round(agreeing_share · keep)`` are the lowest-KL candidates (ties: lower index first); the rest, up to
     ``keep``, are spread evenly by rank over the not-yet-chosen candidates whose KL lies in [q_low, q_high], the
-    ``low`` and ``high`` percentiles of ``kl`` (linear interpolation, as ``torch.quantile``)::
+    ``low`` and ``high`` percentiles of ``kl`` (linear interpolation, as ``torch.quantile``).
+
+    Args:
+        kl: each candidate's KL from the reference (any shape; flattened).
+        keep: how many sequences to keep (all of them when there are no more candidates).
+        low: the lower percentile of the margin.
+        high: the upper percentile of the margin.
+        agreeing_share: the share of ``keep`` taken from the lowest KL.
+
+    Returns:
+        The kept candidates' indices, ascending.
+
+    Example::
 
         select_sequences(torch.tensor([0.1, 5.0, 0.3, 0.2, 9.0]), 2, agreeing_share=0.5)   # [0, 2]
     """
@@ -140,7 +161,17 @@ def select_sequences(kl: torch.Tensor, keep: int, *, low: float = 20.0, high: fl
 
 
 def group_fitter(fit: Fit, scheme: Scheme) -> Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]:
-    """``(columns of one group, group index) → (scale, zero)`` re-fitted by ``fit`` (rtn / hqq) on those columns."""
+    """``(columns of one group, group index) → (scale, zero)`` re-fitted by ``fit`` (rtn / hqq) on those columns.
+
+    Args:
+        fit: the quantizer whose parameters are taken (``rtn``, ``hqq`` or one with the same signature).
+        scheme: the module's scheme (its group size is replaced by the columns' width).
+
+    Returns:
+        The ``fit_group`` callable :func:`gptq` takes: per-row scale and zero point of one group.
+
+    Example: ``gptq(weight, hessian, scheme, group_fitter(rtn, scheme))``
+    """
     def fit_group(columns: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         grid = fit(columns, replace(scheme, group_size=columns.shape[1]))
         return grid.scale[:, 0], grid.zero[:, 0]
@@ -158,7 +189,21 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme,
     ``block`` columns). When a group starts, ``fit_group(columns, g)`` gives its scale and integer zero point (per
     row) — fitted on the error-updated columns, or fixed in advance (return a given grid's). Input channels that
     never fire (diag H = 0) are set to zero first, as GPTQ does. Runs on ``weight``'s device (``hessian`` is moved
-    there). Returns the grid (int8 values, float32 scales)."""
+    there).
+
+    Args:
+        weight: the 2-D weight (out, in).
+        hessian: H = XᵀX of the module's inputs (in, in).
+        scheme: bits, group size and symmetry.
+        fit_group: ``(columns, group index) → (scale, zero)``, e.g. :func:`group_fitter`'s.
+        damp: the damping added to H's diagonal, a fraction of its mean.
+        block: the lazy-update block in columns (rounded to a multiple of the group size).
+
+    Returns:
+        The grid (int8 values, float32 scales, int8 zero points).
+
+    Example: ``gptq(weight, hessian, scheme, lambda columns, g: (base.scale[:, g], base.zero[:, g]), damp=0.01)``
+    """
     group = scheme.group_size
     rows, columns = weight.shape
     block = max(group, block // group * group)
@@ -344,7 +389,7 @@ class SelfCalibration:
         return grids, {"pool": list(pool.shape), "rounds": rounds}
 
 
-def fitter(round0: str, stored: torch.dtype) -> Fit:
+def _fitter(round0: str, stored: torch.dtype) -> Fit:
     """The round-0 quantizer (and GPTQ's per-group fitter), with scales rounded to the stored dtype."""
     if round0 == "hqq":
         return lambda weight, scheme: hqq(weight, scheme, stored)
@@ -354,10 +399,26 @@ def fitter(round0: str, stored: torch.dtype) -> Fit:
 def self_calibrate(ckpt: Checkpoint, schemes: dict[str, Scheme], params: dict, seed: int,
                    stored: torch.dtype, device: torch.device = torch.device("cpu")) -> tuple[dict[str, Grid], dict]:
     """module → Grid for every module in ``schemes`` (HF row order), and the report for the manifest; the grids are
-    fitted on ``device`` and returned on the CPU."""
+    fitted on ``device`` and returned on the CPU.
+
+    Args:
+        ckpt: the source checkpoint (it needs a config.json: the model is built from it).
+        schemes: module → its scheme, for every module to quantize.
+        params: the parameters, as :func:`resolve` returns them.
+        seed: the seed of the self-generated pool.
+        stored: the dtype the scales are stored in.
+        device: where the model runs and the grids are fitted.
+
+    Returns:
+        ``(grids, report)``: module → :class:`Grid` on the CPU, and ``{"pool": shape, "rounds": [...]}``.
+
+    Example::
+
+        grids, report = self_calibrate(ckpt, {"model.layers.0.mlp.up_proj": Scheme()}, resolve(None), 0, torch.bfloat16)
+    """
     if not ckpt.config:
         raise BadInput(f"{ckpt.source}: --method selfcal needs a config.json to build the model")
-    run = SelfCalibration(ckpt, schemes, fitter(params["round0"], stored), params, seed, device)
+    run = SelfCalibration(ckpt, schemes, _fitter(params["round0"], stored), params, seed, device)
     torch.set_flush_denormal(True)  # subnormal activations slow CPU matmuls tenfold (tiny random models hit them)
     try:
         return run.run(lambda message: log.info("%s", message))

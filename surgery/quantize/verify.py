@@ -214,7 +214,7 @@ def load_dequantized(quantized: str, reference_model):
 # Is the reference the quantized model's source?
 
 
-def manifest_input(ckpt: Checkpoint) -> dict | None:
+def _manifest_input(ckpt: Checkpoint) -> dict | None:
     """The input record (``source``, ``sha256``: file → hash) of a ``surgery quantize`` output's surgery.json, or
     None when the checkpoint has no such manifest."""
     from surgery.provenance import read_manifest
@@ -230,15 +230,15 @@ def manifest_input(ckpt: Checkpoint) -> dict | None:
     return inputs[0]
 
 
-def check_provenance(ckpt: Checkpoint, reference: Checkpoint, any_reference: bool = False) -> dict:
+def _check_provenance(ckpt: Checkpoint, reference: Checkpoint, any_reference: bool = False) -> dict:
     """Compare the reference's file hashes with those ``surgery quantize`` recorded for its input: BadInput on a
     difference unless ``any_reference``; a warning when there is no manifest. Returns the report's ``provenance``::
 
-        check_provenance(ckpt, ref)   # {"manifest": True, "source": "org/model", "matches": True, "file": None}
+        _check_provenance(ckpt, ref)   # {"manifest": True, "source": "org/model", "matches": True, "file": None}
     """
     from surgery.provenance import content_hashes
 
-    recorded = manifest_input(ckpt)
+    recorded = _manifest_input(ckpt)
     if recorded is None:
         log.warning("%s has no surgery.json from `surgery quantize`: cannot check that %s is the model it was "
                     "quantized from", ckpt.source, reference.source)
@@ -266,12 +266,12 @@ def check_provenance(ckpt: Checkpoint, reference: Checkpoint, any_reference: boo
 # One model, reference weights first, then the quantized checkpoint's
 
 
-def loading_problem(module: str, message: str, tensor: str | None = None) -> dict:
+def _loading_problem(module: str, message: str, tensor: str | None = None) -> dict:
     """A failed ``loadable`` check about ``module`` (and one of its tensors)."""
     return {"check": "loadable", "module": module, **({"tensor": tensor} if tensor else {}), "message": message}
 
 
-def not_linear_problems(model: nn.Module, ckpt: Checkpoint, modules: list[str]) -> list[dict]:
+def _not_linear_problems(model: nn.Module, ckpt: Checkpoint, modules: list[str]) -> list[dict]:
     """A failure per quantized module that is not a Linear of the model its config builds: loaders replace only
     ``nn.Linear`` modules (a GPT-2 Conv1D keeps its own weight, which the checkpoint does not hold)."""
     problems = []
@@ -282,22 +282,22 @@ def not_linear_problems(model: nn.Module, ckpt: Checkpoint, modules: list[str]) 
             raise BadInput(f"{ckpt.source}: quantized module {module} has no counterpart in the model its config "
                            f"builds") from None
         if not isinstance(target, nn.Linear):
-            problems.append(loading_problem(module, (
+            problems.append(_loading_problem(module, (
                 f"{module} is a {type(target).__name__}, not a Linear: loaders quantize Linear modules only, so "
                 f"transformers would load it without its weights")))
     return problems
 
 
-def transformers_loading_problems(ckpt: Checkpoint) -> list[dict]:
+def _transformers_loading_problems(ckpt: Checkpoint) -> list[dict]:
     """What transformers' own loader makes of the checkpoint, asked on the meta device by the output check every
     command runs (:func:`surgery.io.loader_check.loading_problems`): a failure per problem it reports."""
     if not ckpt.path.is_dir():
         return []
-    return [loading_problem("(loader)", f"transformers would not load {ckpt.source} correctly: {problem}")
+    return [_loading_problem("(loader)", f"transformers would not load {ckpt.source} correctly: {problem}")
             for problem in loading_problems(ckpt.path)]
 
 
-def one_per_module(problems: list[dict]) -> list[dict]:
+def _one_per_module(problems: list[dict]) -> list[dict]:
     """The first problem of each module (several checks may see the same one)."""
     seen: set[str] = set()
     kept = []
@@ -308,7 +308,7 @@ def one_per_module(problems: list[dict]) -> list[dict]:
     return kept
 
 
-def start_token(ckpt: Checkpoint, reference: Checkpoint) -> tuple[int, int]:
+def _start_token(ckpt: Checkpoint, reference: Checkpoint) -> tuple[int, int]:
     """(first token, pad token) of the generated text: the config's BOS, else its EOS; where the config names
     neither (tiny qwen2 configs), the tokenizer's, from the output's directory or else the reference's."""
     def first(value):
@@ -341,11 +341,22 @@ def _tokenizer_ids(ckpt: Checkpoint, reference: Checkpoint) -> tuple[int | None,
 
 
 def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    """The relative error ``‖approx - exact‖ / ‖exact‖`` (an all-zero ``exact`` divides by 1e-30, not 0).
+
+    Args:
+        approx: the approximation (a decoded weight, an output).
+        exact: the reference of the same shape.
+
+    Returns:
+        The Frobenius-norm relative error as a float.
+
+    Example: ``relative_error(torch.tensor([1.0, 1.1]), torch.tensor([1.0, 1.0]))   # ≈ 0.0707``
+    """
     return float((approx - exact).norm() / exact.norm().clamp_min(1e-30))
 
 
-def layer_report(ckpt: Checkpoint, module: str, weight: torch.Tensor, approx: torch.Tensor, x: torch.Tensor,
-                 backend: str) -> dict:
+def _layer_report(ckpt: Checkpoint, module: str, weight: torch.Tensor, approx: torch.Tensor, x: torch.Tensor,
+                  backend: str) -> dict:
     """The measures of one quantized module: reference ``weight``, decoded ``approx``, probe inputs ``x``."""
     fmt, default = scheme_of(ckpt)
     scheme = fmt.module_scheme(ckpt, module, default)
@@ -357,15 +368,15 @@ def layer_report(ckpt: Checkpoint, module: str, weight: torch.Tensor, approx: to
             "output_cosine": float(torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0))}
 
 
-def checked_shape(ckpt: Checkpoint, reference: Checkpoint, module: str, approx: torch.Tensor,
-                  weight_shape: tuple[int, ...]) -> None:
+def _checked_shape(ckpt: Checkpoint, reference: Checkpoint, module: str, approx: torch.Tensor,
+                   weight_shape: tuple[int, ...]) -> None:
     if tuple(approx.shape) != tuple(weight_shape):
         raise BadInput(f"{module}.weight: quantized in {ckpt.source} with shape {tuple(approx.shape)}, but "
                        f"{reference.source} has {tuple(weight_shape)}")
 
 
-def gaussian_layer_reports(ckpt: Checkpoint, reference: Checkpoint, modules: list[str], probes: int, seed: int,
-                           backend: str) -> list[dict]:
+def _gaussian_layer_reports(ckpt: Checkpoint, reference: Checkpoint, modules: list[str], probes: int, seed: int,
+                            backend: str) -> list[dict]:
     """Per-layer measures without a model run (``end_to_end=False``): seeded Gaussian probe inputs."""
     generator = torch.Generator().manual_seed(seed)
     reports = []
@@ -374,9 +385,9 @@ def gaussian_layer_reports(ckpt: Checkpoint, reference: Checkpoint, modules: lis
             raise BadInput(f"{reference.source}: no tensor {module}.weight for the quantized module {module}")
         weight = reference.get(f"{module}.weight").float()
         approx = decoded_weight(ckpt, module)
-        checked_shape(ckpt, reference, module, approx, tuple(weight.shape))
+        _checked_shape(ckpt, reference, module, approx, tuple(weight.shape))
         x = torch.randn(probes, weight.shape[1], generator=generator)
-        reports.append(layer_report(ckpt, module, weight, approx, x, backend))
+        reports.append(_layer_report(ckpt, module, weight, approx, x, backend))
     return reports
 
 
@@ -391,7 +402,23 @@ def _nan_as(value: float, worst: float) -> float:
 
 def failures(layers: list[dict], end_to_end: dict | None, *, max_kl: float, min_cosine: float) -> list[dict]:
     """The failed checks, each with a one-line ``message``: per-layer cosines below ``min_cosine`` (lowest first;
-    NaN fails), then an end-to-end KL above ``max_kl``."""
+    NaN fails), then an end-to-end KL above ``max_kl``.
+
+    Args:
+        layers: the per-layer measures (each with ``module`` and ``output_cosine``).
+        end_to_end: the end-to-end measures (``kl``, ``top1_agreement``), or None when no model was run.
+        max_kl: the largest end-to-end KL that passes.
+        min_cosine: the smallest per-layer output cosine that passes.
+
+    Returns:
+        One dict per failed check (``check``, ``value``, ``threshold``, ``message``; ``module`` for a layer);
+        empty when everything passed.
+
+    Example::
+
+        failures([{"module": "l.q", "output_cosine": 0.9}], None, max_kl=0.1, min_cosine=0.99)
+        # [{"check": "min_cosine", "module": "l.q", "value": 0.9, "threshold": 0.99, "message": "l.q output ..."}]
+    """
     low = sorted((layer for layer in layers if not layer["output_cosine"] >= min_cosine),
                  key=lambda layer: _nan_as(layer["output_cosine"], -math.inf))
     found = [{"check": "min_cosine", "module": layer["module"], "value": layer["output_cosine"],
@@ -405,7 +432,16 @@ def failures(layers: list[dict], end_to_end: dict | None, *, max_kl: float, min_
 
 
 def raise_if_failed(report: dict) -> None:
-    """CheckFailed naming the first (worst) failure of a :func:`verify` report and how many others there are."""
+    """CheckFailed naming the first (worst) failure of a :func:`verify` report and how many others there are.
+
+    Args:
+        report: a :func:`verify` report (its ``summary()``): ``passed`` and ``failures``.
+
+    Raises:
+        CheckFailed: when ``report["passed"]`` is false.
+
+    Example: ``raise_if_failed(verify(VerifyConfig("model-w4", reference="org/model")).summary())``
+    """
     if report["passed"]:
         return
     first, others = report["failures"][0], len(report["failures"]) - 1
@@ -415,7 +451,16 @@ def raise_if_failed(report: dict) -> None:
 
 def report_lines(report: dict) -> list[str]:
     """The text the command prints for a :func:`verify` report: what was compared, the worst modules, the measures
-    against their thresholds, the verdict and (up to ``len(report["worst"])``, at least one) the failures."""
+    against their thresholds, the verdict and (up to ``len(report["worst"])``, at least one) the failures.
+
+    Args:
+        report: a :func:`verify` report (its ``summary()``).
+
+    Returns:
+        The lines to print, without newlines; the last is ``"passed"`` or a failure.
+
+    Example: ``print("\n".join(report_lines(verify(VerifyConfig("model-w4", reference="org/model")).summary())))``
+    """
     provenance, thresholds = report["provenance"], report["thresholds"]
     source = ("its files have the hashes surgery.json records" if provenance["matches"]
               else "no surgery.json to check it against" if not provenance["manifest"]
@@ -514,7 +559,7 @@ def verify(config: VerifyConfig, *, progress=None) -> VerifyResult:
     c = config
     with open_quantized(c.source) as ckpt, open_checkpoint(c.reference) as ref, one_torch_thread():
         fmt, scheme = scheme_of(ckpt)
-        provenance = check_provenance(ckpt, ref, c.any_reference)
+        provenance = _check_provenance(ckpt, ref, c.any_reference)
         modules = fmt.quantized_modules(ckpt)
         if not modules:
             raise BadInput(f"{ckpt.source}: its quantization_config says {fmt.name}, but it holds no quantized "
@@ -522,7 +567,7 @@ def verify(config: VerifyConfig, *, progress=None) -> VerifyResult:
         if c.end_to_end:
             layers, e2e, problems = compare_models(ckpt, ref, modules, c.tokens, c.probes, c.seed, c.backend)
         else:
-            layers, e2e, problems = gaussian_layer_reports(ckpt, ref, modules, c.probes, c.seed, c.backend), None, []
+            layers, e2e, problems = _gaussian_layer_reports(ckpt, ref, modules, c.probes, c.seed, c.backend), None, []
     report = {"quantized": c.source, "reference": c.reference, "format": fmt.name, "bits": scheme.bits,
               "group_size": scheme.group_size, "symmetric": scheme.symmetric, "provenance": provenance,
               "probes": "activations" if c.end_to_end else "gaussian", "layers": layers,
@@ -561,11 +606,11 @@ def compare_models(ckpt: Checkpoint, ref: Checkpoint, modules: list[str], tokens
     """
     model = build_model({key: value for key, value in (ckpt.config or {}).items() if key != "quantization_config"},
                         ckpt.source)
-    problems = not_linear_problems(model, ckpt, modules)
+    problems = _not_linear_problems(model, ckpt, modules)
     missing = load_parameters(model, ref, set(), f"model {ckpt.source}'s config builds")
     if missing:
         raise BadInput(f"{ref.source}: no tensor {missing[0]} (the model {ckpt.source}'s config builds needs it)")
-    ids = sampled_ids(model, *start_token(ckpt, ref), tokens, seed)
+    ids = sampled_ids(model, *_start_token(ckpt, ref), tokens, seed)
     generator = torch.Generator().manual_seed(seed)
     rows = torch.randperm(ids.numel(), generator=generator)[:probes].sort().values
     linear = [module for module in modules if isinstance(model.get_submodule(module), nn.Linear)]
@@ -574,19 +619,19 @@ def compare_models(ckpt: Checkpoint, ref: Checkpoint, modules: list[str], tokens
     for module in modules:
         weight = model.get_parameter(f"{module}.weight")
         approx = decoded_weight(ckpt, module)
-        checked_shape(ckpt, ref, module, approx, tuple(weight.shape))
+        _checked_shape(ckpt, ref, module, approx, tuple(weight.shape))
         # A module that is not a Linear (already a failure) has no (out, in) weight to feed its inputs through.
         x = inputs.pop(module) if module in inputs else torch.randn(probes, weight.shape[1], generator=generator)
-        layers.append(layer_report(ckpt, module, weight, approx, x, backend))
-        set_parameter(model, parameter_aliases_of(model, f"{module}.weight"), approx)
+        layers.append(_layer_report(ckpt, module, weight, approx, x, backend))
+        set_parameter(model, _parameter_aliases_of(model, f"{module}.weight"), approx)
     missing = load_parameters(model, ckpt, {f"{module}.weight" for module in modules}, "model its config builds")
-    problems += [loading_problem(name.rpartition(".")[0], f"{ckpt.source} has no tensor {name}: a loader would "
+    problems += [_loading_problem(name.rpartition(".")[0], f"{ckpt.source} has no tensor {name}: a loader would "
                                  f"leave it uninitialised", name) for name in missing]
-    problems += transformers_loading_problems(ckpt)
-    return layers, agreement(log_p, log_probs(model, ids)), one_per_module(problems)
+    problems += _transformers_loading_problems(ckpt)
+    return layers, agreement(log_p, log_probs(model, ids)), _one_per_module(problems)
 
 
-def parameter_aliases_of(model: nn.Module, name: str) -> list[str]:
+def _parameter_aliases_of(model: nn.Module, name: str) -> list[str]:
     """Every name of the parameter called ``name``."""
     target = model.get_parameter(name)
     return [other for other, param in model.named_parameters(remove_duplicate=False) if param is target]

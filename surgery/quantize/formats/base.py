@@ -71,7 +71,17 @@ class Written:
 
 
 def module_tensors(ckpt: Checkpoint, module: str) -> dict[str, torch.Tensor]:
-    """The format's tensors of one quantized module, by local name (``weight_packed``, ``qweight``...)::
+    """The format's tensors of one quantized module, by local name (``weight_packed``, ``qweight``...): those
+    directly under ``module``, except a plain ``weight`` and ``bias``.
+
+    Args:
+        ckpt: the quantized checkpoint.
+        module: the module's name.
+
+    Returns:
+        ``{local name: tensor}``.
+
+    Example::
 
         module_tensors(ckpt, "model.layers.0.mlp.up_proj")["weight_scale"]
     """

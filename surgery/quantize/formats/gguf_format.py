@@ -35,17 +35,36 @@ BLOCK = 32
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 
 
-def quant_type(bits: int):
+def _quant_type(bits: int):
     from gguf import GGMLQuantizationType
 
     return GGMLQuantizationType.Q4_0 if bits == 4 else GGMLQuantizationType.Q8_0
 
 
 def file_name(bits: int) -> str:
-    return f"model-{quant_type(bits).name}.gguf"
+    """The name of the GGUF file written for ``bits`` (Q4_0 for 4 bits, Q8_0 otherwise).
+
+    Args:
+        bits: the quantization bits (4 or 8).
+
+    Returns:
+        The file name inside the output directory.
+
+    Example: ``file_name(4)   # "model-Q4_0.gguf"``
+    """
+    return f"model-{_quant_type(bits).name}.gguf"
 
 
 def check_source(config: dict, source: str) -> None:
+    """BadInput unless GGUF can write the model: the llama family (llama, mistral without a sliding window) and
+    no rope scaling.
+
+    Args:
+        config: the source's ``config.json``.
+        source: the source's name, for the messages.
+
+    Example: ``check_source({"model_type": "gpt2"}, "org/model")   # BadInput: ... writes the llama family ...``
+    """
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise BadInput(f"{source}: --format gguf writes the llama family ({', '.join(SUPPORTED_MODEL_TYPES)}), "
@@ -58,7 +77,7 @@ def check_source(config: dict, source: str) -> None:
                        f"written")
 
 
-def permute_for_llama_cpp(weight: torch.Tensor, heads: int) -> torch.Tensor:
+def _permute_for_llama_cpp(weight: torch.Tensor, heads: int) -> torch.Tensor:
     """Rows of a q/k projection from transformers' rotary layout (halves) to llama.cpp's (interleaved pairs)."""
     rows = weight.shape[0]
     return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
@@ -68,13 +87,13 @@ def _llama_cpp_rows(name: str, tensor: torch.Tensor, heads: int, kv_heads: int) 
     """A q/k projection's weight or bias (by ``name``, with or without ``.weight``) in llama.cpp's row order; any
     other tensor as it is."""
     if name.endswith(("self_attn.q_proj", "self_attn.q_proj.weight", "self_attn.q_proj.bias")):
-        return permute_for_llama_cpp(tensor, heads)
+        return _permute_for_llama_cpp(tensor, heads)
     if name.endswith(("self_attn.k_proj", "self_attn.k_proj.weight", "self_attn.k_proj.bias")):
-        return permute_for_llama_cpp(tensor, kv_heads)
+        return _permute_for_llama_cpp(tensor, kv_heads)
     return tensor
 
 
-def encode_blocks(grid: Grid) -> np.ndarray:
+def _encode_blocks(grid: Grid) -> np.ndarray:
     """A symmetric grid with group size 32 → Q4_0 / Q8_0 bytes, (rows, blocks · bytes per block) uint8."""
     rows, columns = grid.q.shape
     d = grid.scale.to(torch.float16).numpy().view(np.uint8).reshape(rows, -1, 2)
@@ -109,24 +128,24 @@ def quantize_weight(weight: torch.Tensor, bits: int, reference_only: bool,
     """
     import gguf
 
-    reference = gguf.quants.quantize(weight.float().numpy(), quant_type(bits))
+    reference = gguf.quants.quantize(weight.float().numpy(), _quant_type(bits))
     if reference_only:
         return reference
-    fitted = encode_blocks(fit(weight.float(), Scheme(bits, BLOCK, True)))
+    fitted = _encode_blocks(fit(weight.float(), Scheme(bits, BLOCK, True)))
     rows = weight.shape[0]
 
     def block_errors(data: np.ndarray) -> torch.Tensor:
-        return (dequantize_bytes(data, bits) - weight).reshape(rows, -1, BLOCK).pow(2).sum(-1)
+        return (_dequantize_bytes(data, bits) - weight).reshape(rows, -1, BLOCK).pow(2).sum(-1)
 
     better = (block_errors(fitted) < block_errors(reference)).numpy()[..., None]
     chosen = np.where(better, fitted.reshape(rows, better.shape[1], -1), reference.reshape(rows, better.shape[1], -1))
     return np.ascontiguousarray(chosen.reshape(rows, -1))
 
 
-def dequantize_bytes(data: np.ndarray, bits: int) -> torch.Tensor:
+def _dequantize_bytes(data: np.ndarray, bits: int) -> torch.Tensor:
     import gguf
 
-    return torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(data, quant_type(bits))))
+    return torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(data, _quant_type(bits))))
 
 
 # ------------------------------------------------------------------------------------------------- tokenizer
@@ -263,7 +282,7 @@ def write_gguf(path: Path, ckpt: Checkpoint, modules: set[str], bits: int, load:
     produced = {}
     for hf_name, gguf_name in order:  # quantize once; keep only the bytes of quantized tensors (small)
         data = produce(hf_name)
-        raw = quant_type(bits) if hf_name.removesuffix(".weight") in modules else None
+        raw = _quant_type(bits) if hf_name.removesuffix(".weight") in modules else None
         writer.add_tensor_info(gguf_name, data.shape, data.dtype, data.nbytes, raw_dtype=raw)
         produced[hf_name] = data if raw is not None else None
     writer.write_header_to_file()
@@ -330,11 +349,11 @@ class GGUF(QuantFormat):
             grid = fit(module, weight, scheme)
             grid = Grid(*(_llama_cpp_rows(module, t, heads, kv_heads) for t in (grid.q, grid.scale, grid.zero)),
                         grid.scheme)
-            data = encode_blocks(grid)
+            data = _encode_blocks(grid)
         else:
             data = quantize_weight(laid, scheme.bits, method.reference_rounding,
                                    lambda w, grid_scheme: fit(module, w, grid_scheme))
-        return Encoded({"weight": data}, laid, dequantize_bytes(data, scheme.bits))
+        return Encoded({"weight": data}, laid, _dequantize_bytes(data, scheme.bits))
 
     def quantization_config(self, schemes: dict[str, Scheme], scheme: Scheme, ignore: list[str],
                             dtype: torch.dtype, fallbacks: dict[int, list[str]]) -> None:

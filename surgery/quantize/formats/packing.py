@@ -19,6 +19,8 @@ def pack(values: torch.Tensor, bits: int) -> torch.Tensor:
 
     Returns:
         int32 words, the last dim divided by 32 / bits.
+
+    Example: ``pack(torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]]), 4)   # tensor([[-2023406815]], dtype=torch.int32)``
     """
     per_word = 32 // bits
     rows = values.shape[:-1]
@@ -37,6 +39,8 @@ def unpack(words: torch.Tensor, bits: int) -> torch.Tensor:
 
     Returns:
         int32 fields, the last dim multiplied by 32 / bits.
+
+    Example: ``unpack(pack(torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]]), 4), 4)   # [[1, 2, 3, 4, 5, 6, 7, 8]] (int32)``
     """
     per_word = 32 // bits
     shifts = torch.arange(per_word, dtype=torch.int64) * bits
@@ -45,6 +49,16 @@ def unpack(words: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def pad_rows(values: torch.Tensor, multiple: int) -> torch.Tensor:
-    """``values`` with zero rows appended up to a multiple of ``multiple`` rows."""
+    """``values`` with zero rows appended up to a multiple of ``multiple`` rows.
+
+    Args:
+        values: the tensor to pad along its first dim.
+        multiple: the row count to round up to a multiple of.
+
+    Returns:
+        ``values`` itself when its rows are already a multiple, else a padded copy.
+
+    Example: ``pad_rows(torch.ones(3, 2), 4).shape   # torch.Size([4, 2])``
+    """
     extra = -values.shape[0] % multiple
     return torch.cat([values, values.new_zeros(extra, *values.shape[1:])]) if extra else values
