@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parents[1]
 def import_total_us(tree: Path) -> int:
     """Cumulative microseconds of ``import surgery.cli`` (its own line of -X importtime)."""
     done = subprocess.run([sys.executable, "-X", "importtime", "-c", "import surgery.cli"], capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(tree)}, check=True)
+                          text=True, env={**os.environ, "PYTHONPATH": str(tree)}, check=True, cwd=tree)
     line = next(row for row in done.stderr.splitlines() if re.search(r"\|\s+surgery\.cli$", row))
     return int(line.split("|")[1])
 
@@ -34,7 +34,7 @@ def import_total_us(tree: Path) -> int:
 def wall_s(tree: Path, args: list[str]) -> float:
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "surgery", *args], capture_output=True, check=True,
-                   env={**os.environ, "PYTHONPATH": str(tree)})
+                   env={**os.environ, "PYTHONPATH": str(tree)}, cwd=tree)  # cwd: -c / -m put it first on the path
     return time.perf_counter() - started
 
 

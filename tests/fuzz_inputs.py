@@ -1136,7 +1136,7 @@ def isolated_main(request: str, answer: str) -> None:
     for module in ("surgery.cli", "surgery.merge", "surgery.pipeline"):  # imported before the CPU clock starts
         importlib.import_module(module)
 
-    with offline_hub(Path(tempfile.mkdtemp(prefix="fuzz-hub-"))):
+    with offline_hub(Path(tempfile.mkdtemp(prefix="fuzz-hub-", dir=Path(request).parent))):
         for case in cases:
             usage = resource.getrusage(resource.RUSAGE_SELF)
             budget = int(usage.ru_utime + usage.ru_stime + LIMIT_SECONDS + 1)  # whole seconds, at least LIMIT

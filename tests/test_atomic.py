@@ -48,7 +48,7 @@ def test_killed_run_leaves_no_output_and_rerun_succeeds(sig, big_checkpoint, tmp
     process.wait(timeout=60)
     assert not out.exists()
     if sig == signal.SIGTERM:  # a catchable signal: the run cleans up after itself
-        assert process.returncode == 128 + signal.SIGTERM
+        assert process.returncode == 128 + signal.SIGTERM, process.stderr.read()
         assert staging_dirs(tmp_path) == []
     else:  # SIGKILL: only the hidden staging directory remains, and the next run removes it
         assert len(staging_dirs(tmp_path)) == 1
