@@ -1,11 +1,9 @@
 """Sweeps: merge at every point of a settings grid, evaluate each merge (and the input models) for accuracy and
 response length, and find the accuracy / length Pareto front::
 
-    from surgery.evaluation.length import load_tasks
-    from surgery.merge import load_recipe
-    from surgery.sweep import parse_grid, sweep
-    report = sweep(load_recipe("ties.yaml"), parse_grid("lambda=0.5:1.0:0.1,density=0.1,0.2,0.3"),
-                   load_tasks("tasks.jsonl"), "sweep-out", max_new_tokens=512)
+    from surgery.sweep import SweepConfig, sweep
+    report = sweep(SweepConfig(recipe="ties.yaml", grid="lambda=0.5:1.0:0.1,density=0.1,0.2,0.3",
+                               tasks="tasks.jsonl", output="sweep-out", max_new_tokens=512)).summary()
     report["recommended"]     # {"name": "point-07", "setting": {"lambda": 0.8, "density": 0.2}, ...}
 
 ``sweep-out/`` (written atomically) holds ``sweep.json`` (every row: setting, accuracy, mean length, reflection
@@ -27,7 +25,7 @@ import json
 import logging
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -241,7 +239,105 @@ def merge_and_evaluate(recipe: Recipe, model_dir: str, evaluation: Evaluation) -
     return evaluation(model_dir)
 
 
-def sweep(recipe: Recipe, grid: dict[str, list], tasks: list[dict], output: str | Path, *,
+@dataclass(frozen=True)
+class SweepConfig:
+    """What ``surgery sweep`` runs, checked when made (BadInput with the command's messages).
+
+    Args:
+        models: the models to merge, as for ``surgery merge`` (or ``recipe``).
+        output: the directory for sweep.json, pareto.png and the recipes (written atomically).
+        grid: the settings to try, e.g. ``"lambda=0.5:1.0:0.1,density=0.1,0.2"`` (:func:`parse_grid`).
+        tasks: the task file of ``surgery eval length`` (``--eval``: JSONL with prompt and answer).
+        recipe: a merge recipe file instead of ``models`` and ``method``.
+        method: the merge method (without ``recipe``; overrides the recipe's).
+        tolerance: the relative accuracy loss the recommendation allows, in [0, 1).
+        max_new_tokens, batch_size, chat_template: how answers are generated.
+        limit: only the first N tasks.
+        keep_models: keep each point's merge in ``output/models/``.
+        executor, ray_address: ``"local"`` or ``"ray"`` and the Ray cluster to use.
+        device: cpu or cuda.
+        force: replace an existing ``output``.
+
+    Example: ``SweepConfig(["base", "ft"], "out", "density=0.2,0.5", "tasks.jsonl", method="ties")``
+    """
+
+    models: tuple[str, ...]
+    output: str | Path
+    grid: str
+    tasks: str | Path
+    recipe: str | Path | None = None
+    method: str | None = None
+    tolerance: float = TOLERANCE
+    max_new_tokens: int = 512
+    batch_size: int = 16
+    chat_template: bool | None = None
+    limit: int | None = None
+    keep_models: bool = False
+    executor: str = "local"
+    ray_address: str | None = None
+    device: str = "cpu"
+    force: bool = False
+    merge_recipe: Recipe = field(init=False, repr=False, compare=False)
+    settings: dict = field(init=False, repr=False, compare=False)
+    task_list: list = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        from surgery.evaluation.length import load_tasks
+        from surgery.merge import build_recipe
+
+        object.__setattr__(self, "models", tuple(self.models))
+        object.__setattr__(self, "merge_recipe", build_recipe(self.models, method=self.method, recipe=self.recipe))
+        if (not 0 <= self.tolerance < 1 or self.max_new_tokens < 1 or self.batch_size < 1
+                or (self.limit is not None and self.limit < 1)):
+            raise BadInput("--tolerance must be in [0, 1); --max-new-tokens, --batch-size and --limit at least 1")
+        object.__setattr__(self, "settings", parse_grid(self.grid))
+        object.__setattr__(self, "task_list", load_tasks(self.tasks, "--eval")[:self.limit])
+        if self.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise BadInput(f"--device {self.device}: no CUDA device is available")
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """What :func:`sweep` wrote: ``output`` and the report sweep.json holds (plus ``seconds``)."""
+
+    output: str
+    report: dict
+
+    def summary(self) -> dict:
+        """What ``surgery sweep --json`` prints.
+
+        Returns:
+            ``{"output": ..., **report}``.
+
+        Example: ``sweep(config).summary()["recommended"]["setting"]``
+        """
+        return {"output": self.output, **self.report}
+
+
+def sweep(config: SweepConfig, *, progress: Callable[[str], None] = log.info) -> SweepResult:
+    """Merge and evaluate every point of ``config.grid``, the input models as references, and recommend a point.
+
+    Args:
+        config: the checked :class:`SweepConfig`.
+        progress: called with a line per step.
+
+    Returns:
+        The :class:`SweepResult`.
+
+    Example: ``sweep(SweepConfig(["base", "ft"], "out", "density=0.2,0.5", "tasks.jsonl", method="ties"))``
+    """
+    report = _sweep(config.merge_recipe, config.settings, config.task_list, config.output,
+                    max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
+                    chat_template=config.chat_template, device=config.device, tolerance=config.tolerance,
+                    keep_models=config.keep_models, force=config.force, executor=config.executor,
+                    ray_address=config.ray_address, progress=progress)
+    return SweepResult(str(config.output), report)
+
+
+def _sweep(recipe: Recipe, grid: dict[str, list], tasks: list[dict], output: str | Path, *,
           max_new_tokens: int = 512, batch_size: int = 16, chat_template: bool | None = None, device: str = "cpu",
           tolerance: float = TOLERANCE, keep_models: bool = False, force: bool = False,
           executor: str = "local", ray_address: str | None = None,
@@ -267,7 +363,7 @@ def sweep(recipe: Recipe, grid: dict[str, list], tasks: list[dict], output: str 
         The report sweep.json holds (grid, tolerance, reference_accuracy, recommended, inputs, points,
         max_new_tokens, tasks), plus ``seconds``.
 
-    Example: ``sweep(load_recipe("ties.yaml"), parse_grid("lambda=0.5,1.0"), load_tasks("t.jsonl"), "out")``
+    Example: ``_sweep(load_recipe("ties.yaml"), parse_grid("lambda=0.5,1.0"), load_tasks("t.jsonl"), "out")``
     """
     from surgery.evaluation.plots import accuracy_length_plot
 

@@ -9,9 +9,8 @@ from typing import Optional
 import typer
 
 from surgery.cli.options import (BATCH_OPTION, CHAT_TEMPLATE_OPTION, DEVICE_OPTION, JSON_OPTION, LIMIT_OPTION,
-                                 MAX_NEW_TOKENS_OPTION, SHARD_OPTION, check_device, print_json,
-                                 progress, human_size)
-from surgery.errors import BadInput
+                                 MAX_NEW_TOKENS_OPTION, SHARD_OPTION, print_json, progress,
+                                 human_size)
 
 app = typer.Typer()
 
@@ -212,22 +211,15 @@ def sweep_command(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Merge at every grid point, evaluate accuracy and response length, and recommend a setting on the Pareto front."""
-    from surgery.evaluation.length import load_tasks
-    from surgery.merge import build_recipe
-    from surgery.sweep import parse_grid, sweep
+    from surgery.sweep import SweepConfig, sweep
 
-    recipe = build_recipe(models or (), method=method, recipe=recipe_file)
-    if not 0 <= tolerance < 1 or max_new_tokens < 1 or batch_size < 1 or (limit is not None and limit < 1):
-        raise BadInput("--tolerance must be in [0, 1); --max-new-tokens, --batch-size and --limit at least 1")
-    settings = parse_grid(grid)
-    chosen = load_tasks(tasks, "--eval")[:limit]
-    check_device(device)
-    report = sweep(recipe, settings, chosen, output, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                   chat_template=chat_template, device=device, tolerance=tolerance, keep_models=keep_models,
-                   force=force, executor=executor, ray_address=ray_address,
-                   progress=lambda line: typer.echo(line, err=True))
+    config = SweepConfig(tuple(models or ()), output, grid, tasks, recipe=recipe_file, method=method,
+                         tolerance=tolerance, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                         chat_template=chat_template, limit=limit, keep_models=keep_models, executor=executor,
+                         ray_address=ray_address, device=device, force=force)
+    report = sweep(config, progress=lambda line: typer.echo(line, err=True)).summary()
     if as_json:
-        return print_json({"output": output, **report})
+        return print_json(report)
     for row in report["inputs"] + report["points"]:
         mark = " <- recommended" if row.get("recommended") else " (Pareto front)" if row.get("pareto") else ""
         label = json.dumps(row["setting"]) if "setting" in row else "input"
