@@ -2,7 +2,8 @@
 
 Library code raises :class:`BadInput` for anything the user can fix (a malformed file, a missing tensor, a bad
 option): exit code 2. An operation that ran and failed (:class:`Failed`: the Hub unreachable during a push) or a
-check that found the result wanting (:class:`CheckFailed`: ``surgery verify`` over its thresholds): exit code 1. The message names the file, tensor, option or threshold and the reason::
+check that found the result wanting (:class:`CheckFailed`: ``surgery verify`` over its thresholds): exit code 1.
+The message names the file, tensor, option or threshold and the reason::
 
     raise CheckFailed("verify failed: model.layers.3.mlp.down_proj output cosine 0.41 < --min-cosine 0.9")
 """

@@ -110,5 +110,6 @@ def adapter_eval(
     typer.echo(f"{report['kind']} adapter on {report['queries']} queries ({report['positions']} positions): "
                f"kl_adapter {report['kl_adapter']:.4f}, kl_no_prompt {report['kl_no_prompt']:.4f} nats; top-1 "
                f"agreement {report['top1_adapter']:.3f} (no prompt {report['top1_no_prompt']:.3f}); adapter "
-               f"{human_size(report['adapter_bytes'])} vs prompt KV cache {human_size(report['prompt_kv_cache_bytes'])} "
+               f"{human_size(report['adapter_bytes'])} vs prompt KV cache "
+               f"{human_size(report['prompt_kv_cache_bytes'])} "
                f"({report['prompt_tokens']} tokens)")

@@ -14,7 +14,8 @@ app = typer.Typer()
 
 @app.command()
 def inspect(
-    source: str = typer.Argument(..., help="Model directory, .safetensors or .gguf file, or Hub repo id org/name[@rev]."),
+    source: str = typer.Argument(..., help="Model directory, .safetensors or .gguf file, or Hub repo id "
+                                           "org/name[@rev]."),
     tensors: bool = typer.Option(False, "--tensors", help="Also list every tensor (name, dtype, shape, role)."),
     as_json: bool = JSON_OPTION,
 ) -> None:
@@ -31,7 +32,8 @@ def inspect(
         f"source        {report['source']} ({report['format']})",
         f"architecture  {', '.join(arch['architectures']) or '?'} (model_type {arch['model_type']}"
         + ("" if arch["known_family"] else ", unknown family: roles guessed from names") + ")",
-        f"parameters    {report['parameters']:,} in {report['num_tensors']} tensors ({human_size(report['tensor_bytes'])})",
+        f"parameters    {report['parameters']:,} in {report['num_tensors']} tensors "
+        f"({human_size(report['tensor_bytes'])})",
         "dtypes        " + ", ".join(f"{name} ×{d['tensors']}" for name, d in report["dtypes"].items()),
         f"layers        {arch['num_layers']}, hidden {arch['hidden_size']}, heads {arch['num_attention_heads']}"
         f" / kv {arch['num_key_value_heads']}, head_dim {arch['head_dim']}, vocab {arch['vocab_size']}",
@@ -87,7 +89,8 @@ def convert(
     output: str = typer.Option(..., "-o", "--output", help="Output directory (written atomically)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Cast floating tensors: float32, bfloat16, float16."),
     max_shard_size: str = SHARD_OPTION,
-    force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists (only once the new one is complete)."),
+    force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists (only once the new one is "
+                                                      "complete)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan without writing anything."),
     as_json: bool = JSON_OPTION,
 ) -> None:
