@@ -87,7 +87,6 @@ OPERATIONS = {
     "push": Operation("surgery.hub:PushConfig", "surgery.hub:push", ("input", "repo"),
                       {"input": "directory", "repo": "repo_id"}, writes=False, replaceable=False),
 }
-COMMANDS = OPERATIONS  # the step names
 # the pipeline's to decide, not the step's (a push step may be a dry run: it sends nothing and needs no network)
 NOT_STEP_OPTIONS = {"dry_run", "force"}
 
@@ -261,8 +260,8 @@ def load_pipeline(path: str | Path) -> list[Step]:
         if not isinstance(entry, dict) or len(entry) != 1:
             raise BadInput(f"{where}: each step is one command mapped to its options, e.g. 'merge: {{...}}'")
         (command, options), = entry.items()
-        if command not in COMMANDS:
-            raise BadInput(f"{where}: unknown command {command!r} (known: {', '.join(COMMANDS)})")
+        if command not in OPERATIONS:
+            raise BadInput(f"{where}: unknown command {command!r} (known: {', '.join(OPERATIONS)})")
         if not isinstance(options, dict):
             raise BadInput(f"{where}: the options of {command} must be a mapping")
         operation = OPERATIONS[command]
