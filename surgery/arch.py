@@ -1,37 +1,26 @@
-"""Architecture knowledge read from ``config.json``: what each tensor is, and the attention geometry.
+"""Architecture knowledge: what each tensor is, and the attention geometry from ``config.json``.
 
 >>> arch = Architecture.from_config({"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64,
 ...                                  "num_attention_heads": 4, "num_key_value_heads": 2})
->>> arch.role("model.layers.1.self_attn.k_proj.weight")
-TensorRole(kind='attn_k', layer=1)
+>>> arch.role("model.layers.1.self_attn.k_proj.weight").kind, arch.role("model.layers.1.self_attn.k_proj.weight").layer
+('attn_k', 1)
 >>> arch.head_dim, arch.num_key_value_heads
 (16, 2)
 
-Known families (llama, mistral, qwen2, qwen3, gemma/gemma2/gemma3, phi3) follow transformers' module names; any
-other architecture falls back to name patterns common across model families, with a warning.
+Every family transformers implements is known: roles come from the model it builds for the config on the meta
+device (surgery/layout.py: module classes, weight conversions, experts, vision tower). A model type transformers
+does not have (custom code) falls back to name patterns common across model families, with a warning.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from surgery.layout import ModelLayout, TensorRole, known_model_type
 
 log = logging.getLogger(__name__)
-
-KNOWN_FAMILIES = {
-    "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text", "phi3",
-}
-
-# Suffix of a module name inside a decoder layer → role, for the known families (transformers' names).
-LAYER_MODULES = {
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_o", "self_attn.qkv_proj": "attn_qkv",
-    "self_attn.q_norm": "norm", "self_attn.k_norm": "norm",
-    "mlp.gate_proj": "mlp_gate", "mlp.up_proj": "mlp_up", "mlp.down_proj": "mlp_down", "mlp.gate_up_proj": "mlp_gate_up",
-    "input_layernorm": "norm", "post_attention_layernorm": "norm", "pre_feedforward_layernorm": "norm",
-    "post_feedforward_layernorm": "norm",
-}
 
 # Generic patterns for unknown architectures, tried in order on the module name. A fused qkv projection is tried
 # before q, k and v (falcon's query_key_value ends in "value"); routers and position embeddings have roles of their
@@ -52,8 +41,8 @@ FALLBACK_PATTERNS = [
     (r"(o_proj|out_proj|dense|c_proj|wo)$", "attn_o"),
 ]
 # Roles of weights that act as projections of the hidden state (what quantizers quantize).
-PROJECTION_KINDS = {"attn_q", "attn_k", "attn_v", "attn_o", "attn_qkv", "mlp_gate", "mlp_up", "mlp_down",
-                    "mlp_gate_up"}
+PROJECTION_KINDS = {"attn_q", "attn_k", "attn_v", "attn_o", "attn_qkv", "attn_q_a", "attn_q_b", "attn_kv_a",
+                    "attn_kv_b", "mlp_gate", "mlp_up", "mlp_down", "mlp_gate_up", "linear"}
 # 2-D weights that are not projections to decompose: rows by token or position, and MoE routers (a handful of rows
 # whose every direction matters). SVD methods decompose every other 2-D weight (vision towers, MLA's q_a/kv_a...).
 NOT_DECOMPOSED_KINDS = {"embedding", "lm_head", "position_embedding", "router"}
@@ -82,16 +71,6 @@ def with_layer_index(name: str, layer: int) -> str:
     return name[:match.start(1)] + str(layer) + name[match.end(1):]
 
 
-@dataclass(frozen=True)
-class TensorRole:
-    """What a tensor is: ``kind`` (embedding, position_embedding, lm_head, attn_q/k/v/o/qkv,
-    mlp_gate/up/down/gate_up, norm, router, vision, other)
-    and the decoder layer it belongs to (None outside the layers)."""
-
-    kind: str
-    layer: int | None = None
-
-
 @dataclass
 class Architecture:
     """Geometry and tensor roles of one checkpoint."""
@@ -108,21 +87,27 @@ class Architecture:
     tie_word_embeddings: bool
     max_position_embeddings: int | None
     rope: dict
+    layout: ModelLayout | None = field(default=None, repr=False)
+    num_experts_per_tok: int | None = None
+    text_model_type: str | None = None  # the language model's: a vision-language model's text_config's
 
     @classmethod
     def from_config(cls, config: dict | None) -> "Architecture":
         config = config or {}
         text = config.get("text_config") or config  # multimodal wrappers (gemma3) keep the LM in text_config
         model_type = config.get("model_type")
-        known = model_type in KNOWN_FAMILIES
-        if not known and model_type not in _WARNED:
+        layout = ModelLayout.build(config)
+        known = layout is not None
+        if not known and not known_model_type(model_type) and model_type not in _WARNED:  # else: layout warned
             _WARNED.add(model_type)
             log.warning("unknown architecture %r: tensor roles are guessed from their names", model_type)
         heads = text.get("num_attention_heads")
         hidden = text.get("hidden_size")
         head_dim = text.get("head_dim") or (hidden // heads if hidden and heads else None)
         tied = config.get("tie_word_embeddings", text.get("tie_word_embeddings"))
-        if tied is None:
+        if layout is not None:
+            tied = layout.tied
+        elif tied is None:
             tied = model_type not in UNTIED_BY_DEFAULT
         rope = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
         if "rope_theta" in text:
@@ -140,30 +125,39 @@ class Architecture:
             tie_word_embeddings=bool(tied),
             max_position_embeddings=text.get("max_position_embeddings"),
             rope=rope,
+            layout=layout,
+            num_experts_per_tok=text.get("num_experts_per_tok", text.get("moe_topk")),
+            text_model_type=text.get("model_type") or model_type,
         )
 
     def role(self, name: str) -> TensorRole:
-        """Role of the tensor called ``name`` (a parameter name such as ``model.layers.3.mlp.up_proj.weight``)."""
+        """Role of the tensor called ``name`` (a checkpoint tensor name such as ``model.layers.3.mlp.up_proj.weight``):
+        from transformers' model when it knows the family, else guessed from the name."""
+        if self.layout is not None:
+            role = self.layout.role(name)
+            if role is not None:
+                return role
         module = re.sub(r"\.(weight|bias)$", "", name)
         match = LAYER_INDEX.search(module)
         layer = int(match.group(1)) if match else None
         if VISION_MODULE.search(module):
-            return TensorRole("vision", layer)
-        if self.known:
-            if module.endswith("embed_tokens"):
-                return TensorRole("embedding")
-            if module.endswith("lm_head"):
-                return TensorRole("lm_head")
-            if layer is not None:
-                local = module[match.end():]
-                return TensorRole(LAYER_MODULES.get(local, "other"), layer)
-            if module.endswith("norm"):
-                return TensorRole("norm")
-            return TensorRole("other")
+            return TensorRole("other", part="vision")
+        if self.layout is not None:  # a tensor the model has no parameter for
+            return TensorRole("other", layer)
         for pattern, kind in FALLBACK_PATTERNS:
             if re.search(pattern, module):
-                return TensorRole(kind, layer)
+                return TensorRole(kind, layer, linear=kind in PROJECTION_KINDS or kind == "lm_head")
         return TensorRole("other", layer)
+
+    def text_key(self, name: str) -> str | None:
+        """Where ``name`` sits in the language model, whatever wraps it (see :meth:`ModelLayout.text_key`); None for
+        families transformers does not know."""
+        return self.layout.text_key(name) if self.layout is not None else None
+
+    def loader_module(self, module: str) -> str:
+        """The name transformers' model gives checkpoint module ``module`` (see :meth:`ModelLayout.loader_module`);
+        ``module`` itself for families transformers does not know."""
+        return self.layout.loader_module(module) if self.layout is not None else module
 
     def summary(self) -> dict:
         """Plain-data view for reports."""
@@ -174,4 +168,15 @@ class Architecture:
             "head_dim": self.head_dim, "vocab_size": self.vocab_size,
             "tie_word_embeddings": self.tie_word_embeddings,
             "max_position_embeddings": self.max_position_embeddings, "rope": self.rope,
+            **self.experts_summary(), **({"parameters_by_part": self.layout.parts()}
+                                         if self.layout is not None and len(self.layout.parts()) > 1 else {}),
         }
+
+    def experts_summary(self) -> dict:
+        """Mixture-of-experts facts for reports: MoE layers, experts per layer, active experts per token, whether
+        there are shared experts (empty for dense models)."""
+        moe = self.layout.experts_per_layer() if self.layout is not None else {}
+        if not moe:
+            return {}
+        return {"moe_layers": moe["moe_layers"], "experts_per_layer": moe["experts"],
+                "active_experts": self.num_experts_per_tok, "shared_experts": moe["shared_experts"]}

@@ -61,12 +61,17 @@ def inspect_checkpoint(ckpt: Checkpoint, with_tensors: bool = False) -> dict:
         "roles": dict(sorted(roles.items())),
     }
     if with_tensors:
-        report["tensors"] = [
-            {"name": info.name, "dtype": dtype_name(info.dtype), "shape": list(info.shape),
-             "role": arch.role(info.name).kind, "layer": arch.role(info.name).layer}
-            for info in ckpt.tensors.values()
-        ]
+        report["tensors"] = [_tensor_row(info, arch.role(info.name)) for info in ckpt.tensors.values()]
     return report
+
+
+def _tensor_row(info, role) -> dict:
+    """One ``inspect --tensors`` row: name, dtype, shape and the role's facts (expert fields only where set)."""
+    row = {"name": info.name, "dtype": dtype_name(info.dtype), "shape": list(info.shape), "role": role.kind,
+           "layer": role.layer, "part": role.part}
+    row.update({key: value for key, value in (("expert", role.expert), ("experts", role.experts),
+                                               ("shared", role.shared or None)) if value is not None})
+    return row
 
 
 def tensor_delta(a: torch.Tensor, b: torch.Tensor) -> dict:

@@ -41,10 +41,20 @@ def inspect(
         f"context       {arch['max_position_embeddings']}, rope {json.dumps(arch['rope'], sort_keys=True)}",
         "files         " + ", ".join(f"{name} ({human_size(size)})" for name, size in report["files"].items()),
     ]
+    if "experts_per_layer" in arch:
+        lines.insert(5, f"experts       {arch['experts_per_layer']} per layer in {arch['moe_layers']} MoE layers, "
+                        f"{arch['active_experts']} active per token, "
+                        + ("with shared experts" if arch["shared_experts"] else "no shared experts"))
+    if "parameters_by_part" in arch:
+        lines.insert(5, "parts         " + ", ".join(f"{part} {count:,}"
+                                                     for part, count in arch["parameters_by_part"].items()))
     typer.echo("\n".join(lines))
     for row in report.get("tensors", []):
-        layer = "" if row["layer"] is None else f" L{row['layer']}"
-        typer.echo(f"  {row['name']}  {row['dtype']}  {tuple(row['shape'])}  {row['role']}{layer}")
+        facts = [row["role"]] + ([f"L{row['layer']}"] if row["layer"] is not None else []) \
+            + ([row["part"]] if row["part"] != "text" else []) \
+            + ([f"expert {row['expert']}"] if "expert" in row else []) \
+            + ([f"{row['experts']} experts fused"] if "experts" in row else []) + (["shared"] if "shared" in row else [])
+        typer.echo(f"  {row['name']}  {row['dtype']}  {tuple(row['shape'])}  {' '.join(facts)}")
 
 
 @app.command()

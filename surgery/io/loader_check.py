@@ -28,9 +28,11 @@ from typing import Iterator
 import torch
 
 from surgery.errors import BadInput, CheckFailed, one_line
+from surgery.layout import known_model_type, model_class
 
 log = logging.getLogger(__name__)
 SHOWN = 3  # names quoted in a failure message
+PER_EXPERT = re.compile(r"\.experts\.\d+\.")
 
 
 def _names(keys, total: int | None = None) -> str:
@@ -58,6 +60,11 @@ def _quiet() -> Iterator[list[str]]:
     library_logger = logging.getLogger("transformers")
     propagates = library_logger.propagate  # True where the environment has CI=true (transformers' own rule)
     library_logger.propagate = False
+    # compressed-tensors warns about config targets the model has no module for: MoE experts, which are targeted
+    # by their checkpoint names so that transformers finds their scheme, are fused into one tensor at load
+    matcher = logging.getLogger("compressed_tensors")
+    matcher_level = matcher.level
+    matcher.setLevel(logging.ERROR)
     transformers_logging.disable_default_handler()
     transformers_logging.add_handler(handler)
     transformers_logging.set_verbosity_warning()
@@ -70,6 +77,7 @@ def _quiet() -> Iterator[list[str]]:
         transformers_logging.enable_default_handler()
         transformers_logging.set_verbosity(verbosity)
         library_logger.propagate = propagates
+        matcher.setLevel(matcher_level)
         if bars:
             transformers_logging.enable_progress_bar()
 
@@ -90,20 +98,6 @@ def _report_rows(messages: list[str]) -> dict[str, Problem]:
     return {kinds[status][0]: _problem(*kinds[status], keys) for status, keys in rows.items()}
 
 
-def _model_class(config):
-    """The class a user loads this config with: its ``architectures`` entry, else the causal-LM auto class."""
-    import transformers
-
-    for name in config.architectures or []:
-        cls = getattr(transformers, name, None) if isinstance(name, str) else None
-        if cls is not None:
-            return cls
-    from transformers import AutoModel, AutoModelForCausalLM
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    return AutoModelForCausalLM if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else AutoModel
-
-
 def _installed(package: str, what: Path) -> bool:
     """Whether the loader's ``package`` is importable; a warning that ``what`` goes unchecked when it is not."""
     import importlib.util
@@ -113,14 +107,6 @@ def _installed(package: str, what: Path) -> bool:
     log.warning("%s is not checked against its loader: %s is not installed (pip install %s)", what.name, package,
                 package.replace("_", "-"))
     return False
-
-
-def _known_to_transformers(config: dict | None) -> bool:
-    """Whether transformers has a config class for this model type (custom code models are not checked)."""
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-
-    model_type = (config or {}).get("model_type")
-    return isinstance(model_type, str) and model_type in CONFIG_MAPPING_NAMES
 
 
 @dataclass(frozen=True)
@@ -207,12 +193,17 @@ def _findings(path: Path) -> dict[str, Problem]:
     if not (directory / "config.json").is_file():
         return {}
     raw = read_json(directory / "config.json", "config.json")
-    if not _known_to_transformers(raw):
+    if not known_model_type((raw or {}).get("model_type")):  # custom code models are not checked
         log.warning("model type %r is not one transformers knows: %s is not checked against a loader",
                     raw.get("model_type"), path.name)
         return {}
     with SafetensorsCheckpoint(str(path), path) as written:
         specs = dict(written.tensors)
+    # transformers decompresses per-expert tensors into fused MoE parameters as it loads them, reading each
+    # expert's weight_shape values, which meta tensors do not have; given none, it derives the shape from the packed
+    # tensor, exact when the bit width divides 32 (the widths compressed-tensors packs)
+    values = {name: torch.empty(0, dtype=torch.int64) for name in specs
+              if name.endswith(".weight_shape") and PER_EXPERT.search(name)}
     config = _transformers_config(directory)
     if isinstance(config, str):
         return {"config": Problem("config", frozenset(), config)}
@@ -226,13 +217,13 @@ def _findings(path: Path) -> dict[str, Problem]:
         except _LoadCrashed as err:
             return {"crashed": Problem("crashed", frozenset(), f"transformers would not build the model: {err}")}
         return {problem.kind: problem for problem in _gptq_problems(model, specs, raw["quantization_config"])}
-    problems = _problems_with(config, specs)
+    problems = _problems_with(config, specs, values)
     # transformers' compressed path refuses (loudly: a shape mismatch raises) the packed asymmetric zero points
     # compressed-tensors itself writes; its dequantizing path reads them. A load that would silently leave
     # parameters missing or tensors unused never gets that second chance.
     if problems and method == "compressed-tensors" and set(problems) == {"mismatched"}:
         config.quantization_config["dequantize"] = True
-        if not _problems_with(config, specs):
+        if not _problems_with(config, specs, values):
             log.warning("transformers loads %s only with quantization_config=CompressedTensorsConfig(dequantize=True): "
                         "%s", directory.name, problems["mismatched"].message)
             return {}
@@ -260,7 +251,7 @@ class _LoadCrashed(Exception):
 
 def _load_on_meta(config, state: dict) -> tuple:
     """The model transformers builds for ``config`` and its loading info for ``state`` (meta tensors)."""
-    cls = _model_class(config)
+    cls = model_class(config)
     try:
         with _quiet() as messages:
             return cls.from_pretrained(None, config=config, state_dict=state, device_map="meta",
@@ -270,12 +261,13 @@ def _load_on_meta(config, state: dict) -> tuple:
             from None
 
 
-def _problems_with(config, specs: dict) -> dict[str, Problem]:
+def _problems_with(config, specs: dict, values: dict | None = None) -> dict[str, Problem]:
     """What goes wrong, by kind, when transformers loads tensors of ``specs``' names, shapes and dtypes (empty:
-    nothing)."""
+    nothing); ``values`` are the few tensors whose data the loader reads, passed as they are."""
     import copy
 
     state = {name: torch.empty(info.shape, dtype=info.dtype, device="meta") for name, info in specs.items()}
+    state.update(values or {})
     try:
         model, info = _load_on_meta(copy.deepcopy(config), state)
     except _LoadCrashed as err:

@@ -8,7 +8,9 @@
         ...                                      # q_proj runs with ``approx`` as its weight
 
 Tied parameters (one Parameter under several names) stay tied: they are loaded from whichever of their names the
-checkpoint stores, so a tied lm_head finds the embedding.
+checkpoint stores, so a tied lm_head finds the embedding. Parameters transformers renames or fuses as it loads
+(Mixtral's ``block_sparse_moe``, per-expert MoE tensors stacked into one) are assembled the same way
+(:meth:`surgery.layout.ModelLayout.sources`).
 """
 
 from __future__ import annotations
@@ -109,10 +111,15 @@ class Loader:
     def __init__(self, model: nn.Module, checkpoint: Checkpoint, device: str = "cpu"):
         self.checkpoint = checkpoint
         self.device = device
+        from surgery.layout import ModelLayout
+
         self.module_names = {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
+        layout = ModelLayout.build(checkpoint.config)
+        renamed, self.fused = layout.sources(checkpoint.tensors) if layout is not None else ({}, {})
         self.stored_name = {}
         for names in parameter_aliases(model).values():
-            stored = next((name for name in names if name in checkpoint.tensors), names[0])
+            stored = next((name for name in names if name in checkpoint.tensors),
+                          next((renamed[name] for name in names if name in renamed), names[0]))
             self.stored_name.update({name: stored for name in names})
 
     def load(self, module: nn.Module) -> None:
@@ -133,6 +140,13 @@ class Loader:
             set_parameter(module, names, self._read(prefix + names[0], param.shape))
 
     def _read(self, name: str, shape: torch.Size) -> torch.Tensor:
+        if name in self.fused:  # experts stacked, gate and up halves side by side
+            parts = [torch.stack([self.checkpoint.get(part) for part in pattern]) for pattern in self.fused[name]]
+            tensor = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+            if tuple(tensor.shape) != tuple(shape):
+                raise BadInput(f"{self.checkpoint.source}: the tensors transformers fuses into {name!r} give shape "
+                               f"{tuple(tensor.shape)}, the config implies {tuple(shape)}")
+            return tensor.to(self.device, torch.float32)
         stored = self.stored_name[name]
         if stored not in self.checkpoint.tensors:
             raise BadInput(f"{self.checkpoint.source}: tensor {name!r} is missing (the model built from its config "
