@@ -30,7 +30,7 @@ def dequantized_format():
     class Dequantized(QuantFormat):
         name = "dequantized"
 
-        def group_sizes(self, inputs, requested):
+        def group_sizes(self, inputs, requested, together=frozenset()):
             return {module: requested for module in inputs}
 
         def specs(self, module, shape, scheme, dtype):
@@ -53,7 +53,7 @@ def dequantized_format():
             return Scheme(recipe["bits"], recipe["group_size"], recipe["scheme"] == "sym")
 
         def quantized_modules(self, ckpt):
-            return list(select_modules(ckpt, tuple(self._recipe(ckpt)["ignore"]))[0])
+            return list(select_modules(ckpt, tuple(self._recipe(ckpt)["ignore"])).modules)
 
         def decoded_weight(self, ckpt, module):
             return ckpt.get(f"{module}.weight").float()

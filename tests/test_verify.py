@@ -234,14 +234,19 @@ def test_a_conv1d_model_is_unloadable_and_fails(tiny_checkpoints, tmp_path):
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(source)
     save_tokenizer(source)
     output = tmp_path / "gpt2-w4"
-    # quantize's own output check refuses this output (exit 1); made here without it, as another tool would
+    # quantize refuses Conv1D projections (exit 2) and its output check would refuse the output (exit 1); made here
+    # without either, as another tool would: Conv1D taken for Linear, the check skipped
+    import surgery.layout as layout
     import surgery.quantize.formats.base as writer
 
     real_check, writer.check_transformers = writer.check_transformers, lambda *args: None
+    real_linear, layout._is_linear = layout._is_linear, lambda module: type(module).__name__ in ("Linear", "Conv1D")
+    layout._CACHE.clear()
     try:
         assert run_surgery("quantize", source, "-o", output, "--group-size", str(GROUP)).returncode == 0
     finally:
-        writer.check_transformers = real_check
+        writer.check_transformers, layout._is_linear = real_check, real_linear
+        layout._CACHE.clear()
     _, info = transformers.AutoModelForCausalLM.from_pretrained(output, output_loading_info=True)
     assert "transformer.h.0.attn.c_attn.weight" in info["missing_keys"]
     failed_in_one_line(verify(output, source), "transformer.h.0.attn.c_attn", "Conv1D")

@@ -40,8 +40,10 @@ def quantize(
     scheme: str = typer.Option("sym", "--scheme", help="sym or asym (integer zero points)."),
     method: str = typer.Option("rtn", "--method", help="rtn, hqq or selfcal."),
     fmt: str = typer.Option("compressed-tensors", "--format", help="compressed-tensors, gptq or gguf."),
-    ignore: str = typer.Option("lm_head", "--ignore", help="Comma-separated modules left unquantized: names, "
-                                                           "trailing parts (mlp.down_proj) or re:REGEX."),
+    ignore: str = typer.Option("lm_head,vision,projector", "--ignore",
+                               help="Comma-separated modules left unquantized: names, trailing parts "
+                                    "(mlp.down_proj), re:REGEX, or vision / projector (those parts of a "
+                                    "vision-language model). Routers, norms and embeddings are never quantized."),
     seed: Optional[int] = typer.Option(None, "--seed", help="selfcal: seed of the generated text (0)."),
     calibration_sequences: Optional[int] = typer.Option(None, "--calibration-sequences",
                                               help="selfcal: sequences kept for calibration per round (twice as "

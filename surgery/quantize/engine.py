@@ -86,7 +86,7 @@ class QuantizeConfig:
     scheme: str = "sym"
     method: str = "rtn"
     format: str = "compressed-tensors"
-    ignore: tuple[str, ...] = ("lm_head",)
+    ignore: tuple[str, ...] = ("lm_head", "vision", "projector")
     seed: int | None = None
     calibration_sequences: int | None = None
     rounds: int | None = None
@@ -176,45 +176,85 @@ class QuantizeResult:
                 "total_bytes": self.total_bytes, "seconds": self.seconds}
 
 
-def _ignored(module: str, patterns: tuple[str, ...]) -> bool:
+PARTS = ("vision", "projector")  # --ignore words naming a part of a multimodal model rather than a module
+NEVER_QUANTIZED = {"router", "norm", "embedding", "position_embedding", "attn_sink"}
+# Linear subclasses whose model transformers cannot load quantized, and why (checked with transformers 5.24).
+UNLOADABLE_LINEAR = {
+    "FalconLinear": "transformers' falcon initialises every FalconLinear through its .weight, which a quantized "
+                    "module does not have, so no quantized falcon checkpoint loads",
+}
+
+
+def _ignored(module: str, part: str, patterns: tuple[str, ...]) -> bool:
     for pattern in patterns:
         if pattern.startswith("re:"):
             if re.search(pattern[3:], module):
                 return True
-        elif module == pattern or module.endswith("." + pattern):
+        elif pattern in PARTS and part == pattern or module == pattern or module.endswith("." + pattern):
             return True
     return False
 
 
-def select_modules(ckpt: Checkpoint, ignore: tuple[str, ...]) -> tuple[dict[str, TensorInfo], set[str], torch.dtype]:
-    """The Linear modules to quantize (name → weight info), the Linear modules left alone, and the model dtype.
+@dataclass(frozen=True)
+class Selection:
+    """What :func:`select_modules` picks: ``modules`` to quantize (name → weight info), the Linear modules the loader
+    must leave alone (``ignored``), the model ``dtype``, the ``per_expert`` modules among ``modules`` (transformers
+    fuses them into one tensor per layer as it loads, so they share one grid) and the ``fused_experts`` tensors
+    (3-D, every expert in one) left in full precision."""
+
+    modules: dict[str, TensorInfo]
+    ignored: set[str]
+    dtype: torch.dtype
+    per_expert: frozenset[str] = frozenset()
+    fused_experts: tuple[str, ...] = ()
+
+
+def select_modules(ckpt: Checkpoint, ignore: tuple[str, ...]) -> Selection:
+    """The modules to quantize: the weights of the model's Linear projections (transformers' model for the config
+    says which) and its per-expert MoE projections; never routers, norms or embeddings.
 
     Args:
         ckpt: the source checkpoint.
-        ignore: module names, trailing parts of them or ``re:REGEX``.
+        ignore: module names, trailing parts of them, ``re:REGEX``, or ``vision`` / ``projector`` (those parts of
+            a vision-language model).
 
     Returns:
-        (modules, ignored Linear modules, dtype).
+        The :class:`Selection`.
 
     Example::
 
-        modules, ignored, dtype = select_modules(ckpt, ("lm_head",))
+        select_modules(ckpt, ("lm_head", "vision", "projector")).modules   # name → TensorInfo
     """
     arch = Architecture.from_config(ckpt.config)
-    modules, ignored_linear = {}, set()
+    modules, ignored_linear, per_expert, fused = {}, set(), set(), []
     dtypes = [info.dtype for info in ckpt.tensors.values() if info.dtype in FLOAT_DTYPES]
     dtype = max(set(dtypes), key=dtypes.count) if dtypes else torch.float32
     for name, info in ckpt.tensors.items():
-        kind = arch.role(name).kind
+        role = arch.role(name)
         module = name.removesuffix(".weight")
-        linear = name.endswith(".weight") and len(info.shape) == 2 and (kind in PROJECTION_KINDS or kind == "lm_head")
-        if linear and info.dtype in FLOAT_DTYPES and not _ignored(module, ignore):
+        if role.experts is not None and len(info.shape) == 3 and role.kind in PROJECTION_KINDS:
+            fused.append(name)
+            continue
+        projection = role.kind in PROJECTION_KINDS or role.kind == "lm_head"
+        candidate = name.endswith(".weight") and len(info.shape) == 2 and role.kind not in NEVER_QUANTIZED and \
+            (role.linear and projection or role.expert is not None and projection)
+        if candidate and info.dtype in FLOAT_DTYPES and not _ignored(module, role.part, ignore):
+            cls = arch.layout.module_class(name) if arch.layout is not None else None
+            if cls in UNLOADABLE_LINEAR:
+                raise BadInput(f"{ckpt.source}: {module} is a {cls}: {UNLOADABLE_LINEAR[cls]}")
             modules[module] = info
-        elif linear:
+            if role.expert is not None:
+                per_expert.add(module)
+        elif name.endswith(".weight") and role.linear:
             ignored_linear.add(module)
     if not modules:
-        raise BadInput(f"{ckpt.source}: no Linear weights to quantize (all ignored, or no decoder layers found)")
-    return modules, ignored_linear, dtype
+        raise BadInput(f"{ckpt.source}: no Linear weights to quantize (all ignored, or the model's projections are "
+                       f"not nn.Linear modules, such as GPT-2's Conv1D, which quantized loaders do not replace)")
+    if fused:
+        log.warning("%d fused MoE expert tensors (every expert in one 3-D tensor, such as %s) stay in %s: the "
+                    "loaders of this format quantize Linear modules only", len(fused), fused[0],
+                    str(dtype).removeprefix("torch."))
+    return Selection(modules, ignored_linear, dtype, frozenset(per_expert), tuple(fused))
 
 
 def plan_quantization(ckpt: Checkpoint, config: QuantizeConfig) -> Plan:
@@ -233,12 +273,18 @@ def plan_quantization(ckpt: Checkpoint, config: QuantizeConfig) -> Plan:
     """
     fmt, scheme = config.quant_format, config.grid_scheme()
     fmt.check_source(ckpt)
-    modules, ignored_linear, dtype = select_modules(ckpt, config.ignore)
-    sizes = fmt.group_sizes({module: info.shape[1] for module, info in modules.items()}, scheme.group_size)
+    selection = select_modules(ckpt, config.ignore)
+    modules, ignored_linear, dtype = selection.modules, selection.ignored, selection.dtype
+    sizes = fmt.group_sizes({module: info.shape[1] for module, info in modules.items()}, scheme.group_size,
+                            together=selection.per_expert)
     schemes = {module: replace(scheme, group_size=size) for module, size in sizes.items()}
     for module, info in modules.items():
         schemes[module].check(info.name, info.shape)
-    fallbacks = fmt.fallbacks(sizes, scheme.group_size)
+    # the config names modules as transformers' model does (llava's checkpoint has language_model.model.layers...,
+    # the model model.language_model.layers...); per-expert modules keep their checkpoint names
+    loader = Architecture.from_config(ckpt.config).loader_module
+    fallbacks = fmt.fallbacks({loader(module): size for module, size in sizes.items()}, scheme.group_size,
+                              always=frozenset(map(loader, selection.per_expert)))
     specs, source_of = [], {}
     for name, info in ckpt.tensors.items():
         module = name.removesuffix(".weight")
@@ -251,7 +297,7 @@ def plan_quantization(ckpt: Checkpoint, config: QuantizeConfig) -> Plan:
     if "lm_head" not in modules:
         ignored_linear.add("lm_head")  # a tied or ignored lm_head is still a Linear the loader must skip
     output_config = dict(ckpt.config)
-    entry = fmt.quantization_config(schemes, scheme, sorted(ignored_linear), dtype, fallbacks)
+    entry = fmt.quantization_config(schemes, scheme, sorted(set(map(loader, ignored_linear))), dtype, fallbacks)
     if entry is not None:
         output_config["quantization_config"] = entry
     return Plan(modules, schemes, fallbacks, specs, output_config, dtype, source_of)

@@ -52,7 +52,8 @@ def one_group_size(inputs: dict[str, int], requested: int) -> dict[str, int]:
     return {module: size for module in inputs}
 
 
-def per_module_group_sizes(inputs: dict[str, int], requested: int) -> dict[str, int]:
+def per_module_group_sizes(inputs: dict[str, int], requested: int,
+                           together: frozenset[str] = frozenset()) -> dict[str, int]:
     """Module name → group size, per module (compressed-tensors): ``requested`` where it divides the input
     dimension, else the largest of :data:`FALLBACK_GROUP_SIZES` below it that does::
 
@@ -61,6 +62,8 @@ def per_module_group_sizes(inputs: dict[str, int], requested: int) -> dict[str, 
     Args:
         inputs: module name → input dimension.
         requested: the requested group size.
+        together: modules that must share one group size (MoE experts, which transformers dequantizes with one
+            scheme): the largest that fits all of them.
 
     Returns:
         module name → group size.
@@ -72,6 +75,9 @@ def per_module_group_sizes(inputs: dict[str, int], requested: int) -> dict[str, 
         if size is None:
             raise _no_fit(module, columns, requested, " or ".join(map(str, candidates[1:])) or "a smaller size")
         sizes[module] = size
+    shared = [sizes[module] for module in together if module in sizes]
+    for module in together & sizes.keys():
+        sizes[module] = min(shared)  # each candidate divides the ones before it: the smallest fits every module
     return sizes
 
 
@@ -80,16 +86,19 @@ def _pattern(module: str) -> str:
     return re.sub(r"\.\d+\.", ".N.", module)
 
 
-def fallback_targets(sizes: dict[str, int], requested: int) -> dict[int, list[str]]:
-    """Fallback group size → compressed-tensors targets: one ``re:`` regex per kind of module (layer index
-    generalised) when every module of that kind shares the fallback, else the module names themselves.
+def fallback_targets(sizes: dict[str, int], requested: int, always: frozenset[str] = frozenset()) \
+        -> dict[int, list[str]]:
+    """Fallback group size → compressed-tensors targets: one ``re:`` regex per kind of module (layer and expert
+    indices generalised) when every module of that kind shares the fallback, else the module names themselves.
 
     Args:
         sizes: module → the group size it is quantized with.
-        requested: the requested group size (modules with it need no target of their own).
+        requested: the requested group size (modules with it need no target of their own, except ``always``).
+        always: modules targeted by name or regex whatever their size: MoE experts, whose config group
+            transformers finds by an ``re:`` target naming the experts.
 
     Returns:
-        Each fallback size (largest first) → its sorted targets.
+        Each fallback size → its sorted targets: the experts' size first, then the largest first.
 
     Example::
 
@@ -101,7 +110,7 @@ def fallback_targets(sizes: dict[str, int], requested: int) -> dict[int, list[st
         by_pattern.setdefault(_pattern(module), set()).add(size)
     targets: dict[int, list[str]] = {}
     for module, size in sorted(sizes.items()):
-        if size == requested:
+        if size == requested and module not in always:
             continue
         pattern = _pattern(module)
         if by_pattern[pattern] == {size}:
@@ -110,7 +119,15 @@ def fallback_targets(sizes: dict[str, int], requested: int) -> dict[int, list[st
                 targets[size].append(regex)
         else:
             targets.setdefault(size, []).append(module)
-    return {size: sorted(names) for size, names in sorted(targets.items(), reverse=True)}
+    # transformers dequantizes every expert with the first config group whose regex names experts: theirs goes first
+    holds_experts = {_group_size_holding(always, sizes)} if always else set()
+    order = sorted(targets, key=lambda size: (size not in holds_experts, -size))
+    return {size: sorted(targets[size]) for size in order}
+
+
+def _group_size_holding(modules: frozenset[str], sizes: dict[str, int]) -> int | None:
+    """The one group size ``modules`` share (per_module_group_sizes gives experts one)."""
+    return next((sizes[module] for module in modules if module in sizes), None)
 
 
 def _target_matches(module: str, target: str) -> bool:

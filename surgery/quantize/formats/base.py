@@ -132,12 +132,16 @@ class QuantFormat:
         if not ckpt.config:
             raise BadInput(f"{ckpt.source}: has no config.json, so the quantized model could not be loaded")
 
-    def group_sizes(self, inputs: dict[str, int], requested: int) -> dict[str, int]:
-        """Module → group size, given each module's input dimension (groups.py's fallbacks)."""
+    def group_sizes(self, inputs: dict[str, int], requested: int,
+                    together: frozenset[str] = frozenset()) -> dict[str, int]:
+        """Module → group size, given each module's input dimension (groups.py's fallbacks); ``together``: modules
+        (MoE experts) that must share one size."""
         raise NotImplementedError
 
-    def fallbacks(self, sizes: dict[str, int], requested: int) -> dict[int, list[str]]:
-        """Fallback group size → config targets, for formats whose config names them (default: none)."""
+    def fallbacks(self, sizes: dict[str, int], requested: int,
+                  always: frozenset[str] = frozenset()) -> dict[int, list[str]]:
+        """Fallback group size → config targets, for formats whose config names them (default: none); ``always``:
+        modules to target whatever their size."""
         return {}
 
     def specs(self, module: str, shape: tuple[int, int], scheme: Scheme, dtype: torch.dtype) -> list[TensorInfo]:

@@ -18,6 +18,7 @@ from dataclasses import replace
 
 import torch
 
+from surgery.arch import Architecture
 from surgery.io.checkpoint import Checkpoint, TensorInfo
 from surgery.quantize.formats.base import QuantFormat, module_tensors
 from surgery.quantize.formats.packing import pack, pad_rows, unpack
@@ -32,11 +33,13 @@ def _quant(ckpt: Checkpoint) -> dict:
 class CompressedTensors(QuantFormat):
     name = "compressed-tensors"
 
-    def group_sizes(self, inputs: dict[str, int], requested: int) -> dict[str, int]:
-        return per_module_group_sizes(inputs, requested)
+    def group_sizes(self, inputs: dict[str, int], requested: int,
+                    together: frozenset[str] = frozenset()) -> dict[str, int]:
+        return per_module_group_sizes(inputs, requested, together)
 
-    def fallbacks(self, sizes: dict[str, int], requested: int) -> dict[int, list[str]]:
-        return fallback_targets(sizes, requested)
+    def fallbacks(self, sizes: dict[str, int], requested: int,
+                  always: frozenset[str] = frozenset()) -> dict[int, list[str]]:
+        return fallback_targets(sizes, requested, always)
 
     def specs(self, module: str, shape: tuple[int, int], scheme: Scheme, dtype: torch.dtype) -> list[TensorInfo]:
         out, inp = shape
@@ -97,7 +100,8 @@ class CompressedTensors(QuantFormat):
         return Scheme(weights["num_bits"], weights["group_size"], weights["symmetric"])
 
     def module_scheme(self, ckpt: Checkpoint, module: str, default: Scheme) -> Scheme:
-        return replace(default, group_size=group_size_of(module, _quant(ckpt)["config_groups"]))
+        loader_name = Architecture.from_config(ckpt.config).loader_module(module)  # what the config targets
+        return replace(default, group_size=group_size_of(loader_name, _quant(ckpt)["config_groups"]))
 
     def quantized_modules(self, ckpt: Checkpoint) -> list[str]:
         return [name.removesuffix(".weight_packed") for name in ckpt.tensors if name.endswith(".weight_packed")]

@@ -328,7 +328,8 @@ class GGUF(QuantFormat):
             raise BadInput(f"{ckpt.source}: has no config.json, so no GGUF hyperparameters could be written")
         check_source(ckpt.config, ckpt.source)
 
-    def group_sizes(self, inputs: dict[str, int], requested: int) -> dict[str, int]:
+    def group_sizes(self, inputs: dict[str, int], requested: int,
+                    together: frozenset[str] = frozenset()) -> dict[str, int]:
         for module, columns in inputs.items():
             if columns % BLOCK:
                 raise BadInput(f"{module}: input dimension {columns} is not a multiple of GGUF's block of 32 "

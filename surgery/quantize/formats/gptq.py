@@ -29,7 +29,8 @@ class GPTQ(QuantFormat):
     def scale_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return torch.float16
 
-    def group_sizes(self, inputs: dict[str, int], requested: int) -> dict[str, int]:
+    def group_sizes(self, inputs: dict[str, int], requested: int,
+                    together: frozenset[str] = frozenset()) -> dict[str, int]:
         return one_group_size(inputs, requested)
 
     def specs(self, module: str, shape: tuple[int, int], scheme: Scheme, dtype: torch.dtype) -> list[TensorInfo]:
