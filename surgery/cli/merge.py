@@ -68,6 +68,12 @@ def merge(
                                                      help="Vocabulary rows: the tokenizer's tokens rounded up to a "
                                                           "multiple of N, extra rows the mean (mergekit's sizing; "
                                                           "default: the tokenizer source's rows)."),
+    modules: Optional[str] = typer.Option(None, "--modules", help="Vision-language models: text (default; the "
+                                                                  "vision tower and projector are the base's), "
+                                                                  "vision, or all."),
+    routers: Optional[str] = typer.Option(None, "--routers", help="MoE routers: merge (default, like any weight) or "
+                                                                  "base (keep the base's; experts still merge "
+                                                                  "expert by expert)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Recipe: our YAML, a mergekit YAML config, "
                                                                 "or an earlier output's surgery.json."),
     aim: bool = typer.Option(False, "--aim", help="Apply AIM on top of the method: each weight's change is scaled "
@@ -98,7 +104,7 @@ def merge(
     job = MergeJob.from_options(models or (), output=output, method=method, base=base, weights=weights,
                                 parameters=parameters, seed=seed, dtype=dtype, dare_rescale=dare_rescale,
                                 tokenizer_source=tokenizer_source, pad_to_multiple_of=pad_to_multiple_of,
-                                recipe=recipe, aim=aim, omega=omega, calibration=calibration, stats=stats,
+                                modules=modules, routers=routers, recipe=recipe, aim=aim, omega=omega, calibration=calibration, stats=stats,
                                 max_tokens=max_tokens, device=device, max_shard_size=max_shard_size, force=force,
                                 executor=executor, ray_address=ray_address)
     if dry_run:

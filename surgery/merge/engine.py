@@ -13,6 +13,7 @@ that adds no task vector (see :mod:`surgery.merge.vocab`).
 
 from __future__ import annotations
 
+import logging
 import os
 import zlib
 from contextlib import ExitStack, contextmanager
@@ -39,6 +40,7 @@ from surgery.merge.vocab import TOKENIZER_FILES, VocabularyPlan, VocabularySourc
 from surgery.output import Card, OutputRecord
 
 VOCAB_ROLES = {"embedding", "lm_head"}
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -67,6 +69,8 @@ class MergeInputs:
     auxiliary: dict[str, dict[str, bytes]]  # source → its tokenizer and generation files
     vocabulary: VocabularyPlan | None  # None when the models have no embedding
     tokenizer_source: Checkpoint  # whose auxiliary files the output carries (the base's for union)
+    modules: str = "all"  # the recipe's: the parts of a vision-language model merged
+    routers: str = "merge"  # the recipe's: MoE routers merged, or the base's
 
     @property
     def reference(self) -> Checkpoint:
@@ -186,13 +190,34 @@ def open_inputs(recipe: Recipe, stack: ExitStack) -> MergeInputs:
     if recipe.chat_template:
         resolve_template(recipe.chat_template, list(auxiliary.values()), "chat_template")
     arch = Architecture.from_config(reference.config)
-    rows = {c.source: _embedding_rows(c, arch) for c in checkpoints}
+    rows = {c.source: _embedding_rows(c, Architecture.from_config(c.config)) for c in checkpoints}
     vocabulary = None
     if all(count is not None for count in rows.values()):
         sources = [VocabularySource(c.source, auxiliary[c.source], rows[c.source]) for c in checkpoints]
         vocabulary = plan_vocabulary(sources, source_name, reference.source,
                                      pad_to_multiple_of=recipe.pad_to_multiple_of)
-    return MergeInputs(method, slices, checkpoints, auxiliary, vocabulary, tokenizer_source)
+    return MergeInputs(method, slices, checkpoints, auxiliary, vocabulary, tokenizer_source, recipe.modules,
+                       recipe.routers)
+
+
+def copied_from_base(inputs: MergeInputs, arch: Architecture, name: str) -> bool:
+    """Whether the output keeps tensor ``name`` as the base (the first model, for methods without one) has it: a
+    vision-language model's parts outside ``modules``, and MoE routers with ``routers: base``.
+
+    Args:
+        inputs: the opened inputs (their recipe's modules and routers).
+        arch: the reference model's architecture.
+        name: an output tensor name.
+
+    Returns:
+        True when the tensor is copied.
+
+    Example: ``copied_from_base(inputs, arch, "vision_tower.encoder.layers.0.mlp.fc1.weight")   # True by default``
+    """
+    role = arch.role(name)
+    if inputs.modules != "all" and (role.part == "text") != (inputs.modules == "text"):
+        return True
+    return role.kind == "router" and inputs.routers == "base"
 
 
 def _embedding_rows(ckpt: Checkpoint, arch: Architecture) -> int | None:
@@ -213,8 +238,9 @@ def _tensor_name_in(ckpt: Checkpoint, name: str, arch: Architecture) -> str | No
     """The name holding ``name``'s data in ``ckpt``: itself, or the embedding for a tied lm_head."""
     if name in ckpt.tensors:
         return name
-    if arch.role(name).kind == "lm_head" and Architecture.from_config(ckpt.config).tie_word_embeddings:
-        embeddings = [n for n in ckpt.tensors if arch.role(n).kind == "embedding"]
+    own = Architecture.from_config(ckpt.config)
+    if arch.role(name).kind == "lm_head" and own.tie_word_embeddings:
+        embeddings = [n for n in ckpt.tensors if own.role(n).kind == "embedding"]
         return embeddings[0] if len(embeddings) == 1 else None
     return None
 
@@ -235,7 +261,10 @@ def _check_and_spec(inputs: MergeInputs, arch: Architecture, out_name: str, pair
     for ckpt, name in pairs:
         held = _tensor_name_in(ckpt, name, arch)
         if held is None:
-            raise BadInput(f"{ckpt.source}: tensor {name!r} is missing (present in {reference.source})")
+            part = arch.role(out_name).part
+            hint = f" (the {part} of a vision-language model: --modules text merges the language model only)" \
+                if part != "text" else ""
+            raise BadInput(f"{ckpt.source}: tensor {name!r} is missing (present in {reference.source}){hint}")
         other = ckpt.tensors[held].shape
         if other != info.shape and not (vocab and other[1:] == info.shape[1:]):
             raise BadInput(f"tensor {name!r}: shape {info.shape} in {reference.source} but {other} in "
@@ -263,15 +292,25 @@ def plan_tensors(inputs: MergeInputs, dtype: torch.dtype | None) -> list[Planned
     """
     reference = inputs.reference
     arch = Architecture.from_config(reference.config)
-    for ckpt in inputs.checkpoints:
-        if _identity(ckpt) != _identity(reference):
-            raise BadInput(f"architecture mismatch: {reference.source} is {_identity(reference)[0]} "
-                           f"{list(_identity(reference)[1])}, {ckpt.source} is {_identity(ckpt)[0]} "
-                           f"{list(_identity(ckpt)[1])}")
+    text_names = _other_wrappings(inputs, arch)
+    experts = {ckpt.source: Architecture.from_config(ckpt.config).experts_summary().get("experts_per_layer")
+               for ckpt in inputs.checkpoints}
+    if len(set(experts.values())) > 1:
+        raise BadInput("experts per MoE layer differ (" + ", ".join(f"{source}: {count}" for source, count in
+                                                                   experts.items())
+                       + "): experts are merged one to one, expert i with expert i, so every model needs as many")
+
+    def name_in(ckpt: Checkpoint, name: str) -> str:
+        """``name`` (the reference's) as ``ckpt`` calls it: itself, or its language-model counterpart."""
+        if ckpt.source not in text_names:
+            return name
+        return text_names[ckpt.source].get(arch.text_key(name) or "", name)
 
     def planned(part: SliceInputs, out_name: str, rename, t: float) -> PlannedTensor:
-        base_name = rename(part.base_start) if part.base else None
-        model_names = [rename(entry.layer_range[0]) for entry in part.entries]
+        base_name = name_in(part.base, rename(part.base_start)) if part.base else None
+        model_names = [name_in(ckpt, rename(entry.layer_range[0])) for ckpt, entry in zip(part.models, part.entries)]
+        if copied_from_base(inputs, arch, out_name):  # only the base (or the first model) is read
+            model_names = [] if part.base else model_names[:1]
         pairs = ([(part.base, base_name)] if part.base else []) + list(zip(part.models, model_names))
         return PlannedTensor(_check_and_spec(inputs, arch, out_name, pairs, dtype), part, base_name, model_names, t)
 
@@ -290,6 +329,24 @@ def plan_tensors(inputs: MergeInputs, dtype: torch.dtype | None) -> list[Planned
                 plan.append(planned(part, with_layer_index(name, out_layer), rename, t))
             out_layer += 1
     return sorted(plan, key=lambda p: natural_key(p.spec.name))
+
+
+def _other_wrappings(inputs: MergeInputs, arch: Architecture) -> dict[str, dict[str, str]]:
+    """For each input whose architecture is not the reference's but wraps the same language model (a
+    vision-language model and its text-only fine-tune, either way round): its tensor names by language-model
+    position (:meth:`Architecture.text_key`). BadInput for any other mismatch."""
+    reference = inputs.reference
+    names = {}
+    for ckpt in inputs.checkpoints:
+        if _identity(ckpt) == _identity(reference):
+            continue
+        other = Architecture.from_config(ckpt.config)
+        if other.text_model_type != arch.text_model_type or arch.layout is None or other.layout is None:
+            raise BadInput(f"architecture mismatch: {reference.source} is {_identity(reference)[0]} "
+                           f"{list(_identity(reference)[1])}, {ckpt.source} is {_identity(ckpt)[0]} "
+                           f"{list(_identity(ckpt)[1])}")
+        names[ckpt.source] = {key: name for name in ckpt.tensors if (key := other.text_key(name)) is not None}
+    return names
 
 
 def _seed_for(seed: int, name: str) -> int:
@@ -337,6 +394,12 @@ def aim_factors_for(recipe: Recipe, inputs: MergeInputs, plan: list[PlannedTenso
             factors[name] = aim.aim_factors(stats[name], settings["omega"])
     if not factors:
         raise BadInput(f"{where}: no statistics for any tensor of {inputs.base.source} (statistics of another model?)")
+    arch = Architecture.from_config(inputs.base.config)
+    experts = [p.spec.name for p in plan if p.spec.name not in factors and
+               (arch.role(p.spec.name).expert is not None or arch.role(p.spec.name).experts is not None)]
+    if experts:  # statistics come from nn.Linear inputs; transformers runs MoE experts as fused tensors
+        log.warning("aim: %d MoE expert tensors (such as %s) have no activation statistics and are merged without "
+                    "AIM", len(experts), experts[0])
     return factors
 
 
@@ -390,9 +453,26 @@ class TensorMerger:
                 values[parameter.name] = parameter.finish(values[parameter.name], self.recipe)
         return values
 
+    def _merge(self, merge_input: TensorMerge, name: str) -> torch.Tensor:
+        """The method on one tensor; on a fused MoE tensor (every expert stacked along dim 0), expert by expert, so
+        that expert i's task vector is model i's expert i minus the base's and SVD methods decompose each expert's
+        matrix, exactly as for experts stored one tensor each."""
+        role = self.arch.role(name)
+        if role.experts is None or len(merge_input.models[0].shape) != 3:
+            return self.inputs.method.function(merge_input)
+        experts = []
+        for index in range(merge_input.models[0].shape[0]):
+            experts.append(self.inputs.method.function(replace(
+                merge_input, base=None if merge_input.base is None else merge_input.base[index],
+                models=[model[index] for model in merge_input.models], is_matrix=True)))
+        return torch.stack(experts)
+
     def __call__(self, name: str) -> torch.Tensor:
         planned = self.plan[name]
         part = planned.part
+        if copied_from_base(self.inputs, self.arch, name):
+            ckpt, input_name = planned.inputs()[0]  # the base (the first model for methods without one)
+            return self._read(ckpt, input_name).to(planned.spec.dtype)
         tensors = [self._read(ckpt, input_name) for ckpt, input_name in planned.inputs()]
         vocabulary = self.inputs.vocabulary
         if self.arch.role(name).kind in VOCAB_ROLES and vocabulary is not None:
@@ -410,7 +490,7 @@ class TensorMerger:
             is_matrix=len(planned.spec.shape) == 2 and self.arch.role(name).kind not in NOT_DECOMPOSED_KINDS,
             generator=generator, out_dtype=dtype,
         )
-        result = self.inputs.method.function(merge_input)
+        result = self._merge(merge_input, name)
         if factors is not None:
             from surgery.merge.aim import apply_aim
 

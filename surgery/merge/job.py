@@ -18,7 +18,8 @@ from typing import Any, Mapping, Sequence
 from surgery.errors import BadInput
 from surgery.executors import check_executor
 from surgery.io.writer import DEFAULT_MAX_SHARD_SIZE
-from surgery.merge.recipe import DARE_RESCALES, ModelEntry, Recipe, aim_settings, load_recipe
+from surgery.merge.recipe import (DARE_RESCALES, MODULE_CHOICES, ROUTER_CHOICES, ModelEntry, Recipe, aim_settings,
+                                  load_recipe)
 from surgery.merge.registry import PARAMETERS, MergeMethod, aliases, get_method
 from surgery.merge.vocab import check_pad_to_multiple_of
 
@@ -83,7 +84,7 @@ def build_recipe(models: Sequence[str] = (), *, method: str | None = None, base:
                  weights: str | Sequence[float] | None = None, parameters: Mapping[str, Any] | None = None,
                  seed: int | None = None, dtype: str | None = None, dare_rescale: str | None = None,
                  tokenizer_source: str | None = None, pad_to_multiple_of: int | None = None,
-                 recipe: str | Path | None = None, aim: bool = False, omega: float | None = None,
+                 modules: str | None = None, routers: str | None = None, recipe: str | Path | None = None, aim: bool = False, omega: float | None = None,
                  calibration: str | None = None, stats: str | None = None, max_tokens: int | None = None,
                  **parameter_values: Any) -> Recipe:
     """The recipe ``surgery merge`` builds from its options: a recipe file's, or the models, with the options given
@@ -95,7 +96,8 @@ def build_recipe(models: Sequence[str] = (), *, method: str | None = None, base:
         base: the base model (without ``recipe``).
         weights: one weight per non-base model, "W1,W2,..." or a list.
         parameters: global parameter values by name or alias (``{"lambda": 1.0, "density": 0.2}``).
-        seed, dtype, dare_rescale, tokenizer_source, pad_to_multiple_of: the recipe's fields, when given.
+        seed, dtype, dare_rescale, tokenizer_source, pad_to_multiple_of, modules, routers: the recipe's fields,
+            when given.
         recipe: a recipe file (our YAML, a mergekit config, an earlier output's surgery.json).
         aim: apply AIM; ``omega``, ``calibration``, ``stats``, ``max_tokens`` are its settings (only with it).
         **parameter_values: more global parameter values by name or alias (``density=0.2``, ``alpha=0.5``).
@@ -131,6 +133,11 @@ def build_recipe(models: Sequence[str] = (), *, method: str | None = None, base:
     built.parameters.update({name: given[name] for name in PARAMETERS if name in given})
     for field, value in (("seed", seed), ("dtype", dtype), ("dare_rescale", dare_rescale),
                          ("tokenizer_source", tokenizer_source)):
+        if value is not None:
+            setattr(built, field, value)
+    for field, value, choices in (("modules", modules, MODULE_CHOICES), ("routers", routers, ROUTER_CHOICES)):
+        if value is not None and value not in choices:
+            raise BadInput(f"--{field} {value!r}: expected {', '.join(choices)}")
         if value is not None:
             setattr(built, field, value)
     if pad_to_multiple_of is not None:
@@ -185,8 +192,8 @@ class MergeJob:
             output: the output directory.
             device, max_shard_size, force, executor, ray_address: how to write it (the fields).
             **recipe_options: :func:`build_recipe`'s options: method, base, weights, parameters, seed, dtype,
-                dare_rescale, tokenizer_source, pad_to_multiple_of, recipe, aim, omega, calibration, stats,
-                max_tokens, and parameter values by name or alias (``density=0.2``, ``alpha=0.5``).
+                dare_rescale, tokenizer_source, pad_to_multiple_of, modules, routers, recipe, aim, omega,
+                calibration, stats, max_tokens, and parameter values by name or alias (``density=0.2``, ``alpha=0.5``).
 
         Returns:
             The checked :class:`MergeJob`.

@@ -42,7 +42,11 @@ from surgery.errors import BadInput
 from surgery.merge.vocab import check_pad_to_multiple_of
 
 RECIPE_KEYS = {"method", "base", "models", "slices", "parameters", "seed", "dtype", "tokenizer_source",
-               "dare_rescale", "aim", "chat_template", "pad_to_multiple_of"}
+               "dare_rescale", "aim", "chat_template", "pad_to_multiple_of", "modules", "routers"}
+# Which parts of a vision-language model are merged; the others are copied from the base (mergekit's modular VLMs).
+MODULE_CHOICES = ("text", "vision", "all")
+# MoE routers: merged like any other weight, or the base's kept (the experts' task vectors still merge).
+ROUTER_CHOICES = ("merge", "base")
 MODEL_KEYS = {"model", "parameters", "layer_range"}
 SLICE_KEYS = {"sources", "parameters", "base"}
 AIM_KEYS = {"omega", "stats", "calibration", "max_tokens"}
@@ -86,6 +90,8 @@ class Recipe:
     aim: dict[str, Any] | None = None  # activation-informed merging: omega and stats, or calibration + max_tokens
     chat_template: str | None = None  # "auto" (the inputs' most common), "chatml", or a Jinja template
     pad_to_multiple_of: int | None = None  # vocabulary rows: tokens rounded up to this (None: the source's rows)
+    modules: str = "text"  # vision-language models: the parts merged (MODULE_CHOICES); the rest is the base's
+    routers: str = "merge"  # MoE routers (ROUTER_CHOICES)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -106,9 +112,7 @@ class Recipe:
             raise BadInput(f"{origin}: layer_range belongs in 'slices', not 'models'")
         slices = [_slice(entry, f"{origin}: slice {number}")
                   for number, entry in enumerate(_list(data.get("slices"), "slices", origin))]
-        dare_rescale = _text(data.get("dare_rescale"), "dare_rescale", origin) or "l1"
-        if dare_rescale not in DARE_RESCALES:
-            raise BadInput(f"{origin}: dare_rescale {dare_rescale!r}: expected {', '.join(DARE_RESCALES)}")
+        dare_rescale = _choice(data.get("dare_rescale"), "dare_rescale", DARE_RESCALES, origin)
         return cls(method=_text(data["method"], "method", origin, required=True), models=models,
                    base=_text(data.get("base"), "base", origin), parameters=_parameters(data.get("parameters"), origin),
                    slices=slices or None, seed=_seed(data.get("seed", 0), origin),
@@ -117,7 +121,9 @@ class Recipe:
                    dare_rescale=dare_rescale, aim=aim_settings(data.get("aim"), origin),
                    chat_template=_text(data.get("chat_template"), "chat_template", origin),
                    pad_to_multiple_of=check_pad_to_multiple_of(data.get("pad_to_multiple_of"),
-                                                               f"{origin}: pad_to_multiple_of"))
+                                                               f"{origin}: pad_to_multiple_of"),
+                   modules=_choice(data.get("modules"), "modules", MODULE_CHOICES, origin),
+                   routers=_choice(data.get("routers"), "routers", ROUTER_CHOICES, origin))
 
     @property
     def sources(self) -> list[str]:
@@ -126,6 +132,14 @@ class Recipe:
         for entry in self.models + [source for part in self.slices or [] for source in part.sources]:
             names.append(entry.model)
         return list(dict.fromkeys(names))
+
+
+def _choice(value: Any, key: str, choices: tuple[str, ...], origin: str) -> str:
+    """``value`` (absent: the first choice) when it is one of ``choices``; BadInput naming ``key`` else."""
+    value = _text(value, key, origin) or choices[0]
+    if value not in choices:
+        raise BadInput(f"{origin}: {key} {value!r}: expected {', '.join(choices)}")
+    return value
 
 
 def _text(value: Any, key: str, origin: str, *, required: bool = False) -> str | None:
