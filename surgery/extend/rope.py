@@ -12,7 +12,10 @@ Methods transformers has no type for (Giraffe's power and truncated bases) are c
 per-pair factors θ_i/θ'_i, the same for short and long contexts, the magnitude pinned to 1.
 
 Rope parameters a method does not set (Qwen2-VL's ``mrope_section``, gpt-oss's ``truncate``...) are carried into
-both ``rope_parameters`` and ``rope_scaling`` unchanged. A config already scaled by yarn or llama3 (gpt-oss,
+both ``rope_parameters`` and ``rope_scaling`` unchanged; Qwen2-VL's sections split the same scaled frequencies
+among the time, height and width positions, so they need no change. Where the parameters are per layer type
+(gemma3: ``full_attention`` and ``sliding_attention``), the full-attention layers' RoPE is extended and the
+sliding-window layers', which never attend past their window, is kept (as Gemma 3 itself was extended to 128K). A config already scaled by yarn or llama3 (gpt-oss,
 Llama-3.1) is extended by the same method, its factor multiplied over the same trained geometry; other
 combinations are refused.
 """
@@ -30,6 +33,7 @@ from surgery.errors import BadInput
 log = logging.getLogger(__name__)
 
 METHODS = ("linear", "ntk", "dynamic", "yarn", "llama3", "power", "truncated")
+EXTENDED_LAYER_TYPE = "full_attention"  # with RoPE parameters per layer type, the layers whose RoPE is extended
 ZEROED_FACTOR = 1e30  # longrope factor for "no rotation": finite (strict JSON has no Infinity), θ' ≈ 1e-30 θ
 
 
@@ -53,6 +57,7 @@ class RopeGeometry:
     factor: float = 1.0
     length: int | None = None  # None: trained_length
     rope: dict = field(default_factory=dict, compare=False)
+    per_layer_type: dict | None = field(default=None, compare=False)  # gemma3: layer type → its rope parameters
 
     @property
     def inv_freq(self) -> torch.Tensor:
@@ -106,8 +111,13 @@ def rope_geometry(config: dict) -> RopeGeometry:
     """
     text = _text_config(config)
     rope = _source_rope(text)
+    per_layer_type = None
     if any(isinstance(value, dict) for value in rope.values()):
-        raise BadInput("config.json: RoPE parameters per layer type (e.g. gemma3) are not supported yet")
+        per_layer_type = {key: dict(value) for key, value in rope.items() if isinstance(value, dict)}
+        if EXTENDED_LAYER_TYPE not in per_layer_type:
+            raise BadInput(f"config.json: RoPE parameters per layer type ({', '.join(per_layer_type)}) without a "
+                           f"{EXTENDED_LAYER_TYPE!r} entry: no layers attend over the whole context to extend")
+        rope = per_layer_type[EXTENDED_LAYER_TYPE]
     kind = rope.get("rope_type", rope.get("type", "default"))
     kind = "default" if kind == "mrope" else kind  # Qwen2-VL's legacy name for its sectioned default RoPE
     base = rope.get("rope_theta")
@@ -122,7 +132,7 @@ def rope_geometry(config: dict) -> RopeGeometry:
     partial = float(rope.get("partial_rotary_factor") or 1.0)
     factor = float(rope.get("factor") or 1.0) if kind != "default" else 1.0
     return RopeGeometry(float(base), int(head_dim * partial), int(trained), partial, int(head_dim), kind, factor,
-                        _set_up_length(text, kind, int(trained), factor), rope)
+                        _set_up_length(text, kind, int(trained), factor), rope, per_layer_type)
 
 
 def _set_up_length(text: dict, kind: str, trained: int, factor: float) -> int:
@@ -369,7 +379,9 @@ def _written_config(config: dict, g: RopeGeometry, rope_set: dict, length: int) 
 
 
 def _with_rope(text: dict, rope: dict, length: int, g: RopeGeometry) -> dict:
-    text["rope_parameters"] = dict(rope)
+    # older transformers and vLLM apply rope_scaling + rope_theta to gemma3's full-attention layers only
+    text["rope_parameters"] = dict(rope) if g.per_layer_type is None else \
+        {**g.per_layer_type, EXTENDED_LAYER_TYPE: dict(rope)}
     text["rope_theta"] = rope["rope_theta"]
     legacy = {key: value for key, value in rope.items() if key not in ("rope_theta", "partial_rotary_factor")}
     legacy.setdefault("type", legacy["rope_type"])

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from surgery.errors import BadInput, one_line
-from surgery.extend.rope import ExtensionPlan, RopeGeometry
+from surgery.extend.rope import EXTENDED_LAYER_TYPE, ExtensionPlan, RopeGeometry
 
 RELATIVE_TOLERANCE = 1e-5  # transformers computes in float32
 IGNORED_ROPE_KEYS = {"type"}  # the legacy name of rope_type: transformers reads it only when rope_type is absent
@@ -138,6 +138,7 @@ def _rotary_class(text):
 def _rotary_attributes(module) -> dict:
     return {key: _plain(value) for key, value in vars(module).items()
             if not key.startswith("_") and key not in RESTATED_ATTRIBUTES
+            and not key.endswith("_attention_scaling")  # gemma3's per layer type, compared like attention_scaling
             and isinstance(value, (bool, int, float, str, list, tuple))}
 
 
@@ -159,13 +160,23 @@ def read_back(config: dict, seq_len: int | None = None) -> ReadBack:
 
     text = text_config(config)
     got = ReadBack(None, None, _plain(text.rope_parameters), {}, getattr(text, "max_position_embeddings", None))
-    rope_type = text.rope_parameters.get("rope_type", "default")
+    per_layer_type = EXTENDED_LAYER_TYPE in text.rope_parameters  # gemma3: one rotary embedding per layer type
+    rope = text.rope_parameters[EXTENDED_LAYER_TYPE] if per_layer_type else text.rope_parameters
+    rope_type = rope.get("rope_type", "default")
     rotary = _rotary_class(text)
+    prefix = f"{EXTENDED_LAYER_TYPE}_" if per_layer_type else ""
     try:
-        if rotary is not None:
-            module = rotary(config=copy.deepcopy(text))
-            got.inv_freq, got.attention = module.inv_freq.clone(), float(module.attention_scaling)
+        module = rotary(config=copy.deepcopy(text)) if rotary is not None else None
+        if module is not None and hasattr(module, f"{prefix}inv_freq"):
+            got.inv_freq = getattr(module, f"{prefix}inv_freq").clone()
+            got.attention = float(getattr(module, f"{prefix}attention_scaling"))
             got.rotary = _rotary_attributes(module)
+        elif per_layer_type:  # no full-attention layer among layer_types: the module builds none, ask the function
+            kind = "default" if rope_type == "default" else rope_type
+            init = rotary.compute_default_rope_parameters if kind == "default" else ROPE_INIT_FUNCTIONS[kind]
+            got.inv_freq, got.attention = init(copy.deepcopy(text), torch.device("cpu"),
+                                               layer_type=EXTENDED_LAYER_TYPE)
+            got.rotary = _rotary_attributes(module) if module is not None else {}
         elif rope_type == "default":
             got.inv_freq, got.attention = RopeGeometry(text.rope_parameters["rope_theta"], _dim(text), 1).inv_freq, 1.0
             got.inv_freq = got.inv_freq.to(torch.float32)
@@ -265,8 +276,13 @@ def expectation(plan: ExtensionPlan) -> Expectation:
     """
     source = read_back(plan.source)
     rotary = None if source.error else source.rotary
-    rope = {key: value for key, value in {**source.rope, **_plain(plan.rope_set)}.items()
-            if key not in IGNORED_ROPE_KEYS}
+    if plan.geometry.per_layer_type is not None:  # the full-attention layers' parameters change, the others' not
+        rope = {**source.rope, EXTENDED_LAYER_TYPE: {
+            key: value for key, value in {**source.rope[EXTENDED_LAYER_TYPE], **_plain(plan.rope_set)}.items()
+            if key not in IGNORED_ROPE_KEYS}}
+    else:
+        rope = {key: value for key, value in {**source.rope, **_plain(plan.rope_set)}.items()
+                if key not in IGNORED_ROPE_KEYS}
     text = plan.config.get("text_config") or plan.config
     return Expectation(plan.inv_freq.tolist(), plan.attention_factor,
                        plan.new_length if plan.method == "dynamic" else None, rope, rotary,
@@ -365,6 +381,9 @@ def problems(config: dict, want: Expectation) -> list[str]:
                        got.attention)
     if want.rope is not None:
         rope = {key: value for key, value in got.rope.items() if key not in IGNORED_ROPE_KEYS}
+        if EXTENDED_LAYER_TYPE in rope:
+            rope[EXTENDED_LAYER_TYPE] = {key: value for key, value in rope[EXTENDED_LAYER_TYPE].items()
+                                         if key not in IGNORED_ROPE_KEYS}
         found += dict_mismatches("rope parameter", want.rope, rope)
     if want.rotary is not None:
         found += dict_mismatches("rotary embedding's", want.rotary, got.rotary, verb="derived")
