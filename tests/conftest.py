@@ -45,6 +45,31 @@ def _llava_config():
                                                     num_attention_heads=2, image_size=32, patch_size=8))
 
 
+MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}  # Qwen-VL's sections
+
+
+def _qwen2_vl_config():
+    import transformers
+
+    text = dict(COMMON, rope_parameters=MROPE)
+    return transformers.Qwen2VLConfig(text_config=text, vision_config=dict(
+        depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=8, spatial_merge_size=2))
+
+
+def _gemma3_config():
+    import transformers
+
+    return transformers.Gemma3Config(
+        text_config=transformers.Gemma3TextConfig(**COMMON, head_dim=16,
+                                                  layer_types=["sliding_attention", "full_attention"]),
+        vision_config=transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                      num_attention_heads=2, image_size=32, patch_size=8),
+        mm_tokens_per_image=4, image_token_index=150, boi_token_index=151, eoi_token_index=152)
+
+
+MOE = dict(num_experts_per_tok=2)
+DEEPSEEK_MOE = dict(MOE, n_routed_experts=4, moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1,
+                    n_group=1, topk_group=1)
 MORE_FAMILIES = {
     "gpt2": lambda t: t.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=160, n_positions=256, bos_token_id=1,
                                    eos_token_id=2),
@@ -56,18 +81,56 @@ MORE_FAMILIES = {
     "phi": lambda t: t.PhiConfig(**COMMON),
     "starcoder2": lambda t: t.Starcoder2Config(**COMMON),
     "llava": lambda t: _llava_config(),
+    "qwen3_moe": lambda t: t.Qwen3MoeConfig(**COMMON, **MOE, num_experts=4, moe_intermediate_size=32, head_dim=16),
+    "deepseek_v3": lambda t: t.DeepseekV3Config(**COMMON, **DEEPSEEK_MOE, q_lora_rank=32, kv_lora_rank=32,
+                                                qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16),
+    "gpt_oss": lambda t: t.GptOssConfig(**COMMON, **MOE, num_local_experts=4, head_dim=16, sliding_window=16,
+                                        layer_types=["sliding_attention", "full_attention"]),
+    "olmo2": lambda t: t.Olmo2Config(**COMMON),
+    "granite": lambda t: t.GraniteConfig(**COMMON),
+    "cohere": lambda t: t.CohereConfig(**COMMON),
+    "olmoe": lambda t: t.OlmoeConfig(**COMMON, **MOE, num_experts=4),
+    "qwen2_vl": lambda t: _qwen2_vl_config(),
+    "gemma3": lambda t: _gemma3_config(),
 }
+# Families whose roles, quantized outputs and merges are checked, but not every command (tests/test_families.py).
+ROLE_FAMILIES = {
+    "phimoe": lambda t: t.PhimoeConfig(**COMMON, **MOE, num_local_experts=4),
+    "granitemoe": lambda t: t.GraniteMoeConfig(**COMMON, **MOE, num_local_experts=4),
+    "glm4": lambda t: t.Glm4Config(**COMMON, head_dim=16, pad_token_id=0),
+    "glm4_moe": lambda t: t.Glm4MoeConfig(**COMMON, **DEEPSEEK_MOE, head_dim=16),
+    "mistral3": lambda t: t.Mistral3Config(
+        text_config=t.MistralConfig(**COMMON, head_dim=16), image_token_index=150,
+        vision_config=t.PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                            num_attention_heads=2, image_size=32, patch_size=8, head_dim=16)),
+    "qwen2_5_vl": lambda t: t.Qwen2_5_VLConfig(
+        text_config=dict(COMMON, rope_parameters=MROPE, bos_token_id=1, eos_token_id=2), vision_config=dict(
+            depth=1, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_heads=2, patch_size=8,
+            spatial_merge_size=2, fullatt_block_indexes=[0])),
+    "qwen3_vl": lambda t: t.Qwen3VLConfig(
+        text_config=dict(COMMON, head_dim=16, rope_parameters=MROPE), vision_config=dict(
+            depth=1, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_heads=2, patch_size=8,
+            spatial_merge_size=2, deepstack_visual_indexes=[0])),
+    "llama4": lambda t: t.Llama4Config(
+        text_config=dict(COMMON, head_dim=16, num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=128,
+                         interleave_moe_layer_step=1, no_rope_layers=[1, 1]),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8, vision_output_dim=64, projector_input_dim=64,
+                           projector_output_dim=64)),
+}
+MULTIMODAL = {"llava", "qwen2_vl", "gemma3", "mistral3", "qwen2_5_vl", "qwen3_vl", "llama4"}
 
 
 def make_family_model(model_type: str, seed: int = 0):
-    """A tiny random model of any family of TINY_CONFIGS or MORE_FAMILIES (norms random too), in eval mode."""
+    """A tiny random model of any family of TINY_CONFIGS, MORE_FAMILIES or ROLE_FAMILIES (norms random too), in
+    eval mode."""
     import transformers
 
     if model_type in TINY_CONFIGS:
         return make_tiny_model(model_type, seed)
-    config = MORE_FAMILIES[model_type](transformers)
+    config = {**MORE_FAMILIES, **ROLE_FAMILIES}[model_type](transformers)
     torch.manual_seed(seed)
-    auto = transformers.AutoModelForImageTextToText if model_type == "llava" else transformers.AutoModelForCausalLM
+    auto = transformers.AutoModelForImageTextToText if model_type in MULTIMODAL else transformers.AutoModelForCausalLM
     model = auto.from_config(config)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -122,10 +185,16 @@ def save_tokenizer(directory: Path) -> None:
 
 def save_bpe_llama(path: Path) -> Path:
     """A tiny llama with a byte-level BPE tokenizer (what --format gguf exports) saved at ``path``."""
+    make_tiny_model("llama", vocab_size=300).save_pretrained(path)
+    save_bpe_tokenizer(path)
+    return path
+
+
+def save_bpe_tokenizer(path: Path) -> None:
+    """A byte-level BPE tokenizer of 300 tokens (the kind Qwen2's and Llama-3's are) saved at ``path``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    make_tiny_model("llama", vocab_size=300).save_pretrained(path)
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
@@ -133,7 +202,6 @@ def save_bpe_llama(path: Path) -> Path:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     backend.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 3 + ["hello world"] * 5, trainer)
     PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>").save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="session")
