@@ -19,7 +19,8 @@ Families, each generated from its own fixed seed (``random.Random(SEEDS[family])
   and types, tensor offsets, dims and types, header counts, or truncated → ``inspect``, ``convert``;
 - ``recipe``: merge recipes (our YAML, mergekit configs, a surgery.json manifest) with wrong field types, nesting,
   anchors and aliases → ``merge --recipe F -o OUT`` and the same with ``--dry-run``;
-- ``pipeline``: pipeline YAML (step shapes, option keys and value types, aliases) → ``run F --dry-run``, ``run F``.
+- ``pipeline``: pipeline YAML (step shapes, option keys and value types, aliases) → ``run F --dry-run``, ``run F``;
+- ``moe``: mergekit-moe YAML (field types and ranges, experts and their prompts, anchors, nesting) → ``moe F -o OUT``.
 
 Each mutation says whether its input is bad (``valid=False``: exit 0 is a failure), may be valid (``None``: exit 0
 with a complete output, or a clean exit 2, both pass) or is a valid control (``True``: must exit 0 complete).
@@ -66,7 +67,8 @@ from typing import Any, Callable, Iterator
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-SEEDS = {"safetensors": 1101, "index": 2202, "config": 3303, "gguf": 4404, "recipe": 5505, "pipeline": 6606}
+SEEDS = {"safetensors": 1101, "index": 2202, "config": 3303, "gguf": 4404, "recipe": 5505, "pipeline": 6606,
+         "moe": 7707}
 LIMIT_SECONDS = 2.0  # a valid case takes 0.5 s at most on these loaded cores
 MEMORY_GROWTH = 2 << 30
 ISOLATED_ADDRESS_SPACE = 4 << 30
@@ -852,6 +854,90 @@ def recipe_cases(root: Path, sources: "Sources", rng: random.Random) -> list[Cas
     return cases
 
 
+# ---- mergekit-moe configs
+
+def moe_template(model: str) -> dict:
+    return {"base_model": model, "gate_mode": "hidden", "dtype": "float32", "experts_per_token": 1,
+            "experts": [{"source_model": model, "positive_prompts": ["w1 w2 w3"]},
+                        {"source_model": model, "positive_prompts": ["w10 w11"], "negative_prompts": ["w1"]}]}
+
+
+# (path of keys, value, valid)
+MOE_FIELDS = [
+    (("base_model",), 5, False), (("base_model",), None, False), (("base_model",), "", False),
+    (("base_model",), ["A"], False), (("base_model",), {"model": "A"}, False), (("base_model",), "/no/such", False),
+    (("experts",), None, False), (("experts",), 5, False), (("experts",), "A", False), (("experts",), [], False),
+    (("experts",), [5], False), (("experts",), [None], False), (("experts",), [{}], False),
+    (("experts",), [{"source_model": 5}], False), (("experts", 0, "source_model"), None, False),
+    (("experts", 0, "source_model"), "", False), (("experts", 0, "source_model"), "/no/such/model", False),
+    (("experts", 0, "source_model"), "A+org/lora", False), (("experts", 0, "source_model"), {"model": "A"}, False),
+    (("experts", 0, "positive_prompts"), "w1", False), (("experts", 0, "positive_prompts"), [5], False),
+    (("experts", 0, "positive_prompts"), [""], False), (("experts", 0, "positive_prompts"), [], False),
+    (("experts", 0, "positive_prompts"), None, False), (("experts", 0, "positive_prompts"), [["w1"]], False),
+    (("experts", 0, "positive_prompts"), {"a": 1}, False), (("experts", 0, "negative_prompts"), "w9", False),
+    (("experts", 0, "negative_prompts"), [5], False), (("experts", 0, "negative_prompts"), ["w9"], True),
+    (("experts", 0, "noise_scale"), "x", False), (("experts", 0, "noise_scale"), True, False),
+    (("experts", 0, "noise_scale"), float("nan"), False), (("experts", 0, "noise_scale"), float("inf"), False),
+    (("experts", 0, "noise_scale"), [1], False), (("experts", 0, "noise_scale"), 0.01, True),
+    (("experts", 0, "residual_scale"), "x", False), (("experts", 0, "residual_scale"), 0.5, True),
+    (("experts", 0, "colour"), 1, False), (("experts", 1, "positive_prompts"), ["w1 w2 w3"], None),
+    (("gate_mode",), "smart", False), (("gate_mode",), 5, False), (("gate_mode",), ["hidden"], False),
+    (("gate_mode",), "random", True), (("gate_mode",), "cheap_embed", True), (("gate_mode",), None, True),
+    (("experts_per_token",), 0, False), (("experts_per_token",), -1, False), (("experts_per_token",), 3, False),
+    (("experts_per_token",), 1.5, False), (("experts_per_token",), "2", False), (("experts_per_token",), True, False),
+    (("experts_per_token",), 2 ** 63, False), (("experts_per_token",), [1], False), (("experts_per_token",), 2, True),
+    (("shared_experts",), "x", False), (("shared_experts",), [5], False),
+    (("shared_experts",), [{"source_model": "A", "positive_prompts": ["w1"]}], False),
+    (("architecture",), "qwen", False), (("architecture",), "qwen3", False), (("architecture",), "gpt", False),
+    (("architecture",), 5, False), (("architecture",), "mixtral", True),
+    (("dtype",), "float128", False), (("dtype",), 5, False), (("dtype",), "bfloat16", True),
+    (("colour",), "blue", False),
+]
+
+
+def moe_mutations(template: dict, rng: random.Random, pairs: int = 150) -> Iterator[tuple[Mutation, str]]:
+    model = template["base_model"]
+    for path, value, valid in MOE_FIELDS:
+        changed = set_path(template, path, substitute(value, {"A": model}))
+        yield Mutation(f"moe: {'.'.join(map(str, path))} = {short(value)}", valid,
+                       names=mention_words(path, value)), yaml.safe_dump(changed, sort_keys=False)
+    bad = [(path, value) for path, value, valid in MOE_FIELDS if valid is False and len(path) == 1]
+    for _ in range(pairs):  # two bad top-level fields at once: either may be the one named
+        (first, one), (second, two) = rng.sample(bad, 2)
+        if first == second:
+            continue
+        changed = set_path(set_path(template, first, substitute(one, {"A": model})), second,
+                           substitute(two, {"A": model}))
+        yield Mutation(f"moe: {first[0]} = {short(one)} and {second[0]} = {short(two)}",
+                       names=mention_words(first, one) + mention_words(second, two)), \
+            yaml.safe_dump(changed, sort_keys=False)
+    text = yaml.safe_dump(template, sort_keys=False)
+    without_experts = yaml.safe_dump({k: v for k, v in template.items() if k != "experts"}, sort_keys=False)
+    yield Mutation("moe: billion-laughs anchors in experts", isolated=True, names=("experts",)), \
+        without_experts + "experts:\n" + billion_laughs("  ") + "  all: *a8\n"
+    yield Mutation(f"moe: experts nested {DEEP} deep", names=("experts",)), without_experts + "experts:" + \
+        nested_yaml("  ")
+    yield Mutation("moe: experts a self-referencing list", names=("experts",)), without_experts + "experts: &e [*e]\n"
+    for label, bad in (("syntax error", "base_model: [x\n"), ("a list", "- base_model\n"), ("empty file", ""),
+                       ("python object tag", "base_model: !!python/object:os.system\n")):
+        yield Mutation(f"moe: {label}", names=("base_model", "mapping")), bad
+    yield Mutation("moe: invalid UTF-8"), text.replace("base_model", "base\udcff_model", 1)
+    yield Mutation("moe: unchanged", valid=True), text
+
+
+def moe_cases(root: Path, sources: "Sources", rng: random.Random) -> list[Case]:
+    cases = []
+    for number, (mutation, text) in enumerate(moe_mutations(moe_template(str(sources.llama)), rng)):
+        workdir = root / f"case-{number:03d}"
+        workdir.mkdir(parents=True)
+        config = workdir / "moe.yaml"
+        config.write_bytes(text.encode("utf-8", "surrogateescape"))
+        output = workdir / "out"
+        cases.append(make_case("moe", len(cases), mutation, "moe", ["moe", config, "-o", output], workdir,
+                               ("moe.yaml",), output=str(output), writes=True))
+    return cases
+
+
 # ---- pipelines
 
 def pipeline_templates(llama: str, sharded: str) -> dict[str, list]:
@@ -971,7 +1057,7 @@ def pipeline_cases(root: Path, sources: "Sources", rng: random.Random) -> list[C
 
 FAMILIES: dict[str, Callable[[Path, "Sources", random.Random], list[Case]]] = {
     "safetensors": safetensors_cases, "index": index_cases, "config": config_cases, "gguf": gguf_cases,
-    "recipe": recipe_cases, "pipeline": pipeline_cases,
+    "recipe": recipe_cases, "pipeline": pipeline_cases, "moe": moe_cases,
 }
 
 
