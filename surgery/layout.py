@@ -194,8 +194,9 @@ class ModelLayout:
             try:
                 _CACHE[key] = cls(meta_model(config))
             except Exception as err:  # noqa: BLE001 - any refusal means: fall back to names, and say why
+                reason = str(err).splitlines()[0] if str(err) else type(err).__name__
                 log.warning("transformers cannot build the %r model of this config (%s): tensor roles are guessed "
-                            "from their names", model_type, str(err).splitlines()[0] if str(err) else type(err).__name__)
+                            "from their names", model_type, reason)
                 _CACHE[key] = None
         return _CACHE[key]
 
@@ -288,7 +289,8 @@ class ModelLayout:
             The key, or None.
 
         Example: ``layout.text_key("language_model.model.layers.0.mlp.up_proj.weight")`` (llava) and
-        ``layout.text_key("model.layers.0.mlp.up_proj.weight")`` (llama) are both ``"decoder.layers.0.mlp.up_proj.weight"``
+        ``layout.text_key("model.layers.0.mlp.up_proj.weight")`` (llama) are both
+        ``"decoder.layers.0.mlp.up_proj.weight"``
         """
         target, pattern, _ = self.target(name)
         parameter = self.parameters.get(target)

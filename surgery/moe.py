@@ -86,7 +86,7 @@ PROJECTION_KINDS = {"mlp_gate": "gate", "mlp_up": "up", "mlp_down": "down"}
 def _check_mapping(value: Any, keys: set[str], where: str, expected: str) -> None:
     """BadInput unless ``value`` is a mapping of ``keys`` only."""
     if not isinstance(value, dict):
-        raise BadInput(f"{where}: {expected}, found {short_repr(value)}")
+        raise BadInput(f"{where}: {expected}, found {_short_repr(value)}")
     unknown = set(value) - keys
     if unknown:
         raise BadInput(f"{where}: unknown key(s) {', '.join(sorted(map(str, unknown)))}")
@@ -97,11 +97,11 @@ def _model_reference(entry: dict, key: str, where: str) -> str:
     model = entry.get(key)
     if not isinstance(model, str) or not model:
         raise BadInput(f"{where}: {key} must be a model path or Hub id (LoRA references are not supported), found "
-                       f"{short_repr(model)}")
+                       f"{_short_repr(model)}")
     return model
 
 
-def short_repr(value: Any, width: int = 60) -> str:
+def _short_repr(value: Any, width: int = 60) -> str:
     """``repr(value)``, cut to ``width`` characters (an error line stays one short line)."""
     text = repr(value)
     return text if len(text) <= width else text[:width - 1] + "…"
@@ -497,9 +497,10 @@ def moe(config: MoeConfig, *, progress: Callable[[int], None] | None = None) -> 
 
 
 def _card_body(config: MoeConfig, family: OutputFamily) -> str:
-    experts = "\n".join(f"- expert {i}: `{e.source_model}`" + (f" (prompts: {', '.join(map(repr, e.positive_prompts[:3]))})"
-                                                            if e.positive_prompts else "")
-                        for i, e in enumerate(config.experts))
+    def prompts(expert: ExpertSource) -> str:
+        return f" (prompts: {', '.join(map(repr, expert.positive_prompts[:3]))})" if expert.positive_prompts else ""
+
+    experts = "\n".join(f"- expert {i}: `{e.source_model}`{prompts(e)}" for i, e in enumerate(config.experts))
     shared = "".join(f"\n- shared expert: `{e.source_model}`" for e in config.shared_experts)
     return (f"A mixture of experts built by [surgery](https://pypi.org/project/surgery/) (`surgery moe`, "
             f"mergekit-moe's configuration): attention, norms and embeddings of `{config.base_model}`, each layer's "

@@ -433,19 +433,39 @@ def test_vision_language_model_merges_with_its_text_only_fine_tune(moe_pairs, tm
     assert not (tmp_path / "all").exists()
 
 
-def test_aim_says_which_moe_experts_it_cannot_scale(moe_pairs, tmp_path):
+def aim_ratio(aim: torch.Tensor, plain: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """Per input channel, the share of the merge's change AIM kept (rows where the change is zero ignored)."""
+    change = plain - base
+    ratio = torch.where(change.abs() > 1e-6, (aim - base) / change, torch.nan)
+    return ratio.nanmean(dim=0)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_aim_scales_moe_experts_by_their_own_inputs(family, moe_pairs, tmp_path):
+    """Each expert's statistics are its routed tokens' inputs: its change is scaled per input channel, the most
+    active channel keeping ω of it. gpt-oss's fused experts have no statistics and are named."""
     from conftest import save_tokenizer
 
-    base = shutil.copytree(moe_pairs["mixtral"][0], tmp_path / "base")
+    base = shutil.copytree(moe_pairs[family][0], tmp_path / "base")
     save_tokenizer(base)
-    (tmp_path / "text.txt").write_text(" ".join(f"w{i % 90}" for i in range(200)))
-    common = ("merge", base, moe_pairs["mixtral"][1], "--method", "ties", "--density", "0.5")
-    result = run_surgery(*common, "--aim", "--calibration", tmp_path / "text.txt", "--max-tokens", "64",
-                         "-o", tmp_path / "aim")
+    (tmp_path / "text.txt").write_text(" ".join(f"w{i * 7 % 90}" for i in range(300)))
+    common = ("merge", base, moe_pairs[family][1], "--method", "task_arithmetic")
+    result = run_surgery(*common, "--aim", "--omega", "0.4", "--calibration", tmp_path / "text.txt",
+                         "--max-tokens", "128", "-o", tmp_path / "aim")
     assert result.returncode == 0, result.stderr
-    assert "aim: 24 MoE expert tensors" in result.stderr and "merged without AIM" in result.stderr
     assert run_surgery(*common, "-o", tmp_path / "plain").returncode == 0
-    aim, plain = tensors_of(tmp_path / "aim"), tensors_of(tmp_path / "plain")
-    assert torch.equal(aim["model.layers.0.block_sparse_moe.experts.1.w2.weight"],
-                       plain["model.layers.0.block_sparse_moe.experts.1.w2.weight"])
-    assert not torch.equal(aim["model.layers.0.self_attn.q_proj.weight"], plain["model.layers.0.self_attn.q_proj.weight"])
+    aim, plain, before = tensors_of(tmp_path / "aim"), tensors_of(tmp_path / "plain"), tensors_of(base)
+    query = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(aim[query], plain[query])
+    if family == "gpt_oss":
+        assert "aim: 8 MoE expert tensors" in result.stderr and "merged without AIM" in result.stderr
+        return
+    assert "without AIM" not in result.stderr
+    scaled = 0
+    for name in aim:
+        if ".experts." in name and name.endswith(".weight"):
+            ratio = aim_ratio(aim[name].double(), plain[name].double(), before[name].double())
+            assert ratio.min() >= 0.4 - 1e-4 and ratio.max() <= 1 + 1e-4, name
+            torch.testing.assert_close(ratio.min(), torch.tensor(0.4, dtype=torch.float64), atol=1e-4, rtol=0)
+            scaled += 1
+    assert scaled == 24  # 2 layers × 4 experts × w1, w2, w3

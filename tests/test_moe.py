@@ -156,10 +156,12 @@ def test_qwen2_moe_with_a_shared_expert(dense, tmp_path):
     for expert, prompts in enumerate(PROMPTS[:2]):
         assert routed(tmp_path / "out", prompts, tokenizer_of=base) == [[expert, expert]] * len(prompts)
     out, source = tensors_of(tmp_path / "out"), tensors_of(shared)
-    assert torch.equal(out["model.layers.0.mlp.shared_expert.up_proj.weight"], source["model.layers.0.mlp.up_proj.weight"])
+    assert torch.equal(out["model.layers.0.mlp.shared_expert.up_proj.weight"],
+                       source["model.layers.0.mlp.up_proj.weight"])
     torch.testing.assert_close(out["model.layers.1.mlp.shared_expert_gate.weight"][0],
                                expected_gate(base, ["w30 w31"], 1), atol=1e-5, rtol=1e-4)
-    assert torch.equal(out["model.layers.0.self_attn.q_proj.bias"], tensors_of(base)["model.layers.0.self_attn.q_proj.bias"])
+    bias = "model.layers.0.self_attn.q_proj.bias"
+    assert torch.equal(out[bias], tensors_of(base)[bias])
 
 
 def test_qwen3_moe_from_cheap_embeddings(dense, tmp_path):
@@ -175,7 +177,8 @@ def test_qwen3_moe_from_cheap_embeddings(dense, tmp_path):
     embedding = tensors_of(base)["model.embed_tokens.weight"]
     gate = tensors_of(tmp_path / "out")["model.layers.1.mlp.gate.weight"]
     for expert, prompts in enumerate(PROMPTS):
-        ids = [i for prompt in prompts for i in tokenizer(tokenizer.bos_token + prompt, add_special_tokens=False)["input_ids"]]
+        ids = [i for prompt in prompts
+               for i in tokenizer(tokenizer.bos_token + prompt, add_special_tokens=False)["input_ids"]]
         total = embedding[ids].sum(0)
         torch.testing.assert_close(gate[expert], total / total.norm(), atol=1e-6, rtol=1e-5)
 

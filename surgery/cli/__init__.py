@@ -52,8 +52,8 @@ class LazyCommands(TyperGroup):
 
 app = typer.Typer(
     cls=LazyCommands,
-    help="Model surgery for LLM checkpoints: inspect, diff, convert, merge, extend, quantize and push, streaming one "
-         "tensor at a time.",
+    help="Model surgery for LLM checkpoints: inspect, diff, convert, merge, moe, extend, quantize and push, streaming "
+         "one tensor at a time.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
 

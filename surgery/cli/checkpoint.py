@@ -53,7 +53,8 @@ def inspect(
         facts = [row["role"]] + ([f"L{row['layer']}"] if row["layer"] is not None else []) \
             + ([row["part"]] if row["part"] != "text" else []) \
             + ([f"expert {row['expert']}"] if "expert" in row else []) \
-            + ([f"{row['experts']} experts fused"] if "experts" in row else []) + (["shared"] if "shared" in row else [])
+            + ([f"{row['experts']} experts fused"] if "experts" in row else []) \
+            + (["shared"] if "shared" in row else [])
         typer.echo(f"  {row['name']}  {row['dtype']}  {tuple(row['shape'])}  {' '.join(facts)}")
 
 

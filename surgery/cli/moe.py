@@ -12,9 +12,9 @@ MOE_HELP = " ".join("""
 Build a mixture-of-experts checkpoint from dense models, from a mergekit-moe YAML (base_model; experts, each a
 source_model with positive_prompts and optional negative_prompts, noise_scale, residual_scale; gate_mode hidden,
 cheap_embed or random; experts_per_token; shared_experts; architecture mixtral, qwen or qwen3; dtype). Attention,
-norms and embeddings are the base's, each expert's MLPs become expert i of every layer, and each layer's router
-rows are the base's hidden states entering that layer on the expert's prompts (last token, averaged, normalised;
-streamed one layer at a time). llama and mistral make Mixtral, qwen2 Qwen2-MoE (one shared expert, gated by its
+norms and embeddings are the base's, each expert's MLPs become expert i of every layer, and with gate_mode hidden
+router row i of a layer is what that layer's MLP receives in the base at the end of expert i's prompts (averaged,
+normalised; the router's own input, where mergekit-moe takes the layer's input; streamed one layer at a time). llama and mistral make Mixtral, qwen2 Qwen2-MoE (one shared expert, gated by its
 own prompts), qwen3 Qwen3-MoE. The output is checked against transformers' loader before it appears.
 """.split("\n")).strip()
 

@@ -13,9 +13,10 @@ app = typer.Typer()
 
 
 QUANTIZE_HELP = " ".join("""
-Quantize the Linear weights of SRC's decoder layers to 4- or 8-bit integers, group-wise, streaming one tensor at a
-time, into a format stock loaders read: compressed-tensors pack-quantized (vLLM; transformers + compressed-tensors),
-GPTQ v1, or GGUF (llama family; one .gguf file, Q4_0 or Q8_0 blocks of 32, read by llama.cpp and transformers;
+Quantize the Linear weights of SRC's language model (MoE experts one by one; never routers, norms or
+embeddings; a vision tower too when --ignore does not name it) to 4- or 8-bit integers, group-wise, streaming one
+tensor at a time, into a format stock loaders read: compressed-tensors pack-quantized (vLLM; transformers +
+compressed-tensors), GPTQ v1, or GGUF (llama family; one .gguf file, Q4_0 or Q8_0 blocks of 32, read by llama.cpp and transformers;
 symmetric only). Methods: rtn (round to nearest), hqq (half-quadratic refinement of the scales, and integer zero
 points when asymmetric; kept per group only where it lowers the squared error without any weight erring more than
 under rtn, so outlier weights are never clipped), selfcal (data-free self-calibration after AdaDFQ: the model

@@ -93,22 +93,61 @@ def collect_activation_stats(source: str | Checkpoint, blocks: list[torch.Tensor
             stats["model.layers.0.self_attn.q_proj.weight"].shape      # (hidden_size,)
             stats["lm_head.weight"]                                    # the decoder's output, also when tied
     """
+    from surgery.layout import ModelLayout
+
     blocks = [block for block in blocks if block.numel() > 0]
     if not blocks:
         raise BadInput("calibration: no tokens to compute activation statistics from")
     stats = _InputStats()
-    with streamed_model(source, device) as model:
+    with opened(source) as checkpoint, streamed_model(checkpoint, device) as model:
+        layout = ModelLayout.build(checkpoint.config)
+        renamed, fused = layout.sources(checkpoint.tensors) if layout is not None else ({}, {})
         decoder = model.get_decoder()
         names = {id(module): name for name, module in model.named_modules()}
         weighted = [names[id(module)] for module in decoder.modules()
                     if not isinstance(module, nn.Embedding) and module._parameters.get("weight") is not None]
+        experts = [(names[id(module)], module) for module in decoder.modules()
+                   if f"{names[id(module)]}.gate_up_proj" in fused]
         output = model.get_output_embeddings()
-        with input_hooks(model, {name: stats.adder(f"{name}.weight") for name in weighted}), torch.no_grad():
-            for batch in equal_length_batches(blocks, batch_tokens):
-                hidden = decoder(input_ids=batch.to(device), use_cache=False).last_hidden_state
-                if output is not None:
-                    stats.add(f"{names[id(output)]}.weight", hidden)
-    return stats.result()
+        hooks = [module.register_forward_pre_hook(_expert_inputs(stats, module, fused, name), with_kwargs=True)
+                 for name, module in experts]
+        try:
+            with input_hooks(model, {name: stats.adder(f"{name}.weight") for name in weighted}), torch.no_grad():
+                for batch in equal_length_batches(blocks, batch_tokens):
+                    hidden = decoder(input_ids=batch.to(device), use_cache=False).last_hidden_state
+                    if output is not None:
+                        stats.add(f"{names[id(output)]}.weight", hidden)
+        finally:
+            for hook in hooks:
+                hook.remove()
+    # keyed by the checkpoint's names, which the merge's tensors have (Mixtral's block_sparse_moe, llava's...)
+    return {renamed.get(name, name): value for name, value in stats.result().items()}
+
+
+def _expert_inputs(stats: "_InputStats", module: nn.Module, fused: dict, name: str):
+    """A pre-hook on a fused MoE experts module (inputs: the tokens' hidden states, each token's top-k experts)
+    adding each expert's statistics under its checkpoint tensors' names: the hidden states of the tokens routed
+    to it for its gate and up projections, act(gate) * up for its down projection (where the module has the act_fn
+    and the chunked gate/up layout its per-expert tensors were fused into)."""
+    gate_up = fused[f"{name}.gate_up_proj"]
+    down = fused.get(f"{name}.down_proj")
+    chunked = len(gate_up) == 2 and hasattr(module, "act_fn")
+
+    def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        values = list(args) + [kwargs[key] for key in ("hidden_states", "top_k_index") if key in kwargs]
+        hidden, top_k = values[0], values[1]
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        for expert in range(len(gate_up[0])):
+            routed = hidden[(top_k.reshape(hidden.shape[0], -1) == expert).any(dim=-1)]
+            if routed.shape[0] == 0:
+                continue
+            for pattern in gate_up:
+                stats.add(f"{pattern[expert]}", routed.unsqueeze(0))
+            if chunked and down is not None:
+                gate, up = nn.functional.linear(routed, module.gate_up_proj[expert]).chunk(2, dim=-1)
+                stats.add(f"{down[0][expert]}", (module.act_fn(gate) * up).unsqueeze(0))
+
+    return record
 
 
 def compute_stats(source: str | Checkpoint, *, calibration: str | Path | None = None, max_tokens: int = 2048,
