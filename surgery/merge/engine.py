@@ -69,7 +69,7 @@ class MergeInputs:
     auxiliary: dict[str, dict[str, bytes]]  # source → its tokenizer and generation files
     vocabulary: VocabularyPlan | None  # None when the models have no embedding
     tokenizer_source: Checkpoint  # whose auxiliary files the output carries (the base's for union)
-    modules: str = "all"  # the recipe's: the parts of a vision-language model merged
+    modules: str = "text"  # the recipe's: the parts of a vision-language model merged
     routers: str = "merge"  # the recipe's: MoE routers merged, or the base's
 
     @property
@@ -458,13 +458,14 @@ class TensorMerger:
         that expert i's task vector is model i's expert i minus the base's and SVD methods decompose each expert's
         matrix, exactly as for experts stored one tensor each."""
         role = self.arch.role(name)
-        if role.experts is None or len(merge_input.models[0].shape) != 3:
+        if role.experts is None or merge_input.models[0].ndim < 2:
             return self.inputs.method.function(merge_input)
-        experts = []
+        experts = []  # gpt-oss's per-expert biases (experts, out) too
         for index in range(merge_input.models[0].shape[0]):
             experts.append(self.inputs.method.function(replace(
                 merge_input, base=None if merge_input.base is None else merge_input.base[index],
-                models=[model[index] for model in merge_input.models], is_matrix=True)))
+                models=[model[index] for model in merge_input.models],
+                is_matrix=merge_input.models[0].ndim == 3)))
         return torch.stack(experts)
 
     def __call__(self, name: str) -> torch.Tensor:

@@ -198,15 +198,13 @@ def _ignored(module: str, part: str, patterns: tuple[str, ...]) -> bool:
 @dataclass(frozen=True)
 class Selection:
     """What :func:`select_modules` picks: ``modules`` to quantize (name → weight info), the Linear modules the loader
-    must leave alone (``ignored``), the model ``dtype``, the ``per_expert`` modules among ``modules`` (transformers
-    fuses them into one tensor per layer as it loads, so they share one grid) and the ``fused_experts`` tensors
-    (3-D, every expert in one) left in full precision."""
+    must leave alone (``ignored``), the model ``dtype`` and the ``per_expert`` modules among ``modules``
+    (transformers fuses them into one tensor per layer as it loads, so they share one grid)."""
 
     modules: dict[str, TensorInfo]
     ignored: set[str]
     dtype: torch.dtype
     per_expert: frozenset[str] = frozenset()
-    fused_experts: tuple[str, ...] = ()
 
 
 def select_modules(ckpt: Checkpoint, ignore: tuple[str, ...]) -> Selection:
@@ -237,7 +235,7 @@ def select_modules(ckpt: Checkpoint, ignore: tuple[str, ...]) -> Selection:
             continue
         projection = role.kind in PROJECTION_KINDS or role.kind == "lm_head"
         candidate = name.endswith(".weight") and len(info.shape) == 2 and role.kind not in NEVER_QUANTIZED and \
-            (role.linear and projection or role.expert is not None and projection)
+            projection and (role.linear or role.expert is not None)
         if candidate and info.dtype in FLOAT_DTYPES and not _ignored(module, role.part, ignore):
             cls = arch.layout.module_class(name) if arch.layout is not None else None
             if cls in UNLOADABLE_LINEAR:
@@ -254,7 +252,7 @@ def select_modules(ckpt: Checkpoint, ignore: tuple[str, ...]) -> Selection:
         log.warning("%d fused MoE expert tensors (every expert in one 3-D tensor, such as %s) stay in %s: the "
                     "loaders of this format quantize Linear modules only", len(fused), fused[0],
                     str(dtype).removeprefix("torch."))
-    return Selection(modules, ignored_linear, dtype, frozenset(per_expert), tuple(fused))
+    return Selection(modules, ignored_linear, dtype, frozenset(per_expert))
 
 
 def plan_quantization(ckpt: Checkpoint, config: QuantizeConfig) -> Plan:
