@@ -205,6 +205,27 @@ def test_quantized_output_loads_with_the_logits_of_its_decoded_weights(family, s
         assert any(roles[name].expert is not None for name in quantized)
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_verify_measures_each_expert_against_the_reference(family, saved, tmp_path):
+    source = shutil.copytree(saved[family][1], tmp_path / "source")
+    config = config_of(source)
+    (source / "config.json").write_text(json.dumps({**config, "bos_token_id": 1}))  # verify generates from BOS
+    assert run_surgery("quantize", source, "-o", tmp_path / "w4").returncode == 0
+    result = run_surgery("verify", tmp_path / "w4", "--reference", source, "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    layers = {layer["module"]: layer for layer in report["layers"]}
+    reference, _ = decoded_reference(source, tmp_path / "w4", tmp_path / "decoded")
+    decoded, exact = tensors_of(reference), tensors_of(source)
+    experts = [module for module in layers if ".experts." in module]
+    assert len(experts) == 24
+    for module in experts:  # against the decoded weights, computed here from the files
+        name = f"{module}.weight"
+        want = float((decoded[name] - exact[name]).norm() / exact[name].norm())
+        assert layers[module]["weight_rel_error"] == pytest.approx(want, rel=1e-5)
+    assert report["end_to_end"]["kl"] < 0.05 and report["passed"]
+
+
 def test_vision_tower_is_quantized_when_not_ignored(saved, tmp_path):
     _, source = saved["llava"]
     out = tmp_path / "w4"

@@ -606,29 +606,58 @@ def compare_models(ckpt: Checkpoint, ref: Checkpoint, modules: list[str], tokens
     """
     model = build_model({key: value for key, value in (ckpt.config or {}).items() if key != "quantization_config"},
                         ckpt.source)
-    problems = _not_linear_problems(model, ckpt, modules)
+    experts = _expert_slices(ref)
+    problems = _not_linear_problems(model, ckpt, [module for module in modules if module not in experts])
     missing = load_parameters(model, ref, set(), f"model {ckpt.source}'s config builds")
     if missing:
         raise BadInput(f"{ref.source}: no tensor {missing[0]} (the model {ckpt.source}'s config builds needs it)")
     ids = sampled_ids(model, *_start_token(ckpt, ref), tokens, seed)
     generator = torch.Generator().manual_seed(seed)
     rows = torch.randperm(ids.numel(), generator=generator)[:probes].sort().values
-    linear = [module for module in modules if isinstance(model.get_submodule(module), nn.Linear)]
+    linear = [module for module in modules
+              if module not in experts and isinstance(model.get_submodule(module), nn.Linear)]
     log_p, inputs = captured_inputs(model, linear, ids, rows)
     layers = []
     for module in modules:
-        weight = model.get_parameter(f"{module}.weight")
+        if module in experts:  # its rows of the fused experts tensor the model holds
+            target, expert, rows_of = experts[module]
+            weight = model.get_parameter(target)[expert][rows_of]
+        else:
+            weight = model.get_parameter(f"{module}.weight")
         approx = decoded_weight(ckpt, module)
         _checked_shape(ckpt, ref, module, approx, tuple(weight.shape))
-        # A module that is not a Linear (already a failure) has no (out, in) weight to feed its inputs through.
+        # A module that is not a Linear (already a failure, or an expert: no module of its own) has no inputs
+        # captured: Gaussian probes
         x = inputs.pop(module) if module in inputs else torch.randn(probes, weight.shape[1], generator=generator)
         layers.append(_layer_report(ckpt, module, weight, approx, x, backend))
-        set_parameter(model, _parameter_aliases_of(model, f"{module}.weight"), approx)
-    missing = load_parameters(model, ckpt, {f"{module}.weight" for module in modules}, "model its config builds")
+        if module in experts:
+            model.get_parameter(target).data[expert][rows_of] = approx
+        else:
+            set_parameter(model, _parameter_aliases_of(model, f"{module}.weight"), approx)
+    replaced = {f"{module}.weight" for module in modules if module not in experts} | \
+        {target for target, _, _ in experts.values()}
+    missing = load_parameters(model, ckpt, replaced, "model its config builds")
     problems += [_loading_problem(name.rpartition(".")[0], f"{ckpt.source} has no tensor {name}: a loader would "
                                  f"leave it uninitialised", name) for name in missing]
     problems += _transformers_loading_problems(ckpt)
     return layers, agreement(log_p, log_probs(model, ids)), _one_per_module(problems)
+
+
+def _expert_slices(ref: Checkpoint) -> dict[str, tuple[str, int, slice]]:
+    """Per-expert module of the checkpoint → the fused parameter transformers' model holds it in, its expert index
+    and its rows there (gate first, then up, in a fused gate_up tensor)."""
+    from surgery.layout import ModelLayout
+
+    layout = ModelLayout.build(ref.config)
+    if layout is None:
+        return {}
+    slices = {}
+    for target, patterns in layout.sources(ref.tensors)[1].items():
+        for part, names in enumerate(patterns):
+            for expert, name in enumerate(names):
+                rows = ref.tensors[name].shape[0]
+                slices[name.removesuffix(".weight")] = (target, expert, slice(part * rows, (part + 1) * rows))
+    return slices
 
 
 def _parameter_aliases_of(model: nn.Module, name: str) -> list[str]:

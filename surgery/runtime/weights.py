@@ -66,7 +66,8 @@ def load_parameters(model: nn.Module, ckpt: Checkpoint, skip: set[str], what: st
     """Fill every parameter of ``model`` except those named in ``skip`` from ``ckpt`` (float32).
 
     Args:
-        model: a model whose parameter names are the checkpoint's tensor names.
+        model: a model built for the checkpoint's config (renamed and fused parameters are assembled as
+            :class:`Loader` does).
         ckpt: the open checkpoint.
         skip: parameter names to leave as they are.
         what: what needs the tensors, for the shape-mismatch message.
@@ -77,12 +78,16 @@ def load_parameters(model: nn.Module, ckpt: Checkpoint, skip: set[str], what: st
 
             missing = load_parameters(model, reference, set(), "model its config builds")
     """
+    loader = Loader(model, ckpt)
     missing = []
     for names in parameter_aliases(model).values():
         if skip & set(names):
             continue
-        stored = next((name for name in names if name in ckpt.tensors), None)
-        if stored is None:
+        if names[0] in loader.fused:  # MoE experts stored one tensor each, fused as transformers loads them
+            set_parameter(model, names, loader.read(names[0], model.get_parameter(names[0]).shape))
+            continue
+        stored = loader.stored_name[names[0]]
+        if stored not in ckpt.tensors:
             missing.append(names[0])
             continue
         expected = tuple(model.get_parameter(names[0]).shape)
@@ -137,9 +142,12 @@ class Loader:
         prefix = f"{name}." if name else ""
         for names in parameter_aliases(module).values():
             param = module.get_parameter(names[0])
-            set_parameter(module, names, self._read(prefix + names[0], param.shape))
+            set_parameter(module, names, self.read(prefix + names[0], param.shape))
 
-    def _read(self, name: str, shape: torch.Size) -> torch.Tensor:
+    def read(self, name: str, shape: torch.Size) -> torch.Tensor:
+        """The float32 value of the model's parameter ``name`` (of ``shape``) from the checkpoint, on the device:
+        stored under it or another name, or assembled from per-expert tensors; BadInput when missing or of
+        another shape."""
         if name in self.fused:  # experts stacked, gate and up halves side by side
             parts = [torch.stack([self.checkpoint.get(part) for part in pattern]) for pattern in self.fused[name]]
             tensor = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
