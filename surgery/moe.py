@@ -305,26 +305,34 @@ def _check_sources(base: Checkpoint, sources: list[Checkpoint]) -> None:
                 raise BadInput(f"{ckpt.source}: tensor {name!r} is {found} (the base has {info.shape})")
 
 
-def _router_inputs_at_last_token(base: Checkpoint, mlp_modules: list[str], prompts: tuple[str, ...],
-                                  device: str) -> torch.Tensor:
-    """(layers, hidden): the mean over ``prompts`` of what each layer's MLP (the router's place) receives at the
-    prompt's last token (the base's BOS first, as mergekit tokenizes), computed one decoder layer at a time."""
+def _router_inputs(base: Checkpoint, mlp_modules: list[str], prompt_lists: list[tuple[str, ...]],
+                   device: str) -> list[torch.Tensor]:
+    """For each list of prompts, (layers, hidden): the mean over its prompts of what each layer's MLP (the router's
+    place) receives at the prompt's last token (the base's BOS first, as mergekit tokenizes). Every prompt runs in
+    one left-padded batch, so each decoder layer is loaded once."""
     from surgery.runtime import input_hooks, load_tokenizer, streamed_model
 
     tokenizer = load_tokenizer(base)
-    total = None
+    prompts = [prompt for prompts in prompt_lists for prompt in prompts]
+    encoded = [tokenizer((tokenizer.bos_token or "") + prompt, add_special_tokens=False)["input_ids"]
+               for prompt in prompts]
+    empty = next((prompt for prompt, ids in zip(prompts, encoded) if not ids), None)
+    if empty is not None:
+        raise BadInput(f"prompt {empty!r} has no tokens")
+    width = max(map(len, encoded))
+    ids = torch.tensor([[0] * (width - len(row)) + row for row in encoded], device=device)
+    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in encoded], device=device)
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # each prompt from position 0, as when run alone
+    seen: list[torch.Tensor] = []
     with streamed_model(base, device) as model, torch.no_grad():
-        for prompt in prompts:
-            ids = tokenizer((tokenizer.bos_token or "") + prompt, add_special_tokens=False,
-                            return_tensors="pt")["input_ids"].to(device)
-            if ids.shape[1] == 0:
-                raise BadInput(f"prompt {prompt!r} has no tokens")
-            seen: list[torch.Tensor] = []
-            with input_hooks(model, {name: lambda x: seen.append(x[0, -1].float().cpu()) for name in mlp_modules}):
-                model.get_decoder()(input_ids=ids, use_cache=False)
-            states = torch.stack(seen)
-            total = states if total is None else total + states
-    return total / len(prompts)
+        with input_hooks(model, {name: lambda x: seen.append(x[:, -1].float().cpu()) for name in mlp_modules}):
+            model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+    states = torch.stack(seen, dim=1)  # (prompts, layers, hidden)
+    out, start = [], 0
+    for prompts in prompt_lists:
+        out.append(states[start:start + len(prompts)].mean(dim=0))
+        start += len(prompts)
+    return out
 
 
 def _cheap_embedding(base: Checkpoint, arch: Architecture, prompts: tuple[str, ...], layers: int) -> torch.Tensor:
@@ -361,16 +369,16 @@ def gate_vectors(config: MoeConfig, base: Checkpoint, experts: tuple[ExpertSourc
         generator = torch.Generator().manual_seed(config.seed)
         return torch.randn((layers, len(experts), hidden), generator=generator)
 
-    def vector(prompts: tuple[str, ...]) -> torch.Tensor:
-        if config.gate_mode == "hidden":
-            return _router_inputs_at_last_token(base, mlp_modules, prompts, config.device)
-        return _cheap_embedding(base, arch, prompts, layers)
-
+    lists = [prompts for expert in experts for prompts in (expert.positive_prompts, expert.negative_prompts)]
+    if config.gate_mode == "hidden":
+        found = _router_inputs(base, mlp_modules, [prompts for prompts in lists if prompts], config.device)
+        vectors = iter(found)
+        means = [next(vectors) if prompts else None for prompts in lists]
+    else:
+        means = [_cheap_embedding(base, arch, prompts, layers) if prompts else None for prompts in lists]
     rows = []
-    for expert in experts:
-        row = vector(expert.positive_prompts)
-        if expert.negative_prompts:
-            row = row - vector(expert.negative_prompts)
+    for positive, negative in zip(means[0::2], means[1::2]):
+        row = positive if negative is None else positive - negative
         rows.append(row / row.norm(dim=-1, keepdim=True).clamp(min=1e-8))
     return torch.stack(rows, dim=1)
 
