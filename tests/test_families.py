@@ -491,3 +491,27 @@ def test_aim_scales_moe_experts_by_their_own_inputs(family, moe_pairs, tmp_path)
             torch.testing.assert_close(ratio.min(), torch.tensor(0.4, dtype=torch.float64), atol=1e-4, rtol=0)
             scaled += 1
     assert scaled == 24  # 2 layers × 4 experts × w1, w2, w3
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "qwen2_moe"])
+def test_the_runtime_runs_moe_checkpoints_as_transformers_does(family, tmp_path):
+    """The streaming runtime assembles fused experts and renamed tensors, and reads stored buffers (DeepSeek's
+    router correction bias, made non-zero here) instead of their values at construction."""
+    import transformers
+
+    from surgery.io import open_checkpoint
+    from surgery.runtime import loaded_model, streamed_model
+
+    model = make_family_model(family)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(torch.randn_like(buffer))
+    model.save_pretrained(tmp_path / "model")
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = reference(input_ids=TOKENS).logits
+        with open_checkpoint(str(tmp_path / "model")) as ckpt:
+            torch.testing.assert_close(loaded_model(ckpt)(input_ids=TOKENS).logits, want, atol=1e-5, rtol=1e-5)
+            with streamed_model(ckpt) as streamed:
+                torch.testing.assert_close(streamed(input_ids=TOKENS).logits, want, atol=1e-5, rtol=1e-5)

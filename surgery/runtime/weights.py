@@ -95,6 +95,7 @@ def load_parameters(model: nn.Module, ckpt: Checkpoint, skip: set[str], what: st
             raise BadInput(f"{ckpt.source}: tensor {stored} has shape {tuple(ckpt.tensors[stored].shape)}, but the "
                            f"{what} needs {expected}")
         set_parameter(model, names, ckpt.get(stored).to(torch.float32))
+    loader.load_buffers(model)
     return missing
 
 
@@ -121,7 +122,7 @@ class Loader:
         self.module_names = {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
         layout = ModelLayout.build(checkpoint.config)
         renamed, self.fused = layout.sources(checkpoint.tensors) if layout is not None else ({}, {})
-        self.stored_name = {}
+        self.stored_name = dict(renamed)
         for names in parameter_aliases(model).values():
             stored = next((name for name in names if name in checkpoint.tensors),
                           next((renamed[name] for name in names if name in renamed), names[0]))
@@ -143,6 +144,29 @@ class Loader:
         for names in parameter_aliases(module).values():
             param = module.get_parameter(names[0])
             set_parameter(module, names, self.read(prefix + names[0], param.shape))
+        self.load_buffers(module)
+
+    def load_buffers(self, module: nn.Module) -> None:
+        """Replace the buffers of ``module`` the checkpoint stores (DeepSeek's router correction bias) with the
+        stored values; those it does not (rotary frequencies) keep the values computed when the model was built.
+
+        Args:
+            module: the model or one of its submodules.
+
+        Returns:
+            None::
+
+                loader.load_buffers(model.model.layers[3])
+        """
+        name = self.module_names[id(module)]
+        prefix = f"{name}." if name else ""
+        for local, buffer in module.named_buffers():
+            stored = self.stored_name.get(prefix + local, prefix + local)
+            info = self.checkpoint.tensors.get(stored)
+            if info is not None and tuple(info.shape) == tuple(buffer.shape):
+                owner, _, leaf = local.rpartition(".")
+                target = module.get_submodule(owner) if owner else module
+                target._buffers[leaf] = self.checkpoint.get(stored).to(buffer.device, buffer.dtype)
 
     def read(self, name: str, shape: torch.Size) -> torch.Tensor:
         """The float32 value of the model's parameter ``name`` (of ``shape``) from the checkpoint, on the device:
