@@ -515,3 +515,29 @@ def test_the_runtime_runs_moe_checkpoints_as_transformers_does(family, tmp_path)
             torch.testing.assert_close(loaded_model(ckpt)(input_ids=TOKENS).logits, want, atol=1e-5, rtol=1e-5)
             with streamed_model(ckpt) as streamed:
                 torch.testing.assert_close(streamed(input_ids=TOKENS).logits, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v3"])
+def test_routed_inputs_rebuild_the_experts_forward(family):
+    """What AIM and verify see of each expert (its routed tokens, act(gate) * up) recombined by hand gives what
+    transformers' experts module computes."""
+    from surgery.runtime.experts import expert_intermediate, routed_inputs
+
+    model = make_family_model(family)
+    experts = next(module for module in model.modules() if type(module).__name__.endswith("Experts"))
+    torch.manual_seed(0)
+    hidden = torch.randn(7, 64)
+    top_k = torch.stack([torch.randperm(4)[:2] for _ in range(7)])
+    weights = torch.rand(7, 2)
+    with torch.no_grad():
+        want = experts(hidden, top_k, weights)
+        got = torch.zeros_like(want)
+        seen = 0
+        for expert, x in routed_inputs(experts, (hidden, top_k, weights), {}):
+            tokens = (top_k == expert).any(dim=-1).nonzero().flatten()
+            share = (weights * (top_k == expert)).sum(dim=-1)[tokens, None]
+            down = torch.nn.functional.linear(expert_intermediate(experts, expert, x), experts.down_proj[expert])
+            got.index_add_(0, tokens, down * share)
+            seen += x.shape[0]
+    assert seen == 14
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)

@@ -109,7 +109,7 @@ def collect_activation_stats(source: str | Checkpoint, blocks: list[torch.Tensor
         experts = [(names[id(module)], module) for module in decoder.modules()
                    if f"{names[id(module)]}.gate_up_proj" in fused]
         output = model.get_output_embeddings()
-        hooks = [module.register_forward_pre_hook(_expert_inputs(stats, module, fused, name), with_kwargs=True)
+        hooks = [module.register_forward_pre_hook(_expert_inputs(stats, fused, name), with_kwargs=True)
                  for name, module in experts]
         try:
             with input_hooks(model, {name: stats.adder(f"{name}.weight") for name in weighted}), torch.no_grad():
@@ -124,28 +124,21 @@ def collect_activation_stats(source: str | Checkpoint, blocks: list[torch.Tensor
     return {renamed.get(name, name): value for name, value in stats.result().items()}
 
 
-def _expert_inputs(stats: "_InputStats", module: nn.Module, fused: dict, name: str):
-    """A pre-hook on a fused MoE experts module (inputs: the tokens' hidden states, each token's top-k experts)
-    adding each expert's statistics under its checkpoint tensors' names: the hidden states of the tokens routed
-    to it for its gate and up projections, act(gate) * up for its down projection (where the module has the act_fn
-    and the chunked gate/up layout its per-expert tensors were fused into)."""
-    gate_up = fused[f"{name}.gate_up_proj"]
-    down = fused.get(f"{name}.down_proj")
-    chunked = len(gate_up) == 2 and hasattr(module, "act_fn")
+def _expert_inputs(stats: "_InputStats", fused: dict, name: str):
+    """A pre-hook on a fused MoE experts module adding each expert's statistics under its checkpoint tensors'
+    names: its routed tokens' hidden states for its gate and up projections, act(gate) * up for its down projection
+    (where the module's layout gives it: :func:`surgery.runtime.experts.expert_intermediate`)."""
+    from surgery.runtime.experts import expert_intermediate, routed_inputs
+
+    gate_up, down = fused[f"{name}.gate_up_proj"], fused.get(f"{name}.down_proj")
 
     def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        values = list(args) + [kwargs[key] for key in ("hidden_states", "top_k_index") if key in kwargs]
-        hidden, top_k = values[0], values[1]
-        hidden = hidden.reshape(-1, hidden.shape[-1])
-        for expert in range(len(gate_up[0])):
-            routed = hidden[(top_k.reshape(hidden.shape[0], -1) == expert).any(dim=-1)]
-            if routed.shape[0] == 0:
-                continue
+        for expert, routed in routed_inputs(module, args, kwargs):
             for pattern in gate_up:
-                stats.add(f"{pattern[expert]}", routed.unsqueeze(0))
-            if chunked and down is not None:
-                gate, up = nn.functional.linear(routed, module.gate_up_proj[expert]).chunk(2, dim=-1)
-                stats.add(f"{down[0][expert]}", (module.act_fn(gate) * up).unsqueeze(0))
+                stats.add(pattern[expert], routed.unsqueeze(0))
+            intermediate = expert_intermediate(module, expert, routed) if len(gate_up) == 2 else None
+            if intermediate is not None and down is not None:
+                stats.add(down[0][expert], intermediate.unsqueeze(0))
 
     return record
 

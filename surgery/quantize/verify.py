@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -616,7 +617,9 @@ def compare_models(ckpt: Checkpoint, ref: Checkpoint, modules: list[str], tokens
     rows = torch.randperm(ids.numel(), generator=generator)[:probes].sort().values
     linear = [module for module in modules
               if module not in experts and isinstance(model.get_submodule(module), nn.Linear)]
-    log_p, inputs = captured_inputs(model, linear, ids, rows)
+    with _expert_inputs(model, {m: experts[m] for m in modules if m in experts}) as routed:
+        log_p, inputs = captured_inputs(model, linear, ids, rows)
+    inputs |= {module: torch.cat(parts)[:probes] for module, parts in routed.items()}
     layers = []
     for module in modules:
         if module in experts:  # its rows of the fused experts tensor the model holds
@@ -626,8 +629,8 @@ def compare_models(ckpt: Checkpoint, ref: Checkpoint, modules: list[str], tokens
             weight = model.get_parameter(f"{module}.weight")
         approx = decoded_weight(ckpt, module)
         _checked_shape(ckpt, ref, module, approx, tuple(weight.shape))
-        # A module that is not a Linear (already a failure, or an expert: no module of its own) has no inputs
-        # captured: Gaussian probes
+        # A module that is not a Linear (already a failure) has no inputs captured, nor an expert no token was
+        # routed to: Gaussian probes
         x = inputs.pop(module) if module in inputs else torch.randn(probes, weight.shape[1], generator=generator)
         layers.append(_layer_report(ckpt, module, weight, approx, x, backend))
         if module in experts:
@@ -641,6 +644,38 @@ def compare_models(ckpt: Checkpoint, ref: Checkpoint, modules: list[str], tokens
                                  f"leave it uninitialised", name) for name in missing]
     problems += _transformers_loading_problems(ckpt)
     return layers, agreement(log_p, log_probs(model, ids)), _one_per_module(problems)
+
+
+@contextmanager
+def _expert_inputs(model: nn.Module, experts: dict[str, tuple[str, int, slice]]) -> Iterator[dict]:
+    """While the model runs, each per-expert module's inputs: the hidden states of the tokens routed to its expert
+    (gate and up), act(gate) * up (down, where the layout gives it). Yields module → list of (tokens, in) tensors."""
+    from surgery.runtime.experts import expert_intermediate, routed_inputs
+
+    wanted: dict[tuple[str, int], dict[str, list[str]]] = {}
+    for module, (target, expert, _) in experts.items():
+        path, _, leaf = target.rpartition(".")
+        wanted.setdefault((path, expert), {}).setdefault(leaf, []).append(module)
+    routed: dict[str, list[torch.Tensor]] = {}
+
+    def hook(path: str):
+        def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            for expert, x in routed_inputs(module, args, kwargs):
+                entry = wanted.get((path, expert), {})
+                for name in entry.get("gate_up_proj", []):
+                    routed.setdefault(name, []).append(x.float().clone())
+                intermediate = expert_intermediate(module, expert, x) if "down_proj" in entry else None
+                for name in entry.get("down_proj", []) if intermediate is not None else []:
+                    routed.setdefault(name, []).append(intermediate.float().clone())
+        return record
+
+    handles = [model.get_submodule(path).register_forward_pre_hook(hook(path), with_kwargs=True)
+               for path in {path for path, _ in wanted}]
+    try:
+        yield routed
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _expert_slices(ref: Checkpoint) -> dict[str, tuple[str, int, slice]]:
