@@ -16,10 +16,12 @@ app = typer.Typer()
 def inspect(
     source: str = typer.Argument(..., help="Model directory, .safetensors or .gguf file, or Hub repo id "
                                            "org/name[@rev]."),
-    tensors: bool = typer.Option(False, "--tensors", help="Also list every tensor (name, dtype, shape, role)."),
+    tensors: bool = typer.Option(False, "--tensors", help="Also list every tensor (name, dtype, shape, role, layer, "
+                                                         "part, expert)."),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Architecture, parameter count, dtypes, shards, tied embeddings and rope settings of a checkpoint."""
+    """Architecture, parameter count, dtypes, shards, tied embeddings, rope settings, MoE experts and the
+    text / vision / projector split of a checkpoint; roles from the model transformers builds for its config."""
     from surgery.io import open_checkpoint
     from surgery.report import inspect_checkpoint
 

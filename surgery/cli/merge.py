@@ -33,6 +33,9 @@ magnitude at the TIES cut the first in memory order are kept. Models whose token
 output vocabulary (--tokenizer-source: the base's, a model's, or the union), embedding rows matched by token; rows a
 model lacks contribute no task vector. Recipes may stack or cut layer ranges (slices, as in mergekit). The output
 holds a README.md model card and surgery.json, from which --recipe OUT/surgery.json reproduces it bit for bit.
+MoE models merge expert by expert (fused 3-D expert tensors too); routers like any weight, or --routers base.
+Vision-language models merge their language model only by default (--modules text: the vision tower and projector
+are the base's), also with a text-only fine-tune of it.
 """.split("\n")).strip() + "\n\n" + " ".join("""
 SVD methods (star, tsv, lore, svd) decompose 2-D weights; norms, biases and embeddings combine as task arithmetic
 with normalised weights. svd is the one to start with: `surgery merge BASE MODEL --method svd -o out` runs STAR
