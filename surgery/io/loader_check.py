@@ -32,7 +32,6 @@ from surgery.layout import known_model_type, model_class
 
 log = logging.getLogger(__name__)
 SHOWN = 3  # names quoted in a failure message
-PER_EXPERT = re.compile(r"\.experts\.\d+\.")
 
 
 def _names(keys, total: int | None = None) -> str:
@@ -199,11 +198,6 @@ def _findings(path: Path) -> dict[str, Problem]:
         return {}
     with SafetensorsCheckpoint(str(path), path) as written:
         specs = dict(written.tensors)
-    # transformers decompresses per-expert tensors into fused MoE parameters as it loads them, reading each
-    # expert's weight_shape values, which meta tensors do not have; given none, it derives the shape from the packed
-    # tensor, exact when the bit width divides 32 (the widths compressed-tensors packs)
-    values = {name: torch.empty(0, dtype=torch.int64) for name in specs
-              if name.endswith(".weight_shape") and PER_EXPERT.search(name)}
     config = _transformers_config(directory)
     if isinstance(config, str):
         return {"config": Problem("config", frozenset(), config)}
@@ -217,13 +211,13 @@ def _findings(path: Path) -> dict[str, Problem]:
         except _LoadCrashed as err:
             return {"crashed": Problem("crashed", frozenset(), f"transformers would not build the model: {err}")}
         return {problem.kind: problem for problem in _gptq_problems(model, specs, raw["quantization_config"])}
-    problems = _problems_with(config, specs, values)
+    problems = _problems_with(config, specs)
     # transformers' compressed path refuses (loudly: a shape mismatch raises) the packed asymmetric zero points
     # compressed-tensors itself writes; its dequantizing path reads them. A load that would silently leave
     # parameters missing or tensors unused never gets that second chance.
     if problems and method == "compressed-tensors" and set(problems) == {"mismatched"}:
         config.quantization_config["dequantize"] = True
-        if not _problems_with(config, specs, values):
+        if not _problems_with(config, specs):
             log.warning("transformers loads %s only with quantization_config=CompressedTensorsConfig(dequantize=True): "
                         "%s", directory.name, problems["mismatched"].message)
             return {}
@@ -261,13 +255,12 @@ def _load_on_meta(config, state: dict) -> tuple:
             from None
 
 
-def _problems_with(config, specs: dict, values: dict | None = None) -> dict[str, Problem]:
+def _problems_with(config, specs: dict) -> dict[str, Problem]:
     """What goes wrong, by kind, when transformers loads tensors of ``specs``' names, shapes and dtypes (empty:
-    nothing); ``values`` are the few tensors whose data the loader reads, passed as they are."""
+    nothing)."""
     import copy
 
     state = {name: torch.empty(info.shape, dtype=info.dtype, device="meta") for name, info in specs.items()}
-    state.update(values or {})
     try:
         model, info = _load_on_meta(copy.deepcopy(config), state)
     except _LoadCrashed as err:
