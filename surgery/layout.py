@@ -45,7 +45,8 @@ EXPERT_PARAMETERS = {"gate_up_proj": "mlp_gate_up", "down_proj": "mlp_down", "ga
 EXPERT_INDEX = re.compile(r"(?:^|\.)experts\.(\d+)\.")
 LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer|block)\.(\d+)\.")
 ROUTER_CLASS = re.compile(r"(Router|Gate|TopK|Topk)", re.I)
-_CACHE: dict[str, "ModelLayout | None"] = {}
+_CACHE: dict[str, "ModelLayout | None"] = {}  # config → its layout, the most recent CACHED_LAYOUTS
+CACHED_LAYOUTS = 16
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,8 @@ def meta_model(config: dict):
 
 @dataclass
 class _Parameter:
-    module: Any  # the nn.Module holding it
+    cls: str  # the class of the module holding it
+    sort: str  # what that module is: head, input_embedding, embedding, linear, conv1d or other
     path: str  # the module's name in the model
     leaf: str  # the parameter's attribute name
     shape: tuple
@@ -163,7 +165,8 @@ class ModelLayout:
         from transformers.core_model_loading import WeightConverter
 
         self.model_class = type(model).__name__
-        self._state = dict(model.state_dict(keep_vars=True))
+        # names and shapes only: a cached layout keeps no module or tensor of the model alive
+        self._state = {name: tuple(value.shape) for name, value in model.state_dict(keep_vars=True).items()}
         self._prefix = getattr(model, "base_model_prefix", None)
         transforms = get_model_conversion_mapping(model)
         self._converters = [t for t in transforms if isinstance(t, WeightConverter)]
@@ -190,7 +193,11 @@ class ModelLayout:
         if not known_model_type(model_type):
             return None
         key = json.dumps(config, sort_keys=True, default=str)
-        if key not in _CACHE:
+        if key in _CACHE:
+            _CACHE[key] = _CACHE.pop(key)  # most recently used last
+        else:
+            while len(_CACHE) >= CACHED_LAYOUTS:
+                _CACHE.pop(next(iter(_CACHE)))
             try:
                 _CACHE[key] = cls(meta_model(config))
             except Exception as err:  # noqa: BLE001 - any refusal means: fall back to names, and say why
@@ -205,6 +212,7 @@ class ModelLayout:
         vision = None if vision is model or vision is getattr(model, "base_model", None) else vision
         decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+
         def tensors(module) -> set[int]:  # parameters and persistent buffers (DeepSeek's router correction bias)
             return {id(t) for t in module.state_dict(keep_vars=True).values()} if module is not None else set()
 
@@ -212,8 +220,9 @@ class ModelLayout:
         vision_prefix = next((n for n, m in model.named_modules() if m is vision), None) if vision else None
         modules = dict(model.named_modules())
         self._classes = {path: type(module).__name__ for path, module in modules.items()}
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         found, seen = {}, set()
-        for name, value in self._state.items():
+        for name, value in model.state_dict(keep_vars=True).items():
             path, _, leaf = name.rpartition(".")
             module = modules.get(path)
             if module is None:
@@ -226,14 +235,12 @@ class ModelLayout:
                 part = "projector"
             match = LAYER_INDEX.search(name)
             layer = int(match.group(1)) if match and part == "text" else None
-            found[name] = _Parameter(module, path, leaf, tuple(value.shape), part, layer, id(value) in seen)
+            found[name] = _Parameter(type(module).__name__, _sort(module, head, embeddings), path, leaf,
+                                     tuple(value.shape), part, layer, id(value) in seen)
             seen.add(id(value))
         names = {id(module): name for name, module in modules.items()}
         self._decoder_prefix = names.get(id(decoder))
         self._head_prefix = names.get(id(head)) if head is not None else None
-        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-        self._embeddings = {id(embeddings)} if embeddings is not None else set()
-        self._head = id(head) if head is not None else None
         # transformers ties the head to the embeddings as it builds the model, when the config says so
         self.tied = head is not None and embeddings is not None and head.weight is embeddings.weight
         return found
@@ -360,8 +367,7 @@ class ModelLayout:
         parameter = self.parameters.get(target)
         if parameter is None:
             return None
-        module, leaf = parameter.module, parameter.leaf
-        cls = type(module).__name__
+        cls, leaf = parameter.cls, parameter.leaf
         common = {"layer": parameter.layer, "part": parameter.part,
                   "shared": "shared_expert" in parameter.path}
         if cls.endswith("Experts") and len(parameter.shape) >= 2 and leaf.removesuffix("_bias") in EXPERT_PARAMETERS:
@@ -374,16 +380,14 @@ class ModelLayout:
             elif converter is not None:  # a per-expert tensor named after its own projection
                 kind = EXPERT_PARAMETERS.get(name.rsplit(".", 2)[-2], kind)
             return TensorRole(kind, expert=int(expert_match.group(1)), **common)
-        return TensorRole(self._module_kind(module, parameter), linear=_is_linear(module), **common)
+        return TensorRole(self._module_kind(parameter), linear=parameter.sort in ("linear", "head"), **common)
 
-    def _module_kind(self, module, parameter: _Parameter) -> str:
-        from torch import nn
-
-        cls = type(module).__name__
-        if id(module) == self._head:
+    def _module_kind(self, parameter: _Parameter) -> str:
+        cls, sort = parameter.cls, parameter.sort
+        if sort == "head":
             return "lm_head"
-        if isinstance(module, nn.Embedding) or cls.endswith("Embedding") and parameter.leaf == "weight":
-            if id(module) in self._embeddings:
+        if sort in ("input_embedding", "embedding"):
+            if sort == "input_embedding":
                 return "embedding"
             if re.search(r"pos|wpe", parameter.path):
                 return "position_embedding"
@@ -394,10 +398,10 @@ class ModelLayout:
         if parameter.leaf == "sinks":
             return "attn_sink"
         attribute = parameter.path.rpartition(".")[2]
-        if ROUTER_CLASS.search(cls) and not _is_linear(module) or attribute in ("gate", "router") or \
+        if ROUTER_CLASS.search(cls) and sort != "linear" or attribute in ("gate", "router") or \
                 attribute.endswith("expert_gate"):
             return "router"
-        if not (_is_linear(module) or _is_conv1d(module)):
+        if sort not in ("linear", "conv1d"):
             return "other"
         parent = parameter.path.rpartition(".")[0]
         parent_name = parent.rpartition(".")[2].lower()
@@ -420,7 +424,7 @@ class ModelLayout:
         """
         counts = {}
         for parameter in self.parameters.values():
-            if type(parameter.module).__name__.endswith("Experts") and parameter.part == "text" \
+            if parameter.cls.endswith("Experts") and parameter.part == "text" \
                     and len(parameter.shape) == 3:
                 counts[parameter.layer] = parameter.shape[0]
         if not counts:
@@ -440,11 +444,17 @@ class ModelLayout:
         return totals
 
 
-def _is_linear(module) -> bool:
+def _sort(module, head, embeddings) -> str:
+    """What ``module`` is to the roles: the head, the input embedding, another embedding, a Linear (what quantized
+    loaders replace), GPT-2's Conv1D, or other."""
     from torch import nn
 
-    return isinstance(module, nn.Linear)
-
-
-def _is_conv1d(module) -> bool:
-    return type(module).__name__ == "Conv1D"
+    if head is not None and module is head:
+        return "head"
+    if embeddings is not None and module is embeddings:
+        return "input_embedding"
+    if isinstance(module, nn.Embedding) or type(module).__name__.endswith("Embedding"):
+        return "embedding"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    return "conv1d" if type(module).__name__ == "Conv1D" else "other"

@@ -240,12 +240,13 @@ def test_a_conv1d_model_is_unloadable_and_fails(tiny_checkpoints, tmp_path):
     import surgery.quantize.formats.base as writer
 
     real_check, writer.check_transformers = writer.check_transformers, lambda *args: None
-    real_linear, layout._is_linear = layout._is_linear, lambda module: type(module).__name__ in ("Linear", "Conv1D")
+    real_sort = layout._sort
+    layout._sort = lambda module, *rest: "linear" if type(module).__name__ == "Conv1D" else real_sort(module, *rest)
     layout._CACHE.clear()
     try:
         assert run_surgery("quantize", source, "-o", output, "--group-size", str(GROUP)).returncode == 0
     finally:
-        writer.check_transformers, layout._is_linear = real_check, real_linear
+        writer.check_transformers, layout._sort = real_check, real_sort
         layout._CACHE.clear()
     _, info = transformers.AutoModelForCausalLM.from_pretrained(output, output_loading_info=True)
     assert "transformer.h.0.attn.c_attn.weight" in info["missing_keys"]
