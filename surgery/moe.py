@@ -17,9 +17,8 @@ decoder layer in memory at a time, each prompt run on its own (no padding).
 from __future__ import annotations
 
 import logging
-import zlib
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,6 +31,7 @@ from surgery.io.checkpoint import Checkpoint, TensorInfo, parse_dtype
 from surgery.io.loader_check import check_transformers
 from surgery.io.writer import DEFAULT_MAX_SHARD_SIZE, WriteResult, check_output_available
 from surgery.output import Card, OutputRecord
+from surgery.runtime.sampling import tensor_seed
 
 log = logging.getLogger(__name__)
 
@@ -230,8 +230,8 @@ class MoeConfig:
         return {"base_model": self.base_model, "gate_mode": self.gate_mode,
                 "experts_per_token": self.experts_per_token, "architecture": self.architecture,
                 "dtype": self.dtype, "seed": self.seed,
-                "experts": [vars(expert) | {} for expert in self.experts],
-                "shared_experts": [vars(expert) | {} for expert in self.shared_experts]}
+                "experts": [asdict(expert) for expert in self.experts],
+                "shared_experts": [asdict(expert) for expert in self.shared_experts]}
 
 
 @dataclass(frozen=True)
@@ -244,7 +244,6 @@ class MoeResult:
     layers: int
     degenerate_layers: tuple[int, ...]
     written: WriteResult
-    gates: torch.Tensor = field(repr=False)  # (layers, experts [+ shared], hidden): the routers as written
 
     def summary(self) -> dict:
         """What ``surgery moe --json`` prints.
@@ -390,9 +389,6 @@ def _degenerate_layers(gates: torch.Tensor) -> tuple[int, ...]:
     return tuple(index for index, rows in enumerate(gates) if torch.linalg.cond(rows.double()) > DEGENERATE_CONDITION)
 
 
-def _seed_for(seed: int, name: str) -> int:
-    return (seed * 0x9E3779B1 + zlib.crc32(name.encode())) % (1 << 63)
-
 
 def moe(config: MoeConfig, *, progress: Callable[[int], None] | None = None) -> MoeResult:
     """Build the MoE checkpoint ``config`` describes at ``config.output`` (atomically, checked by transformers'
@@ -443,45 +439,46 @@ def moe(config: MoeConfig, *, progress: Callable[[int], None] | None = None) -> 
             return dtype if dtype is not None and info.dtype.is_floating_point else info.dtype
 
         router_dtype = cast(base.tensors[mlp[(0, "gate")]])
+
+        def add_mlp(layer: int, names: dict[str, str], source: Checkpoint, expert: ExpertSource) -> None:
+            for projection, name in names.items():  # gate / up / down → the output's name
+                info = base.tensors[mlp[(layer, projection)]]
+                specs.append(TensorInfo(name, cast(info), info.shape))
+                origin[name] = (source, mlp[(layer, projection)], expert, projection)
+
+        def add_router(name: str, layer: int, rows: slice) -> None:
+            specs.append(TensorInfo(name, router_dtype, (rows.stop - rows.start, arch.hidden_size)))
+            origin[name] = ("gate", layer, rows)
+
         for name, info in base.tensors.items():
             if name not in dense:
                 specs.append(TensorInfo(name, cast(info), info.shape))
-                origin[name] = (base, name, None)
+                origin[name] = (base, name, None, None)
+        routed = len(config.experts)
         for layer in range(layers):
             prefix = mlp[(layer, "gate")].split(".mlp.")[0]
             for index, expert in enumerate(config.experts):
-                for projection, local in family.projections.items():
-                    name = family.expert.format(prefix=prefix, e=index, p=local)
-                    info = base.tensors[mlp[(layer, projection)]]
-                    specs.append(TensorInfo(name, cast(info), info.shape))
-                    origin[name] = (sources[index], mlp[(layer, projection)], expert, projection)
-            router = family.router.format(prefix=prefix)
-            specs.append(TensorInfo(router, router_dtype, (len(config.experts), arch.hidden_size)))
-            origin[router] = ("gate", layer, slice(0, len(config.experts)))
+                add_mlp(layer, {projection: family.expert.format(prefix=prefix, e=index, p=local)
+                                for projection, local in family.projections.items()}, sources[index], expert)
+            add_router(family.router.format(prefix=prefix), layer, slice(0, routed))
             if family.shared:
-                shared = config.shared_experts[0]
-                for projection in ("gate", "up", "down"):
-                    name = family.shared.format(prefix=prefix, p=f"{projection}_proj")
-                    info = base.tensors[mlp[(layer, projection)]]
-                    specs.append(TensorInfo(name, cast(info), info.shape))
-                    origin[name] = (sources[len(config.experts)], mlp[(layer, projection)], shared, projection)
-                gate = family.shared_gate.format(prefix=prefix)
-                specs.append(TensorInfo(gate, router_dtype, (1, arch.hidden_size)))
-                origin[gate] = ("gate", layer, slice(len(config.experts), len(config.experts) + 1))
+                add_mlp(layer, {projection: family.shared.format(prefix=prefix, p=f"{projection}_proj")
+                                for projection in ("gate", "up", "down")}, sources[routed], config.shared_experts[0])
+                add_router(family.shared_gate.format(prefix=prefix), layer, slice(routed, routed + 1))
 
         def load(name: str) -> torch.Tensor:
-            where = origin[name]
-            if where[0] == "gate":
-                return gates[where[1], where[2]]
-            ckpt, source_name, expert = where[:3]
+            if origin[name][0] == "gate":
+                _, layer, rows = origin[name]
+                return gates[layer, rows]
+            ckpt, source_name, expert, projection = origin[name]
             tensor = ckpt.get(source_name)
             if expert is None:
                 return tensor
             tensor = tensor.float()
             if expert.noise_scale:
-                generator = torch.Generator().manual_seed(_seed_for(config.seed, name))
+                generator = torch.Generator().manual_seed(tensor_seed(config.seed, name))
                 tensor = tensor + torch.randn(tensor.shape, generator=generator) * expert.noise_scale
-            if where[3] == "down" and expert.residual_scale is not None:
+            if projection == "down" and expert.residual_scale is not None:
                 tensor = tensor * expert.residual_scale
             return tensor
 
@@ -501,7 +498,7 @@ def moe(config: MoeConfig, *, progress: Callable[[int], None] | None = None) -> 
                                    max_shard_size=config.max_shard_size, force=config.force,
                                    progress=progress or (lambda nbytes: None),
                                    check=lambda staging: check_transformers(staging))
-    return MoeResult(config, family.model_type, layers, degenerate, written, gates)
+    return MoeResult(config, family.model_type, layers, degenerate, written)
 
 
 def _card_body(config: MoeConfig, family: OutputFamily) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import zlib
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -38,6 +37,7 @@ from surgery.merge.recipe import ModelEntry, Recipe, Slice, recipe_json
 from surgery.merge.registry import MergeMethod, TensorMerge, get_method
 from surgery.merge.vocab import TOKENIZER_FILES, VocabularyPlan, VocabularySource, align_rows, plan_vocabulary
 from surgery.output import Card, OutputRecord
+from surgery.runtime.sampling import tensor_seed
 
 VOCAB_ROLES = {"embedding", "lm_head"}
 log = logging.getLogger(__name__)
@@ -349,10 +349,6 @@ def _other_wrappings(inputs: MergeInputs, arch: Architecture) -> dict[str, dict[
     return names
 
 
-def _seed_for(seed: int, name: str) -> int:
-    """A per-tensor seed: the same for a tensor whatever order tensors are merged in."""
-    return (seed * 0x9E3779B1 + zlib.crc32(name.encode())) % (1 << 63)
-
 
 def aim_factors_for(recipe: Recipe, inputs: MergeInputs, plan: list[PlannedTensor],
                     device: str) -> dict[str, torch.Tensor]:
@@ -483,7 +479,7 @@ class TensorMerger:
         base, models = (tensors[0], tensors[1:]) if part.base else (None, tensors)
         generator = None
         if self.inputs.method.random:
-            generator = torch.Generator(device=self.device).manual_seed(_seed_for(self.recipe.seed, name))
+            generator = torch.Generator(device=self.device).manual_seed(tensor_seed(self.recipe.seed, name))
         factors = self.aim_factors.get(name)
         dtype = planned.spec.dtype if planned.spec.dtype.is_floating_point and factors is None else torch.float32
         merge_input = TensorMerge(

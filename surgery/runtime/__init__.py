@@ -12,7 +12,7 @@ log-probabilities and their KL / top-1 agreement, and the KV-cache keyword shim.
                           :class:`LayerStream` (layers run by hand on captured inputs), :func:`input_hooks`
 ``text``                  :func:`load_tokenizer`, :func:`calibration_blocks`, :func:`equal_length_batches`
 ``sampling``              :func:`seeded`, :func:`sample`, :func:`sampled_ids`, :func:`self_generated_ids`,
-                          :func:`self_generated_text`, :func:`sample_next`
+                          :func:`self_generated_text`, :func:`sample_next`, :func:`tensor_seed`
 ``scoring``               :func:`log_probs`, :func:`kl_per_position`, :func:`mean_kl`, :func:`top1_agreement`,
                           :func:`agreement`, :func:`compare_logits`, :func:`captured_inputs`
 ``cache``                 :func:`cache_kwargs`, :func:`output_cache`
@@ -59,7 +59,7 @@ Sequential calibration (each layer calibrated on the outputs of the already-chan
 from surgery.runtime.cache import cache_kwargs, output_cache
 from surgery.runtime.model import build_model, check_device, decoder_of, loaded_model, one_torch_thread, opened
 from surgery.runtime.sampling import (
-    sample, sample_next, sampled_ids, seeded, self_generated_ids, self_generated_text, start_and_pad,
+    sample, sample_next, sampled_ids, seeded, self_generated_ids, self_generated_text, start_and_pad, tensor_seed,
 )
 from surgery.runtime.scoring import (
     agreement, captured_inputs, compare_logits, kl_per_position, log_probs, mean_kl, top1_agreement,
@@ -75,5 +75,5 @@ __all__ = [
     "load_tokenizer", "loaded_model", "log_probs", "mean_kl", "one_torch_thread", "opened", "output_cache",
     "overridden_weights", "parameter_aliases", "sample", "sample_next", "sampled_ids", "seeded",
     "self_generated_ids", "self_generated_text", "set_parameter", "start_and_pad", "streamed_model",
-    "top1_agreement",
+    "tensor_seed", "top1_agreement",
 ]

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import math
+import zlib
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -174,3 +175,19 @@ def sample_next(logits: torch.Tensor, generator: torch.Generator) -> torch.Tenso
             token = sample_next(model(ids).logits[:, -1], torch.Generator().manual_seed(0))
     """
     return torch.multinomial(torch.softmax(logits.float().cpu(), dim=-1), 1, generator=generator)
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A per-tensor seed from the run's ``seed`` and the tensor's name: the same for a tensor whatever order the
+    tensors are computed in (merges' DARE masks, moe's noise).
+
+    Args:
+        seed: the run's seed.
+        name: the tensor's name.
+
+    Returns:
+        A seed for ``torch.Generator().manual_seed``.
+
+    Example: ``torch.Generator().manual_seed(tensor_seed(0, "model.layers.0.mlp.up_proj.weight"))``
+    """
+    return (seed * 0x9E3779B1 + zlib.crc32(name.encode())) % (1 << 63)
