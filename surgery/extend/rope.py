@@ -15,7 +15,8 @@ Rope parameters a method does not set (Qwen2-VL's ``mrope_section``, gpt-oss's `
 both ``rope_parameters`` and ``rope_scaling`` unchanged; Qwen2-VL's sections split the same scaled frequencies
 among the time, height and width positions, so they need no change. Where the parameters are per layer type
 (gemma3: ``full_attention`` and ``sliding_attention``), the full-attention layers' RoPE is extended and the
-sliding-window layers', which never attend past their window, is kept (as Gemma 3 itself was extended to 128K). A config already scaled by yarn or llama3 (gpt-oss,
+sliding-window layers', which never attend past their window, is kept (as Gemma 3 itself was extended to 128K).
+A config already scaled by yarn or llama3 (gpt-oss,
 Llama-3.1) is extended by the same method, its factor multiplied over the same trained geometry; other
 combinations are refused.
 """

@@ -172,8 +172,7 @@ def read_back(config: dict, seq_len: int | None = None) -> ReadBack:
             got.attention = float(getattr(module, f"{prefix}attention_scaling"))
             got.rotary = _rotary_attributes(module)
         elif per_layer_type:  # no full-attention layer among layer_types: the module builds none, ask the function
-            kind = "default" if rope_type == "default" else rope_type
-            init = rotary.compute_default_rope_parameters if kind == "default" else ROPE_INIT_FUNCTIONS[kind]
+            init = ROPE_INIT_FUNCTIONS.get(rope_type) or rotary.compute_default_rope_parameters
             got.inv_freq, got.attention = init(copy.deepcopy(text), torch.device("cpu"),
                                                layer_type=EXTENDED_LAYER_TYPE)
             got.rotary = _rotary_attributes(module) if module is not None else {}
@@ -260,6 +259,11 @@ def forward_error(config: dict) -> str | None:
     return None if torch.isfinite(hidden).all() else "non-finite hidden states"
 
 
+def _compared(rope: dict) -> dict:
+    """The rope parameters that are compared: all but the legacy names transformers ignores."""
+    return {key: value for key, value in rope.items() if key not in IGNORED_ROPE_KEYS}
+
+
 def expectation(plan: ExtensionPlan) -> Expectation:
     """What transformers should derive from ``plan.config``.
 
@@ -277,12 +281,10 @@ def expectation(plan: ExtensionPlan) -> Expectation:
     source = read_back(plan.source)
     rotary = None if source.error else source.rotary
     if plan.geometry.per_layer_type is not None:  # the full-attention layers' parameters change, the others' not
-        rope = {**source.rope, EXTENDED_LAYER_TYPE: {
-            key: value for key, value in {**source.rope[EXTENDED_LAYER_TYPE], **_plain(plan.rope_set)}.items()
-            if key not in IGNORED_ROPE_KEYS}}
+        rope = {**source.rope, EXTENDED_LAYER_TYPE: _compared({**source.rope[EXTENDED_LAYER_TYPE],
+                                                               **_plain(plan.rope_set)})}
     else:
-        rope = {key: value for key, value in {**source.rope, **_plain(plan.rope_set)}.items()
-                if key not in IGNORED_ROPE_KEYS}
+        rope = _compared({**source.rope, **_plain(plan.rope_set)})
     text = plan.config.get("text_config") or plan.config
     return Expectation(plan.inv_freq.tolist(), plan.attention_factor,
                        plan.new_length if plan.method == "dynamic" else None, rope, rotary,
@@ -380,10 +382,9 @@ def problems(config: dict, want: Expectation) -> list[str]:
     found = mismatches(torch.tensor(want.inv_freq, dtype=torch.float64), want.attention_factor, got.inv_freq,
                        got.attention)
     if want.rope is not None:
-        rope = {key: value for key, value in got.rope.items() if key not in IGNORED_ROPE_KEYS}
+        rope = _compared(got.rope)
         if EXTENDED_LAYER_TYPE in rope:
-            rope[EXTENDED_LAYER_TYPE] = {key: value for key, value in rope[EXTENDED_LAYER_TYPE].items()
-                                         if key not in IGNORED_ROPE_KEYS}
+            rope[EXTENDED_LAYER_TYPE] = _compared(rope[EXTENDED_LAYER_TYPE])
         found += dict_mismatches("rope parameter", want.rope, rope)
     if want.rotary is not None:
         found += dict_mismatches("rotary embedding's", want.rotary, got.rotary, verb="derived")
