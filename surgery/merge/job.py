@@ -19,7 +19,7 @@ from surgery.errors import BadInput
 from surgery.executors import check_executor
 from surgery.io.writer import DEFAULT_MAX_SHARD_SIZE
 from surgery.merge.recipe import (DARE_RESCALES, MODULE_CHOICES, ROUTER_CHOICES, ModelEntry, Recipe, aim_settings,
-                                  load_recipe)
+                                  checked_choice, load_recipe)
 from surgery.merge.registry import PARAMETERS, MergeMethod, aliases, get_method
 from surgery.merge.vocab import check_pad_to_multiple_of
 
@@ -84,7 +84,8 @@ def build_recipe(models: Sequence[str] = (), *, method: str | None = None, base:
                  weights: str | Sequence[float] | None = None, parameters: Mapping[str, Any] | None = None,
                  seed: int | None = None, dtype: str | None = None, dare_rescale: str | None = None,
                  tokenizer_source: str | None = None, pad_to_multiple_of: int | None = None,
-                 modules: str | None = None, routers: str | None = None, recipe: str | Path | None = None, aim: bool = False, omega: float | None = None,
+                 modules: str | None = None, routers: str | None = None, recipe: str | Path | None = None,
+                 aim: bool = False, omega: float | None = None,
                  calibration: str | None = None, stats: str | None = None, max_tokens: int | None = None,
                  **parameter_values: Any) -> Recipe:
     """The recipe ``surgery merge`` builds from its options: a recipe file's, or the models, with the options given
@@ -136,10 +137,8 @@ def build_recipe(models: Sequence[str] = (), *, method: str | None = None, base:
         if value is not None:
             setattr(built, field, value)
     for field, value, choices in (("modules", modules, MODULE_CHOICES), ("routers", routers, ROUTER_CHOICES)):
-        if value is not None and value not in choices:
-            raise BadInput(f"--{field} {value!r}: expected {', '.join(choices)}")
         if value is not None:
-            setattr(built, field, value)
+            setattr(built, field, checked_choice(value, f"--{field}", choices))
     if pad_to_multiple_of is not None:
         built.pad_to_multiple_of = check_pad_to_multiple_of(pad_to_multiple_of, "--pad-to-multiple-of")
     aim_options = {"omega": omega, "calibration": calibration, "stats": stats, "max_tokens": max_tokens}

@@ -134,12 +134,27 @@ class Recipe:
         return list(dict.fromkeys(names))
 
 
+def checked_choice(value: str, what: str, choices: tuple[str, ...]) -> str:
+    """``value`` when it is one of ``choices``; BadInput naming ``what`` (a key, an option) else.
+
+    Args:
+        value: the value given.
+        what: how the message names it (``"recipe.yaml: routers"``, ``"--routers"``).
+        choices: the accepted values.
+
+    Returns:
+        ``value``.
+
+    Example: ``checked_choice("base", "--routers", ROUTER_CHOICES)   # "base"``
+    """
+    if value not in choices:
+        raise BadInput(f"{what} {value!r}: expected {', '.join(choices)}")
+    return value
+
+
 def _choice(value: Any, key: str, choices: tuple[str, ...], origin: str) -> str:
     """``value`` (absent: the first choice) when it is one of ``choices``; BadInput naming ``key`` else."""
-    value = _text(value, key, origin) or choices[0]
-    if value not in choices:
-        raise BadInput(f"{origin}: {key} {value!r}: expected {', '.join(choices)}")
-    return value
+    return checked_choice(_text(value, key, origin) or choices[0], f"{origin}: {key}", choices)
 
 
 def _text(value: Any, key: str, origin: str, *, required: bool = False) -> str | None:
