@@ -120,14 +120,9 @@ def fallback_targets(sizes: dict[str, int], requested: int, always: frozenset[st
         else:
             targets.setdefault(size, []).append(module)
     # transformers dequantizes every expert with the first config group whose regex names experts: theirs goes first
-    holds_experts = {_group_size_holding(always, sizes)} if always else set()
-    order = sorted(targets, key=lambda size: (size not in holds_experts, -size))
+    experts = next((sizes[module] for module in always if module in sizes), None)  # they share one size
+    order = sorted(targets, key=lambda size: (size != experts, -size))
     return {size: sorted(targets[size]) for size in order}
-
-
-def _group_size_holding(modules: frozenset[str], sizes: dict[str, int]) -> int | None:
-    """The one group size ``modules`` share (per_module_group_sizes gives experts one)."""
-    return next((sizes[module] for module in modules if module in sizes), None)
 
 
 def _target_matches(module: str, target: str) -> bool:
