@@ -247,9 +247,11 @@ def test_fused_experts_are_reported_not_silently_kept(saved, tmp_path):
     torch.testing.assert_close(logits_of(tmp_path / "w4"), logits_of(reference), atol=2e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize(("family", "words"), [("falcon", "FalconLinear"), ("gpt2", "Conv1D")])
-def test_unloadable_quantizations_are_refused_by_name(family, words, saved, tmp_path):
-    result = run_surgery("quantize", saved[family][1], "-o", tmp_path / "w4")
+@pytest.mark.parametrize(("family", "words", "options"), [
+    ("falcon", "FalconLinear", ()), ("gpt2", "Conv1D", ()),
+    ("mixtral", "--format gptq cannot hold MoE experts", ("--format", "gptq"))])
+def test_unloadable_quantizations_are_refused_by_name(family, words, options, saved, tmp_path):
+    result = run_surgery("quantize", saved[family][1], "-o", tmp_path / "w4", *options)
     assert result.returncode == 2 and words in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "w4").exists()
 

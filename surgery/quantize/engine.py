@@ -273,6 +273,10 @@ def plan_quantization(ckpt: Checkpoint, config: QuantizeConfig) -> Plan:
     fmt.check_source(ckpt)
     selection = select_modules(ckpt, config.ignore)
     modules, ignored_linear, dtype = selection.modules, selection.ignored, selection.dtype
+    if selection.per_expert and not fmt.loads_per_expert:
+        raise BadInput(f"{ckpt.source}: --format {fmt.name} cannot hold MoE experts (such as "
+                       f"{min(selection.per_expert)}): transformers loads them into one fused tensor per layer, which "
+                       f"its {fmt.name} loader does not fill; --format compressed-tensors writes them")
     sizes = fmt.group_sizes({module: info.shape[1] for module, info in modules.items()}, scheme.group_size,
                             together=selection.per_expert)
     schemes = {module: replace(scheme, group_size=size) for module, size in sizes.items()}

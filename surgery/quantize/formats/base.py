@@ -103,6 +103,8 @@ class QuantFormat:
     default_group_size: int = 128
     model_types: tuple[str, ...] | None = None  # the model types it writes (None: any transformers loads)
     card_title_note: str = ""  # appended to the model card's title (GGUF: " (GGUF)")
+    # whether its loader fills transformers' fused MoE expert tensors from per-expert quantized modules
+    loads_per_expert: bool = True
 
     # ------------------------------------------------------------------------------------------- options
 

@@ -21,6 +21,7 @@ from surgery.quantize.groups import one_group_size
 
 class GPTQ(QuantFormat):
     name = "gptq"
+    loads_per_expert = False  # transformers' GPTQ loader replaces Linear modules only; MoE experts are fused tensors
 
     def scheme(self, bits: int, group_size: int, symmetric: bool) -> Scheme:
         """v1 stores zero − 1 unsigned, so the grid keeps zero points above the lowest."""
