@@ -140,6 +140,25 @@ def test_aim_factors_follow_the_formula():
             aim_factors(torch.tensor(stats), omega)
 
 
+def test_three_dimensional_experts_get_factors_per_expert_and_input_row():
+    """gpt-oss stores experts as (experts, inputs, outputs): each expert is normalised by its own peak, and the factor
+    of input channel j scales row j of that expert's matrix."""
+    per_expert = [[0.5, 2.0, 0.0], [0.0, 0.0, 0.0], [3.0, 1.0, 1.5]]
+    factors = aim_factors(torch.tensor(per_expert).unsqueeze(-1), 0.4)
+    expected = torch.tensor([reference_factors(row, 0.4) if max(row) > 0 else [1.0] * 3 for row in per_expert])
+    torch.testing.assert_close(factors.squeeze(-1), expected)
+    generator = torch.Generator().manual_seed(1)
+    base, merged = torch.randn(3, 3, 5, generator=generator), torch.randn(3, 3, 5, generator=generator)
+    result = apply_aim(base, merged, factors)
+    for expert in range(3):
+        for row in range(3):
+            torch.testing.assert_close(result[expert, row],
+                                       base[expert, row] + (merged[expert, row] - base[expert, row])
+                                       * float(expected[expert, row]))
+    with pytest.raises(BadInput):
+        apply_aim(base, merged, factors.squeeze(-1))
+
+
 def test_apply_aim_scales_the_change_per_input_channel():
     generator = torch.Generator().manual_seed(0)
     base = torch.randn(3, 4, generator=generator).bfloat16()

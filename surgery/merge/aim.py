@@ -54,15 +54,20 @@ BATCH_TOKENS = 8192  # tokens run through a layer at once; bounds the activation
 
 
 class _InputStats:
-    """Σ_blocks mean_tokens |x| of the input of every hooked module, keyed by its weight's name."""
+    """Σ_blocks mean_tokens |x| of the input of every hooked module, keyed by its weight's name; for the experts of
+    a 3-D tensor the checkpoint stores (gpt-oss), one row per expert: (experts, inputs, 1)."""
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
+        self.experts: dict[str, int] = {}  # 3-D tensor name → its experts
 
-    def add(self, name: str, inputs: torch.Tensor) -> None:
+    def add(self, name: str, inputs: torch.Tensor, expert: int | None = None, experts: int = 0) -> None:
         # Batch first, channels last; everything between (tokens, and heads for q/k norms) is averaged.
         magnitudes = inputs.detach().abs().float().reshape(inputs.shape[0], -1, inputs.shape[-1])
         per_block = magnitudes.mean(dim=1).sum(dim=0).double()
+        if expert is not None:
+            self.experts[name] = experts
+            name = f"{name}#{expert}"
         if name in self.sums:
             self.sums[name] += per_block
         else:
@@ -72,7 +77,13 @@ class _InputStats:
         return lambda inputs: self.add(name, inputs)
 
     def result(self) -> dict[str, torch.Tensor]:
-        return {name: total.float().cpu() for name, total in self.sums.items()}
+        result = {name: total.float().cpu() for name, total in self.sums.items() if "#" not in name}
+        for name, experts in self.experts.items():
+            rows = [self.sums.get(f"{name}#{expert}") for expert in range(experts)]
+            width = next(row for row in rows if row is not None).numel()
+            result[name] = torch.stack([row.float().cpu() if row is not None else torch.zeros(width)
+                                        for row in rows]).unsqueeze(-1)
+        return result
 
 
 def collect_activation_stats(source: str | Checkpoint, blocks: list[torch.Tensor], *, device: str = "cpu",
@@ -108,9 +119,13 @@ def collect_activation_stats(source: str | Checkpoint, blocks: list[torch.Tensor
                     if not isinstance(module, nn.Embedding) and module._parameters.get("weight") is not None]
         experts = [(names[id(module)], module) for module in decoder.modules()
                    if f"{names[id(module)]}.gate_up_proj" in fused]
+        stored = [(names[id(module)], module) for module in decoder.modules()
+                  if f"{names[id(module)]}.gate_up_proj" in checkpoint.tensors]  # gpt-oss: 3-D in the checkpoint
         output = model.get_output_embeddings()
         hooks = [module.register_forward_pre_hook(_expert_inputs(stats, fused, name), with_kwargs=True)
                  for name, module in experts]
+        hooks += [module.register_forward_pre_hook(_stored_expert_inputs(stats, name), with_kwargs=True)
+                  for name, module in stored]
         try:
             with input_hooks(model, {name: stats.adder(f"{name}.weight") for name in weighted}), torch.no_grad():
                 for batch in equal_length_batches(blocks, batch_tokens):
@@ -139,6 +154,22 @@ def _expert_inputs(stats: "_InputStats", fused: dict, name: str):
             intermediate = expert_intermediate(module, expert, routed) if len(gate_up) == 2 else None
             if intermediate is not None and down is not None:
                 stats.add(down[0][expert], intermediate.unsqueeze(0))
+
+    return record
+
+
+def _stored_expert_inputs(stats: "_InputStats", name: str):
+    """A pre-hook on an experts module whose 3-D tensors the checkpoint stores as they are (gpt-oss: each expert's
+    matrix is (inputs, outputs)): one row of statistics per expert, for ``gate_up_proj`` and ``down_proj``."""
+    from surgery.runtime.experts import expert_intermediate, routed_inputs
+
+    def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        experts = module.gate_up_proj.shape[0]
+        for expert, routed in routed_inputs(module, args, kwargs):
+            stats.add(f"{name}.gate_up_proj", routed.unsqueeze(0), expert, experts)
+            intermediate = expert_intermediate(module, expert, routed)
+            if intermediate is not None:
+                stats.add(f"{name}.down_proj", intermediate.unsqueeze(0), expert, experts)
 
     return record
 
@@ -295,7 +326,8 @@ def aim_factors(stats: torch.Tensor, omega: float) -> torch.Tensor:
     one all of it. All-zero statistics give r = 1 (the merge unchanged).
 
     Args:
-        stats: one weight's per-input-channel activity a (from :func:`load_stats`).
+        stats: one weight's per-input-channel activity a (from :func:`load_stats`); (experts, inputs, 1) for a 3-D
+            experts tensor, each expert its own peak.
         omega: ω, the share of the change the most active channel keeps, in [0, 1] (else BadInput).
 
     Returns:
@@ -308,20 +340,36 @@ def aim_factors(stats: torch.Tensor, omega: float) -> torch.Tensor:
     if not 0.0 <= omega <= 1.0:
         raise BadInput(f"AIM omega {omega}: must be between 0 and 1")
     stats = stats.float()
+    if stats.ndim == 3:  # per expert
+        peak = stats.amax(dim=(1, 2), keepdim=True)
+        return torch.where(peak > 0, 1.0 - stats / peak.clamp(min=1e-30) * (1.0 - omega), torch.ones_like(stats))
     peak = stats.max() if stats.numel() else torch.tensor(0.0)
     if peak <= 0:
         return torch.ones_like(stats)
     return 1.0 - (stats / peak) * (1.0 - omega)
 
 
+def fits_factors(factors: tuple[int, ...], weight: tuple[int, ...]) -> bool:
+    """Whether AIM factors of shape ``factors`` scale a weight of shape ``weight``: one per input channel (the last
+    dimension of a 1-D or 2-D weight; (experts, inputs, 1) for a 3-D experts tensor)::
+
+        fits_factors((64,), (128, 64))      # True
+        fits_factors((4, 64, 1), (4, 64, 256))   # True
+    """
+    factors, weight = tuple(factors), tuple(weight)
+    if len(weight) == 3:
+        return factors == (*weight[:2], 1)
+    return len(weight) in (1, 2) and factors == weight[-1:]
+
+
 def apply_aim(base: torch.Tensor, merged: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     """W0 + (W − W0) ⊙ r in float32, r over the input channels (the last dimension of a 2-D weight, elementwise for
-    a 1-D norm weight).
+    a 1-D norm weight, the middle one of a 3-D experts tensor stored (experts, inputs, outputs)).
 
     Args:
-        base: the base weight W0 (1-D or 2-D).
+        base: the base weight W0 (1-D, 2-D, or 3-D experts).
         merged: the merged weight W, shaped like ``base`` (else BadInput).
-        factors: r, one per input channel (``base.shape[-1]`` of them, else BadInput).
+        factors: r, one per input channel (``base.shape[-1]`` of them; (experts, inputs, 1) for 3-D; else BadInput).
 
     Returns:
         The float32 weight with AIM applied.
@@ -332,7 +380,7 @@ def apply_aim(base: torch.Tensor, merged: torch.Tensor, factors: torch.Tensor) -
     """
     if base.shape != merged.shape:
         raise BadInput(f"AIM: base shape {tuple(base.shape)} and merged shape {tuple(merged.shape)} differ")
-    if base.ndim not in (1, 2) or factors.ndim != 1 or factors.numel() != base.shape[-1]:
+    if not fits_factors(factors.shape, base.shape):
         raise BadInput(f"AIM: {factors.numel()} channel factors do not fit a weight of shape {tuple(base.shape)}")
     base32 = base.float()
     return base32 + (merged.float() - base32) * factors.float().to(base.device)

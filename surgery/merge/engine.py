@@ -384,14 +384,14 @@ def aim_factors_for(recipe: Recipe, inputs: MergeInputs, plan: list[PlannedTenso
     for planned in plan:
         name = planned.spec.name
         if name in stats:
-            if stats[name].shape != planned.spec.shape[-1:]:
+            if not aim.fits_factors(stats[name].shape, planned.spec.shape):
                 raise BadInput(f"{where}: tensor {name!r} has {tuple(stats[name].shape)} statistics for shape "
                                f"{planned.spec.shape} (statistics of another model?)")
             factors[name] = aim.aim_factors(stats[name], settings["omega"])
     if not factors:
         raise BadInput(f"{where}: no statistics for any tensor of {inputs.base.source} (statistics of another model?)")
     arch = Architecture.from_config(inputs.base.config)
-    experts = [p.spec.name for p in plan if p.spec.name not in factors and
+    experts = [p.spec.name for p in plan if p.spec.name not in factors and not p.spec.name.endswith("bias") and
                (arch.role(p.spec.name).expert is not None or arch.role(p.spec.name).experts is not None)]
     if experts:  # statistics come from nn.Linear inputs; transformers runs MoE experts as fused tensors
         log.warning("aim: %d MoE expert tensors (such as %s) have no activation statistics and are merged without "

@@ -43,8 +43,9 @@ def routed_inputs(module: nn.Module, args: tuple, kwargs: dict) -> Iterator[tupl
 
 
 def expert_intermediate(module: nn.Module, expert: int, x: torch.Tensor) -> torch.Tensor | None:
-    """act(gate) * up of ``expert`` on ``x``: its down projection's input; None where the module's layout is not
-    the chunked [gate; up] one with an ``act_fn`` (gpt-oss interleaves and clamps).
+    """act(gate) * up of ``expert`` on ``x``: its down projection's input, for the chunked [gate; up] layout with an
+    ``act_fn`` (Mixtral, Qwen-MoE...) and for gpt-oss's (inputs, outputs) matrices with a bias and its own gate
+    (``_apply_gate``: interleaved halves, clamped); None for any other.
 
     Args:
         module: the experts module.
@@ -57,6 +58,10 @@ def expert_intermediate(module: nn.Module, expert: int, x: torch.Tensor) -> torc
     Example: ``expert_intermediate(module, 3, x).shape   # (tokens, intermediate size)``
     """
     weight = module.gate_up_proj[expert]
+    if hasattr(module, "_apply_gate") and weight.shape[0] == x.shape[-1]:
+        gate_up = x @ weight
+        bias = getattr(module, "gate_up_proj_bias", None)
+        return module._apply_gate(gate_up + bias[expert] if bias is not None else gate_up)
     if not hasattr(module, "act_fn") or weight.shape[-1] != x.shape[-1] or weight.shape[0] % 2:
         return None
     gate, up = nn.functional.linear(x, weight).chunk(2, dim=-1)
