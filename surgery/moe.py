@@ -225,6 +225,16 @@ class MoeConfig:
                    experts_per_token=data.get("experts_per_token", 2), shared_experts=experts("shared_experts"),
                    architecture=data.get("architecture"), dtype=data.get("dtype"), **options)
 
+    @classmethod
+    def from_file(cls, path: str | Path, output: str | Path, seed: int = 0, device: str = "cpu",
+                  max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, force: bool = False) -> "MoeConfig":
+        """:meth:`from_yaml` with the command's options spelled out (a pipeline step's keys: ``config`` for the
+        YAML file, ``output``, ``seed``, ``device``, ``max_shard_size``, ``force``).
+
+        Example: ``MoeConfig.from_file("moe.yaml", "out", seed=1)``
+        """
+        return cls.from_yaml(path, output, seed=seed, device=device, max_shard_size=max_shard_size, force=force)
+
     def recipe(self) -> dict:
         """Everything that decides the output bytes (recorded in surgery.json)."""
         return {"base_model": self.base_model, "gate_mode": self.gate_mode,

@@ -2,8 +2,8 @@
 
 A step is one command with the options of the CLI, written as YAML (the pipeline builds the operation's config
 from them, e.g. :class:`~surgery.quantize.QuantizeConfig`, and calls the operation: the same checks as the command
-line, no argv); positional arguments have names (``models``
-for merge, ``input`` for the others, ``repo`` for push) and ``output`` is ``-o``::
+line, no argv); positional arguments have names (``models`` for merge, ``config`` for moe's mergekit-moe YAML,
+``input`` for the others, ``repo`` for push) and ``output`` is ``-o``::
 
     steps:
       - merge: {models: [org/short-model, org/long-model], method: ties, density: 0.2, output: out/merged}
@@ -48,7 +48,9 @@ from surgery.io.writer import write_file_atomic
 class Operation:
     """What a step of one command runs: ``config`` (``module:name``) built from the step's keys, then ``function``
     called with it. ``positional`` are the keys naming its inputs (``renames`` maps a key to the config's argument
-    where they differ); ``writes``: it takes ``output``; ``replaceable``: its config has ``force``."""
+    where they differ); ``writes``: it takes ``output``; ``replaceable``: its config has ``force``. The step's keys
+    are the config's fields (a dataclass), the parameters of ``config`` (a function: its signature's), or what
+    ``options`` (``module:name`` of a function returning name → type) lists."""
 
     config: str
     function: str
@@ -56,6 +58,7 @@ class Operation:
     renames: dict[str, str]
     writes: bool = True
     replaceable: bool = True
+    options: str | None = None
 
     @staticmethod
     def _named(path: str) -> Any:
@@ -76,7 +79,8 @@ class Operation:
 
 # A new command becomes a pipeline step with one line here.
 OPERATIONS = {
-    "merge": Operation("surgery.merge.job:MergeJob.from_options", "surgery.merge.engine:merge", ("models",), {}),
+    "merge": Operation("surgery.merge.job:MergeJob.from_options", "surgery.merge.engine:merge", ("models",), {},
+                       options="surgery.merge.job:option_types"),
     "extend": Operation("surgery.extend.context:ExtendConfig", "surgery.extend.context:extend", ("input",),
                         {"input": "source"}),
     "convert": Operation("surgery.convert:ConvertConfig", "surgery.convert:convert", ("input",), {"input": "source"}),
@@ -84,6 +88,7 @@ OPERATIONS = {
                            {"input": "source"}, replaceable=False),  # replaces its statistics file anyway
     "quantize": Operation("surgery.quantize.engine:QuantizeConfig", "surgery.quantize.engine:quantize", ("input",),
                           {"input": "source"}),
+    "moe": Operation("surgery.moe:MoeConfig.from_file", "surgery.moe:moe", ("config",), {"config": "path"}),
     "push": Operation("surgery.hub:PushConfig", "surgery.hub:push", ("input", "repo"),
                       {"input": "directory", "repo": "repo_id"}, writes=False, replaceable=False),
 }
@@ -109,7 +114,7 @@ class Step:
     def inputs(self) -> list[str]:
         """Every path or repo id the step reads (positional inputs, a recipe, AIM statistics, calibration text)."""
         values = []
-        for key in ("models", "input", "recipe", "base", "stats", "calibration", "text"):
+        for key in ("models", "input", "recipe", "config", "base", "stats", "calibration", "text"):
             value = self.options.get(key)
             values += value if isinstance(value, list) else [] if value is None else [value]
         return [str(v) for v in values]
@@ -155,8 +160,8 @@ class Declared:
 
 @functools.lru_cache(maxsize=None)
 def _step_options(command: str) -> dict[str, Declared]:
-    """The keys a step of ``command`` may have → what they set, read from the operation's config: its fields (or,
-    for merge, every option of ``MergeJob.from_options``), positional arguments by their step names."""
+    """The keys a step of ``command`` may have → what they set, read from the operation's config (see
+    :class:`Operation`), positional arguments by their step names."""
     operation = OPERATIONS[command]
     target = Operation._named(operation.config)
     inverse = {argument: key for key, argument in operation.renames.items()}
@@ -166,10 +171,15 @@ def _step_options(command: str) -> dict[str, Declared]:
         for field in dataclasses.fields(target):
             required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
             declared[inverse.get(field.name, field.name)] = Declared(hints[field.name], required)
+    elif operation.options is not None:
+        declared = {name: Declared(kind) for name, kind in Operation._named(operation.options)().items()}
     else:
-        from surgery.merge.job import option_types
+        import inspect
 
-        declared = {name: Declared(kind) for name, kind in option_types().items()}
+        hints = typing.get_type_hints(target)
+        for name, parameter in inspect.signature(target).parameters.items():
+            declared[inverse.get(name, name)] = Declared(hints.get(name, Any),
+                                                         parameter.default is inspect.Parameter.empty)
     for name in NOT_STEP_OPTIONS - ({"dry_run"} if command == "push" else set()):
         declared.pop(name, None)
     if operation.writes:

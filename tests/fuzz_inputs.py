@@ -20,7 +20,9 @@ Families, each generated from its own fixed seed (``random.Random(SEEDS[family])
 - ``recipe``: merge recipes (our YAML, mergekit configs, a surgery.json manifest) with wrong field types, nesting,
   anchors and aliases → ``merge --recipe F -o OUT`` and the same with ``--dry-run``;
 - ``pipeline``: pipeline YAML (step shapes, option keys and value types, aliases) → ``run F --dry-run``, ``run F``;
-- ``moe``: mergekit-moe YAML (field types and ranges, experts and their prompts, anchors, nesting) → ``moe F -o OUT``.
+- ``moe``: mergekit-moe YAML (field types and ranges, experts and their prompts, anchors, nesting) → ``moe F -o OUT``;
+- ``mxfp4``: a gpt-oss MXFP4 checkpoint whose ``_blocks`` / ``_scales`` pairs (missing, shapes, dtypes, NaN and
+  overflowing E8M0 scales) or quantization_config are wrong → ``inspect``, ``quantize``, ``merge`` with a bf16 one.
 
 Each mutation says whether its input is bad (``valid=False``: exit 0 is a failure), may be valid (``None``: exit 0
 with a complete output, or a clean exit 2, both pass) or is a valid control (``True``: must exit 0 complete).
@@ -68,7 +70,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SEEDS = {"safetensors": 1101, "index": 2202, "config": 3303, "gguf": 4404, "recipe": 5505, "pipeline": 6606,
-         "moe": 7707}
+         "moe": 7707, "mxfp4": 8808}
 LIMIT_SECONDS = 2.0  # a valid case takes 0.5 s at most on these loaded cores
 MEMORY_GROWTH = 2 << 30
 ISOLATED_ADDRESS_SPACE = 4 << 30
@@ -938,6 +940,82 @@ def moe_cases(root: Path, sources: "Sources", rng: random.Random) -> list[Case]:
     return cases
 
 
+# ---- gpt-oss MXFP4 inputs (read decoded by surgery/io/mxfp4_input.py)
+
+def mxfp4_mutations(tensors: dict, config: dict, rng: random.Random) -> Iterator[tuple[Mutation, dict, dict]]:
+    """(mutation, tensors, config): valid safetensors files whose MXFP4 pairs or quantization_config are wrong."""
+    import torch
+
+    pairs = sorted(name.removesuffix("_blocks") for name in tensors if name.endswith("_blocks"))
+
+    def changed(name: str, value) -> dict:
+        out = dict(tensors)
+        if value is None:
+            del out[name]
+        else:
+            out[name] = value
+        return out
+
+    data = frozenset({"inspect"})  # damage in the data, or in what it means, which inspect does not read
+    for base in pairs:
+        blocks, scales = tensors[base + "_blocks"], tensors[base + "_scales"]
+        words = (base.rsplit(".", 1)[-1],)
+        yield Mutation(f"{base}: no _scales", names=words), changed(base + "_scales", None), config
+        yield Mutation(f"{base}: no _blocks", names=words), changed(base + "_blocks", None), config
+        yield Mutation(f"{base}: _scales one row short", names=words), changed(
+            base + "_scales", scales[:, :-1].contiguous()), config
+        yield Mutation(f"{base}: _blocks of 8 bytes", names=words), changed(
+            base + "_blocks", blocks[..., :8].contiguous()), config
+        yield Mutation(f"{base}: _blocks 3-D", names=words), changed(
+            base + "_blocks", blocks.reshape(*blocks.shape[:2], -1).contiguous()), config
+        yield Mutation(f"{base}: _scales int8", names=words), changed(base + "_scales", scales.to(torch.int8)), config
+        yield Mutation(f"{base}: _blocks float32", names=words), changed(base + "_blocks", blocks.float()), config
+        yield Mutation(f"{base}: _scales float16", names=words), changed(base + "_scales", scales.half()), config
+        yield Mutation(f"{base}: one expert fewer", names=words, lenient=data), {
+            **tensors, base + "_blocks": blocks[1:].contiguous(), base + "_scales": scales[1:].contiguous()}, config
+        yield Mutation(f"{base}: an E8M0 scale of 255 (NaN)", names=words, lenient=data), changed(
+            base + "_scales", scales.clone().index_fill_(0, torch.tensor([rng.randrange(scales.shape[0])]), 255)), \
+            config
+        yield Mutation(f"{base}: E8M0 scales of 254 (2^127, overflowing)", names=words, lenient=data), changed(
+            base + "_scales", torch.full_like(scales, 254)), config
+        yield Mutation(f"{base}: random block bytes", valid=True), changed(
+            base + "_blocks", torch.randint(0, 256, blocks.shape, dtype=torch.uint8,
+                                            generator=torch.Generator().manual_seed(rng.randrange(1 << 30)))), config
+        yield Mutation(f"{base}: _blocks and _scales of another pair", names=words, lenient=data), {
+            **tensors, base + "_blocks": tensors[pairs[-1 - pairs.index(base)] + "_blocks"].clone(),
+            base + "_scales": tensors[pairs[-1 - pairs.index(base)] + "_scales"].clone()}, config
+    quantization = config["quantization_config"]
+    for value in ({"quant_method": "mxfp4", "modules_to_not_convert": 5}, {"quant_method": "mxfp5"},
+                  {**quantization, "quant_method": None}, 5, [quantization]):
+        yield Mutation(f"quantization_config = {short(value)}", valid=None, names=("quantization_config",)), \
+            tensors, {**config, "quantization_config": value}
+    yield Mutation("config without quantization_config", names=("_blocks", "_scales"), lenient=data), tensors, {
+        key: value for key, value in config.items() if key != "quantization_config"}
+    yield Mutation("unchanged", valid=True), tensors, config
+
+
+def mxfp4_cases(root: Path, sources: "Sources", rng: random.Random) -> list[Case]:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(sources.mxfp4 / "model.safetensors"))
+    config = json.loads((sources.mxfp4 / "config.json").read_text())
+    cases = []
+    for number, (mutation, changed, changed_config) in enumerate(mxfp4_mutations(tensors, config, rng)):
+        workdir = root / f"case-{number:03d}"
+        model = link_tree(sources.mxfp4, workdir / "model", skip={"model.safetensors", "config.json"})
+        save_file(changed, str(model / "model.safetensors"), metadata={"format": "pt"})
+        write_fresh(model / "config.json", json.dumps(changed_config, indent=2))
+        for command in ("inspect", "quantize", "merge"):
+            output = workdir / f"out-{command}"
+            argv = {"inspect": ["inspect", model],
+                    "quantize": ["quantize", model, "-o", output, "--format", "mxfp4"],
+                    "merge": ["merge", model, sources.gpt_oss, "--method", "linear", "-o", output]}[command]
+            cases.append(make_case("mxfp4", len(cases), mutation, command, argv, workdir,
+                                   ("model.safetensors", "config.json", model),
+                                   output=None if command == "inspect" else str(output), writes=True))
+    return cases
+
+
 # ---- pipelines
 
 def pipeline_templates(llama: str, sharded: str) -> dict[str, list]:
@@ -1057,7 +1135,7 @@ def pipeline_cases(root: Path, sources: "Sources", rng: random.Random) -> list[C
 
 FAMILIES: dict[str, Callable[[Path, "Sources", random.Random], list[Case]]] = {
     "safetensors": safetensors_cases, "index": index_cases, "config": config_cases, "gguf": gguf_cases,
-    "recipe": recipe_cases, "pipeline": pipeline_cases, "moe": moe_cases,
+    "recipe": recipe_cases, "pipeline": pipeline_cases, "moe": moe_cases, "mxfp4": mxfp4_cases,
 }
 
 
@@ -1068,6 +1146,20 @@ class Sources:
     llama: Path  # tiny llama saved by transformers, with a tokenizer
     sharded: Path  # a second tiny llama in 12 shards with an index
     gguf: Path  # a Q8_0 GGUF written by surgery quantize --format gguf
+    gpt_oss: Path  # a tiny gpt-oss saved by transformers
+    mxfp4: Path  # that gpt-oss written by surgery quantize --format mxfp4
+
+
+def make_gpt_oss(root: Path) -> tuple[Path, Path]:
+    """A tiny gpt-oss fine-tune (seed 1), and its base (seed 0) quantized to MXFP4."""
+    from conftest import make_family_model, run_surgery, save_tokenizer
+
+    for seed, name in ((0, "gpt-oss"), (1, "gpt-oss-ft")):
+        make_family_model("gpt_oss", seed).save_pretrained(root / name)
+        save_tokenizer(root / name)
+    done = run_surgery("quantize", root / "gpt-oss", "-o", root / "gpt-oss-mxfp4", "--format", "mxfp4")
+    assert done.returncode == 0, done.stderr
+    return root / "gpt-oss-ft", root / "gpt-oss-mxfp4"
 
 
 def make_gguf(root: Path) -> Path:
@@ -1094,7 +1186,7 @@ def build_sources(root: Path, llama: Path | None = None, sharded: Path | None = 
     if sharded is None:
         sharded = root / "sharded"
         make_tiny_model("llama", seed=1).save_pretrained(sharded, max_shard_size="40KB")
-    return Sources(llama, sharded, make_gguf(root))
+    return Sources(llama, sharded, make_gguf(root), *make_gpt_oss(root))
 
 
 # ---- running
@@ -1370,7 +1462,9 @@ def warm_up(sources: Sources, root: Path) -> None:
                  ["merge", "--method", "linear", sources.llama, sources.sharded, "-o", root / "merge"],
                  ["quantize", sources.llama, "-o", root / "quantize", "--group-size", "32"],
                  ["extend", sources.llama, "--rope", "linear", "--factor", "2", "-o", root / "extend"],
-                 ["convert", sources.gguf, "-o", root / "convert"]):
+                 ["convert", sources.gguf, "-o", root / "convert"],
+                 ["inspect", sources.mxfp4], ["quantize", sources.mxfp4, "-o", root / "mxfp4", "--group-size", "32"],
+                 ["merge", "--method", "linear", sources.mxfp4, sources.gpt_oss, "-o", root / "mxfp4-merge"]):
         done = run_surgery(*argv)
         assert done.returncode == 0, (argv, done.stderr)
     (root / "mergekit.yml").write_text(yaml.safe_dump({"merge_method": "linear", "models": [

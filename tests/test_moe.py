@@ -224,3 +224,35 @@ def test_bad_configs_are_exit_2_and_write_nothing(change, words, dense, tmp_path
     result = run_surgery("moe", config, "-o", tmp_path / "out")
     assert result.returncode == 2 and words in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_a_pipeline_step_builds_the_moe_and_reruns_when_its_yaml_changes(dense, tmp_path):
+    """``moe: {config: moe.yaml, output: ...}`` in a pipeline: the same output as the command, then quantized; a
+    second run skips both, a changed YAML reruns both."""
+    from test_pipeline import statuses
+
+    base, *experts = dense["llama"]
+    config = write_config(tmp_path, base, experts)
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(yaml.safe_dump({"steps": [
+        {"moe": {"config": str(config), "output": str(tmp_path / "moe"), "seed": 3}},
+        {"quantize": {"input": str(tmp_path / "moe"), "group_size": 32, "output": str(tmp_path / "q4")}}]}))
+    first = run_surgery("run", pipeline)
+    assert first.returncode == 0, first.stderr
+    assert statuses(first.stdout) == ["ran (no output yet)", "ran (an earlier step ran)"]
+    direct = run_surgery("moe", config, "-o", tmp_path / "direct", "--seed", "3")
+    assert direct.returncode == 0, direct.stderr
+    piped, alone = tensors_of(tmp_path / "moe"), tensors_of(tmp_path / "direct")
+    assert piped.keys() == alone.keys() and all(torch.equal(piped[name], alone[name]) for name in piped)
+    assert statuses(run_surgery("run", pipeline).stdout) == ["up to date"] * 2
+
+    write_config(tmp_path, base, experts, experts_per_token=1)
+    changed = run_surgery("run", pipeline)
+    assert changed.returncode == 0, changed.stderr
+    assert statuses(changed.stdout) == ["ran (inputs changed)", "ran (an earlier step ran)"]
+    assert '"num_experts_per_tok": 1' in (tmp_path / "moe" / "config.json").read_text()
+
+    pipeline.write_text(yaml.safe_dump({"steps": [{"moe": {"config": str(config), "output": str(tmp_path / "x"),
+                                                           "gate_mode": "random"}}]}))
+    refused = run_surgery("run", pipeline)
+    assert refused.returncode == 2 and "'gate_mode' is not an option of moe" in refused.stderr

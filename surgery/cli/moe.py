@@ -31,7 +31,7 @@ def moe(
 ) -> None:
     from surgery.moe import MoeConfig, moe as build
 
-    job = MoeConfig.from_yaml(config, output, seed=seed, device=device, max_shard_size=max_shard_size, force=force)
+    job = MoeConfig.from_file(config, output, seed=seed, device=device, max_shard_size=max_shard_size, force=force)
     with progress(None, "B", "moe") as advance:
         result = build(job, progress=advance)
     if as_json:

@@ -16,8 +16,10 @@ QUANTIZE_HELP = " ".join("""
 Quantize the Linear weights of SRC's language model (MoE experts one by one; never routers, norms or
 embeddings; a vision tower too when --ignore does not name it) to 4- or 8-bit integers, group-wise, streaming one
 tensor at a time, into a format stock loaders read: compressed-tensors pack-quantized (vLLM; transformers +
-compressed-tensors), GPTQ v1, or GGUF (llama family; one .gguf file, Q4_0 or Q8_0 blocks of 32, read by llama.cpp and transformers;
-symmetric only). Methods: rtn (round to nearest), hqq (half-quadratic refinement of the scales, and integer zero
+compressed-tensors), GPTQ v1 (no MoE experts), GGUF (llama family; one .gguf file, Q4_0 or Q8_0 blocks of 32, read by llama.cpp and transformers;
+symmetric only), or mxfp4: gpt-oss's 3-D expert tensors in its own MXFP4 layout (FP4 E2M1 in blocks of 32, one
+E8M0 scale each; rtn only; attention and the rest kept), which transformers and vLLM load (the other formats leave
+those tensors in full precision, with a warning). An MXFP4 gpt-oss input is read decoded. Methods: rtn (round to nearest), hqq (half-quadratic refinement of the scales, and integer zero
 points when asymmetric; kept per group only where it lowers the squared error without any weight erring more than
 under rtn, so outlier weights are never clipped), selfcal (data-free self-calibration after AdaDFQ: the model
 samples its own text, twice --calibration-sequences sequences of 128 tokens from random start tokens (4 greedy
@@ -40,7 +42,7 @@ def quantize(
                                                                          "of 8; default 128, GGUF: 32)."),
     scheme: str = typer.Option("sym", "--scheme", help="sym or asym (integer zero points)."),
     method: str = typer.Option("rtn", "--method", help="rtn, hqq or selfcal."),
-    fmt: str = typer.Option("compressed-tensors", "--format", help="compressed-tensors, gptq or gguf."),
+    fmt: str = typer.Option("compressed-tensors", "--format", help="compressed-tensors, gptq, gguf or mxfp4."),
     ignore: str = typer.Option("lm_head,vision,projector", "--ignore",
                                help="Comma-separated modules left unquantized: names, trailing parts "
                                     "(mlp.down_proj), re:REGEX, or vision / projector (those parts of a "

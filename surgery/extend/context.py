@@ -113,7 +113,7 @@ def plan(config: ExtendConfig) -> ExtensionPlan:
 
         plan(ExtendConfig("smol", "unused", "yarn", factor=2)).new_length
     """
-    with open_checkpoint(config.source) as ckpt:
+    with open_checkpoint(config.source, raw=True) as ckpt:
         if not ckpt.config:
             raise BadInput(f"{config.source}: no config.json: nothing to extend")
         result = plan_extension(ckpt.config, config.rope, **config.options)
@@ -169,7 +169,7 @@ def extend(config: ExtendConfig, *, progress=None) -> ExtendResult:
         return ExtendResult(config, plan(config), None)
     source, output, method = config.source, config.output, config.rope
     check_output_available(output, config.force)
-    with open_checkpoint(source) as ckpt:
+    with open_checkpoint(source, raw=True) as ckpt:  # tensors copied as stored: a quantized model stays so
         if not ckpt.config:
             raise BadInput(f"{source}: no config.json: nothing to extend")
         result = plan_extension(ckpt.config, method, **config.options)
@@ -205,7 +205,7 @@ def verify_rope(source: str | Path) -> dict:
     Example:
         ``verify_rope("smol-16k")["problems"]``   # []
     """
-    with open_checkpoint(source) as ckpt:
+    with open_checkpoint(source, raw=True) as ckpt:
         config = ckpt.config
         manifest = read_manifest(ckpt.path) if ckpt.path.is_dir() else {}
         if not config:

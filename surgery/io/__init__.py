@@ -24,11 +24,13 @@ __all__ = [
 ]
 
 
-def open_checkpoint(source: str | Path) -> Checkpoint:
-    """Open a checkpoint lazily (see :func:`surgery.io.sources.resolve_source` for what a source may be).
+def open_checkpoint(source: str | Path, *, raw: bool = False) -> Checkpoint:
+    """Open a checkpoint lazily (see :func:`surgery.io.sources.resolve_source` for what a source may be). A
+    gpt-oss MXFP4 checkpoint is read decoded (surgery/io/mxfp4_input.py) unless ``raw``.
 
     Args:
         source: a model directory, a ``.safetensors`` or ``.gguf`` file, or a Hub repo id ``org/name[@revision]``.
+        raw: the stored tensors as they are, quantized ones included (``verify``).
 
     Returns:
         A :class:`Checkpoint` (a context manager); raises :class:`BadInput` with a one-line reason when it cannot be
@@ -45,8 +47,16 @@ def open_checkpoint(source: str | Path) -> Checkpoint:
         from surgery.io.gguf_reader import GGUFCheckpoint
 
         return GGUFCheckpoint(text, path)
+    from surgery.io.mxfp4_input import DequantizedMXFP4, is_mxfp4
     from surgery.io.safetensors_reader import SafetensorsCheckpoint
 
     if path.is_dir() or path.suffix == ".safetensors":
-        return SafetensorsCheckpoint(text, path)
+        checkpoint = SafetensorsCheckpoint(text, path)
+        if raw or not is_mxfp4(checkpoint.config):
+            return checkpoint
+        try:
+            return DequantizedMXFP4(checkpoint)
+        except BaseException:
+            checkpoint.close()
+            raise
     raise BadInput(f"{text}: expected a model directory, a .safetensors file, a .gguf file or a Hub repo id")

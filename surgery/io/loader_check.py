@@ -156,6 +156,12 @@ def check_transformers(directory: str | Path, inputs: list[Path] = ()) -> None:
         for problem in problems.values():
             inherited.setdefault(problem.kind, set()).update(problem.identity)
     own = [problem for problem in found.values() if not problem.identity <= inherited.get(problem.kind, set())]
+    unloadable = next(((source, problems) for source, problems in theirs.items()
+                       if {"config", "crashed"} & set(problems)), None)
+    if own and unloadable is not None:  # an input transformers cannot load at all: the output's problems are its
+        source, problems = unloadable
+        raise BadInput(f"{source}: transformers would not load this input: "
+                       + "; ".join(problem.message for problem in problems.values()))
     if own:
         raise CheckFailed("transformers would not load the output correctly: "
                           + "; ".join(problem.message for problem in own))

@@ -350,10 +350,19 @@ def aim_factors(stats: torch.Tensor, omega: float) -> torch.Tensor:
 
 
 def fits_factors(factors: tuple[int, ...], weight: tuple[int, ...]) -> bool:
-    """Whether AIM factors of shape ``factors`` scale a weight of shape ``weight``: one per input channel (the last
-    dimension of a 1-D or 2-D weight; (experts, inputs, 1) for a 3-D experts tensor)::
+    """Whether AIM factors of shape ``factors`` scale a weight of shape ``weight``.
 
-        fits_factors((64,), (128, 64))      # True
+    Args:
+        factors: the factors' shape: one per input channel (the last dimension of a 1-D or 2-D weight; (experts,
+            inputs, 1) for a 3-D experts tensor stored (experts, inputs, outputs)).
+        weight: the weight's shape.
+
+    Returns:
+        True when they fit.
+
+    Example::
+
+        fits_factors((64,), (128, 64))           # True
         fits_factors((4, 64, 1), (4, 64, 256))   # True
     """
     factors, weight = tuple(factors), tuple(weight)

@@ -119,6 +119,7 @@ class QuantizeConfig:
             raise BadInput(f"--scheme {self.scheme!r}: expected sym or asym")
         self.quant_method.check(self)
         fmt = self.quant_format
+        fmt.check_method(self.method)
         fmt.check_scheme(self.scheme)
         if self.bits not in fmt.bits:
             raise BadInput(f"--format {fmt.name} --bits {self.bits}: it writes {' or '.join(map(str, fmt.bits))} bits")
@@ -207,14 +208,16 @@ class Selection:
     per_expert: frozenset[str] = frozenset()
 
 
-def select_modules(ckpt: Checkpoint, ignore: tuple[str, ...]) -> Selection:
+def select_modules(ckpt: Checkpoint, ignore: tuple[str, ...], fused_experts: bool = False) -> Selection:
     """The modules to quantize: the weights of the model's Linear projections (transformers' model for the config
-    says which) and its per-expert MoE projections; never routers, norms or embeddings.
+    says which) and its per-expert MoE projections; never routers, norms or embeddings. ``fused_experts``: the 3-D
+    expert tensors the checkpoint stores instead (gpt-oss's, each its own "module"), and no Linear weight.
 
     Args:
         ckpt: the source checkpoint.
         ignore: module names, trailing parts of them, ``re:REGEX``, or ``vision`` / ``projector`` (those parts of
             a vision-language model).
+        fused_experts: select the checkpoint's 3-D expert tensors (the format's ``quantizes``).
 
     Returns:
         The :class:`Selection`.
@@ -231,7 +234,14 @@ def select_modules(ckpt: Checkpoint, ignore: tuple[str, ...]) -> Selection:
         role = arch.role(name)
         module = name.removesuffix(".weight")
         if role.experts is not None and len(info.shape) == 3 and role.kind in PROJECTION_KINDS:
-            fused.append(name)
+            if not fused_experts:
+                fused.append(name)
+            elif info.dtype in FLOAT_DTYPES and not _ignored(name, role.part, ignore):
+                modules[name] = info
+            continue
+        if fused_experts:
+            if name.endswith(".weight") and role.linear:
+                ignored_linear.add(module)
             continue
         projection = role.kind in PROJECTION_KINDS or role.kind == "lm_head"
         candidate = name.endswith(".weight") and len(info.shape) == 2 and role.kind not in NEVER_QUANTIZED and \
@@ -245,13 +255,15 @@ def select_modules(ckpt: Checkpoint, ignore: tuple[str, ...]) -> Selection:
                 per_expert.add(module)
         elif name.endswith(".weight") and role.linear:
             ignored_linear.add(module)
+    if not modules and fused_experts:
+        raise BadInput(f"{ckpt.source}: no 3-D MoE expert tensors to quantize (all ignored?)")
     if not modules:
         raise BadInput(f"{ckpt.source}: no Linear weights to quantize (all ignored, or the model's projections are "
                        f"not nn.Linear modules, such as GPT-2's Conv1D, which quantized loaders do not replace)")
     if fused:
         log.warning("%d fused MoE expert tensors (every expert in one 3-D tensor, such as %s) stay in %s: the "
-                    "loaders of this format quantize Linear modules only", len(fused), fused[0],
-                    str(dtype).removeprefix("torch."))
+                    "loaders of this format quantize Linear modules only (--format mxfp4 quantizes gpt-oss's)",
+                    len(fused), fused[0], str(dtype).removeprefix("torch."))
     return Selection(modules, ignored_linear, dtype, frozenset(per_expert))
 
 
@@ -271,7 +283,7 @@ def plan_quantization(ckpt: Checkpoint, config: QuantizeConfig) -> Plan:
     """
     fmt, scheme = config.quant_format, config.grid_scheme()
     fmt.check_source(ckpt)
-    selection = select_modules(ckpt, config.ignore)
+    selection = select_modules(ckpt, config.ignore, fused_experts=fmt.quantizes == "fused experts")
     modules, ignored_linear, dtype = selection.modules, selection.ignored, selection.dtype
     if selection.per_expert and not fmt.loads_per_expert:
         raise BadInput(f"{ckpt.source}: --format {fmt.name} cannot hold MoE experts (such as "
@@ -281,16 +293,17 @@ def plan_quantization(ckpt: Checkpoint, config: QuantizeConfig) -> Plan:
                             together=selection.per_expert)
     schemes = {module: replace(scheme, group_size=size) for module, size in sizes.items()}
     for module, info in modules.items():
-        schemes[module].check(info.name, info.shape)
+        fmt.check_shape(info.name, info.shape, schemes[module])
     # the config names modules as transformers' model does (llava's checkpoint has language_model.model.layers...,
     # the model model.language_model.layers...); per-expert modules keep their checkpoint names
     loader = Architecture.from_config(ckpt.config).loader_module
     fallbacks = fmt.fallbacks({loader(module): size for module, size in sizes.items()}, scheme.group_size,
                               always=frozenset(map(loader, selection.per_expert)))
     specs, source_of = [], {}
+    module_of = {info.name: module for module, info in modules.items()}
     for name, info in ckpt.tensors.items():
-        module = name.removesuffix(".weight")
-        if name.endswith(".weight") and module in modules:
+        module = module_of.get(name)
+        if module is not None:
             for spec in fmt.specs(module, info.shape, schemes[module], dtype):
                 specs.append(spec)
                 source_of[spec.name] = module
@@ -343,26 +356,27 @@ class _Quantizer:
         module = self.plan.source_of.get(name)
         if module is None:
             return require_finite(self.ckpt.get(name), self.ckpt.source, name)
-        weight = require_finite(self.ckpt.get(f"{module}.weight"), self.ckpt.source, f"{module}.weight").float()
+        source = self.plan.modules[module].name
+        weight = require_finite(self.ckpt.get(source), self.ckpt.source, source).float()
         encoded = self.fmt.encode(self.plan, module, weight, self.fit, self.method)
         error = float((encoded.weight - encoded.approx).pow(2).sum())
         norm = float(encoded.weight.pow(2).sum())
         self.error_sq += error
         self.norm_sq += norm
         self.per_module[module] = (error / norm) ** 0.5 if norm else 0.0
-        tensors = {f"{module}.{local}": t for local, t in encoded.tensors.items()}
+        tensors = {self.fmt.tensor_name(module, local): t for local, t in encoded.tensors.items()}
         result = tensors.pop(name)
         self.waiting.update(tensors)
         return result
 
 
 def _card_body(config: QuantizeConfig, ckpt: Checkpoint, measurements: dict) -> str:
+    grid = config.quant_format.grid_words(config.bits, config.resolved_group_size, config.scheme == "sym")
     return "\n".join([
-        f"`{ckpt.source}` quantized by `surgery quantize` to {config.bits}-bit integers, group size "
-        f"{config.resolved_group_size}, {'symmetric' if config.scheme == 'sym' else 'asymmetric'}, method "
-        f"`{config.method}`, format `{config.format}`.", "",
+        f"`{ckpt.source}` quantized by `surgery quantize` to {grid}, method `{config.method}`, format "
+        f"`{config.format}`.", "",
         f"- ignored modules: {', '.join(sorted(config.ignore)) or 'none'}",
-        f"- quantized Linear modules: {measurements['modules']}",
+        f"- quantized weights: {measurements['modules']}",
         f"- group sizes used (modules each): {measurements['group_sizes']}",
         f"- weight-space relative error (all quantized weights): {measurements['weight_relative_error']:.4f}",
         "", "Reproduce with `surgery quantize` and the recipe in `surgery.json`.",

@@ -161,9 +161,7 @@ def dequantized_weights(ckpt: Checkpoint) -> Iterator[tuple[str, torch.Tensor]]:
 
         dict(dequantized_weights(ckpt))["model.layers.0.mlp.up_proj.weight"]
     """
-    fmt = format_of(ckpt)
-    for module in fmt.quantized_modules(ckpt):
-        yield f"{module}.weight", fmt.decoded_weight(ckpt, module)
+    yield from format_of(ckpt).decoded_parameters(ckpt)
 
 
 def open_quantized(path: str):
@@ -181,7 +179,7 @@ def open_quantized(path: str):
             quantized_modules(ckpt)
     """
     inner = output_path(path)
-    return open_checkpoint(inner if inner is not None else path)
+    return open_checkpoint(inner if inner is not None else path, raw=True)
 
 
 def load_dequantized(quantized: str, reference_model):
@@ -381,10 +379,15 @@ def _gaussian_layer_reports(ckpt: Checkpoint, reference: Checkpoint, modules: li
     """Per-layer measures without a model run (``end_to_end=False``): seeded Gaussian probe inputs."""
     generator = torch.Generator().manual_seed(seed)
     reports = []
+    stored = _stored_experts(reference)
     for module in modules:
-        if f"{module}.weight" not in reference.tensors:
+        if module in stored:
+            tensor, expert = stored[module]
+            weight = reference.get(tensor)[expert].float().T
+        elif f"{module}.weight" not in reference.tensors:
             raise BadInput(f"{reference.source}: no tensor {module}.weight for the quantized module {module}")
-        weight = reference.get(f"{module}.weight").float()
+        else:
+            weight = reference.get(f"{module}.weight").float()
         approx = decoded_weight(ckpt, module)
         _checked_shape(ckpt, reference, module, approx, tuple(weight.shape))
         x = torch.randn(probes, weight.shape[1], generator=generator)
@@ -607,7 +610,9 @@ def compare_models(ckpt: Checkpoint, ref: Checkpoint, modules: list[str], tokens
     """
     model = build_model({key: value for key, value in (ckpt.config or {}).items() if key != "quantization_config"},
                         ckpt.source)
-    experts = _expert_slices(ref)
+    stored = _stored_experts(ref)
+    experts = _expert_slices(ref) | {module: (tensor, expert, slice(None)) for module, (tensor, expert) in
+                                     stored.items()}
     problems = _not_linear_problems(model, ckpt, [module for module in modules if module not in experts])
     missing = load_parameters(model, ref, set(), f"model {ckpt.source}'s config builds")
     if missing:
@@ -625,6 +630,7 @@ def compare_models(ckpt: Checkpoint, ref: Checkpoint, modules: list[str], tokens
         if module in experts:  # its rows of the fused experts tensor the model holds
             target, expert, rows_of = experts[module]
             weight = model.get_parameter(target)[expert][rows_of]
+            weight = weight.T if module in stored else weight  # gpt-oss's: (inputs, outputs)
         else:
             weight = model.get_parameter(f"{module}.weight")
         approx = decoded_weight(ckpt, module)
@@ -634,7 +640,7 @@ def compare_models(ckpt: Checkpoint, ref: Checkpoint, modules: list[str], tokens
         x = inputs.pop(module) if module in inputs else torch.randn(probes, weight.shape[1], generator=generator)
         layers.append(_layer_report(ckpt, module, weight, approx, x, backend))
         if module in experts:
-            model.get_parameter(target).data[expert][rows_of] = approx
+            model.get_parameter(target).data[expert][rows_of] = approx.T if module in stored else approx
         else:
             set_parameter(model, _parameter_aliases_of(model, f"{module}.weight"), approx)
     replaced = {f"{module}.weight" for module in modules if module not in experts} | \
@@ -693,6 +699,20 @@ def _expert_slices(ref: Checkpoint) -> dict[str, tuple[str, int, slice]]:
                 rows = ref.tensors[name].shape[0]
                 slices[name.removesuffix(".weight")] = (target, expert, slice(part * rows, (part + 1) * rows))
     return slices
+
+
+def _stored_experts(ref: Checkpoint) -> dict[str, tuple[str, int]]:
+    """Each expert matrix of the 3-D expert tensors a checkpoint stores as they are (gpt-oss: (experts, inputs,
+    outputs)), named ``<tensor>.<expert>`` as the formats quantizing them name it → (tensor, expert)."""
+    from surgery.arch import PROJECTION_KINDS, Architecture
+
+    arch = Architecture.from_config(ref.config)
+    stored = {}
+    for name, info in ref.tensors.items():
+        role = arch.role(name)
+        if role.experts is not None and len(info.shape) == 3 and role.kind in PROJECTION_KINDS:
+            stored.update({f"{name}.{expert}": (name, expert) for expert in range(info.shape[0])})
+    return stored
 
 
 def _parameter_aliases_of(model: nn.Module, name: str) -> list[str]:

@@ -58,7 +58,7 @@ def expert_intermediate(module: nn.Module, expert: int, x: torch.Tensor) -> torc
     Example: ``expert_intermediate(module, 3, x).shape   # (tokens, intermediate size)``
     """
     weight = module.gate_up_proj[expert]
-    if hasattr(module, "_apply_gate") and weight.shape[0] == x.shape[-1]:
+    if hasattr(module, "_apply_gate") and hasattr(module, "gate_up_proj_bias") and weight.shape[0] == x.shape[-1]:
         gate_up = x @ weight
         bias = getattr(module, "gate_up_proj_bias", None)
         return module._apply_gate(gate_up + bias[expert] if bias is not None else gate_up)

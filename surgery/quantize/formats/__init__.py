@@ -1,7 +1,8 @@
 """The registered quantized-output formats, and reading any of them back.
 
 Each format is one module defining a :class:`~surgery.quantize.formats.base.QuantFormat`: compressed_tensors.py
-(pack-quantized), gptq.py (GPTQ v1), gguf_format.py (GGUF Q4_0 / Q8_0, llama family). Another one is registered
+(pack-quantized), gptq.py (GPTQ v1), gguf_format.py (GGUF Q4_0 / Q8_0, llama family), mxfp4.py (gpt-oss's MXFP4
+experts). Another one is registered
 with :func:`register_format`; ``--format NAME`` then accepts it and ``verify`` reads it::
 
     from surgery.quantize.formats import format_named, format_of
@@ -21,6 +22,7 @@ from surgery.quantize.formats.base import QuantFormat
 from surgery.quantize.formats.compressed_tensors import CompressedTensors
 from surgery.quantize.formats.gguf_format import GGUF
 from surgery.quantize.formats.gptq import GPTQ
+from surgery.quantize.formats.mxfp4 import MXFP4
 
 FORMATS: dict[str, QuantFormat] = {}
 
@@ -42,7 +44,7 @@ def register_format(fmt: QuantFormat) -> QuantFormat:
     return fmt
 
 
-for _builtin in (CompressedTensors(), GPTQ(), GGUF()):
+for _builtin in (CompressedTensors(), GPTQ(), GGUF(), MXFP4()):
     register_format(_builtin)
 
 
@@ -108,5 +110,5 @@ def format_of(ckpt: Checkpoint) -> QuantFormat:
     return fmt
 
 
-__all__ = ["FORMATS", "CompressedTensors", "GGUF", "GPTQ", "QuantFormat", "format_named", "format_of",
+__all__ = ["FORMATS", "CompressedTensors", "GGUF", "GPTQ", "MXFP4", "QuantFormat", "format_named", "format_of",
            "output_path", "register_format"]

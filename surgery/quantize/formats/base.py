@@ -105,11 +105,21 @@ class QuantFormat:
     card_title_note: str = ""  # appended to the model card's title (GGUF: " (GGUF)")
     # whether its loader fills transformers' fused MoE expert tensors from per-expert quantized modules
     loads_per_expert: bool = True
+    # what it quantizes: "linear" (the weights of Linear modules, per-expert ones included) or "fused experts" (the
+    # 3-D expert tensors a checkpoint stores, such as gpt-oss's)
+    quantizes: str = "linear"
 
     # ------------------------------------------------------------------------------------------- options
 
     def check_group_size(self, group_size: int) -> None:
         """BadInput for a requested group size the format cannot write (default: any; groups.py decides)."""
+
+    def check_method(self, method: str) -> None:
+        """BadInput for a method (rtn, hqq, selfcal) the format does not write (default: any)."""
+
+    def grid_words(self, bits: int, group_size: int, symmetric: bool) -> str:
+        """The grid in words, for the model card."""
+        return f"{bits}-bit integers, group size {group_size}, {'symmetric' if symmetric else 'asymmetric'}"
 
     def check_scheme(self, scheme: str) -> None:
         """BadInput for a scheme (sym, asym) the format does not write."""
@@ -133,6 +143,15 @@ class QuantFormat:
         """BadInput when the format cannot be written for ``ckpt`` (default: it needs a config.json)."""
         if not ckpt.config:
             raise BadInput(f"{ckpt.source}: has no config.json, so the quantized model could not be loaded")
+
+    def check_shape(self, name: str, shape: tuple[int, ...], scheme: Scheme) -> None:
+        """BadInput unless the weight ``name`` of ``shape`` fits ``scheme`` (default: 2-D, the group size dividing its
+        input dimension)."""
+        scheme.check(name, shape)
+
+    def tensor_name(self, module: str, local: str) -> str:
+        """The output name of a module's stored tensor ``local`` (default: ``module.local``)."""
+        return f"{module}.{local}"
 
     def group_sizes(self, inputs: dict[str, int], requested: int,
                     together: frozenset[str] = frozenset()) -> dict[str, int]:
@@ -213,6 +232,12 @@ class QuantFormat:
         scheme = self.module_scheme(ckpt, module, self.stored_scheme(ckpt))
         q, scale, zero = self.decode(module_tensors(ckpt, module), scheme)
         return dequantize(q, scale, zero, scheme.group_size)
+
+    def decoded_parameters(self, ckpt: Checkpoint):
+        """``(parameter name, float32 tensor)`` of every quantized module, as the model's parameter holds it
+        (default: ``module.weight``, the decoded weight)."""
+        for module in self.quantized_modules(ckpt):
+            yield f"{module}.weight", self.decoded_weight(ckpt, module)
 
     def matmul(self, ckpt: Checkpoint, module: str, x: torch.Tensor, approx: torch.Tensor, scheme: Scheme,
                backend: str) -> torch.Tensor:
