@@ -149,6 +149,12 @@ class Architecture:
                 return TensorRole(kind, layer, linear=kind in PROJECTION_KINDS or kind == "lm_head")
         return TensorRole("other", layer)
 
+    def holds_every_expert(self, name: str, shape: tuple[int, ...]) -> bool:
+        """Whether the tensor ``name`` of ``shape`` is a projection of every expert in one 3-D tensor, as the
+        checkpoint stores it (gpt-oss's ``mlp.experts.gate_up_proj``: (experts, inputs, outputs))."""
+        role = self.role(name)
+        return role.experts is not None and len(shape) == 3 and role.kind in PROJECTION_KINDS
+
     def text_key(self, name: str) -> str | None:
         """Where ``name`` sits in the language model, whatever wraps it (see :meth:`ModelLayout.text_key`); None for
         families transformers does not know."""

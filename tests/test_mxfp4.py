@@ -12,8 +12,7 @@ import torch
 from safetensors import safe_open
 
 from conftest import make_family_model, make_tiny_model, run_surgery, save_tokenizer
-from surgery.quantize.formats.mxfp4 import decode_experts
-from surgery.quantize.microscaling import e2m1_codes, mxfp4_dequantize, mxfp4_quantize, pack_fp4
+from surgery.quantize.microscaling import decode_experts, e2m1_codes, mxfp4_dequantize, mxfp4_quantize, pack_fp4
 from test_families import decoded_reference, logits_of
 
 MAGNITUDES = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
@@ -118,6 +117,11 @@ def test_gpt_oss_experts_load_in_transformers_with_the_logits_of_their_decoded_w
     summary = json.loads(report.stdout)
     assert summary["format"] == "mxfp4" and len(summary["layers"]) == 16  # 2 layers × 2 tensors × 4 experts
     assert summary["min_output_cosine"] > 0.98
+
+    from surgery.quantize.verify import VerifyConfig, verify
+    gaussian = verify(VerifyConfig(str(out), reference=str(gpt_oss / "base"), end_to_end=False)).summary()
+    by_module = {layer["module"]: layer["weight_rel_error"] for layer in summary["layers"]}
+    assert {layer["module"]: layer["weight_rel_error"] for layer in gaussian["layers"]} == by_module
 
 
 @pytest.mark.parametrize("options", [("--method", "hqq"), ("--group-size", "64"), ("--scheme", "asym"),

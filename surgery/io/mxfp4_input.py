@@ -1,7 +1,8 @@
 """gpt-oss's MXFP4 checkpoints (``quantization_config.quant_method: mxfp4``, as OpenAI ships gpt-oss) read as the
 model transformers builds from them: each ``<name>_blocks`` / ``<name>_scales`` pair is the tensor ``<name>``,
 (experts, inputs, outputs) in the config's dtype (bfloat16 unless it says otherwise), decoded when it is read; the
-config loses its ``quantization_config``. So merge, extend, quantize and moe take gpt-oss as it is published::
+config loses its ``quantization_config``. So merge, quantize and moe take gpt-oss as it is published (extend
+opens it raw: it copies the tensors as stored)::
 
     with open_checkpoint("openai/gpt-oss-20b") as ckpt:          # wrapped by open_checkpoint
         ckpt.get("model.layers.0.mlp.experts.down_proj").dtype    # torch.bfloat16
@@ -75,13 +76,13 @@ class DequantizedMXFP4(Checkpoint):
     def get(self, name: str) -> torch.Tensor:
         if name not in self.pairs:
             return self.inner.get(name)
-        from surgery.quantize.formats.mxfp4 import decode_experts
+        from surgery.quantize.microscaling import decode_experts
 
         blocks, scales = self.pairs[name]
         exponents = self.inner.get(scales)
         if bool((exponents == 255).any()):
             raise BadInput(f"{self.source}: tensor {scales!r} holds the E8M0 scale 255, which is NaN")
-        decoded = decode_experts(self.inner.get(blocks), exponents).to(self.dtype)
+        decoded = decode_experts(self.inner.get(blocks), exponents, self.dtype)
         if not bool(torch.isfinite(decoded).all()):
             raise BadInput(f"{self.source}: tensor {scales!r} scales values past the range of {self.dtype}")
         return decoded

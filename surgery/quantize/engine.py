@@ -233,7 +233,7 @@ def select_modules(ckpt: Checkpoint, ignore: tuple[str, ...], fused_experts: boo
     for name, info in ckpt.tensors.items():
         role = arch.role(name)
         module = name.removesuffix(".weight")
-        if role.experts is not None and len(info.shape) == 3 and role.kind in PROJECTION_KINDS:
+        if arch.holds_every_expert(name, info.shape):
             if not fused_experts:
                 fused.append(name)
             elif info.dtype in FLOAT_DTYPES and not _ignored(name, role.part, ignore):

@@ -4,6 +4,7 @@
     blocks = pack_fp4(codes)                           # uint8 (..., n / 32, 16): two codes a byte, low nibble first
     scales = (exponents + 127).to(torch.uint8)         # E8M0: the exponent plus 127
     approx = mxfp4_dequantize(codes, exponents)        # float32, shaped like weight
+    decode_experts(blocks, scales)                     # gpt-oss's (experts, outputs, ...) pair → (E, in, out)
 
 The scale of a block is 2^(⌊log₂ max|x|⌋ − 2) (the spec's rule: 2 is E2M1's largest exponent); each value x / scale
 rounds to the nearest E2M1 value (ties to the even code), saturating at ±6.
@@ -117,3 +118,24 @@ def unpack_fp4(blocks: torch.Tensor) -> torch.Tensor:
     """
     low, high = blocks & 0x0F, blocks >> 4
     return torch.stack([low, high], dim=-1).reshape(*blocks.shape[:-2], -1)
+
+
+def decode_experts(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The tensor gpt-oss's ``_blocks`` / ``_scales`` pair stands for, decoded one expert at a time (the float32
+    temporaries are one expert's).
+
+    Args:
+        blocks: uint8 (experts, outputs, inputs / 32, 16).
+        scales: uint8 E8M0 (experts, outputs, inputs / 32).
+        dtype: the result's dtype.
+
+    Returns:
+        (experts, inputs, outputs) in ``dtype``, as the model's parameter.
+
+    Example: ``decode_experts(ckpt.get(name + "_blocks"), ckpt.get(name + "_scales")).shape   # (E, in, out)``
+    """
+    experts, outputs, groups, _ = blocks.shape
+    decoded = torch.empty(experts, groups * BLOCK, outputs, dtype=dtype)
+    for expert in range(experts):
+        decoded[expert] = mxfp4_dequantize(unpack_fp4(blocks[expert]), scales[expert].to(torch.int32) - E8M0_BIAS).T
+    return decoded

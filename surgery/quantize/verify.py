@@ -379,11 +379,12 @@ def _gaussian_layer_reports(ckpt: Checkpoint, reference: Checkpoint, modules: li
     """Per-layer measures without a model run (``end_to_end=False``): seeded Gaussian probe inputs."""
     generator = torch.Generator().manual_seed(seed)
     reports = []
-    stored = _stored_experts(reference)
+    stored, held = _stored_experts(reference), (None, None)
     for module in modules:
-        if module in stored:
+        if module in stored:  # the experts of one tensor come one after another: read it once
             tensor, expert = stored[module]
-            weight = reference.get(tensor)[expert].float().T
+            held = held if held[0] == tensor else (tensor, reference.get(tensor))
+            weight = held[1][expert].float().T
         elif f"{module}.weight" not in reference.tensors:
             raise BadInput(f"{reference.source}: no tensor {module}.weight for the quantized module {module}")
         else:
@@ -704,13 +705,12 @@ def _expert_slices(ref: Checkpoint) -> dict[str, tuple[str, int, slice]]:
 def _stored_experts(ref: Checkpoint) -> dict[str, tuple[str, int]]:
     """Each expert matrix of the 3-D expert tensors a checkpoint stores as they are (gpt-oss: (experts, inputs,
     outputs)), named ``<tensor>.<expert>`` as the formats quantizing them name it → (tensor, expert)."""
-    from surgery.arch import PROJECTION_KINDS, Architecture
+    from surgery.arch import Architecture
 
     arch = Architecture.from_config(ref.config)
     stored = {}
     for name, info in ref.tensors.items():
-        role = arch.role(name)
-        if role.experts is not None and len(info.shape) == 3 and role.kind in PROJECTION_KINDS:
+        if arch.holds_every_expert(name, info.shape):
             stored.update({f"{name}.{expert}": (name, expert) for expert in range(info.shape[0])})
     return stored
 

@@ -13,14 +13,17 @@ OpenAI's release; the biases too. Method rtn only (the spec's scale rule).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from surgery.errors import BadInput
 from surgery.io.checkpoint import Checkpoint, TensorInfo
+from surgery.io.mxfp4_input import is_mxfp4
 from surgery.quantize.formats.base import Encoded, Fit, Plan, QuantFormat
 from surgery.quantize.grid import Scheme
-from surgery.quantize.microscaling import (BLOCK, E8M0_BIAS, mxfp4_dequantize, mxfp4_quantize, pack_fp4,
-                                           unpack_fp4)
+from surgery.quantize.microscaling import (BLOCK, E8M0_BIAS, decode_experts, mxfp4_dequantize, mxfp4_quantize,
+                                           pack_fp4, unpack_fp4)
 
 # what OpenAI's gpt-oss config leaves unconverted (vLLM reads the list; transformers converts experts only)
 NOT_CONVERTED = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]
@@ -34,6 +37,7 @@ class MXFP4(QuantFormat):
     model_types = ("gpt_oss",)
     card_title_note = " (MXFP4)"
     quantizes = "fused experts"
+    _held = None  # (weak reference to a checkpoint, tensor, its _blocks, its _scales): see decoded_weight
 
     def check_group_size(self, group_size: int) -> None:
         if group_size != BLOCK:
@@ -88,7 +92,7 @@ class MXFP4(QuantFormat):
     # ------------------------------------------------------------------------------------------- reading
 
     def reads(self, ckpt: Checkpoint) -> bool:
-        return ((ckpt.config or {}).get("quantization_config") or {}).get("quant_method") == "mxfp4"
+        return is_mxfp4(ckpt.config)
 
     def stored_scheme(self, ckpt: Checkpoint) -> Scheme:
         return Scheme(4, BLOCK, True)
@@ -99,9 +103,14 @@ class MXFP4(QuantFormat):
                 if name.endswith("_blocks") for expert in range(info.shape[0])]
 
     def decoded_weight(self, ckpt: Checkpoint, module: str) -> torch.Tensor:
-        """Expert ``module`` (``<tensor>.<expert>``) as a Linear weight: float32 (outputs, inputs)."""
+        """Expert ``module`` (``<tensor>.<expert>``) as a Linear weight: float32 (outputs, inputs). The stored pair
+        of the last tensor asked for is kept, since its experts are asked for one after another."""
         tensor, _, expert = module.rpartition(".")
-        blocks, scales = ckpt.get(f"{tensor}_blocks")[int(expert)], ckpt.get(f"{tensor}_scales")[int(expert)]
+        held = self._held
+        if held is None or held[0]() is not ckpt or held[1] != tensor:
+            held = self._held = (weakref.ref(ckpt), tensor, ckpt.get(f"{tensor}_blocks"),
+                                 ckpt.get(f"{tensor}_scales"))
+        blocks, scales = held[2][int(expert)], held[3][int(expert)]
         return mxfp4_dequantize(unpack_fp4(blocks), scales.to(torch.int32) - E8M0_BIAS)
 
     def decoded_parameters(self, ckpt: Checkpoint):
@@ -112,19 +121,4 @@ class MXFP4(QuantFormat):
                 yield tensor, decode_experts(ckpt.get(name), ckpt.get(f"{tensor}_scales"))
 
 
-def decode_experts(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """The tensor gpt-oss's ``_blocks`` / ``_scales`` pair stands for.
-
-    Args:
-        blocks: uint8 (experts, outputs, inputs / 32, 16).
-        scales: uint8 E8M0 (experts, outputs, inputs / 32).
-
-    Returns:
-        float32 (experts, inputs, outputs), as the model's parameter.
-
-    Example: ``decode_experts(ckpt.get(name + "_blocks"), ckpt.get(name + "_scales")).shape   # (E, in, out)``
-    """
-    return mxfp4_dequantize(unpack_fp4(blocks), scales.to(torch.int32) - E8M0_BIAS).transpose(1, 2).contiguous()
-
-
-__all__ = ["MXFP4", "decode_experts"]
+__all__ = ["MXFP4"]
