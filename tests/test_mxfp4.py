@@ -9,11 +9,10 @@ import shutil
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from conftest import make_family_model, make_tiny_model, run_surgery, save_tokenizer
 from surgery.quantize.microscaling import decode_experts, e2m1_codes, mxfp4_dequantize, mxfp4_quantize, pack_fp4
-from test_families import decoded_reference, logits_of
+from test_families import decoded_reference, logits_of, tensors_of
 
 MAGNITUDES = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
 
@@ -33,14 +32,6 @@ def reference_exponent(block: list[float]) -> int:
         return -127
     mantissa, exponent = math.frexp(peak)  # peak = mantissa · 2^exponent, mantissa in [0.5, 1)
     return exponent - 1 - 2
-
-
-def tensors_in(directory) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for path in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as handle:
-            tensors.update({name: handle.get_tensor(name) for name in handle.keys()})
-    return tensors
 
 
 def test_e2m1_codes_are_the_nearest_value_ties_to_even():
@@ -98,11 +89,11 @@ def test_gpt_oss_experts_load_in_transformers_with_the_logits_of_their_decoded_w
     out = gpt_oss / "mx"
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "mxfp4"
-    stored = tensors_in(out)
+    stored = tensors_of(out)
     quantized = sorted(name for name in stored if name.endswith(("_blocks", "_scales")))
     assert quantized == sorted(f"model.layers.{layer}.mlp.experts.{proj}_{part}" for layer in (0, 1)
                                for proj in ("gate_up_proj", "down_proj") for part in ("blocks", "scales"))
-    source = tensors_in(gpt_oss / "base")
+    source = tensors_of(gpt_oss / "base")
     for name in source:  # attention, router, norms, embeddings and biases as they were
         if not name.endswith(("experts.gate_up_proj", "experts.down_proj")):
             assert torch.equal(stored[name], source[name]), name
@@ -143,7 +134,7 @@ def test_mxfp4_checkpoints_are_read_decoded_by_merge_and_quantize(gpt_oss, tmp_p
     mx, ft = gpt_oss / "mx", gpt_oss / "ft"
     result = run_surgery("merge", mx, ft, "--method", "linear", "-o", tmp_path / "merged")
     assert result.returncode == 0, result.stderr
-    merged, finetuned, stored = tensors_in(tmp_path / "merged"), tensors_in(ft), tensors_in(mx)
+    merged, finetuned, stored = tensors_of(tmp_path / "merged"), tensors_of(ft), tensors_of(mx)
     name = "model.layers.1.mlp.experts.down_proj"
     # decoded in the config's dtype (float32 here; bfloat16 when it names none, as transformers does)
     assert merged[name].dtype == torch.float32 and not any(key.endswith("_blocks") for key in merged)
@@ -154,7 +145,7 @@ def test_mxfp4_checkpoints_are_read_decoded_by_merge_and_quantize(gpt_oss, tmp_p
     again = run_surgery("quantize", mx, "-o", tmp_path / "again", "--format", "mxfp4", "--json")
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["weight_relative_error"] == 0.0  # MXFP4 values are exact in bf16
-    requantized = tensors_in(tmp_path / "again")
+    requantized = tensors_of(tmp_path / "again")
     for key in requantized:
         if key.endswith("_blocks"):
             base = key.removesuffix("_blocks")
@@ -167,7 +158,7 @@ def test_extend_keeps_an_mxfp4_model_quantized(gpt_oss, tmp_path):
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "long" / "config.json").read_text())["quantization_config"]["quant_method"] == \
         "mxfp4"
-    before, after = tensors_in(gpt_oss / "mx"), tensors_in(tmp_path / "long")
+    before, after = tensors_of(gpt_oss / "mx"), tensors_of(tmp_path / "long")
     assert before.keys() == after.keys() and all(torch.equal(before[key], after[key]) for key in before)
 
 
@@ -175,7 +166,7 @@ def test_a_broken_mxfp4_pair_is_named(gpt_oss, tmp_path):
     from safetensors.torch import save_file
 
     broken = shutil.copytree(gpt_oss / "mx", tmp_path / "broken")
-    tensors = tensors_in(broken)
+    tensors = tensors_of(broken)
     del tensors["model.layers.0.mlp.experts.down_proj_scales"]
     save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
     result = run_surgery("quantize", broken, "-o", tmp_path / "out")
