@@ -76,7 +76,7 @@ def test_an_unregistered_format_is_refused_naming_the_registered_ones(tiny_check
     from surgery.errors import BadInput
     from surgery.quantize import QuantizeConfig
 
-    with pytest.raises(BadInput, match="--format 'dequantized': expected compressed-tensors, gptq, gguf or mxfp4"):
+    with pytest.raises(BadInput, match="--format 'dequantized': expected compressed-tensors, fp8-dynamic, fp8-block, nvfp4a16, mxfp4a16, gptq, gguf or mxfp4"):
         QuantizeConfig(tiny_checkpoints["llama"], tmp_path / "out", format="dequantized")
 
 

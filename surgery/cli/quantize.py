@@ -14,9 +14,12 @@ app = typer.Typer()
 
 QUANTIZE_HELP = " ".join("""
 Quantize the Linear weights of SRC's language model (MoE experts one by one; never routers, norms or
-embeddings; a vision tower too when --ignore does not name it) to 4- or 8-bit integers, group-wise, streaming one
+embeddings; a vision tower too when --ignore does not name it) to 4- or 8-bit integers or floats, group-wise, streaming one
 tensor at a time, into a format stock loaders read: compressed-tensors pack-quantized (vLLM; transformers +
-compressed-tensors), GPTQ v1 (no MoE experts), GGUF (llama family; one .gguf file, Q4_0 or Q8_0 blocks of 32, read by llama.cpp and transformers;
+compressed-tensors), its float formats by preset name (--preset FP8_DYNAMIC: FP8 E4M3 weights per output channel;
+FP8_BLOCK: per 128x128 block; both with FP8 activations the loader quantizes at run time; NVFP4A16: FP4 E2M1 with
+FP8 scales per 16 and one global scale, shared by q/k/v and by gate/up; MXFP4A16: FP4 with power-of-two scales per
+32; all rtn), GPTQ v1 (no MoE experts), GGUF (llama family; one .gguf file, Q4_0 or Q8_0 blocks of 32, read by llama.cpp and transformers;
 symmetric only), or mxfp4: gpt-oss's 3-D expert tensors in its own MXFP4 layout (FP4 E2M1 in blocks of 32, one
 E8M0 scale each; rtn only; attention and the rest kept), which transformers and vLLM load (the other formats leave
 those tensors in full precision, with a warning). An MXFP4 gpt-oss input is read decoded. Methods: rtn (round to nearest), hqq (half-quadratic refinement of the scales, and integer zero
@@ -37,12 +40,17 @@ GPTQ lowers its one group size to the largest power of two that divides all (bot
 def quantize(
     source: str = typer.Argument(..., help="Model directory, .safetensors or .gguf file, or Hub repo id."),
     output: str = typer.Option(..., "-o", "--output", help="Output directory (written atomically)."),
-    bits: int = typer.Option(4, "--bits", help="4 or 8."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="A compressed-tensors scheme, which sets the format, "
+                                                               "bits, scheme and group size: W4A16, W4A16_ASYM, "
+                                                               "W8A16, FP8_DYNAMIC, FP8_BLOCK, NVFP4A16 or "
+                                                               "MXFP4A16."),
+    bits: Optional[int] = typer.Option(None, "--bits", help="4 or 8 (default 4)."),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="Input columns sharing a scale (multiple "
                                                                          "of 8; default 128, GGUF: 32)."),
-    scheme: str = typer.Option("sym", "--scheme", help="sym or asym (integer zero points)."),
+    scheme: Optional[str] = typer.Option(None, "--scheme", help="sym (default) or asym (integer zero points)."),
     method: str = typer.Option("rtn", "--method", help="rtn, hqq or selfcal."),
-    fmt: str = typer.Option("compressed-tensors", "--format", help="compressed-tensors, gptq, gguf or mxfp4."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="compressed-tensors (default), fp8-dynamic, "
+                                                             "fp8-block, nvfp4a16, mxfp4a16, gptq, gguf or mxfp4."),
     ignore: str = typer.Option("lm_head,vision,projector", "--ignore",
                                help="Comma-separated modules left unquantized: names, trailing parts "
                                     "(mlp.down_proj), re:REGEX, or vision / projector (those parts of a "
@@ -63,14 +71,15 @@ def quantize(
 
     check_device(device)
     config = QuantizeConfig(source, output, bits=bits, group_size=group_size, scheme=scheme, method=method,
-                            format=fmt, ignore=tuple(part.strip() for part in ignore.split(",") if part.strip()),
+                            format=fmt, preset=preset, ignore=tuple(part.strip() for part in ignore.split(",") if part.strip()),
                             seed=seed, calibration_sequences=calibration_sequences, rounds=rounds, device=device,
                             max_shard_size=max_shard_size, force=force)
     with progress(None, "B", "quantize") as advance:
         summary = run_quantize(config, progress=advance).summary()
     if as_json:
         return print_json(summary)
-    typer.echo(f"wrote {summary['output']}: {summary['modules']} modules at {bits} bits ({method}, {fmt}), "
+    typer.echo(f"wrote {summary['output']}: {summary['modules']} modules at {config.bits} bits "
+               f"({config.preset or method}, {config.format}), "
                f"weight relative error {summary['weight_relative_error']:.4f}, {human_size(summary['total_bytes'])}, "
                f"{summary['seconds']:.1f} s")
 

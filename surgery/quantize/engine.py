@@ -35,10 +35,12 @@ from surgery.quantize.formats import FORMATS, format_named
 from surgery.quantize.formats.base import Fit, Plan, QuantFormat
 from surgery.quantize.grid import Scheme
 from surgery.quantize.methods import METHODS, QuantMethod, method_named
+from surgery.quantize.presets import preset_options
 
 log = logging.getLogger(__name__)
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+UNSET_DEFAULTS = {"scheme": "sym", "format": "compressed-tensors"}  # what neither option nor preset set
 METHOD_OPTIONS = ("seed", "calibration_sequences", "rounds")  # QuantizeConfig fields only some methods take
 
 
@@ -69,7 +71,10 @@ def compute_device(device: str | torch.device) -> torch.device:
 class QuantizeConfig:
     """Everything ``surgery quantize`` is asked to do, validated on construction (BadInput with the CLI's message).
 
-    ``group_size`` None: the format's default (128; GGUF: its blocks of 32). ``seed``, ``calibration_sequences`` and
+    ``preset``: a compressed-tensors scheme name (W4A16, FP8_DYNAMIC, NVFP4A16... surgery/quantize/presets.py)
+    that sets ``format``, ``bits``, ``scheme`` and ``group_size`` (given too, they must agree: BadInput otherwise);
+    without one, sym, compressed-tensors and 4 bits (or the one width the format writes: FP8's 8). ``group_size`` None: the format's default (128; GGUF: its blocks
+    of 32). ``seed``, ``calibration_sequences`` and
     ``rounds`` apply to ``method="selfcal"`` only (given otherwise: BadInput). ``device`` (cpu, cuda, cuda:N) is
     where the per-tensor grids are fitted; rtn writes the same bytes on any device, so it is not part of the recipe.
 
@@ -81,11 +86,12 @@ class QuantizeConfig:
 
     source: str | Path
     output: str | Path
-    bits: int = 4
+    bits: int | None = None
     group_size: int | None = None
-    scheme: str = "sym"
+    scheme: str | None = None
     method: str = "rtn"
-    format: str = "compressed-tensors"
+    format: str | None = None
+    preset: str | None = None
     ignore: tuple[str, ...] = ("lm_head", "vision", "projector")
     seed: int | None = None
     calibration_sequences: int | None = None
@@ -97,6 +103,21 @@ class QuantizeConfig:
     def __post_init__(self):
         ignore = self.ignore.split(",") if isinstance(self.ignore, str) else self.ignore  # "lm_head,mlp.down_proj"
         object.__setattr__(self, "ignore", tuple(part.strip() for part in ignore if part.strip()))
+        chosen = preset_options(self.preset) if self.preset is not None else {}
+        for option, value in chosen.items():
+            given = getattr(self, option)
+            if given is not None and given != value:
+                raise BadInput(f"--preset {self.preset} --{option.replace('_', '-')} {given}: the preset sets "
+                               f"{value}")
+            object.__setattr__(self, option, value)
+        if self.preset is not None:
+            object.__setattr__(self, "preset", self.preset.upper())
+        for option, default in UNSET_DEFAULTS.items():
+            if getattr(self, option) is None:
+                object.__setattr__(self, option, default)
+        if self.bits is None:  # the format's bits when it writes one width (fp8-dynamic: 8), else 4
+            fmt = FORMATS.get(self.format)
+            object.__setattr__(self, "bits", 4 if fmt is None or 4 in fmt.bits else fmt.bits[0])
         self.check()
 
     def check(self) -> None:
@@ -148,7 +169,8 @@ class QuantizeConfig:
         """Everything that decides the output bytes (recorded in surgery.json)."""
         return {"bits": self.bits, "group_size": self.resolved_group_size, "scheme": self.scheme,
                 "method": self.method, "format": self.format, "ignore": sorted(self.ignore),
-                "seed": self.seed or 0, **self.quant_method.recipe(self)}
+                "seed": self.seed or 0, **({"preset": self.preset} if self.preset else {}),
+                **self.quant_method.recipe(self)}
 
 
 @dataclass(frozen=True)
@@ -285,10 +307,11 @@ def plan_quantization(ckpt: Checkpoint, config: QuantizeConfig) -> Plan:
     fmt.check_source(ckpt)
     selection = select_modules(ckpt, config.ignore, fused_experts=fmt.quantizes == "fused experts")
     modules, ignored_linear, dtype = selection.modules, selection.ignored, selection.dtype
+    fmt.check_dtype(ckpt, dtype)
     if selection.per_expert and not fmt.loads_per_expert:
         raise BadInput(f"{ckpt.source}: --format {fmt.name} cannot hold MoE experts (such as "
                        f"{min(selection.per_expert)}): transformers loads them into one fused tensor per layer, which "
-                       f"its {fmt.name} loader does not fill; --format compressed-tensors writes them")
+                       f"its {fmt.name} loader {fmt.per_expert_problem}; --format compressed-tensors writes them")
     sizes = fmt.group_sizes({module: info.shape[1] for module, info in modules.items()}, scheme.group_size,
                             together=selection.per_expert)
     schemes = {module: replace(scheme, group_size=size) for module, size in sizes.items()}
@@ -410,6 +433,7 @@ def quantize(config: QuantizeConfig, *, progress: Callable[[int], None] | None =
         if len(note["group_sizes"]) > 1 or str(requested) not in note["group_sizes"]:
             log.warning("--group-size %d does not divide every quantized module's input dimension; group sizes used "
                         "(modules each): %s", requested, note["group_sizes"])
+        fmt.prepare(ckpt, plan)
         fit, calibration = method.prepare(ckpt, plan.schemes, config, fmt.scale_dtype(plan.dtype), device)
         quantizer = _Quantizer(ckpt, plan, fmt, method, fit)
 
@@ -420,7 +444,8 @@ def quantize(config: QuantizeConfig, *, progress: Callable[[int], None] | None =
 
         def files() -> dict[str, bytes]:
             measured = measurements()
-            card = Card(f"{ckpt.source}, {config.bits}-bit {config.method}{fmt.card_title_note}", "quantized",
+            card = Card(f"{ckpt.source}, {config.preset or f'{config.bits}-bit'} {config.method}"
+                        f"{fmt.card_title_note}", "quantized",
                         f"quantize-{config.method}", _card_body(config, ckpt, measured))
             return record.files(config.recipe(), card, measured)
 

@@ -1,8 +1,9 @@
 """The registered quantized-output formats, and reading any of them back.
 
 Each format is one module defining a :class:`~surgery.quantize.formats.base.QuantFormat`: compressed_tensors.py
-(pack-quantized), gptq.py (GPTQ v1), gguf_format.py (GGUF Q4_0 / Q8_0, llama family), mxfp4.py (gpt-oss's MXFP4
-experts). Another one is registered
+(integer pack-quantized: W4A16, W8A16), compressed_fp8.py (FP8_DYNAMIC, FP8_BLOCK), compressed_fp4.py (NVFP4A16,
+MXFP4A16), gptq.py (GPTQ v1), gguf_format.py (GGUF Q4_0 / Q8_0, llama family), mxfp4.py (gpt-oss's MXFP4
+experts); surgery/quantize/presets.py names them as compressed-tensors' presets. Another one is registered
 with :func:`register_format`; ``--format NAME`` then accepts it and ``verify`` reads it::
 
     from surgery.quantize.formats import format_named, format_of
@@ -19,6 +20,8 @@ from pathlib import Path
 from surgery.errors import BadInput
 from surgery.io.checkpoint import Checkpoint
 from surgery.quantize.formats.base import QuantFormat
+from surgery.quantize.formats.compressed_fp4 import MXFP4A16, NVFP4A16
+from surgery.quantize.formats.compressed_fp8 import FP8_BLOCK, FP8_DYNAMIC
 from surgery.quantize.formats.compressed_tensors import CompressedTensors
 from surgery.quantize.formats.gguf_format import GGUF
 from surgery.quantize.formats.gptq import GPTQ
@@ -44,7 +47,7 @@ def register_format(fmt: QuantFormat) -> QuantFormat:
     return fmt
 
 
-for _builtin in (CompressedTensors(), GPTQ(), GGUF(), MXFP4()):
+for _builtin in (CompressedTensors(), FP8_DYNAMIC, FP8_BLOCK, NVFP4A16, MXFP4A16, GPTQ(), GGUF(), MXFP4()):
     register_format(_builtin)
 
 

@@ -18,7 +18,7 @@ directory by default, GGUF one file) and how it is read back (:meth:`~QuantForma
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -55,6 +55,7 @@ class Plan:
     config: dict
     dtype: torch.dtype
     source_of: dict[str, str]  # output tensor name → module it belongs to (quantized ones only)
+    extra: dict = field(default_factory=dict)  # what the format's prepare() computed (NVFP4: global scales)
 
     @property
     def bits(self) -> int:
@@ -103,8 +104,10 @@ class QuantFormat:
     default_group_size: int = 128
     model_types: tuple[str, ...] | None = None  # the model types it writes (None: any transformers loads)
     card_title_note: str = ""  # appended to the model card's title (GGUF: " (GGUF)")
-    # whether its loader fills transformers' fused MoE expert tensors from per-expert quantized modules
+    # whether its loader fills transformers' fused MoE expert tensors from per-expert quantized modules, and if
+    # not, what it does with them (the refusal says)
     loads_per_expert: bool = True
+    per_expert_problem: str = "does not fill"
     # what it quantizes: "linear" (the weights of Linear modules, per-expert ones included) or "fused experts" (the
     # 3-D expert tensors a checkpoint stores, such as gpt-oss's)
     quantizes: str = "linear"
@@ -144,6 +147,9 @@ class QuantFormat:
         if not ckpt.config:
             raise BadInput(f"{ckpt.source}: has no config.json, so the quantized model could not be loaded")
 
+    def check_dtype(self, ckpt: Checkpoint, dtype: torch.dtype) -> None:
+        """BadInput when the format's loaders cannot run a model of ``dtype`` (default: any)."""
+
     def check_shape(self, name: str, shape: tuple[int, ...], scheme: Scheme) -> None:
         """BadInput unless the weight ``name`` of ``shape`` fits ``scheme`` (default: 2-D, the group size dividing its
         input dimension)."""
@@ -168,6 +174,10 @@ class QuantFormat:
     def specs(self, module: str, shape: tuple[int, int], scheme: Scheme, dtype: torch.dtype) -> list[TensorInfo]:
         """The output tensors of one quantized module of weight ``shape`` (out, in)."""
         raise NotImplementedError
+
+    def prepare(self, ckpt: Checkpoint, plan: Plan) -> None:
+        """Before the first module is encoded: what encoding needs beyond one module's weight, into
+        ``plan.extra`` (default: nothing; NVFP4 reads every weight's amax for its shared global scales)."""
 
     def encode(self, plan: Plan, module: str, weight: torch.Tensor, fit: Fit, method) -> Encoded:
         """One module's stored tensors, given its float32 ``weight`` and the method (``fit`` its grid-fitting

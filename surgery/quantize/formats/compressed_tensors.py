@@ -30,6 +30,22 @@ def _quant(ckpt: Checkpoint) -> dict:
     return (ckpt.config or {}).get("quantization_config") or {}
 
 
+def quantization_entry(targets: list[str], weights: dict, input_activations: dict | None = None) -> dict:
+    """One compressed-tensors config group: the modules it targets and their weight (and activation) args."""
+    return {"targets": targets, "weights": weights, "input_activations": input_activations,
+            "output_activations": None}
+
+
+def compressed_tensors_config(compression: str, groups: list[dict], ignore: list[str]) -> dict:
+    """The ``quantization_config`` of a compressed-tensors checkpoint in format ``compression`` (pack-quantized,
+    float-quantized, nvfp4-pack-quantized...), its groups in the order compressed-tensors matches them::
+
+        compressed_tensors_config("float-quantized", [quantization_entry(["Linear"], weights)], ["lm_head"])
+    """
+    return {"quant_method": "compressed-tensors", "format": compression, "quantization_status": "compressed",
+            "config_groups": {f"group_{index}": group for index, group in enumerate(groups)}, "ignore": ignore}
+
+
 class CompressedTensors(QuantFormat):
     name = "compressed-tensors"
 
@@ -78,17 +94,16 @@ class CompressedTensors(QuantFormat):
         """``fallbacks``: group size → targets (names or ``re:`` regexes) of modules the main size does not divide;
         each becomes another config group, which compressed-tensors prefers over the ``Linear`` class target."""
         def group(targets: list[str], group_size: int) -> dict:
-            return {"targets": targets, "input_activations": None, "output_activations": None, "weights": {
+            return quantization_entry(targets, {
                 "num_bits": scheme.bits, "type": "int", "symmetric": scheme.symmetric, "strategy": "group",
-                "group_size": group_size, "dynamic": False, "actorder": None, "observer": "minmax"}}
+                "group_size": group_size, "dynamic": False, "actorder": None, "observer": "minmax"})
 
         # Fallback groups come first: compressed-tensors matches each module against the targets in config order
         # (and warns about targets that never came first), though it applies name and regex matches before Linear.
         members = [(list(targets), size) for size, targets in (fallbacks or {}).items()]
         members.append((["Linear"], scheme.group_size))
-        groups = {f"group_{index}": group(targets, size) for index, (targets, size) in enumerate(members)}
-        return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
-                "config_groups": groups, "ignore": ignore}
+        return compressed_tensors_config("pack-quantized", [group(targets, size) for targets, size in members],
+                                         ignore)
 
     def reads(self, ckpt: Checkpoint) -> bool:
         quant = _quant(ckpt)
