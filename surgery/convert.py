@@ -155,6 +155,6 @@ def convert(config: ConvertConfig, *, progress: Callable[[int], None] | None = N
             config.output, output_specs(ckpt, target), ckpt.get,
             config=output_config(ckpt.config, target), files=ckpt.auxiliary_files(),
             max_shard_size=config.max_shard_size, force=config.force, progress=progress or (lambda nbytes: None),
-            check=lambda staging: check_transformers(staging, [ckpt.path]),
+            check=lambda staging: check_transformers(staging, [ckpt]),
         )
     return ConvertResult(config, written=written)

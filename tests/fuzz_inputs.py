@@ -22,7 +22,10 @@ Families, each generated from its own fixed seed (``random.Random(SEEDS[family])
 - ``pipeline``: pipeline YAML (step shapes, option keys and value types, aliases) → ``run F --dry-run``, ``run F``;
 - ``moe``: mergekit-moe YAML (field types and ranges, experts and their prompts, anchors, nesting) → ``moe F -o OUT``;
 - ``mxfp4``: a gpt-oss MXFP4 checkpoint whose ``_blocks`` / ``_scales`` pairs (missing, shapes, dtypes, NaN and
-  overflowing E8M0 scales) or quantization_config are wrong → ``inspect``, ``quantize``, ``merge`` with a bf16 one.
+  overflowing E8M0 scales) or quantization_config are wrong → ``inspect``, ``quantize``, ``merge`` with a bf16 one;
+- ``quantized``: a tiny llama as compressed-tensors (asymmetric int4), FP8_DYNAMIC, NVFP4A16, GPTQ and
+  DeepSeek-V3 FP8, two modules' stored tensors (missing, a row short, dtypes, NaN scales, another module's, random
+  bits) or the quantization_config wrong → ``convert``, which reads every tensor decoded.
 
 Each mutation says whether its input is bad (``valid=False``: exit 0 is a failure), may be valid (``None``: exit 0
 with a complete output, or a clean exit 2, both pass) or is a valid control (``True``: must exit 0 complete).
@@ -70,7 +73,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SEEDS = {"safetensors": 1101, "index": 2202, "config": 3303, "gguf": 4404, "recipe": 5505, "pipeline": 6606,
-         "moe": 7707, "mxfp4": 8808}
+         "moe": 7707, "mxfp4": 8808, "quantized": 9909}
 LIMIT_SECONDS = 2.0  # a valid case takes 0.5 s at most on these loaded cores
 MEMORY_GROWTH = 2 << 30
 ISOLATED_ADDRESS_SPACE = 4 << 30
@@ -1016,6 +1019,92 @@ def mxfp4_cases(root: Path, sources: "Sources", rng: random.Random) -> list[Case
     return cases
 
 
+# ---- quantized inputs (read decoded by surgery/io/quantized_input.py)
+
+QUANTIZED_INPUTS = ("compressed-tensors", "fp8-dynamic", "nvfp4a16", "gptq", "deepseek-fp8")
+
+
+def quantized_mutations(tensors: dict, config: dict, rng: random.Random) -> Iterator[tuple[Mutation, dict, dict]]:
+    """(mutation, tensors, config): valid safetensors files whose quantized modules' stored tensors (missing,
+    shapes, dtypes, non-finite scales, another module's) or quantization_config are wrong."""
+    import torch
+
+    def changed(name: str, value) -> dict:
+        out = dict(tensors)
+        if value is None:
+            del out[name]
+        else:
+            out[name] = value
+        return out
+
+    stored = sorted(name for name in tensors if ".layers." in name and not name.endswith(("norm.weight", ".bias"))
+                    and (not name.endswith(".weight") or tensors[name].dtype == torch.float8_e4m3fn))
+    modules = sorted({name.rpartition(".")[0] for name in stored})
+    data = frozenset({"inspect"})
+    for module in rng.sample(modules, 2):
+        other = next(m for m in modules if m != module and m.rsplit(".", 1)[-1] != module.rsplit(".", 1)[-1])
+        for name in [n for n in stored if n.rpartition(".")[0] == module]:
+            tensor, local = tensors[name], name.rpartition(".")[2]
+            words = (local, module)
+            optional = local == "g_idx"  # GPTQ without g_idx: groups in order, a valid checkpoint
+            yield Mutation(f"{name}: missing", valid=None if optional else False, names=words), \
+                changed(name, None), config
+            if tensor.ndim and tensor.shape[0] > 1:
+                yield Mutation(f"{name}: one row short", names=words, lenient=data), \
+                    changed(name, tensor[:-1].contiguous()), config
+            yield Mutation(f"{name}: as float32", valid=None if tensor.is_floating_point() else False,
+                           names=words, lenient=data), changed(name, tensor.float()), config
+            if tensor.is_floating_point():
+                yield Mutation(f"{name}: as int8", names=words, lenient=data), changed(
+                    name, torch.ones(tensor.shape, dtype=torch.int8)), config
+                if tensor.dtype != torch.float8_e4m3fn:
+                    yield Mutation(f"{name}: a NaN", names=words, lenient=data), changed(
+                        name, tensor.clone().reshape(-1).index_fill_(0, torch.tensor([0]), float("nan"))
+                        .reshape(tensor.shape)), config
+            yield Mutation(f"{name}: 3-D", valid=None, names=words, lenient=data), changed(
+                name, tensor.reshape(1, *tensor.shape).contiguous()), config
+            mate = f"{other}.{local}"
+            if mate in tensors:
+                yield Mutation(f"{name}: {other}'s", valid=None, names=words, lenient=data), changed(
+                    name, tensors[mate].clone()), config
+            if tensor.dtype in (torch.int32, torch.uint8):
+                generator = torch.Generator().manual_seed(rng.randrange(1 << 30))
+                noise = torch.randint(0, 1 << 8, tensor.shape, dtype=torch.uint8, generator=generator)
+                yield Mutation(f"{name}: random bytes", valid=None, names=words), changed(
+                    name, noise if tensor.dtype == torch.uint8 else tensor ^ noise.to(torch.int32)), config
+    quantization = config["quantization_config"]
+    for value in ({**quantization, "format": "float-quantized"}, {**quantization, "format": "nvfp4-pack-quantized"},
+                  {**quantization, "config_groups": {}}, {**quantization, "bits": 3}, {**quantization, "bits": "4"},
+                  {**quantization, "weight_block_size": [16, 32]}, {**quantization, "group_size": 0},
+                  {"quant_method": "compressed-tensors"}, {**quantization, "quant_method": "fp8"}):
+        yield Mutation(f"quantization_config = {short(value)}", valid=None, names=("quantization_config",)), \
+            tensors, {**config, "quantization_config": value}
+    yield Mutation("config without quantization_config", valid=None, names=("weight",), lenient=data), tensors, {
+        key: value for key, value in config.items() if key != "quantization_config"}
+    yield Mutation("unchanged", valid=True), tensors, config
+
+
+def quantized_cases(root: Path, sources: "Sources", rng: random.Random) -> list[Case]:
+    from safetensors.torch import load_file, save_file
+
+    cases = []
+    for kind in QUANTIZED_INPUTS:
+        pristine = sources.quantized[kind]
+        tensors = load_file(str(pristine / "model.safetensors"))
+        config = json.loads((pristine / "config.json").read_text())
+        for mutation, changed, changed_config in quantized_mutations(tensors, config, rng):
+            workdir = root / f"case-{len(cases):03d}"
+            model = link_tree(pristine, workdir / kind, skip={"model.safetensors", "config.json", "surgery.json"})
+            save_file(changed, str(model / "model.safetensors"), metadata={"format": "pt"})
+            write_fresh(model / "config.json", json.dumps(changed_config, indent=2))
+            output = workdir / "out"
+            cases.append(make_case("quantized", len(cases), Mutation(f"{kind}: {mutation.label}", mutation.valid,
+                                                                      mutation.lenient, mutation.names),
+                                   "convert", ["convert", model, "-o", output], workdir,
+                                   ("model.safetensors", "config.json", model), output=str(output), writes=True))
+    return cases
+
+
 # ---- pipelines
 
 def pipeline_templates(llama: str, sharded: str) -> dict[str, list]:
@@ -1136,6 +1225,7 @@ def pipeline_cases(root: Path, sources: "Sources", rng: random.Random) -> list[C
 FAMILIES: dict[str, Callable[[Path, "Sources", random.Random], list[Case]]] = {
     "safetensors": safetensors_cases, "index": index_cases, "config": config_cases, "gguf": gguf_cases,
     "recipe": recipe_cases, "pipeline": pipeline_cases, "moe": moe_cases, "mxfp4": mxfp4_cases,
+    "quantized": quantized_cases,
 }
 
 
@@ -1148,6 +1238,7 @@ class Sources:
     gguf: Path  # a Q8_0 GGUF written by surgery quantize --format gguf
     gpt_oss: Path  # a tiny gpt-oss saved by transformers
     mxfp4: Path  # that gpt-oss written by surgery quantize --format mxfp4
+    quantized: dict  # QUANTIZED_INPUTS kind → the llama quantized so (deepseek-fp8: written by conftest's formula)
 
 
 def make_gpt_oss(root: Path) -> tuple[Path, Path]:
@@ -1186,7 +1277,23 @@ def build_sources(root: Path, llama: Path | None = None, sharded: Path | None = 
     if sharded is None:
         sharded = root / "sharded"
         make_tiny_model("llama", seed=1).save_pretrained(sharded, max_shard_size="40KB")
-    return Sources(llama, sharded, make_gguf(root), *make_gpt_oss(root))
+    return Sources(llama, sharded, make_gguf(root), *make_gpt_oss(root), make_quantized(root, llama))
+
+
+def make_quantized(root: Path, llama: Path) -> dict[str, Path]:
+    """The tiny llama in each of QUANTIZED_INPUTS (NVFP4A16 from a bfloat16 copy, which it needs)."""
+    from conftest import run_surgery, save_deepseek_fp8
+
+    assert run_surgery("convert", llama, "-o", root / "llama-bf16", "--dtype", "bfloat16").returncode == 0
+    made = {"deepseek-fp8": save_deepseek_fp8(llama, root / "deepseek-fp8", block=32)}
+    for kind, source, options in (("compressed-tensors", llama, ["--scheme", "asym", "--group-size", "32"]),
+                                  ("fp8-dynamic", llama, ["--preset", "FP8_DYNAMIC"]),
+                                  ("nvfp4a16", root / "llama-bf16", ["--preset", "NVFP4A16"]),
+                                  ("gptq", llama, ["--format", "gptq", "--group-size", "32"])):
+        done = run_surgery("quantize", source, "-o", root / kind, *options)
+        assert done.returncode == 0, done.stderr
+        made[kind] = root / kind
+    return made
 
 
 # ---- running

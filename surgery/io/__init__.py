@@ -26,7 +26,8 @@ __all__ = [
 
 def open_checkpoint(source: str | Path, *, raw: bool = False) -> Checkpoint:
     """Open a checkpoint lazily (see :func:`surgery.io.sources.resolve_source` for what a source may be). A
-    gpt-oss MXFP4 checkpoint is read decoded (surgery/io/mxfp4_input.py) unless ``raw``.
+    quantized checkpoint is read decoded unless ``raw``: gpt-oss MXFP4 (surgery/io/mxfp4_input.py), compressed-tensors,
+    FP8 and GPTQ (surgery/io/quantized_input.py).
 
     Args:
         source: a model directory, a ``.safetensors`` or ``.gguf`` file, or a Hub repo id ``org/name[@revision]``.
@@ -48,14 +49,18 @@ def open_checkpoint(source: str | Path, *, raw: bool = False) -> Checkpoint:
 
         return GGUFCheckpoint(text, path)
     from surgery.io.mxfp4_input import DequantizedMXFP4, is_mxfp4
+    from surgery.io.quantized_input import DecodedQuantized, input_format
     from surgery.io.safetensors_reader import SafetensorsCheckpoint
 
     if path.is_dir() or path.suffix == ".safetensors":
         checkpoint = SafetensorsCheckpoint(text, path)
-        if raw or not is_mxfp4(checkpoint.config):
+        if raw:
             return checkpoint
         try:
-            return DequantizedMXFP4(checkpoint)
+            if is_mxfp4(checkpoint.config):
+                return DequantizedMXFP4(checkpoint)
+            fmt = input_format(checkpoint)
+            return checkpoint if fmt is None else DecodedQuantized(checkpoint, fmt)
         except BaseException:
             checkpoint.close()
             raise

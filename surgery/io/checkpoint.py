@@ -163,3 +163,40 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.source!r}: {len(self.tensors)} tensors>"
+
+
+def config_dtype(config: dict) -> torch.dtype:
+    """The dtype a quantized checkpoint's weights decode to.
+
+    Args:
+        config: its config.json's content.
+
+    Returns:
+        float32 or float16 where the config names it, else bfloat16 (what quantized releases are made from).
+
+    Example: ``config_dtype({"torch_dtype": "float16"})   # torch.float16``
+    """
+    named = config.get("dtype") or config.get("torch_dtype")
+    return getattr(torch, named) if isinstance(named, str) and named in ("float32", "float16") else torch.bfloat16
+
+
+class DecodedView(Checkpoint):
+    """A checkpoint that decodes some of ``inner``'s tensors as they are read: the config without its
+    ``quantization_config``; files, hashes and everything else the inner reader offers."""
+
+    def __init__(self, inner: Checkpoint):
+        self.inner, self.source, self.path, self.format = inner, inner.source, inner.path, inner.format
+        self.config = {key: value for key, value in inner.config.items() if key != "quantization_config"}
+        self.dtype = config_dtype(self.config)
+
+    def auxiliary_files(self) -> dict[str, bytes]:
+        return self.inner.auxiliary_files()
+
+    def files(self) -> dict[str, int]:
+        return self.inner.files()
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def __getattr__(self, name: str):  # what else the reader offers (its directory, its files' hashes...)
+        return getattr(self.inner, name)

@@ -128,7 +128,7 @@ def _problem(kind: str, label: str, keys) -> Problem:
     return Problem(kind, keys, f"{label}: {_names(keys)}")
 
 
-def check_transformers(directory: str | Path, inputs: list[Path] = ()) -> None:
+def check_transformers(directory: str | Path, inputs: list = ()) -> None:
     """CheckFailed unless transformers would load ``directory`` (config.json + safetensors) completely.
 
     ``inputs`` are the checkpoints the output was made from. A problem the output only inherits from them is not
@@ -141,16 +141,18 @@ def check_transformers(directory: str | Path, inputs: list[Path] = ()) -> None:
 
     Args:
         directory: the output checkpoint (usually the staging directory).
-        inputs: the paths of the checkpoints it was made from.
+        inputs: the checkpoints it was made from (open ones, or their paths): a quantized input read decoded is
+            checked as the command read it, its decoded tensors under its config without quantization_config.
 
     Example::
 
-        check_transformers(staging, inputs=[ckpt.path])
+        check_transformers(staging, inputs=[ckpt])
     """
     found = _findings(Path(directory))
     if not found:
         return
-    theirs = {Path(source): _findings(Path(source)) for source in inputs if Path(source).suffix != ".gguf"}
+    theirs = {Path(getattr(source, "path", source)): _input_findings(source) for source in inputs
+              if Path(getattr(source, "path", source)).suffix != ".gguf"}
     inherited: dict[str, set[str]] = {}
     for problems in theirs.values():
         for problem in problems.values():
@@ -187,6 +189,18 @@ def loading_problems(path: Path) -> list[str]:
     Example: ``loading_problems(Path("model-w4"))   # ["parameters missing: 'lm_head.weight'"]``
     """
     return [problem.message for problem in _findings(path).values()]
+
+
+def _input_findings(source) -> dict[str, Problem]:
+    """An input's problems (see :func:`check_transformers`): a quantized one read decoded as the command read it,
+    so that what an output inherits from its weights is found in the input too."""
+    from surgery.io.checkpoint import DecodedView
+
+    if isinstance(source, DecodedView) and known_model_type(source.config.get("model_type")):
+        config = _config_of(source.config)
+        if not isinstance(config, str):
+            return _problems_with(config, dict(source.tensors))
+    return _findings(Path(getattr(source, "path", source)))
 
 
 def _findings(path: Path) -> dict[str, Problem]:
@@ -228,6 +242,17 @@ def _findings(path: Path) -> dict[str, Problem]:
                         "%s", directory.name, problems["mismatched"].message)
             return {}
     return problems
+
+
+def _config_of(config: dict):
+    """transformers' config object for a config.json's content, or why it refuses it (a string)."""
+    from transformers import AutoConfig
+
+    try:
+        with _quiet():
+            return AutoConfig.for_model(**config)
+    except Exception as err:  # noqa: BLE001 - any refusal of the config is the finding
+        return f"its config.json is refused: {one_line(err)}"
 
 
 def _transformers_config(directory: Path):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from surgery.errors import BadInput
-from surgery.io.checkpoint import Checkpoint, TensorInfo, natural_key
+from surgery.io.checkpoint import Checkpoint, DecodedView, TensorInfo, natural_key
 
 PAIR = ("_blocks", "_scales")
 
@@ -35,16 +35,12 @@ def is_mxfp4(config: dict | None) -> bool:
     return isinstance(quantization, dict) and quantization.get("quant_method") == "mxfp4"
 
 
-class DequantizedMXFP4(Checkpoint):
+class DequantizedMXFP4(DecodedView):
     """``inner`` with its MXFP4 pairs decoded (see the module docstring); BadInput on opening for a pair that is
     incomplete or not gpt-oss's layout."""
 
     def __init__(self, inner: Checkpoint):
-        self.inner, self.source, self.path, self.format = inner, inner.source, inner.path, inner.format
-        self.config = {key: value for key, value in inner.config.items() if key != "quantization_config"}
-        named = self.config.get("dtype") or self.config.get("torch_dtype")
-        self.dtype = getattr(torch, named) if isinstance(named, str) and named in ("float32", "float16") \
-            else torch.bfloat16
+        super().__init__(inner)
         self.pairs: dict[str, tuple[str, str]] = {}
         tensors: dict[str, TensorInfo] = {}
         for name, info in inner.tensors.items():
@@ -86,15 +82,3 @@ class DequantizedMXFP4(Checkpoint):
         if not bool(torch.isfinite(decoded).all()):
             raise BadInput(f"{self.source}: tensor {scales!r} scales values past the range of {self.dtype}")
         return decoded
-
-    def auxiliary_files(self) -> dict[str, bytes]:
-        return self.inner.auxiliary_files()
-
-    def files(self) -> dict[str, int]:
-        return self.inner.files()
-
-    def close(self) -> None:
-        self.inner.close()
-
-    def __getattr__(self, name: str):  # what else the reader offers (its directory, its files' hashes...)
-        return getattr(self.inner, name)

@@ -639,7 +639,7 @@ def merge(job: MergeJob, *, progress: Callable[[int], None] | None = None) -> Me
                 "rows": vocabulary.rows, "tokens": vocabulary.tokens, "note": vocabulary.note}} if vocabulary else None)
 
         def check(staging: Path) -> None:
-            check_transformers(staging, [ckpt.path for ckpt in inputs.checkpoints])
+            check_transformers(staging, list(inputs.checkpoints))
 
         with _cpu_workers(merger.device) as workers:
             result = write_checkpoint(output, specs, merger, config=_output_config(inputs, specs, dtype),

@@ -5,7 +5,8 @@
     report = verify(VerifyConfig("model-w4", reference="org/model")).summary()   # per-layer errors, KL, top-1
 
 Modules: grid.py (RTN and HQQ on integer grids), methods.py (the registered methods: rtn, hqq, selfcal),
-formats/ (the registered formats, one module each: compressed-tensors pack-quantized, GPTQ v1, GGUF Q4_0 / Q8_0),
+formats/ (the registered formats, one module each: compressed-tensors, GPTQ v1, GGUF Q4_0 / Q8_0, MXFP4), presets.py,
+packing.py (integers packed into int32 words),
 groups.py (group sizes per module where the request does not divide), selfcal.py (data-free self-calibration),
 engine.py (QuantizeConfig and the streaming command, one path for every format), verify.py (per-layer and
 end-to-end checks, for every format).

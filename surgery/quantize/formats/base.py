@@ -92,6 +92,26 @@ def module_tensors(ckpt: Checkpoint, module: str) -> dict[str, torch.Tensor]:
             if "." not in short and short not in ("weight", "bias")}
 
 
+def require_dtypes(tensors: dict[str, torch.Tensor], expected: dict[str, torch.dtype | str]) -> None:
+    """ValueError unless each tensor named in ``expected`` has that dtype: what the readers of quantized inputs
+    check before decoding someone else's file.
+
+    Args:
+        tensors: local name → tensor (one module's stored tensors).
+        expected: local name → dtype, or "float" for any floating dtype.
+
+    Returns:
+        None.
+
+    Example: ``require_dtypes(tensors, {"weight_packed": torch.int32, "weight_scale": "float"})``
+    """
+    for name, dtype in expected.items():
+        got = tensors[name].dtype
+        if got != dtype if dtype != "float" else not got.is_floating_point:
+            raise ValueError(f"{name} is {str(got).removeprefix('torch.')}, expected "
+                             f"{dtype if dtype == 'float' else str(dtype).removeprefix('torch.')}")
+
+
 class QuantFormat:
     """A loader-native layout of quantized Linear weights. Subclasses set the class attributes and implement
     ``specs``, ``encode``, ``quantization_config`` and the reading side (``reads``, ``stored_scheme``,
@@ -111,6 +131,9 @@ class QuantFormat:
     # what it quantizes: "linear" (the weights of Linear modules, per-expert ones included) or "fused experts" (the
     # 3-D expert tensors a checkpoint stores, such as gpt-oss's)
     quantizes: str = "linear"
+    # whether commands read its checkpoints decoded (surgery/io/quantized_input.py; needs decoded_shape)
+    reads_inputs: bool = False
+    stored_names: tuple[str, ...] = ()  # the local names of what it stores beside (or instead of) a weight
 
     # ------------------------------------------------------------------------------------------- options
 
@@ -208,7 +231,7 @@ class QuantFormat:
         result = write_checkpoint(output, plan.specs, load, config=plan.config,
                                   files=lambda: {**ckpt.auxiliary_files(), **files()},
                                   max_shard_size=max_shard_size, force=force, progress=progress,
-                                  check=lambda staging: check_transformers(staging, [ckpt.path]))
+                                  check=lambda staging: check_transformers(staging, [ckpt]))
         return Written(result.directory, len(result.shards), result.total_size)
 
     # ------------------------------------------------------------------------------------------- reading
@@ -235,6 +258,11 @@ class QuantFormat:
 
     def decode(self, tensors: dict[str, torch.Tensor], scheme: Scheme) -> tuple[torch.Tensor, ...]:
         """A module's stored tensors → (q, scale, zero) on the grid."""
+        raise NotImplementedError
+
+    def decoded_shape(self, ckpt: Checkpoint, module: str) -> tuple[int, ...]:
+        """The shape of a quantized module's decoded weight, from its stored tensors' shapes (for the formats that
+        set ``reads_inputs``)."""
         raise NotImplementedError
 
     def decoded_weight(self, ckpt: Checkpoint, module: str) -> torch.Tensor:

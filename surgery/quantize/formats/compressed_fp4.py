@@ -20,7 +20,7 @@ import torch
 from surgery.arch import Architecture
 from surgery.errors import BadInput
 from surgery.io.checkpoint import Checkpoint, TensorInfo
-from surgery.quantize.formats.base import Encoded, Fit, Plan
+from surgery.quantize.formats.base import Encoded, Fit, Plan, module_tensors, require_dtypes
 from surgery.quantize.formats.compressed_fp8 import FP8, FP8_MAX, RoundToNearestOnly
 from surgery.quantize.formats.compressed_tensors import compressed_tensors_config, quantization_entry
 from surgery.quantize.grid import Scheme
@@ -32,18 +32,45 @@ FUSED_KINDS = {"attn_q": "qkv", "attn_k": "qkv", "attn_v": "qkv", "mlp_gate": "g
 
 
 def pack_pairs(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 codes (out, in) → (out, in / 2), input 2i in the low nibble of byte i."""
+    """Two FP4 codes a byte, as compressed-tensors packs them.
+
+    Args:
+        codes: uint8 codes (out, in), ``in`` even.
+
+    Returns:
+        uint8 (out, in / 2): input 2i in the low nibble of byte i, 2i + 1 in the high.
+
+    Example: ``pack_pairs(torch.tensor([[1, 2]], dtype=torch.uint8))   # tensor([[33]])``
+    """
     return codes[:, 0::2] | (codes[:, 1::2] << 4)
 
 
 def unpack_pairs(packed: torch.Tensor) -> torch.Tensor:
-    """The codes :func:`pack_pairs` packed."""
+    """The codes :func:`pack_pairs` packed.
+
+    Args:
+        packed: uint8 (out, in / 2).
+
+    Returns:
+        uint8 codes (out, in).
+
+    Example: ``torch.equal(unpack_pairs(pack_pairs(codes)), codes)   # True``
+    """
     return torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
 
 
 def mx_exponents(amax: torch.Tensor) -> torch.Tensor:
-    """compressed-tensors' MXFP4 scale exponents (unbiased): amax rounded to the nearest power of two at E2M1's one
-    mantissa bit (1.5·2^k and up round to 2^(k+1)), minus 2 (E2M1's largest exponent); zero groups get 2^0, as there."""
+    """compressed-tensors' MXFP4 scale exponents.
+
+    Args:
+        amax: the groups' largest magnitudes.
+
+    Returns:
+        float32 unbiased exponents: amax rounded to a power of two at E2M1's one mantissa bit (1.75·2^k
+        and up round to 2^(k+1)), minus 2 (E2M1's largest exponent); 0 for all-zero groups, as there.
+
+    Example: ``mx_exponents(torch.tensor([1.7, 1.75, 0.0]))   # tensor([-2., -1., 0.])``
+    """
     bits = amax.float().view(torch.int32)
     rounded = ((bits + (1 << 21)) & 0x7F800000).view(torch.float32)  # float32's 23-bit mantissa, E2M1's one bit
     exponent = torch.floor(torch.log2(rounded)) - 2
@@ -52,6 +79,8 @@ def mx_exponents(amax: torch.Tensor) -> torch.Tensor:
 
 class PackedFP4(RoundToNearestOnly):
     bits = (4,)
+    reads_inputs = True
+    stored_names = ("weight_packed", "weight_scale", "weight_global_scale", "input_global_scale")
 
     def __init__(self, name: str, preset: str, group: int):
         self.name, self.preset, self.default_group_size = name, preset, group
@@ -149,12 +178,20 @@ class PackedFP4(RoundToNearestOnly):
     def quantized_modules(self, ckpt: Checkpoint) -> list[str]:
         return [name.removesuffix(".weight_packed") for name in ckpt.tensors if name.endswith(".weight_packed")]
 
+    def decoded_shape(self, ckpt: Checkpoint, module: str) -> tuple[int, ...]:
+        out, half = ckpt.tensors[f"{module}.weight_packed"].shape
+        return out, half * 2
+
     def decoded_weight(self, ckpt: Checkpoint, module: str) -> torch.Tensor:
-        codes = unpack_pairs(ckpt.get(f"{module}.weight_packed"))
-        stored = ckpt.get(f"{module}.weight_scale")
+        tensors = module_tensors(ckpt, module)
+        require_dtypes(tensors, {"weight_packed": torch.uint8, "weight_scale": FP8 if self.nvfp4 else torch.uint8,
+                                 **({"weight_global_scale": "float"} if self.nvfp4 else {})})
+        codes, stored = unpack_pairs(tensors["weight_packed"]), tensors["weight_scale"]
         if self.nvfp4:
-            scale = stored.float() / ckpt.get(f"{module}.weight_global_scale").float()
+            scale = stored.float() / tensors["weight_global_scale"].float()
         else:
+            if bool((stored == 255).any()):
+                raise ValueError("weight_scale holds the E8M0 scale 255, which is NaN")
             scale = torch.exp2(stored.float() - E8M0_BIAS)
         return e2m1_values(codes) * scale.repeat_interleave(self.default_group_size, dim=1)
 

@@ -27,6 +27,24 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 
 
+def expand_scales(scale: torch.Tensor, shape: tuple[int, int], block: int | None) -> torch.Tensor:
+    """One scale per weight, from scales per block or per output channel.
+
+    Args:
+        scale: (⌈out/block⌉, ⌈in/block⌉) block scales (the last blocks may be partial), or (out, 1) / (1, 1).
+        shape: the weight's (out, in).
+        block: the block size; 0 or None for per-channel (or per-tensor) scales.
+
+    Returns:
+        The scales expanded to ``shape``.
+
+    Example: ``expand_scales(torch.ones(1, 1), (100, 64), 128).shape   # (100, 64)``
+    """
+    if not block:
+        return scale.expand(shape)
+    return scale.repeat_interleave(block, 0).repeat_interleave(block, 1)[:shape[0], :shape[1]]
+
+
 class RoundToNearestOnly(QuantFormat):
     """What the float formats share: symmetric, rtn only, a layout that fixes the group size."""
 
@@ -44,6 +62,8 @@ class RoundToNearestOnly(QuantFormat):
 
 class FloatFP8(RoundToNearestOnly):
     bits = (8,)
+    reads_inputs = True
+    stored_names = ("weight_scale", "weight_scale_inv", "input_scale", "weight_zero_point")
     default_group_size = 128
 
     def __init__(self, name: str, preset: str, block: int | None):
@@ -74,12 +94,6 @@ class FloatFP8(RoundToNearestOnly):
         return [TensorInfo(f"{module}.weight", FP8, tuple(shape)),
                 TensorInfo(f"{module}.weight_scale", dtype, self._scale_shape(shape))]
 
-    def _expand(self, scale: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-        """Per-block (or per-channel) scales → one per weight."""
-        if not self.block:
-            return scale.expand(shape)
-        return scale.repeat_interleave(self.block, 0).repeat_interleave(self.block, 1)[:shape[0], :shape[1]]
-
     def encode(self, plan: Plan, module: str, weight: torch.Tensor, fit: Fit, method) -> Encoded:
         if self.block:
             rows, columns = self._scale_shape(weight.shape)
@@ -91,7 +105,7 @@ class FloatFP8(RoundToNearestOnly):
         stored = (amax / FP8_MAX).to(plan.dtype)
         # an all-zero channel or block: any scale decodes its zeros; compressed-tensors writes its dtype's eps
         stored = torch.where(stored == 0, torch.finfo(plan.dtype).eps, stored)
-        scale = self._expand(stored.float(), weight.shape)
+        scale = expand_scales(stored.float(), weight.shape, self.block)
         q = (weight / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
         return Encoded({"weight": q, "weight_scale": stored}, weight, q.float() * scale)
 
@@ -106,31 +120,63 @@ class FloatFP8(RoundToNearestOnly):
                                          ignore)
 
     # ------------------------------------------------------------------------------------------- reading
+    # Besides compressed-tensors' float-quantized (strategy tensor, channel or block), the block instance reads
+    # DeepSeek-V3's own FP8 layout (quant_method fp8, weight_block_size; weight_scale_inv, multiplied like a scale).
 
-    def _weights(self, ckpt: Checkpoint) -> dict | None:
+    def _stored_block(self, ckpt: Checkpoint) -> int | None:
+        """The block size ``ckpt`` declares, 0 for per-channel or per-tensor scales, None: not this layout."""
         quant = (ckpt.config or {}).get("quantization_config") or {}
+        if quant.get("quant_method") == "fp8" and isinstance(quant.get("weight_block_size"), list):
+            rows, columns = quant["weight_block_size"]
+            if rows != columns:
+                raise BadInput(f"{ckpt.source}: FP8 weight_block_size {[rows, columns]}: only square blocks are read")
+            return int(rows)
         if quant.get("quant_method") != "compressed-tensors" or quant.get("format") != "float-quantized":
             return None
-        weights = next(iter(quant.get("config_groups", {}).values()), {}).get("weights") or {}
-        return weights if weights.get("num_bits") == 8 and weights.get("type") == "float" else None
+        weights = next(iter((quant.get("config_groups") or {}).values()), {}).get("weights") or {}
+        if weights.get("num_bits") != 8 or weights.get("type") != "float":
+            return None
+        if weights.get("strategy") == "block":
+            rows, columns = weights.get("block_structure") or (128, 128)
+            if rows != columns:
+                raise BadInput(f"{ckpt.source}: FP8 block_structure {[rows, columns]}: only square blocks are read")
+            return int(rows)
+        return 0
 
     def reads(self, ckpt: Checkpoint) -> bool:
-        weights = self._weights(ckpt)
-        return weights is not None and (weights.get("strategy") == "block") == bool(self.block)
+        block = self._stored_block(ckpt)
+        return block is not None and bool(block) == bool(self.block)
 
     def stored_scheme(self, ckpt: Checkpoint) -> Scheme:
-        return Scheme(8, self.block or 0, True)
+        return Scheme(8, self._stored_block(ckpt) or 0, True)
+
+    def _scale_name(self, ckpt: Checkpoint, module: str) -> str:
+        name = f"{module}.weight_scale"
+        return name if name in ckpt.tensors else f"{module}.weight_scale_inv"
 
     def quantized_modules(self, ckpt: Checkpoint) -> list[str]:
         return [name.removesuffix(".weight") for name, info in ckpt.tensors.items()
-                if name.endswith(".weight") and info.dtype == FP8 and f"{name}_scale" in ckpt.tensors]
+                if name.endswith(".weight") and info.dtype == FP8
+                and (f"{name}_scale" in ckpt.tensors or f"{name}_scale_inv" in ckpt.tensors)]
+
+    def decoded_shape(self, ckpt: Checkpoint, module: str) -> tuple[int, ...]:
+        return tuple(ckpt.tensors[f"{module}.weight"].shape)
 
     def decoded_weight(self, ckpt: Checkpoint, module: str) -> torch.Tensor:
-        q = ckpt.get(f"{module}.weight").float()
-        return q * self._expand(ckpt.get(f"{module}.weight_scale").float(), q.shape)
+        q, scale = ckpt.get(f"{module}.weight").float(), ckpt.get(self._scale_name(ckpt, module))
+        if not scale.is_floating_point():
+            raise ValueError(f"its scale is {str(scale.dtype).removeprefix('torch.')}, expected a float dtype")
+        scale = scale.float()
+        block = self._stored_block(ckpt)
+        if block:
+            rows, columns = math.ceil(q.shape[0] / block), math.ceil(q.shape[1] / block)
+            if tuple(scale.shape) != (rows, columns):
+                raise ValueError(f"scales of shape {tuple(scale.shape)} for blocks of {block}: expected "
+                                 f"{(rows, columns)}")
+        return q * expand_scales(scale.reshape(-1, 1) if scale.numel() == 1 else scale, q.shape, block)
 
 
 FP8_DYNAMIC = FloatFP8("fp8-dynamic", "FP8_DYNAMIC", block=None)
 FP8_BLOCK = FloatFP8("fp8-block", "FP8_BLOCK", block=128)
 
-__all__ = ["FP8_BLOCK", "FP8_DYNAMIC", "FloatFP8", "RoundToNearestOnly"]
+__all__ = ["FP8_BLOCK", "FP8_DYNAMIC", "FloatFP8", "RoundToNearestOnly", "expand_scales"]

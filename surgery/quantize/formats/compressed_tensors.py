@@ -20,8 +20,8 @@ import torch
 
 from surgery.arch import Architecture
 from surgery.io.checkpoint import Checkpoint, TensorInfo
-from surgery.quantize.formats.base import QuantFormat, module_tensors
-from surgery.quantize.formats.packing import pack, pad_rows, unpack
+from surgery.quantize.formats.base import QuantFormat, module_tensors, require_dtypes
+from surgery.quantize.packing import pack, pad_rows, unpack
 from surgery.quantize.grid import Grid, Scheme
 from surgery.quantize.groups import fallback_targets, group_size_of, per_module_group_sizes
 
@@ -31,16 +31,34 @@ def _quant(ckpt: Checkpoint) -> dict:
 
 
 def quantization_entry(targets: list[str], weights: dict, input_activations: dict | None = None) -> dict:
-    """One compressed-tensors config group: the modules it targets and their weight (and activation) args."""
+    """One compressed-tensors config group.
+
+    Args:
+        targets: module names, ``re:`` regexes or class names (``Linear``) it applies to.
+        weights: its weight quantization args.
+        input_activations: its activation args (None: activations unquantized).
+
+    Returns:
+        The group's dict, as config.json holds it.
+
+    Example: ``quantization_entry(["Linear"], {"num_bits": 8, "type": "float", ...})["targets"]   # ["Linear"]``
+    """
     return {"targets": targets, "weights": weights, "input_activations": input_activations,
             "output_activations": None}
 
 
 def compressed_tensors_config(compression: str, groups: list[dict], ignore: list[str]) -> dict:
-    """The ``quantization_config`` of a compressed-tensors checkpoint in format ``compression`` (pack-quantized,
-    float-quantized, nvfp4-pack-quantized...), its groups in the order compressed-tensors matches them::
+    """The ``quantization_config`` of a compressed-tensors checkpoint.
 
-        compressed_tensors_config("float-quantized", [quantization_entry(["Linear"], weights)], ["lm_head"])
+    Args:
+        compression: its format (pack-quantized, float-quantized, nvfp4-pack-quantized...).
+        groups: its config groups (:func:`quantization_entry`), in the order compressed-tensors matches them.
+        ignore: the Linear modules left unquantized.
+
+    Returns:
+        The config entry.
+
+    Example: ``compressed_tensors_config("float-quantized", [quantization_entry(["Linear"], w)], ["lm_head"])``
     """
     return {"quant_method": "compressed-tensors", "format": compression, "quantization_status": "compressed",
             "config_groups": {f"group_{index}": group for index, group in enumerate(groups)}, "ignore": ignore}
@@ -48,6 +66,8 @@ def compressed_tensors_config(compression: str, groups: list[dict], ignore: list
 
 class CompressedTensors(QuantFormat):
     name = "compressed-tensors"
+    reads_inputs = True
+    stored_names = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
 
     def group_sizes(self, inputs: dict[str, int], requested: int,
                     together: frozenset[str] = frozenset()) -> dict[str, int]:
@@ -79,6 +99,8 @@ class CompressedTensors(QuantFormat):
         return tensors
 
     def decode(self, tensors: dict[str, torch.Tensor], scheme: Scheme) -> tuple[torch.Tensor, ...]:
+        require_dtypes(tensors, {"weight_packed": torch.int32, "weight_scale": "float", "weight_shape": torch.int64,
+                                 **({} if scheme.symmetric else {"weight_zero_point": torch.int32})})
         offset = 1 << (scheme.bits - 1)
         out, _ = (int(v) for v in tensors["weight_shape"])
         q = unpack(tensors["weight_packed"], scheme.bits) - offset
@@ -116,7 +138,13 @@ class CompressedTensors(QuantFormat):
 
     def module_scheme(self, ckpt: Checkpoint, module: str, default: Scheme) -> Scheme:
         loader_name = Architecture.from_config(ckpt.config).loader_module(module)  # what the config targets
-        return replace(default, group_size=group_size_of(loader_name, _quant(ckpt)["config_groups"]))
+        size = group_size_of(loader_name, _quant(ckpt)["config_groups"])
+        if size is None:  # strategy channel (llm-compressor's W8A8 and others): one group per row
+            size = self.decoded_shape(ckpt, module)[1]
+        return replace(default, group_size=size)
+
+    def decoded_shape(self, ckpt: Checkpoint, module: str) -> tuple[int, ...]:
+        return tuple(int(size) for size in ckpt.get(f"{module}.weight_shape"))
 
     def quantized_modules(self, ckpt: Checkpoint) -> list[str]:
         return [name.removesuffix(".weight_packed") for name in ckpt.tensors if name.endswith(".weight_packed")]

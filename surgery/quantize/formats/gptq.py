@@ -13,14 +13,16 @@ import math
 import torch
 
 from surgery.io.checkpoint import Checkpoint, TensorInfo
-from surgery.quantize.formats.base import QuantFormat
-from surgery.quantize.formats.packing import pack, unpack
+from surgery.quantize.formats.base import QuantFormat, module_tensors, require_dtypes
+from surgery.quantize.packing import pack, unpack
 from surgery.quantize.grid import Grid, Scheme
 from surgery.quantize.groups import one_group_size
 
 
 class GPTQ(QuantFormat):
     name = "gptq"
+    reads_inputs = True
+    stored_names = ("qweight", "qzeros", "scales", "g_idx")
     loads_per_expert = False  # transformers' GPTQ loader replaces Linear modules only; MoE experts are fused tensors
 
     def scheme(self, bits: int, group_size: int, symmetric: bool) -> Scheme:
@@ -58,8 +60,30 @@ class GPTQ(QuantFormat):
         scale = tensors["scales"].float().T
         out = scale.shape[0]
         q = unpack(tensors["qweight"].T, scheme.bits) - offset
-        zero = (unpack(tensors["qzeros"], scheme.bits)[:, :out].T + 1) - offset
+        zero = (unpack(tensors["qzeros"], scheme.bits)[:, :out].T + int(scheme.v1_zeros)) - offset
         return q, scale, zero
+
+    def decoded_shape(self, ckpt: Checkpoint, module: str) -> tuple[int, ...]:
+        bits = self.stored_scheme(ckpt).bits
+        if bits not in (2, 4, 8):
+            raise ValueError(f"{bits}-bit GPTQ is not read (2, 4 or 8 bits)")
+        rows, out = ckpt.tensors[f"{module}.qweight"].shape
+        return out, rows * 32 // bits
+
+    def decoded_weight(self, ckpt: Checkpoint, module: str) -> torch.Tensor:
+        """Each input column through its group in ``g_idx`` (act-order checkpoints permute them)."""
+        scheme = self.stored_scheme(ckpt)
+        tensors = module_tensors(ckpt, module)
+        require_dtypes(tensors, {"qweight": torch.int32, "qzeros": torch.int32, "scales": "float"})
+        q, scale, zero = self.decode(tensors, scheme)
+        columns = q.shape[1]
+        if "g_idx" in tensors and tensors["g_idx"].dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"g_idx is {str(tensors['g_idx'].dtype).removeprefix('torch.')}, expected int32")
+        group = tensors["g_idx"].long() if "g_idx" in tensors else torch.arange(columns) // scheme.group_size
+        if tuple(group.shape) != (columns,) or int(group.min()) < 0 or int(group.max()) >= scale.shape[1]:
+            raise ValueError(f"g_idx of shape {tuple(group.shape)} does not map {columns} inputs to "
+                             f"{scale.shape[1]} groups")
+        return (q - zero[:, group]).float() * scale[:, group]
 
     def quantization_config(self, schemes: dict[str, Scheme], scheme: Scheme, ignore: list[str],
                             dtype: torch.dtype, fallbacks: dict[int, list[str]]) -> dict:
@@ -73,8 +97,14 @@ class GPTQ(QuantFormat):
         return ((ckpt.config or {}).get("quantization_config") or {}).get("quant_method") == "gptq"
 
     def stored_scheme(self, ckpt: Checkpoint) -> Scheme:
+        """GPTQ v2 (``checkpoint_format: gptq_v2``) stores the zero points themselves; group size −1: one group."""
         quant = ckpt.config["quantization_config"]
-        return Scheme(quant["bits"], quant["group_size"], quant.get("sym", True), v1_zeros=True)
+        group_size = quant["group_size"]
+        if group_size == -1:
+            module = self.quantized_modules(ckpt)[0]
+            group_size = ckpt.tensors[f"{module}.qweight"].shape[0] * 32 // quant["bits"]
+        return Scheme(quant["bits"], group_size, quant.get("sym", True),
+                      v1_zeros=quant.get("checkpoint_format", "gptq") != "gptq_v2")
 
     def quantized_modules(self, ckpt: Checkpoint) -> list[str]:
         return [name.removesuffix(".qweight") for name in ckpt.tensors if name.endswith(".qweight")]
