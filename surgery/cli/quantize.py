@@ -51,6 +51,9 @@ def quantize(
     method: str = typer.Option("rtn", "--method", help="rtn, hqq or selfcal."),
     fmt: Optional[str] = typer.Option(None, "--format", help="compressed-tensors (default), fp8-dynamic, "
                                                              "fp8-block, nvfp4a16, mxfp4a16, gptq, gguf or mxfp4."),
+    gguf_type: Optional[str] = typer.Option(None, "--gguf-type", help="GGUF: Q4_K_M, Q5_K_M, Q6_K, Q4_K_S, Q8_0 "
+                                                                      "or Q4_0, with llama.cpp's per-tensor mix "
+                                                                      "(implies --format gguf; K-quants rtn only)."),
     ignore: str = typer.Option("lm_head,vision,projector", "--ignore",
                                help="Comma-separated modules left unquantized: names, trailing parts "
                                     "(mlp.down_proj), re:REGEX, or vision / projector (those parts of a "
@@ -71,7 +74,7 @@ def quantize(
 
     check_device(device)
     config = QuantizeConfig(source, output, bits=bits, group_size=group_size, scheme=scheme, method=method,
-                            format=fmt, preset=preset, ignore=tuple(part.strip() for part in ignore.split(",") if part.strip()),
+                            format=fmt, preset=preset, gguf_type=gguf_type, ignore=tuple(part.strip() for part in ignore.split(",") if part.strip()),
                             seed=seed, calibration_sequences=calibration_sequences, rounds=rounds, device=device,
                             max_shard_size=max_shard_size, force=force)
     with progress(None, "B", "quantize") as advance:

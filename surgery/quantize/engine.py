@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 UNSET_DEFAULTS = {"scheme": "sym", "format": "compressed-tensors"}  # what neither option nor preset set
 METHOD_OPTIONS = ("seed", "calibration_sequences", "rounds")  # QuantizeConfig fields only some methods take
+FORMAT_OPTIONS = ("gguf_type",)  # QuantizeConfig fields only some formats take (their ``options``)
 
 
 def compute_device(device: str | torch.device) -> torch.device:
@@ -92,6 +93,7 @@ class QuantizeConfig:
     method: str = "rtn"
     format: str | None = None
     preset: str | None = None
+    gguf_type: str | None = None
     ignore: tuple[str, ...] = ("lm_head", "vision", "projector")
     seed: int | None = None
     calibration_sequences: int | None = None
@@ -112,11 +114,20 @@ class QuantizeConfig:
             object.__setattr__(self, option, value)
         if self.preset is not None:
             object.__setattr__(self, "preset", self.preset.upper())
+        if self.format is None and self.gguf_type is not None:
+            object.__setattr__(self, "format", "gguf")
         for option, default in UNSET_DEFAULTS.items():
             if getattr(self, option) is None:
                 object.__setattr__(self, option, default)
+        fmt = FORMATS.get(self.format)
+        if fmt is not None:
+            for option, value in self.format_options().items():
+                if value is not None and option not in fmt.options:
+                    owners = " or ".join(name for name, other in FORMATS.items() if option in other.options)
+                    raise BadInput(f"--{option.replace('_', '-')}: applies only to --format {owners} (the format "
+                                   f"is {self.format})")
+            object.__setattr__(self, "bits", fmt.resolve_bits(self.bits, self.format_options()))
         if self.bits is None:  # the format's bits when it writes one width (fp8-dynamic: 8), else 4
-            fmt = FORMATS.get(self.format)
             object.__setattr__(self, "bits", 4 if fmt is None or 4 in fmt.bits else fmt.bits[0])
         self.check()
 
@@ -131,7 +142,7 @@ class QuantizeConfig:
         fmt = FORMATS.get(self.format)
         if fmt is not None and self.group_size is not None:
             fmt.check_group_size(self.group_size)  # a fixed group size is named before anything else
-        if self.bits not in (4, 8):
+        if self.bits not in (4, 8) and not any(self.format_options().values()):
             raise BadInput(f"--bits {self.bits}: expected 4 or 8")
         size = self.group_size if self.group_size is not None else fmt.default_group_size if fmt else 128
         if size < 8 or size % 8:
@@ -141,10 +152,17 @@ class QuantizeConfig:
         self.quant_method.check(self)
         fmt = self.quant_format
         fmt.check_method(self.method)
+        if self.gguf_type not in (None, "Q4_0", "Q8_0") and self.method != "rtn":
+            raise BadInput(f"--gguf-type {self.gguf_type} --method {self.method}: K-quant mixes are written by "
+                           f"rounding to nearest (rtn) only")
         fmt.check_scheme(self.scheme)
         if self.bits not in fmt.bits:
             raise BadInput(f"--format {fmt.name} --bits {self.bits}: it writes {' or '.join(map(str, fmt.bits))} bits")
         compute_device(self.device)
+
+    def format_options(self) -> dict:
+        """The fields of FORMAT_OPTIONS (options only some formats take), by name."""
+        return {option: getattr(self, option) for option in FORMAT_OPTIONS}
 
     @property
     def quant_format(self) -> QuantFormat:
@@ -170,6 +188,7 @@ class QuantizeConfig:
         return {"bits": self.bits, "group_size": self.resolved_group_size, "scheme": self.scheme,
                 "method": self.method, "format": self.format, "ignore": sorted(self.ignore),
                 "seed": self.seed or 0, **({"preset": self.preset} if self.preset else {}),
+                **{option: value for option, value in self.format_options().items() if value is not None},
                 **self.quant_method.recipe(self)}
 
 
@@ -322,23 +341,23 @@ def plan_quantization(ckpt: Checkpoint, config: QuantizeConfig) -> Plan:
     loader = Architecture.from_config(ckpt.config).loader_module
     fallbacks = fmt.fallbacks({loader(module): size for module, size in sizes.items()}, scheme.group_size,
                               always=frozenset(map(loader, selection.per_expert)))
-    specs, source_of = [], {}
+    plan = Plan(modules, schemes, fallbacks, [], dict(ckpt.config), dtype, {}, options=config.format_options())
+    fmt.prepare(ckpt, plan)
     module_of = {info.name: module for module, info in modules.items()}
     for name, info in ckpt.tensors.items():
         module = module_of.get(name)
         if module is not None:
-            for spec in fmt.specs(module, info.shape, schemes[module], dtype):
-                specs.append(spec)
-                source_of[spec.name] = module
+            for spec in fmt.module_specs(plan, module, info.shape):
+                plan.specs.append(spec)
+                plan.source_of[spec.name] = module
         else:
-            specs.append(info)
+            plan.specs.append(info)
     if "lm_head" not in modules:
         ignored_linear.add("lm_head")  # a tied or ignored lm_head is still a Linear the loader must skip
-    output_config = dict(ckpt.config)
     entry = fmt.quantization_config(schemes, scheme, sorted(set(map(loader, ignored_linear))), dtype, fallbacks)
     if entry is not None:
-        output_config["quantization_config"] = entry
-    return Plan(modules, schemes, fallbacks, specs, output_config, dtype, source_of)
+        plan.config["quantization_config"] = entry
+    return plan
 
 
 def group_size_note(plan: Plan) -> dict:
@@ -433,7 +452,6 @@ def quantize(config: QuantizeConfig, *, progress: Callable[[int], None] | None =
         if len(note["group_sizes"]) > 1 or str(requested) not in note["group_sizes"]:
             log.warning("--group-size %d does not divide every quantized module's input dimension; group sizes used "
                         "(modules each): %s", requested, note["group_sizes"])
-        fmt.prepare(ckpt, plan)
         fit, calibration = method.prepare(ckpt, plan.schemes, config, fmt.scale_dtype(plan.dtype), device)
         quantizer = _Quantizer(ckpt, plan, fmt, method, fit)
 

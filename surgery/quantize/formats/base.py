@@ -56,6 +56,7 @@ class Plan:
     dtype: torch.dtype
     source_of: dict[str, str]  # output tensor name → module it belongs to (quantized ones only)
     extra: dict = field(default_factory=dict)  # what the format's prepare() computed (NVFP4: global scales)
+    options: dict = field(default_factory=dict)  # the format's options (engine.FORMAT_OPTIONS) as requested
 
     @property
     def bits(self) -> int:
@@ -134,11 +135,17 @@ class QuantFormat:
     # whether commands read its checkpoints decoded (surgery/io/quantized_input.py; needs decoded_shape)
     reads_inputs: bool = False
     stored_names: tuple[str, ...] = ()  # the local names of what it stores beside (or instead of) a weight
+    options: tuple[str, ...] = ()  # the QuantizeConfig fields of engine.FORMAT_OPTIONS it takes (gguf: gguf_type)
 
     # ------------------------------------------------------------------------------------------- options
 
     def check_group_size(self, group_size: int) -> None:
         """BadInput for a requested group size the format cannot write (default: any; groups.py decides)."""
+
+    def resolve_bits(self, bits: int | None, options: dict) -> int | None:
+        """The bits to write given the requested ones (None: not given) and the format's options; BadInput for a
+        combination it refuses (default: ``bits`` as they are)."""
+        return bits
 
     def check_method(self, method: str) -> None:
         """BadInput for a method (rtn, hqq, selfcal) the format does not write (default: any)."""
@@ -199,8 +206,13 @@ class QuantFormat:
         raise NotImplementedError
 
     def prepare(self, ckpt: Checkpoint, plan: Plan) -> None:
-        """Before the first module is encoded: what encoding needs beyond one module's weight, into
-        ``plan.extra`` (default: nothing; NVFP4 reads every weight's amax for its shared global scales)."""
+        """Once the modules and their grids are chosen, before their output tensors are laid out: what laying out
+        and encoding need beyond one module's weight, into ``plan.extra`` (default: nothing; NVFP4 reads every
+        weight's amax for its shared global scales, GGUF picks each tensor's type)."""
+
+    def module_specs(self, plan: Plan, module: str, shape: tuple[int, ...]) -> list[TensorInfo]:
+        """The output tensors of one quantized module (default: :meth:`specs` for its grid)."""
+        return self.specs(module, shape, plan.schemes[module], plan.dtype)
 
     def encode(self, plan: Plan, module: str, weight: torch.Tensor, fit: Fit, method) -> Encoded:
         """One module's stored tensors, given its float32 ``weight`` and the method (``fit`` its grid-fitting

@@ -33,26 +33,99 @@ from surgery.quantize.grid import Grid, Scheme
 
 BLOCK = 32
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+# --gguf-type → (its bits, the type of most tensors); the _M / _S mixes raise some tensors (see tensor_types)
+GGUF_TYPES = {"Q4_0": (4, "Q4_0"), "Q8_0": (8, "Q8_0"), "Q4_K_S": (4, "Q4_K"), "Q4_K_M": (4, "Q4_K"),
+              "Q5_K_M": (5, "Q5_K"), "Q6_K": (6, "Q6_K")}
+K_QUANTS = ("Q4_K", "Q5_K", "Q6_K")
+# llama.cpp's fallback where a K-quant's 256-weight super-blocks do not divide a row
+K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+WRITTEN_TYPES = {"Q4_0": 4, "Q5_0": 5, "Q5_1": 5, "Q8_0": 8, "Q4_K": 4, "Q5_K": 5, "Q6_K": 6}  # type → bits
 
 
-def _quant_type(bits: int):
-    from gguf import GGMLQuantizationType
-
-    return GGMLQuantizationType.Q4_0 if bits == 4 else GGMLQuantizationType.Q8_0
-
-
-def file_name(bits: int) -> str:
-    """The name of the GGUF file written for ``bits`` (Q4_0 for 4 bits, Q8_0 otherwise).
+def gguf_type_of(bits: int, gguf_type: str | None) -> str:
+    """The file's quantization type: ``gguf_type``, or Q4_0 for 4 bits and Q8_0 for 8 without one.
 
     Args:
-        bits: the quantization bits (4 or 8).
+        bits: the quantization bits.
+        gguf_type: a ``--gguf-type`` value, or None.
+
+    Returns:
+        A key of GGUF_TYPES.
+
+    Example: ``gguf_type_of(8, None)   # "Q8_0"``
+    """
+    return gguf_type or ("Q4_0" if bits == 4 else "Q8_0")
+
+
+def file_name(kind: str) -> str:
+    """The name of the GGUF file written for quantization type ``kind``.
+
+    Args:
+        kind: a key of GGUF_TYPES.
 
     Returns:
         The file name inside the output directory.
 
-    Example: ``file_name(4)   # "model-Q4_0.gguf"``
+    Example: ``file_name("Q4_K_M")   # "model-Q4_K_M.gguf"``
     """
-    return f"model-{_quant_type(bits).name}.gguf"
+    return f"model-{kind}.gguf"
+
+
+def use_more_bits(layer: int, layers: int) -> bool:
+    """llama.cpp's choice of the layers whose attn_v and ffn_down get more bits in the _M mixes: the first and last
+    eighth, and every third layer between.
+
+    Args:
+        layer: the layer's index.
+        layers: how many layers hold such a tensor.
+
+    Returns:
+        Whether ``layer`` is one of them.
+
+    Example: ``[i for i in range(8) if use_more_bits(i, 8)]   # [0, 3, 6, 7]``
+    """
+    return layer < layers // 8 or layer >= 7 * layers // 8 or (layer - layers // 8) % 3 == 2
+
+
+def tensor_types(kind: str, modules: dict[str, tuple[str, int | None, int]]) -> dict[str, str]:
+    """Each quantized module's GGML type under llama.cpp's mix for ``kind`` (llama-quant.cpp, llama family):
+    Q4_K_M and Q5_K_M raise attn_v and ffn_down to Q6_K in :func:`use_more_bits` layers; Q4_K_S raises the first
+    four attn_v and the first eighth of ffn_down to Q5_K; lm_head, where it is quantized, is Q6_K. A K-quant whose
+    super-blocks of 256 do not divide a module's input dimension falls back as llama.cpp's does (Q4_K → Q5_0,
+    Q5_K → Q5_1, Q6_K → Q8_0).
+
+    Args:
+        kind: a key of GGUF_TYPES.
+        modules: module → (its role kind, layer index, input dimension), in the checkpoint's order.
+
+    Returns:
+        Module → GGML type name.
+
+    Example: ``tensor_types("Q4_K_M", {"model.layers.0.self_attn.v_proj": ("attn_v", 0, 256)})   # {...: "Q6_K"}``
+    """
+    base = GGUF_TYPES[kind][1]
+    values = [module for module, (role, _, _) in modules.items() if role == "attn_v"]
+    layers = 1 + max((layer for _, layer, _ in modules.values() if layer is not None), default=0)
+    types = {}
+    for module, (role, layer, columns) in modules.items():
+        chosen = base
+        if role == "lm_head" and base in K_QUANTS:
+            chosen = "Q6_K"
+        elif role == "attn_v":
+            index = values.index(module)
+            if kind in ("Q4_K_M", "Q5_K_M") and use_more_bits(index, len(values)):
+                chosen = "Q6_K"
+            elif kind == "Q4_K_S" and index < 4:
+                chosen = "Q5_K"
+        elif role == "mlp_down" and layer is not None:
+            if kind in ("Q4_K_M", "Q5_K_M") and use_more_bits(layer, layers):
+                chosen = "Q6_K"
+            elif kind == "Q4_K_S" and layer < layers // 8:
+                chosen = "Q5_K"
+        if chosen in K_QUANTS and columns % 256:
+            chosen = K_FALLBACK[chosen]
+        types[module] = chosen
+    return types
 
 
 def check_source(config: dict, source: str) -> None:
@@ -107,7 +180,7 @@ def _encode_blocks(grid: Grid) -> np.ndarray:
 
 
 def quantize_weight(weight: torch.Tensor, bits: int, reference_only: bool,
-                    fit: Callable[[torch.Tensor, Scheme], Grid]) -> np.ndarray:
+                    fit: Callable[[torch.Tensor, Scheme], Grid], kind: str | None = None) -> np.ndarray:
     """One weight (already in llama.cpp's row order) → block bytes. ``reference_only`` (rtn): llama.cpp's reference
     quantizer. Otherwise per block the fitted grid or llama.cpp's, whichever is closer to the weight (Q4_0's
     reference uses the signed extreme, so all 16 levels, which a symmetric fit started from amax / 7.5 does not
@@ -118,6 +191,8 @@ def quantize_weight(weight: torch.Tensor, bits: int, reference_only: bool,
         bits: 4 (Q4_0) or 8 (Q8_0).
         reference_only: store llama.cpp's blocks as they are (the method is rtn).
         fit: ``fit(weight, scheme) → Grid``, the method's symmetric grid with group size 32.
+        kind: the GGML type (default: Q4_0 for 4 bits, Q8_0 for 8); K-quants (surgery/quantize/kquants.py) and
+            Q5_0 / Q5_1 are written by their rounding to nearest, whatever the method.
 
     Returns:
         (rows, blocks · bytes per block) uint8.
@@ -128,24 +203,29 @@ def quantize_weight(weight: torch.Tensor, bits: int, reference_only: bool,
     """
     import gguf
 
-    reference = gguf.quants.quantize(weight.float().numpy(), _quant_type(bits))
-    if reference_only:
+    kind = kind or gguf_type_of(bits, None)
+    if kind in K_QUANTS:
+        from surgery.quantize.kquants import quantize_k
+
+        return quantize_k(weight.float().numpy(), kind)
+    reference = gguf.quants.quantize(weight.float().numpy(), gguf.GGMLQuantizationType[kind])
+    if reference_only or kind not in ("Q4_0", "Q8_0"):
         return reference
     fitted = _encode_blocks(fit(weight.float(), Scheme(bits, BLOCK, True)))
     rows = weight.shape[0]
 
     def block_errors(data: np.ndarray) -> torch.Tensor:
-        return (_dequantize_bytes(data, bits) - weight).reshape(rows, -1, BLOCK).pow(2).sum(-1)
+        return (_dequantize_bytes(data, kind) - weight).reshape(rows, -1, BLOCK).pow(2).sum(-1)
 
     better = (block_errors(fitted) < block_errors(reference)).numpy()[..., None]
     chosen = np.where(better, fitted.reshape(rows, better.shape[1], -1), reference.reshape(rows, better.shape[1], -1))
     return np.ascontiguousarray(chosen.reshape(rows, -1))
 
 
-def _dequantize_bytes(data: np.ndarray, bits: int) -> torch.Tensor:
+def _dequantize_bytes(data: np.ndarray, kind: str) -> torch.Tensor:
     import gguf
 
-    return torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(data, _quant_type(bits))))
+    return torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(data, gguf.GGMLQuantizationType[kind])))
 
 
 # ------------------------------------------------------------------------------------------------- tokenizer
@@ -209,7 +289,7 @@ def _export_bpe_tokenizer(writer, files: dict[str, bytes], source: str) -> None:
 
 # ---------------------------------------------------------------------------------------------------- writer
 
-def write_gguf(path: Path, ckpt: Checkpoint, modules: set[str], bits: int, load: Callable[[str], object],
+def write_gguf(path: Path, ckpt: Checkpoint, modules: dict[str, str], kind: str, load: Callable[[str], object],
                name: str, progress: Callable[[int], None] = lambda nbytes: None) -> None:
     """Write ``ckpt`` as one GGUF file at ``path``: ``load(hf_name)`` gives each tensor, the block bytes of
     ``modules`` (names without ``.weight``; already in llama.cpp's row order) and float tensors otherwise. The header
@@ -219,8 +299,8 @@ def write_gguf(path: Path, ckpt: Checkpoint, modules: set[str], bits: int, load:
     Args:
         path: the .gguf file to write.
         ckpt: the source (config, tokenizer, tensor names and order).
-        modules: the quantized modules.
-        bits: 4 or 8.
+        modules: the quantized modules → their GGML type names.
+        kind: the file's quantization type (a key of GGUF_TYPES).
         load: ``load(hf_name)``: block bytes for ``modules``' weights, a float tensor otherwise.
         name: the model name recorded in the metadata.
         progress: called with the bytes of each tensor written.
@@ -230,7 +310,8 @@ def write_gguf(path: Path, ckpt: Checkpoint, modules: set[str], bits: int, load:
 
     Example::
 
-        write_gguf(Path("out/model-Q4_0.gguf"), ckpt, set(plan.modules), 4, quantizer, "smollm2")
+        write_gguf(Path("out/model-Q4_0.gguf"), ckpt, {"model.layers.0.mlp.up_proj": "Q4_0", ...}, "Q4_0",
+                   quantizer, "smollm2")
     """
     import gguf
 
@@ -257,7 +338,7 @@ def write_gguf(path: Path, ckpt: Checkpoint, modules: set[str], bits: int, load:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
     writer.add_vocab_size(config["vocab_size"])
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0 if bits == 4 else gguf.LlamaFileType.MOSTLY_Q8_0)
+    writer.add_file_type(gguf.LlamaFileType[f"MOSTLY_{kind}"])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     if ckpt.format == "gguf":
         _copy_gguf_tokenizer(writer, ckpt.path)
@@ -282,7 +363,8 @@ def write_gguf(path: Path, ckpt: Checkpoint, modules: set[str], bits: int, load:
     produced = {}
     for hf_name, gguf_name in order:  # quantize once; keep only the bytes of quantized tensors (small)
         data = produce(hf_name)
-        raw = _quant_type(bits) if hf_name.removesuffix(".weight") in modules else None
+        module = hf_name.removesuffix(".weight")
+        raw = gguf.GGMLQuantizationType[modules[module]] if module in modules else None
         writer.add_tensor_info(gguf_name, data.shape, data.dtype, data.nbytes, raw_dtype=raw)
         produced[hf_name] = data if raw is not None else None
     writer.write_header_to_file()
@@ -304,9 +386,12 @@ def _heads(config: dict) -> tuple[int, int]:
 
 
 class GGUF(QuantFormat):
-    """Q4_0 / Q8_0 blocks of 32 (symmetric, float16 scales) in one ``model-Q4_0.gguf`` / ``model-Q8_0.gguf``."""
+    """One ``model-<type>.gguf``: Q4_0 / Q8_0 blocks of 32 (symmetric, float16 scales) by --bits, or the
+    ``--gguf-type`` mix (K-quants in super-blocks of 256)."""
 
     name = "gguf"
+    bits = (4, 5, 6, 8)
+    options = ("gguf_type",)
     schemes = ("sym",)
     default_group_size = BLOCK
     model_types = SUPPORTED_MODEL_TYPES
@@ -336,15 +421,46 @@ class GGUF(QuantFormat):
                                f"(--ignore this module)")
         return {module: BLOCK for module in inputs}
 
+    def resolve_bits(self, bits: int | None, options: dict) -> int | None:
+        kind = options.get("gguf_type")
+        if kind is None:
+            if bits is not None and bits not in (4, 8):
+                raise BadInput(f"--format gguf --bits {bits}: --bits writes Q4_0 or Q8_0; --gguf-type Q5_K_M or "
+                               f"Q6_K writes {bits} bits")
+            return bits
+        if kind not in GGUF_TYPES:
+            raise BadInput(f"--gguf-type {kind!r}: expected {', '.join(GGUF_TYPES)}")
+        if bits is not None and bits != GGUF_TYPES[kind][0]:
+            raise BadInput(f"--gguf-type {kind} --bits {bits}: {kind} is {GGUF_TYPES[kind][0]}-bit")
+        return GGUF_TYPES[kind][0]
+
+    def prepare(self, ckpt: Checkpoint, plan: Plan) -> None:
+        """The file's type and each module's (llama.cpp's mix: :func:`tensor_types`), from the module roles."""
+        from surgery.arch import Architecture
+
+        arch = Architecture.from_config(ckpt.config)
+        kind = gguf_type_of(plan.bits, plan.options.get("gguf_type"))
+        roles = {}
+        for module, info in plan.modules.items():
+            role = arch.role(info.name)
+            roles[module] = (role.kind, role.layer, info.shape[1])
+        plan.extra.update(gguf_type=kind, ggml_types=tensor_types(kind, roles))
+
     def specs(self, module: str, shape: tuple[int, int], scheme: Scheme, dtype: torch.dtype) -> list[TensorInfo]:
+        raise NotImplementedError("GGUF lays out each module by its GGML type: see module_specs")
+
+    def module_specs(self, plan: Plan, module: str, shape: tuple[int, ...]) -> list[TensorInfo]:
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
         out, inp = shape
-        return [TensorInfo(f"{module}.weight", torch.uint8, (out, inp // BLOCK * (18 if scheme.bits == 4 else 34)))]
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType[plan.extra["ggml_types"][module]]]
+        return [TensorInfo(f"{module}.weight", torch.uint8, (out, inp // block * size))]
 
     def encode(self, plan: Plan, module: str, weight: torch.Tensor, fit: Fit, method) -> Encoded:
         """In llama.cpp's row order. A method whose grids were computed beforehand (selfcal: GPTQ trades weight
         error for output error) is stored as it is; otherwise :func:`quantize_weight` (rtn: llama.cpp's own)."""
         heads, kv_heads = _heads(plan.config)
-        scheme = plan.schemes[module]
+        scheme, kind = plan.schemes[module], plan.extra["ggml_types"][module]
         laid = _llama_cpp_rows(module, weight, heads, kv_heads)
         if method.precomputed:
             grid = fit(module, weight, scheme)
@@ -353,23 +469,26 @@ class GGUF(QuantFormat):
             data = _encode_blocks(grid)
         else:
             data = quantize_weight(laid, scheme.bits, method.reference_rounding,
-                                   lambda w, grid_scheme: fit(module, w, grid_scheme))
-        return Encoded({"weight": data}, laid, _dequantize_bytes(data, scheme.bits))
+                                   lambda w, grid_scheme: fit(module, w, grid_scheme), kind)
+        return Encoded({"weight": data}, laid, _dequantize_bytes(data, kind))
 
     def quantization_config(self, schemes: dict[str, Scheme], scheme: Scheme, ignore: list[str],
                             dtype: torch.dtype, fallbacks: dict[int, list[str]]) -> None:
         return None  # the GGUF metadata says it (file type, tensor types)
 
     def plan_extra(self, plan: Plan) -> dict:
-        return {"gguf_file": file_name(plan.bits)}
+        types: dict[str, int] = {}
+        for kind in plan.extra["ggml_types"].values():
+            types[kind] = types.get(kind, 0) + 1
+        return {"gguf_file": file_name(plan.extra["gguf_type"]), "gguf_tensor_types": dict(sorted(types.items()))}
 
     def write(self, output, ckpt: Checkpoint, plan: Plan, load, files, *, max_shard_size, force,
               progress) -> Written:
         """One GGUF file beside the manifest and card, in one atomic directory."""
-        name = file_name(plan.bits)
+        name = file_name(plan.extra["gguf_type"])
         with atomic_directory(output, force=force, check=lambda staging: check_gguf(staging / name)) as staging:
-            write_gguf(staging / name, ckpt, set(plan.modules), plan.bits, load, Path(str(ckpt.source)).name,
-                       progress)
+            write_gguf(staging / name, ckpt, plan.extra["ggml_types"], plan.extra["gguf_type"], load,
+                       Path(str(ckpt.source)).name, progress)
             for file, content in files().items():
                 (staging / file).write_bytes(content)
             total = (staging / name).stat().st_size
@@ -396,16 +515,16 @@ class GGUF(QuantFormat):
         return ckpt.format == "gguf" and (ckpt.config or {}).get("model_type") in self.model_types
 
     def stored_scheme(self, ckpt: Checkpoint) -> Scheme:
-        kinds = set(self._types(ckpt).values())
-        bits = 4 if "Q4_0" in kinds else 8 if "Q8_0" in kinds else None
-        if bits is None:
-            raise BadInput(f"{ckpt.source}: a GGUF file without Q4_0 or Q8_0 tensors (not an output of "
+        """The bits of the most common quantized type (for the report; each tensor decodes by its own type)."""
+        kinds = [kind for kind in self._types(ckpt).values() if kind in WRITTEN_TYPES]
+        if not kinds:
+            raise BadInput(f"{ckpt.source}: a GGUF file without {', '.join(WRITTEN_TYPES)} tensors (not an output of "
                            f"`surgery quantize --format gguf`)")
-        return Scheme(bits, BLOCK, True)
+        return Scheme(WRITTEN_TYPES[max(set(kinds), key=kinds.count)], BLOCK, True)
 
     def quantized_modules(self, ckpt: Checkpoint) -> list[str]:
         return [name.removesuffix(".weight") for name, kind in self._types(ckpt).items()
-                if kind in ("Q4_0", "Q8_0") and name.endswith(".weight")]
+                if kind in WRITTEN_TYPES and name.endswith(".weight")]
 
     def decoded_weight(self, ckpt: Checkpoint, module: str) -> torch.Tensor:
         """gguf.quants.dequantize through surgery's reader, in transformers' row order."""
