@@ -13,10 +13,9 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from conftest import make_family_model, make_tiny_model, run_surgery, save_tokenizer
-from test_families import decoded_reference
+from test_families import decoded_reference, tensors_of as tensors_in
 
 PRESETS = ["W4A16", "W4A16_ASYM", "W8A16", "FP8_DYNAMIC", "FP8_BLOCK", "NVFP4A16", "MXFP4A16"]
 FP8_ACTIVATIONS = {"FP8_DYNAMIC": None, "FP8_BLOCK": 128}  # activation group (None: the whole token)
@@ -42,14 +41,6 @@ def outputs(source, tmp_path_factory):
         assert done.returncode == 0, done.stderr
         paths[preset] = root / preset
     return paths
-
-
-def tensors_in(directory) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for path in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as handle:
-            tensors.update({name: handle.get_tensor(name) for name in handle.keys()})
-    return tensors
 
 
 def model_logits(directory, hooks: dict | None = None, **kwargs) -> torch.Tensor:
