@@ -19,7 +19,7 @@ tensor at a time, into a format stock loaders read: compressed-tensors pack-quan
 compressed-tensors), its float formats by preset name (--preset FP8_DYNAMIC: FP8 E4M3 weights per output channel;
 FP8_BLOCK: per 128x128 block; both with FP8 activations the loader quantizes at run time; NVFP4A16: FP4 E2M1 with
 FP8 scales per 16 and one global scale, shared by q/k/v and by gate/up; MXFP4A16: FP4 with power-of-two scales per
-32; all rtn), GPTQ v1 (no MoE experts), GGUF (llama family; one .gguf file, Q4_0 or Q8_0 blocks of 32, read by llama.cpp and transformers;
+32; all rtn), GPTQ v1 (no MoE experts), GGUF (llama family; one .gguf file, Q4_0 or Q8_0 blocks of 32, or --gguf-type K-quant mixes, read by llama.cpp and transformers;
 symmetric only), or mxfp4: gpt-oss's 3-D expert tensors in its own MXFP4 layout (FP4 E2M1 in blocks of 32, one
 E8M0 scale each; rtn only; attention and the rest kept), which transformers and vLLM load (the other formats leave
 those tensors in full precision, with a warning). An MXFP4 gpt-oss input is read decoded. Methods: rtn (round to nearest), hqq (half-quadratic refinement of the scales, and integer zero
