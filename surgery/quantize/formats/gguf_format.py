@@ -446,9 +446,6 @@ class GGUF(QuantFormat):
             roles[module] = (role.kind, role.layer, info.shape[1])
         plan.extra.update(gguf_type=kind, ggml_types=tensor_types(kind, roles))
 
-    def specs(self, module: str, shape: tuple[int, int], scheme: Scheme, dtype: torch.dtype) -> list[TensorInfo]:
-        raise NotImplementedError("GGUF lays out each module by its GGML type: see module_specs")
-
     def module_specs(self, plan: Plan, module: str, shape: tuple[int, ...]) -> list[TensorInfo]:
         from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
