@@ -1,5 +1,5 @@
-"""GGUF K-quants (``--gguf-type Q4_K_M | Q5_K_M | Q6_K | Q4_K_S``): numpy blocks decoded by the gguf package within
-half a step of the scales this test unpacks itself, llama.cpp's per-tensor mix (the rule restated here), its
+"""GGUF K-quants (``--gguf-type Q4_K_M | Q5_K_M | Q6_K | Q4_K_S``): blocks decoded by the gguf package to the
+nearest level of the scales this test unpacks itself, closer than min/max rounding with fp16 scales, llama.cpp's per-tensor mix (the rule restated here), its
 fallbacks where 256 does not divide a row, and the file loaded by transformers' GGUF loader with the logits of the
 weights surgery's reader decodes."""
 
@@ -42,8 +42,8 @@ def scales_and_mins(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sc, mn
 
 
-@pytest.mark.parametrize("kind, levels, baseline", [("Q4_K", 15, "Q4_0"), ("Q5_K", 31, "Q5_0"), ("Q6_K", 63, "Q8_0")])
-def test_k_blocks_decode_within_half_a_step_of_their_own_scales(kind, levels, baseline):
+@pytest.mark.parametrize("kind, levels, baseline", [("Q4_K", 15, "Q4_1"), ("Q5_K", 31, "Q5_1"), ("Q6_K", 63, None)])
+def test_k_blocks_decode_to_the_nearest_level_of_their_own_scales(kind, levels, baseline):
     import gguf
 
     from surgery.quantize.kquants import quantize_k
@@ -55,22 +55,26 @@ def test_k_blocks_decode_within_half_a_step_of_their_own_scales(kind, levels, ba
     if kind == "Q6_K":
         d = blocks[:, 208:210].copy().view(np.float16).astype(np.float64)
         sc = blocks[:, 192:208].copy().view(np.int8).astype(np.float64)
-        step = np.repeat(np.abs(d * sc), 16, axis=1)
+        step, offset, size = d * sc, 32 * d * sc, 16
     else:
         d = blocks[:, 0:2].copy().view(np.float16).astype(np.float64)
-        sc, _ = scales_and_mins(blocks)
-        step = np.repeat(d * sc, 32, axis=1)
-    error = np.abs(decoded.reshape(-1, 256) - weight.reshape(-1, 256))
-    # within half a step wherever the value lies inside its sub-block's stored range
-    inside = error <= step / 2 + 1e-6 + 1e-3 * np.abs(weight.reshape(-1, 256))
-    assert inside.mean() > 0.995, (kind, inside.mean())
+        dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float64)
+        sc, mn = scales_and_mins(blocks)
+        step, offset, size = d * sc, dmin * mn, 32
+    # every level of every sub-block, from the parameters unpacked here: step·k − offset, k = 0..levels
+    grid = step.reshape(-1, 1, 1) * np.arange(levels + 1) - offset.reshape(-1, 1, 1)
+    sub = weight.reshape(-1, size, 1).astype(np.float64)
+    nearest = np.abs(sub - grid).min(axis=-1).reshape(weight.shape)
+    error = np.abs(decoded - weight)
+    assert np.all(error <= nearest + 1e-6 + 1e-3 * np.abs(weight)), (kind, float((error - nearest).max()))
     assert np.all(decoded[0] == 0) and np.allclose(decoded[1, :256], 0.3, rtol=2e-2)
     relative = np.linalg.norm(decoded - weight) / np.linalg.norm(weight)
-    reference = gguf.quants.dequantize(gguf.quants.quantize(weight, gguf.GGMLQuantizationType[baseline]),
-                                       gguf.GGMLQuantizationType[baseline])
-    if kind != "Q6_K":  # a K-quant beats the 32-block type of its own bits
+    if baseline:  # with 6-bit scales, it still beats min/max rounding with fp16 scales per 32 (llama.cpp's search;
+        # plain min/max does not: 0.0767 against Q4_1's 0.0762 on these weights)
+        reference = gguf.quants.dequantize(gguf.quants.quantize(weight, gguf.GGMLQuantizationType[baseline]),
+                                           gguf.GGMLQuantizationType[baseline])
         assert relative < np.linalg.norm(reference - weight) / np.linalg.norm(weight)
-    assert relative < {"Q4_K": 0.12, "Q5_K": 0.06, "Q6_K": 0.03}[kind]
+    assert relative < {"Q4_K": 0.07, "Q5_K": 0.034, "Q6_K": 0.0202}[kind]
 
 
 @pytest.fixture(scope="module")

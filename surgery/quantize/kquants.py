@@ -7,14 +7,22 @@ them)::
 A super-block holds 256 weights. Q4_K / Q5_K: 8 sub-blocks of 32, each x = d·sc·q − dmin·m with q 4 or 5 bits
 unsigned and the sub-block's scale sc and min m 6-bit integers under the block's fp16 d and dmin (packed in 12
 bytes as llama.cpp's get_scale_min_k4 reads them). Q6_K: 16 sub-blocks of 16, x = d·sc·(q − 32) with q 6 bits
-and sc an int8. Rounding is to nearest: per sub-block the range [min(x, 0), max(x)] (Q4_K, Q5_K) or the signed
-extreme mapped to −32 (Q6_K), its scale and min then rounded to the block's 6- or 8-bit grid, and the values to
-the grid those rounded numbers make, so each weight errs at most half a step of the scale it is stored with.
+and sc an int8.
+
+Each sub-block's scale (and min) is searched as llama.cpp's reference quantizer does (make_qkx2_quants for Q4_K /
+Q5_K, make_qx_quants for Q6_K), with fewer candidates: a few reciprocal scales around levels / range, for each the
+values they round to and the weighted least-squares scale (and min) for those values, the least weighted error
+winning. Then the scales and mins are rounded to the block's 6- or 8-bit grid and every value to the nearest level
+of the grid those rounded numbers make. On heavy-tailed 1024 × 4096 weights (one core) this lowers the relative
+error from plain min/max by 6.5 % (Q4_K: 0.0985 → 0.0921), 3.7 % (Q5_K) and 2.5 % (Q6_K), about nine tenths of
+what llama.cpp's full candidate lists gain, at 45-55 M weights/s against 15-20 M/s for the full lists
+(``python benchmarks/kquant_bench.py``).
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 QK_K = 256
 BYTES = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
@@ -24,12 +32,66 @@ def _fp16(values: np.ndarray) -> np.ndarray:
     return values.astype(np.float16).astype(np.float32)
 
 
+# (rmin, rdelta, steps) of the reciprocal scales tried per sub-block: (levels + rmin + rdelta·i) / range, i = 0..steps.
+# llama.cpp's make_qkx2_quants tries 21 (Q4_K: −1, 0.1, 20) and 16 (Q5_K: −0.5, 0.1, 15); the same span in 4 steps
+# keeps nine tenths of the error it gains over plain min/max at a fifth of the cost (see the module docstring).
+SEARCH = {15: (-1.0, 2 / 3, 3), 31: (-0.5, 0.5, 3)}
+SEARCH_CHUNK = 8192
+
+
+def _searched_scales_and_mins(sub: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per sub-block (rows of ``sub``) the scale and (positive) min of x ≈ scale·q − min, q ∈ [0, levels], as
+    llama.cpp's make_qkx2_quants finds them: weights w = rms(x) + |x|; for each reciprocal scale of :data:`SEARCH`
+    the values q it rounds to and the weighted least-squares scale and min for them (the min kept ≥ 0); the
+    candidate with the least Σ w (scale·q − min − x)² wins. In torch, a chunk of sub-blocks at a time (it stays in
+    cache; numpy's temporaries made this three times slower)."""
+    scales, mins = np.empty(len(sub), np.float32), np.empty(len(sub), np.float32)
+    for start in range(0, len(sub), SEARCH_CHUNK):
+        chunk = torch.from_numpy(sub[start:start + SEARCH_CHUNK])
+        scale, minimum = _search_chunk(chunk, levels)
+        scales[start:start + len(chunk)], mins[start:start + len(chunk)] = scale.numpy(), minimum.numpy()
+    return scales, mins
+
+
+def _search_chunk(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    weight = (x * x).mean(-1, keepdim=True).sqrt_() + x.abs()
+    low = x.amin(-1).clamp_(max=0.0)
+    span = x.amax(-1) - low
+    flat = span <= 0
+    span = torch.where(flat, 1.0, span)
+    weighted = weight * x
+    sum_w, sum_x, sum_xx = weight.sum(-1), weighted.sum(-1), (weighted * x).sum(-1)
+    shifted = x - low[:, None]
+    rmin, rdelta, steps = SEARCH[levels]
+    best_error = torch.full_like(sum_w, float("inf"))
+    best_scale, best_offset = span / levels, low  # plain min/max where no fit is solvable; offset = −min
+    for step in range(steps + 1):
+        reciprocal = (levels + rmin + rdelta * step) / span
+        q = torch.round(shifted * reciprocal[:, None]).clamp_(0, levels)
+        wq = weight * q
+        sum_q, sum_qq, sum_xq = wq.sum(-1), (wq * q).sum(-1), (wq * x).sum(-1)
+        det = sum_w * sum_qq - sum_q * sum_q
+        solvable = det > 0
+        safe = torch.where(solvable, det, 1.0)
+        scale = (sum_w * sum_xq - sum_x * sum_q) / safe
+        offset = (sum_qq * sum_x - sum_q * sum_xq) / safe
+        positive = offset > 0  # llama.cpp keeps the offset ≤ 0 and refits the scale alone
+        scale = torch.where(positive, sum_xq / sum_qq.clamp_min(1e-30), scale)
+        offset = torch.where(positive, 0.0, offset)
+        scale, offset = torch.where(solvable, scale, best_scale), torch.where(solvable, offset, best_offset)
+        # Σ w (s·q + o − x)², expanded over the sums
+        error = (scale * scale * sum_qq + offset * offset * sum_w + sum_xx + 2 * scale * offset * sum_q
+                 - 2 * scale * sum_xq - 2 * offset * sum_x)
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        best_scale, best_offset = torch.where(better, scale, best_scale), torch.where(better, offset, best_offset)
+    return torch.where(flat, 0.0, best_scale), -torch.where(flat, low, best_offset)
+
+
 def _scales_and_mins(blocks: np.ndarray, levels: int) -> tuple[np.ndarray, ...]:
     """Per super-block d, dmin (fp16 values) and the 6-bit sc, m of its 8 sub-blocks of 32."""
-    sub = blocks.reshape(len(blocks), 8, 32)
-    low = np.minimum(sub.min(axis=-1), 0.0)
-    high = np.maximum(sub.max(axis=-1), low)
-    scale, minimum = (high - low) / levels, -low
+    scale, minimum = _searched_scales_and_mins(blocks.reshape(-1, 32), levels)
+    scale, minimum = scale.reshape(len(blocks), 8), minimum.reshape(len(blocks), 8)
     d, dmin = _fp16(scale.max(axis=-1) / 63), _fp16(minimum.max(axis=-1) / 63)
     safe_d, safe_dmin = np.where(d > 0, d, 1.0)[:, None], np.where(dmin > 0, dmin, 1.0)[:, None]
     sc = np.clip(np.rint(scale / safe_d), 0, 63).astype(np.uint8)
@@ -48,11 +110,12 @@ def _pack_scales(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
 
 
 def _unsigned_values(blocks, d, dmin, sc, m, levels):
-    step = (d[:, None] * sc).reshape(len(blocks), 8, 1)
-    offset = (dmin[:, None] * m).reshape(len(blocks), 8, 1)
-    safe = np.where(step > 0, step, 1.0)
-    q = np.rint((blocks.reshape(len(blocks), 8, 32) + offset) / safe)
-    return np.where(step > 0, np.clip(q, 0, levels), 0).astype(np.uint8).reshape(len(blocks), QK_K)
+    """q = round((x + dmin·m) / (d·sc)) on [0, levels] per sub-block of 32 (0 where the step is 0)."""
+    step = torch.from_numpy((d[:, None] * sc).reshape(len(blocks), 8, 1))
+    offset = torch.from_numpy((dmin[:, None] * m).reshape(len(blocks), 8, 1))
+    q = torch.from_numpy(blocks).reshape(len(blocks), 8, 32).add(offset).div_(torch.where(step > 0, step, 1.0))
+    q = q.round_().clamp_(0, levels).mul_(step > 0)
+    return q.to(torch.uint8).numpy().reshape(len(blocks), QK_K)
 
 
 def _q4_k(blocks: np.ndarray) -> np.ndarray:
@@ -77,11 +140,43 @@ def _q5_k(blocks: np.ndarray) -> np.ndarray:
                           axis=1)
 
 
+# Q6_K: the tenths of a level added to 32 in the reciprocal scales tried (llama.cpp's make_qx_quants tries
+# −9..9; these three keep nine tenths of its gain).
+SIGNED_SEARCH = (-6, 0, 6)
+
+
+def _searched_signed_scales(sub: np.ndarray) -> np.ndarray:
+    """Per sub-block of 16 the scale of x ≈ scale·q, q ∈ [−32, 31], as llama.cpp's make_qx_quants (rmse_type 1)
+    finds it: for each reciprocal −(32 + t/10)/extreme of :data:`SIGNED_SEARCH` (extreme: the signed value of
+    largest |x|, so it lands near −32) the values q it rounds to and the least-squares scale for them under
+    weights x²; the candidate explaining most of Σ x² (max (Σ w x q)² / Σ w q²) wins."""
+    scales = np.empty(len(sub), np.float32)
+    for start in range(0, len(sub), 2 * SEARCH_CHUNK):
+        chunk = sub[start:start + 2 * SEARCH_CHUNK]
+        scales[start:start + len(chunk)] = _signed_search_chunk(torch.from_numpy(chunk))
+    return scales
+
+
+def _signed_search_chunk(x: torch.Tensor) -> np.ndarray:
+    extreme = x.gather(1, x.abs().argmax(-1, keepdim=True)).squeeze(1)
+    safe = torch.where(extreme != 0, extreme, 1.0)
+    weight = x * x
+    best_score, best_scale = torch.full_like(extreme, -1.0), extreme / -32.0
+    for tenths in SIGNED_SEARCH:
+        q = torch.round(x * (-(32 + tenths / 10) / safe)[:, None]).clamp_(-32, 31)
+        wq = weight * q
+        sum_xq, sum_qq = (wq * x).sum(-1), (wq * q).sum(-1)
+        score = torch.where(sum_qq > 0, sum_xq * sum_xq / sum_qq.clamp_min(1e-30), -1.0)
+        better = score > best_score
+        best_score = torch.where(better, score, best_score)
+        best_scale = torch.where(better, sum_xq / sum_qq.clamp_min(1e-30), best_scale)
+    return torch.where(extreme != 0, best_scale, 0.0).numpy()
+
+
 def _q6_k(blocks: np.ndarray) -> np.ndarray:
     n = len(blocks)
     sub = blocks.reshape(n, 16, 16)
-    extreme = np.take_along_axis(sub, np.abs(sub).argmax(axis=-1)[..., None], axis=-1)[..., 0]
-    scale = extreme / -32.0  # the signed extreme lands on −32, so all 64 levels are used
+    scale = _searched_signed_scales(blocks.reshape(-1, 16)).reshape(n, 16)
     peak = np.take_along_axis(scale, np.abs(scale).argmax(axis=-1)[:, None], axis=-1)[:, 0]
     d = _fp16(peak / -128.0)
     safe_d = np.where(d != 0, d, 1.0)[:, None]
