@@ -362,3 +362,49 @@ def save_deepseek_fp8(source: Path, destination: Path, block: int = 128) -> Path
                                      "weight_block_size": [block, block]}
     (destination / "config.json").write_text(json.dumps(config, indent=2))
     return destination
+
+
+AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ's pack order: field k of a word holds column AWQ_ORDER[k] of eight
+
+
+def awq_words(values):
+    """AutoAWQ's packing, restated: (rows, out) unsigned 4-bit numpy values → int32 (rows, out/8)."""
+    import numpy as np
+
+    eight = values.astype(np.uint64).reshape(values.shape[0], -1, 8)
+    words = sum(eight[..., AWQ_ORDER[k]] << np.uint64(4 * k) for k in range(8))
+    return words.astype(np.uint32).view(np.int32)
+
+
+def save_awq(source: Path, destination: Path, group: int = 32, seed: int = 0) -> dict:
+    """``source`` (a saved one-file model) with every decoder Linear as random AutoAWQ GEMM tensors (written here,
+    not by surgery); returns their decoded weights (out, in) as float32 numpy arrays."""
+    import json
+    import shutil
+
+    import numpy as np
+    from safetensors.torch import load_file, save_file
+
+    rng = np.random.default_rng(seed)
+    tensors, weights = load_file(str(source / "model.safetensors")), {}
+    for name in [name for name in tensors if ".layers." in name and name.endswith("_proj.weight")]:
+        module = name.removesuffix(".weight")
+        out, inp = tensors.pop(name).shape
+        q = rng.integers(0, 16, (inp, out))
+        zero = rng.integers(0, 16, (inp // group, out))
+        scale = (rng.uniform(0.5, 1.5, (inp // group, out)) * 0.01).astype(np.float16)
+        tensors.update({f"{module}.qweight": torch.from_numpy(awq_words(q)),
+                        f"{module}.qzeros": torch.from_numpy(awq_words(zero)),
+                        f"{module}.scales": torch.from_numpy(scale)})
+        rows = np.arange(inp) // group
+        weights[name] = ((q - zero[rows]) * scale[rows].astype(np.float32)).T
+    destination.mkdir()
+    for path in source.iterdir():
+        if path.suffix != ".safetensors":
+            shutil.copy(path, destination / path.name)
+    config = json.loads((source / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True,
+                                     "version": "gemm", "modules_to_not_convert": None}
+    (destination / "config.json").write_text(json.dumps(config))
+    save_file(tensors, str(destination / "model.safetensors"), metadata={"format": "pt"})
+    return weights

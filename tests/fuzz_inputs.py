@@ -23,7 +23,7 @@ Families, each generated from its own fixed seed (``random.Random(SEEDS[family])
 - ``moe``: mergekit-moe YAML (field types and ranges, experts and their prompts, anchors, nesting) → ``moe F -o OUT``;
 - ``mxfp4``: a gpt-oss MXFP4 checkpoint whose ``_blocks`` / ``_scales`` pairs (missing, shapes, dtypes, NaN and
   overflowing E8M0 scales) or quantization_config are wrong → ``inspect``, ``quantize``, ``merge`` with a bf16 one;
-- ``quantized``: a tiny llama as compressed-tensors (asymmetric int4), FP8_DYNAMIC, NVFP4A16, GPTQ and
+- ``quantized``: a tiny llama as compressed-tensors (asymmetric int4), FP8_DYNAMIC, NVFP4A16, GPTQ, AutoAWQ GEMM and
   DeepSeek-V3 FP8, two modules' stored tensors (missing, a row short, dtypes, NaN scales, another module's, random
   bits) or the quantization_config wrong → ``convert``, which reads every tensor decoded.
 
@@ -1021,7 +1021,7 @@ def mxfp4_cases(root: Path, sources: "Sources", rng: random.Random) -> list[Case
 
 # ---- quantized inputs (read decoded by surgery/io/quantized_input.py)
 
-QUANTIZED_INPUTS = ("compressed-tensors", "fp8-dynamic", "nvfp4a16", "gptq", "deepseek-fp8")
+QUANTIZED_INPUTS = ("compressed-tensors", "fp8-dynamic", "nvfp4a16", "gptq", "deepseek-fp8", "awq")
 
 
 def quantized_mutations(tensors: dict, config: dict, rng: random.Random) -> Iterator[tuple[Mutation, dict, dict]]:
@@ -1281,11 +1281,14 @@ def build_sources(root: Path, llama: Path | None = None, sharded: Path | None = 
 
 
 def make_quantized(root: Path, llama: Path) -> dict[str, Path]:
-    """The tiny llama in each of QUANTIZED_INPUTS (NVFP4A16 from a bfloat16 copy, which it needs)."""
-    from conftest import run_surgery, save_deepseek_fp8
+    """The tiny llama in each of QUANTIZED_INPUTS (NVFP4A16 from a bfloat16 copy, which it needs; deepseek-fp8 and
+    awq written by conftest's restatements of their layouts)."""
+    from conftest import run_surgery, save_awq, save_deepseek_fp8
 
     assert run_surgery("convert", llama, "-o", root / "llama-bf16", "--dtype", "bfloat16").returncode == 0
     made = {"deepseek-fp8": save_deepseek_fp8(llama, root / "deepseek-fp8", block=32)}
+    save_awq(llama, root / "awq")
+    made["awq"] = root / "awq"
     for kind, source, options in (("compressed-tensors", llama, ["--scheme", "asym", "--group-size", "32"]),
                                   ("fp8-dynamic", llama, ["--preset", "FP8_DYNAMIC"]),
                                   ("nvfp4a16", root / "llama-bf16", ["--preset", "NVFP4A16"]),

@@ -3,7 +3,8 @@
 compressed-tensors outputs (each preset), GPTQ (v1, act-order ``g_idx``, v2) and DeepSeek-V3's FP8 layout (written
 here from its formula) go through ``surgery convert`` to a plain model, whose logits must equal those transformers
 computes loading the quantized checkpoint itself (its own decoders: compressed-tensors', FineGrainedFP8's); GPTQ's
-act-order and v2 variants are checked against a decode written here. ``quantize`` and ``merge`` read them decoded.
+act-order and v2 variants, and AutoAWQ's GEMM layout (packed here in its interleaved order), are checked against a
+decode written here. ``quantize`` and ``merge`` read them decoded.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import make_tiny_model, run_surgery, save_deepseek_fp8, save_tokenizer
+from conftest import awq_words, make_tiny_model, run_surgery, save_awq, save_deepseek_fp8, save_tokenizer
 from test_quantize import unpack_lsb_first
 
 TOKENS = torch.tensor([[1, 5, 9, 13, 40, 77, 3, 99]])
@@ -141,7 +142,7 @@ def test_gptq_act_order_and_v2_inputs_decode_by_their_g_idx_and_zero_points(vari
         np.testing.assert_array_equal(got, torch.from_numpy(want.astype(np.float32)).to(torch.bfloat16).float())
 
 
-@pytest.mark.parametrize("quantization", [None, {"quant_method": "awq", "bits": 4}])
+@pytest.mark.parametrize("quantization", [None, {"quant_method": "bitsandbytes", "load_in_4bit": True}])
 def test_quantized_tensors_no_reader_decodes_are_refused_not_copied(quantization, source, tmp_path):
     deepseek = save_deepseek_fp8(source, tmp_path / "deepseek-fp8")
     config = json.loads((deepseek / "config.json").read_text())
@@ -154,3 +155,41 @@ def test_quantized_tensors_no_reader_decodes_are_refused_not_copied(quantization
         done = run_surgery(*command)
         assert done.returncode == 2 and "is quantized, but its config.json's quantization_config" in done.stderr
         assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def autoawq_unpack(words: np.ndarray) -> np.ndarray:
+    """AutoAWQ's unpack_awq + reverse_awq_order (AWQ_REVERSE_ORDER = [0, 4, 1, 5, 2, 6, 3, 7]), restated."""
+    fields = ((words.view(np.uint32)[:, :, None] >> np.arange(0, 32, 4, dtype=np.uint32)) & 15).reshape(len(words), -1)
+    return fields[:, np.arange(fields.shape[1]).reshape(-1, 8)[:, [0, 4, 1, 5, 2, 6, 3, 7]].reshape(-1)]
+
+
+def test_awq_gemm_inputs_decode_in_its_interleaved_column_order(source, tmp_path):
+    values = np.random.default_rng(1).integers(0, 16, (3, 64))
+    assert np.array_equal(autoawq_unpack(awq_words(values)), values)  # the packing here is the one AutoAWQ reads
+    weights = save_awq(source, tmp_path / "awq")
+    plain = tensors_in(converted(tmp_path / "awq", tmp_path / "plain"))
+    assert plain.keys() == tensors_in(source).keys()
+    for name, want in weights.items():
+        assert torch.equal(plain[name], torch.from_numpy(want.astype(np.float32)).to(torch.bfloat16)), name
+    # quantize and merge read it decoded, as from the plain model
+    for target, origin in (("q-from-awq", tmp_path / "awq"), ("q-from-plain", tmp_path / "plain")):
+        assert run_surgery("quantize", origin, "-o", tmp_path / target, "--preset", "W4A16").returncode == 0
+    from_awq, from_plain = tensors_in(tmp_path / "q-from-awq"), tensors_in(tmp_path / "q-from-plain")
+    assert from_awq.keys() == from_plain.keys() and all(torch.equal(from_awq[n], from_plain[n]) for n in from_awq)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"version": "gemv"}, "version 'gemv'"), ({"bits": 3}, "bits 3"), ({"zero_point": False}, "zero_point False")])
+def test_awq_layouts_not_read_are_refused_in_one_line(change, message, source, tmp_path):
+    save_awq(source, tmp_path / "awq")
+    config = json.loads((tmp_path / "awq" / "config.json").read_text())
+    config["quantization_config"].update(change)
+    (tmp_path / "awq" / "config.json").write_text(json.dumps(config))
+    done = run_surgery("convert", tmp_path / "awq", "-o", tmp_path / "out")
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_awq_is_not_an_output_format(source, tmp_path):
+    done = run_surgery("quantize", source, "-o", tmp_path / "out", "--format", "awq")
+    assert done.returncode == 2 and "--format 'awq'" in done.stderr and "awq" not in done.stderr.split("expected")[1]

@@ -1,8 +1,8 @@
 """Quantized checkpoints read as the model they stand for: compressed-tensors (pack-quantized integers,
 float-quantized FP8 per tensor, channel or block, NVFP4 and MXFP4 pack-quantized), DeepSeek-V3-style FP8
-(``quant_method: fp8``, ``weight_scale_inv`` per 128×128 block: DeepSeek-V3/R1, Qwen3-FP8) and GPTQ (v1 and v2,
-act-order ``g_idx`` included). Each quantized module is one ``<module>.weight`` in the config's dtype (bfloat16
-unless it names float32 or float16), decoded by the format that reads it (surgery/quantize/formats) when it is read;
+(``quant_method: fp8``, ``weight_scale_inv`` per 128×128 block: DeepSeek-V3/R1, Qwen3-FP8), GPTQ (v1 and v2,
+act-order ``g_idx`` included) and AutoAWQ's GEMM layout. Each quantized module is one ``<module>.weight`` in the
+config's dtype (bfloat16 unless it names float32 or float16), decoded by the format that reads it (surgery/quantize/formats) when it is read;
 the stored side tensors (packed values, scales, zero points, activation scales) are not listed, and the config
 loses its ``quantization_config``. So merge, quantize, moe and convert take such checkpoints as they are
 published::
@@ -55,7 +55,7 @@ def input_format(ckpt: Checkpoint):
             method = quantization.get("quant_method") if isinstance(quantization, dict) else None
             raise BadInput(f"{ckpt.source}: tensor {quantized!r} is quantized, but its config.json's "
                            f"quantization_config ({'quant_method ' + repr(method) if method else 'missing'}) is not "
-                           f"one this tool decodes (compressed-tensors, fp8, gptq, mxfp4)")
+                           f"one this tool decodes (compressed-tensors, fp8, gptq, awq, mxfp4)")
     return fmt
 
 

@@ -2,8 +2,9 @@
 
 Each format is one module defining a :class:`~surgery.quantize.formats.base.QuantFormat`: compressed_tensors.py
 (integer pack-quantized: W4A16, W8A16), compressed_fp8.py (FP8_DYNAMIC, FP8_BLOCK), compressed_fp4.py (NVFP4A16,
-MXFP4A16), gptq.py (GPTQ v1), gguf_format.py (GGUF Q4_0 / Q8_0, llama family), mxfp4.py (gpt-oss's MXFP4
-experts); surgery/quantize/presets.py names them as compressed-tensors' presets. Another one is registered
+MXFP4A16), gptq.py (GPTQ v1), gguf_format.py (GGUF Q4_0 / Q8_0 and K-quants, llama family), mxfp4.py (gpt-oss's
+MXFP4 experts), awq.py (AutoAWQ GEMM, read as an input only); surgery/quantize/presets.py names them as
+compressed-tensors' presets. Another one is registered
 with :func:`register_format`; ``--format NAME`` then accepts it and ``verify`` reads it::
 
     from surgery.quantize.formats import format_named, format_of
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from surgery.errors import BadInput
 from surgery.io.checkpoint import Checkpoint
+from surgery.quantize.formats.awq import AWQ
 from surgery.quantize.formats.base import QuantFormat
 from surgery.quantize.formats.compressed_fp4 import MXFP4A16, NVFP4A16
 from surgery.quantize.formats.compressed_fp8 import FP8_BLOCK, FP8_DYNAMIC
@@ -47,12 +49,12 @@ def register_format(fmt: QuantFormat) -> QuantFormat:
     return fmt
 
 
-for _builtin in (CompressedTensors(), FP8_DYNAMIC, FP8_BLOCK, NVFP4A16, MXFP4A16, GPTQ(), GGUF(), MXFP4()):
+for _builtin in (CompressedTensors(), FP8_DYNAMIC, FP8_BLOCK, NVFP4A16, MXFP4A16, GPTQ(), GGUF(), MXFP4(), AWQ()):
     register_format(_builtin)
 
 
 def _names() -> str:
-    names = list(FORMATS)
+    names = [name for name, fmt in FORMATS.items() if fmt.writes_outputs]
     return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
 
 
@@ -69,7 +71,7 @@ def format_named(name: str) -> QuantFormat:
 
         format_named("gguf").default_group_size   # 32
     """
-    if name not in FORMATS:
+    if name not in FORMATS or not FORMATS[name].writes_outputs:
         raise BadInput(f"--format {name!r}: expected {_names()}")
     return FORMATS[name]
 

@@ -134,6 +134,7 @@ class QuantFormat:
     quantizes: str = "linear"
     # whether commands read its checkpoints decoded (surgery/io/quantized_input.py; needs decoded_shape)
     reads_inputs: bool = False
+    writes_outputs: bool = True  # False: an input format only (AWQ), not a --format value
     stored_names: tuple[str, ...] = ()  # the local names of what it stores beside (or instead of) a weight
     options: tuple[str, ...] = ()  # the QuantizeConfig fields of engine.FORMAT_OPTIONS it takes (gguf: gguf_type)
 
