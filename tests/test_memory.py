@@ -22,3 +22,22 @@ def test_convert_memory_is_far_below_checkpoint_size(big_checkpoint, tiny_checkp
     # one float32 input tensor (16 MB) and its bf16 copy are in flight; allow a few tensors, far below a shard
     assert growth < 6 * BIG_TENSOR_ELEMENTS * 4, growth
     assert run.peak_anon_bytes < 0.4 * checkpoint_bytes
+
+
+def test_quantize_memory_is_a_few_tensors_even_where_small_tensors_are_written_first(big_checkpoint, tiny_checkpoints,
+                                                                                   tmp_path):
+    """FP8_DYNAMIC stores each module's float32 scales before its FP8 weights (safetensors orders data by element
+    size), so every module is encoded long before its weight is written: held, those weights would be the whole
+    output (256 MB here). The engine keeps at most WAITING_BYTES of them and encodes the rest again."""
+    from surgery.quantize.engine import WAITING_BYTES
+
+    options = ["--preset", "FP8_DYNAMIC", "--max-shard-size", "2GB"]
+    baseline = measure([sys.executable, "-m", "surgery", "quantize", str(tiny_checkpoints["llama"]), "-o",
+                        str(tmp_path / "tiny"), *options])
+    assert baseline.returncode == 0, baseline.stderr
+    run = measure([sys.executable, "-m", "surgery", "quantize", str(big_checkpoint), "-o", str(tmp_path / "out"),
+                   *options])
+    assert run.returncode == 0, run.stderr
+    growth = run.peak_anon_bytes - baseline.peak_anon_bytes
+    print(f"peak anon: tiny quantize {baseline.peak_anon_bytes / 1e6:.0f} MB, quantize {run.peak_anon_bytes / 1e6:.0f} MB")
+    assert growth < WAITING_BYTES + 6 * BIG_TENSOR_ELEMENTS * 4, growth

@@ -382,33 +382,54 @@ def group_size_note(plan: Plan) -> dict:
     return note
 
 
+# How many bytes of a module's encoded tensors may wait for the writer. safetensors orders data by element size,
+# so a module's small tensors of a wider dtype (FP8's scales) are asked for long before its packed values: held
+# for every module, those would be the whole output in memory. Past this budget they are encoded again instead.
+WAITING_BYTES = 64 << 20
+
+
 class _Quantizer:
     """``load(name)`` for the format's writer: quantizes a module on first request (the format encodes the
-    method's grid), measures its weight error, and keeps its other output tensors until they are asked for."""
+    method's grid), measures its weight error once, and keeps its other output tensors until they are asked for
+    while they fit :data:`WAITING_BYTES` (else encodes the module again when they are; methods whose grids are
+    precomputed keep them all). Tensors the plan alone determines (``planned_tensors``) need no encoding."""
 
     def __init__(self, ckpt: Checkpoint, plan: Plan, fmt: QuantFormat, method: QuantMethod, fit: Fit):
         self.ckpt, self.plan, self.fmt, self.method, self.fit = ckpt, plan, fmt, method, fit
         self.waiting: dict[str, Any] = {}
+        self.waiting_bytes = 0
         self.error_sq = self.norm_sq = 0.0
         self.per_module: dict[str, float] = {}
 
     def __call__(self, name: str) -> Any:
         if name in self.waiting:
-            return self.waiting.pop(name)
+            tensor = self.waiting.pop(name)
+            self.waiting_bytes -= tensor.nbytes
+            return tensor
         module = self.plan.source_of.get(name)
         if module is None:
             return require_finite(self.ckpt.get(name), self.ckpt.source, name)
+        local = name[len(module) + 1:]
+        planned = self.fmt.planned_tensors(self.plan, module)
+        if local in planned:
+            return planned[local]
         source = self.plan.modules[module].name
         weight = require_finite(self.ckpt.get(source), self.ckpt.source, source).float()
         encoded = self.fmt.encode(self.plan, module, weight, self.fit, self.method)
-        error = float((encoded.weight - encoded.approx).pow(2).sum())
-        norm = float(encoded.weight.pow(2).sum())
-        self.error_sq += error
-        self.norm_sq += norm
-        self.per_module[module] = (error / norm) ** 0.5 if norm else 0.0
-        tensors = {self.fmt.tensor_name(module, local): t for local, t in encoded.tensors.items()}
+        if module not in self.per_module:
+            error = float((encoded.weight - encoded.approx).pow(2).sum())
+            norm = float(encoded.weight.pow(2).sum())
+            self.error_sq += error
+            self.norm_sq += norm
+            self.per_module[module] = (error / norm) ** 0.5 if norm else 0.0
+        tensors = {self.fmt.tensor_name(module, local): t for local, t in encoded.tensors.items()
+                   if local not in planned}
+        del weight, encoded
         result = tensors.pop(name)
-        self.waiting.update(tensors)
+        held = sum(tensor.nbytes for tensor in tensors.values())
+        if self.method.precomputed or self.waiting_bytes + held <= WAITING_BYTES:
+            self.waiting.update(tensors)
+            self.waiting_bytes += held
         return result
 
 

@@ -215,6 +215,12 @@ class QuantFormat:
         """The output tensors of one quantized module (default: :meth:`specs` for its grid)."""
         return self.specs(module, shape, plan.schemes[module], plan.dtype)
 
+    def planned_tensors(self, plan: Plan, module: str) -> dict[str, torch.Tensor]:
+        """The stored tensors of ``module`` that follow from the plan alone, without its weight (compressed-tensors'
+        ``weight_shape``, GPTQ's ``g_idx``): the writer may ask for them before the module is encoded, and they
+        must equal what :meth:`encode` returns for them (default: none)."""
+        return {}
+
     def encode(self, plan: Plan, module: str, weight: torch.Tensor, fit: Fit, method) -> Encoded:
         """One module's stored tensors, given its float32 ``weight`` and the method (``fit`` its grid-fitting
         function, ``method`` the :class:`~surgery.quantize.methods.QuantMethod`): by default the method's grid in the

@@ -20,7 +20,7 @@ import torch
 
 from surgery.arch import Architecture
 from surgery.io.checkpoint import Checkpoint, TensorInfo
-from surgery.quantize.formats.base import QuantFormat, module_tensors, require_dtypes
+from surgery.quantize.formats.base import Plan, QuantFormat, module_tensors, require_dtypes
 from surgery.quantize.packing import pack, pad_rows, unpack
 from surgery.quantize.grid import Grid, Scheme
 from surgery.quantize.groups import fallback_targets, group_size_of, per_module_group_sizes
@@ -87,6 +87,9 @@ class CompressedTensors(QuantFormat):
             specs.append(TensorInfo(f"{module}.weight_zero_point", torch.int32,
                                     (math.ceil(out * scheme.bits / 32), groups)))
         return specs
+
+    def planned_tensors(self, plan: Plan, module: str) -> dict[str, torch.Tensor]:
+        return {"weight_shape": torch.tensor(plan.modules[module].shape, dtype=torch.int64)}
 
     def encode_grid(self, grid: Grid, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         scheme, offset = grid.scheme, 1 << (grid.scheme.bits - 1)

@@ -13,7 +13,7 @@ import math
 import torch
 
 from surgery.io.checkpoint import Checkpoint, TensorInfo
-from surgery.quantize.formats.base import QuantFormat, module_tensors, require_dtypes
+from surgery.quantize.formats.base import Plan, QuantFormat, module_tensors, require_dtypes
 from surgery.quantize.packing import pack, unpack
 from surgery.quantize.grid import Grid, Scheme
 from surgery.quantize.groups import one_group_size
@@ -43,6 +43,10 @@ class GPTQ(QuantFormat):
                 TensorInfo(f"{module}.qzeros", torch.int32, (groups, math.ceil(out * scheme.bits / 32))),
                 TensorInfo(f"{module}.scales", torch.float16, (groups, out)),
                 TensorInfo(f"{module}.g_idx", torch.int32, (inp,))]
+
+    def planned_tensors(self, plan: Plan, module: str) -> dict[str, torch.Tensor]:
+        columns = plan.modules[module].shape[1]
+        return {"g_idx": torch.arange(columns, dtype=torch.int32) // plan.schemes[module].group_size}
 
     def encode_grid(self, grid: Grid, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         bits, offset = grid.scheme.bits, 1 << (grid.scheme.bits - 1)
