@@ -1,15 +1,15 @@
-"""Give freed tensor memory back to the operating system (glibc), so a streamed output's peak is a few tensors.
+"""Give freed tensor memory back to the operating system (glibc), so a streamed output's peak stays a few tensors.
 
-glibc serves an allocation above its mmap threshold (128 KiB) with its own mapping, returned on free, but each
-such free raises the threshold to the freed size (up to 32 MiB on 64-bit). After the first few weights, every
-tensor below that size comes from the heap arenas of the threads that made it, and freed heap space stays
-resident, fragmented between arenas. Streaming a 0.45 B-parameter model through ``surgery quantize`` so grew from
-0.5 to 1.1-1.4 GB of anonymous memory, by a different amount each run; with the threshold fixed it stays at
-0.64 GB, the same in every run (``python benchmarks/quantize_peers.py --part speed``). Called by the command
-line on start and by :func:`surgery.io.write_checkpoint`, so API callers get it too::
+glibc serves an allocation above its mmap threshold with its own mapping, returned on free, but each such free
+raises the threshold to the freed size (up to 32 MiB on 64-bit). After the first few weights, tensors below that
+size come from the heap, and freed heap space stays resident, fragmented. Streaming a 0.45 B-parameter model
+through ``surgery quantize`` (rtn, W4A16) so peaked at 0.6-1.2 GB of anonymous memory, a different amount each
+run. Trimming once per quantized module (what ``quantize`` does) measured 0.60-0.80 GB at about 1.25× the time
+(the pages given back fault in again); fixing the threshold held 0.55 GB in every run but took 1.5× as long
+(every large tensor a fresh mapping). Measured three times each, alternating, with ``benchmarks/procmem.py``::
 
-    from surgery.memory import return_freed_tensors
-    return_freed_tensors()      # idempotent; a no-op where the C library is not glibc
+    from surgery.memory import release_freed_memory
+    release_freed_memory()      # a no-op where the C library is not glibc
 """
 
 from __future__ import annotations
@@ -18,25 +18,26 @@ import ctypes
 import ctypes.util
 import functools
 
-M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
-THRESHOLD_BYTES = 128 << 10  # glibc's default, kept fixed
-
 
 @functools.cache
-def return_freed_tensors() -> bool:
-    """Fix glibc's mmap threshold at its default, which stops it from growing (see the module docstring).
-
-    Returns:
-        Whether the setting took (False off glibc).
-
-    Example: ``return_freed_tensors()   # True on Linux with glibc``
-    """
+def _malloc_trim():
     name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name) if name else None
-        return bool(libc is not None and libc.mallopt(M_MMAP_THRESHOLD, THRESHOLD_BYTES))
+        return ctypes.CDLL(name).malloc_trim if name else None
     except (OSError, AttributeError):
-        return False
+        return None
 
 
-__all__ = ["return_freed_tensors"]
+def release_freed_memory() -> bool:
+    """Ask glibc to return the free pages of its heaps to the OS (``malloc_trim(0)``).
+
+    Returns:
+        Whether glibc returned any (False off glibc).
+
+    Example: ``release_freed_memory()   # after a module's float32 copies are freed``
+    """
+    trim = _malloc_trim()
+    return bool(trim(0)) if trim is not None else False
+
+
+__all__ = ["release_freed_memory"]

@@ -24,7 +24,6 @@ from typer.core import TyperGroup
 
 from surgery import __version__
 from surgery.errors import BadInput, Failed
-from surgery.memory import return_freed_tensors
 
 # command → its module under surgery/cli/ (help lists them in this order); eval and adapter are groups
 COMMANDS = {
@@ -111,5 +110,4 @@ def main() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT, stream=sys.stderr)
     signal.signal(signal.SIGTERM, _terminate)  # run cleanups (staging directories) on `kill` too
-    return_freed_tensors()
     sys.exit(invoke())

@@ -27,7 +27,6 @@ import torch
 
 from surgery.errors import BadInput
 from surgery.io.checkpoint import INDEX_FILE, TORCH_TO_SAFETENSORS, TensorInfo
-from surgery.memory import return_freed_tensors
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 PARTIAL_MARK = ".partial-"
@@ -292,7 +291,6 @@ def write_checkpoint(
 
     Example: ``write_checkpoint("out", specs, load=lambda name: tensors[name], config=config, max_shard_size="5GB")``
     """
-    return_freed_tensors()
     specs = list(specs)
     shards = plan_shards(specs, max_shard_size)
     total_size = sum(spec.nbytes for spec in specs)

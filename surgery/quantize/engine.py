@@ -30,6 +30,7 @@ from surgery.errors import BadInput
 from surgery.io import open_checkpoint
 from surgery.io.checkpoint import Checkpoint, TensorInfo, require_finite
 from surgery.io.writer import DEFAULT_MAX_SHARD_SIZE, check_output_available
+from surgery.memory import release_freed_memory
 from surgery.output import Card, OutputRecord
 from surgery.quantize.formats import FORMATS, format_named
 from surgery.quantize.formats.base import Fit, Plan, QuantFormat
@@ -425,6 +426,7 @@ class _Quantizer:
         tensors = {self.fmt.tensor_name(module, local): t for local, t in encoded.tensors.items()
                    if local not in planned}
         del weight, encoded
+        release_freed_memory()  # surgery/memory.py: else freed copies stay resident, fragmented
         result = tensors.pop(name)
         held = sum(tensor.nbytes for tensor in tensors.values())
         if self.method.precomputed or self.waiting_bytes + held <= WAITING_BYTES:
