@@ -4,7 +4,7 @@ glibc serves an allocation above its mmap threshold with its own mapping, return
 raises the threshold to the freed size (up to 32 MiB on 64-bit). After the first few weights, tensors below that
 size come from the heap, and freed heap space stays resident, fragmented. Streaming a 0.45 B-parameter model
 through ``surgery quantize`` (rtn, W4A16) so peaked at 0.6-1.2 GB of anonymous memory, a different amount each
-run. Trimming once per quantized module (what ``quantize`` does) measured 0.60-0.80 GB at about 1.25× the time
+run. Trimming once per quantized module (what ``quantize`` does) measured 0.60-0.80 GB at about 1.3× the time
 (the pages given back fault in again); fixing the threshold held 0.55 GB in every run but took 1.5× as long
 (every large tensor a fresh mapping). Measured three times each, alternating, with ``benchmarks/procmem.py``::
 
