@@ -130,7 +130,7 @@ def with_setting(recipe: Recipe, setting: dict) -> Recipe:
     Example: ``with_setting(recipe, {"lambda": 0.5, "seed": 2}).parameters["lambda"] == 0.5``
     """
     changed = copy.deepcopy(recipe)
-    for key, value in setting.items():
+    for key, value in sorted(setting.items(), key=lambda item: item[0] != "method"):  # the method first
         if key == "method":
             get_method(value)  # an unknown method is an error before anything runs
             changed.method = value
@@ -141,7 +141,7 @@ def with_setting(recipe: Recipe, setting: dict) -> Recipe:
                 raise BadInput("--grid: omega needs a recipe with an aim section")
             changed.aim["omega"] = value
         else:
-            changed.parameters[aliases()[key]] = value
+            changed.parameters[aliases(get_method(changed.method)).get(key, aliases()[key])] = value
     check_parameters(changed)  # a parameter the method does not take is an error before anything runs
     return changed
 

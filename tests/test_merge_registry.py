@@ -37,10 +37,11 @@ PLUGIN = textwrap.dedent('''
 @pytest.fixture
 def plugin(tmp_path):
     """The plugin file, imported here (its registrations undone afterwards); returns its directory."""
-    from surgery.merge.registry import METHODS, PARAMETERS
+    from surgery.merge.registry import DECLARATIONS, METHODS, PARAMETERS
 
     (tmp_path / "beta_plugin.py").write_text(PLUGIN)
     methods, parameters = dict(METHODS), dict(PARAMETERS)
+    declarations = {name: list(same_name) for name, same_name in DECLARATIONS.items()}
     spec = importlib.util.spec_from_file_location("beta_plugin", tmp_path / "beta_plugin.py")
     spec.loader.exec_module(importlib.util.module_from_spec(spec))
     try:
@@ -48,6 +49,7 @@ def plugin(tmp_path):
     finally:
         METHODS.clear(), METHODS.update(methods)
         PARAMETERS.clear(), PARAMETERS.update(parameters)
+        DECLARATIONS.clear(), DECLARATIONS.update(declarations)
 
 
 def _surgery_with_plugin(directory, *args):
@@ -114,9 +116,12 @@ def test_declarations_drive_flags_and_grid():
 
     flags = {name: option.default.param_decls for name, option in merge_signature().parameters.items()
              if name.endswith("_")}
-    assert flags == {"lambda_": ("--lambda", "--alpha"), "density_": ("--density",), "t_": ("--t",),
-                     "gamma_": ("--gamma",), "epsilon_": ("--epsilon",), "normalize_": ("--normalize/--no-normalize",),
-                     "eta_": ("--eta",), "rank_": ("--rank",), "mu_": ("--mu",)}
+    shared = {"lambda_": ("--lambda",), "alpha_": ("--alpha",), "density_": ("--density",), "t_": ("--t",),
+              "gamma_": ("--gamma",), "epsilon_": ("--epsilon",), "normalize_": ("--normalize/--no-normalize",),
+              "eta_": ("--eta",), "rank_": ("--rank",), "mu_": ("--mu",)}
+    assert {name: flags[name] for name in shared} == shared
+    assert flags["nuslerp_flatten_"] == ("--nuslerp-flatten/--no-nuslerp-flatten",)
+    assert flags["max_iter_"] == ("--max-iter",) and flags["select_topk_"] == ("--select-topk",)
     assert {name for name, p in PARAMETERS.items() if p.per_model} == {"weight", "density", "gamma", "epsilon"}
     assert parse_grid("rank=8,16,normalize=true,false,alpha=0.5") == {
         "rank": [8, 16], "normalize": [True, False], "alpha": [0.5]}
@@ -150,3 +155,39 @@ def test_merge_job_checks_options_once_for_every_caller(tmp_path):
                                 output=tmp_path / "out")
     assert job.recipe.parameters == {"lambda": 0.8, "density": 0.2}
     assert [entry.parameters for entry in job.recipe.models] == [{}, {"weight": 1.0}, {"weight": 0.5}]
+
+
+def test_one_name_means_what_the_method_declares():
+    """mergekit reuses names: epsilon is della's per-model spread and ram's global threshold, t slerp's position and
+    nearswap's (required) distance, alpha lambda's other name and ramplus_tl's cap. Each method gets its own."""
+    from surgery.merge import build_recipe, get_method
+    from surgery.merge.job import check_parameters
+    from surgery.merge.registry import aliases
+
+    assert build_recipe(["b", "a"], method="ties", alpha=0.5).parameters == {"lambda": 0.5}
+    assert build_recipe(["b", "a", "c"], method="ramplus_tl", alpha=0.5).parameters == {"alpha": 0.5}
+    assert aliases(get_method("ramplus_tl"))["alpha"] == "alpha" and aliases(get_method("ties"))["alpha"] == "lambda"
+    with pytest.raises(BadInput, match="parameter 'lambda' .* does not apply to method 'ramplus_tl'"):
+        check_parameters(build_recipe(["b", "a", "c"], method="ramplus_tl", parameters={"lambda": 0.5}))
+    della = {p.name: p for p in get_method("della").parameters}["epsilon"]
+    ram = {p.name: p for p in get_method("ram").parameters}["epsilon"]
+    assert (della.per_model, della.default, ram.per_model, ram.default) == (True, 0.15, False, 1e-5)
+    assert get_method("ram").function.__name__ == "ram"
+    with pytest.raises(BadInput, match="method 'nearswap' needs parameter 't'"):
+        check_parameters(build_recipe(["b", "a"], method="nearswap"))
+    check_parameters(build_recipe(["b", "a"], method="nearswap", t=0.01))
+    with pytest.raises(BadInput, match=r"parameter t 2 \(global\): must be in \(0, 1\]"):
+        check_parameters(build_recipe(["b", "a"], method="nearswap", t=2))
+
+
+def test_registered_methods_fill_their_own_defaults():
+    """Called directly, a method takes its declared defaults: ram's epsilon is 1e-5, not della's 0.15."""
+    import torch
+
+    from surgery.merge import TensorMerge, get_method
+
+    base = torch.zeros(4)
+    a, b = torch.tensor([0.1, 1e-6, 0.0, 0.3]), torch.tensor([0.3, 0.0, 2e-5, 0.0])
+    merged = get_method("ram").function(TensorMerge("w", base, [a, b]))
+    # entry 0: both changed → mean; 1: |1e-6| is no change; 2: only b changed (2e-5 > 1e-5); 3: only a
+    torch.testing.assert_close(merged, torch.tensor([0.2, 0.0, 2e-5, 0.3]))

@@ -29,7 +29,10 @@ Long-to-short: surgery merge short-model long-model --method ties --density 0.2 
 """.split("\n")).strip() + "\n\nMethods:\n\n" + _method_help() + "\n\n" + " ".join("""
 Same names and parameter meanings as mergekit (density = fraction KEPT). Deliberate differences: math is always
 float32; DARE/DELLA masks come from --seed and the tensor name (same seed, identical bytes); among entries of equal
-magnitude at the TIES cut the first in memory order are kept. Models whose tokenizers differ are merged over the
+magnitude at the TIES cut (and sce's top-k) the first in memory order are kept; arcee_fusion's quantiles are exact
+where mergekit samples a million entries unseeded. A name mergekit reuses means what the method declares:
+--epsilon is della's spread and ram's threshold, --t slerp's position and nearswap's distance, --alpha is --lambda
+except for ramplus_tl's cap. nuslerp and multislerp merge task vectors when --base names a base. Models whose tokenizers differ are merged over the
 output vocabulary (--tokenizer-source: the base's, a model's, or the union), embedding rows matched by token; rows a
 model lacks contribute no task vector. Recipes may stack or cut layer ranges (slices, as in mergekit). The output
 holds a README.md model card and surgery.json, from which --recipe OUT/surgery.json reproduces it bit for bit.
@@ -128,22 +131,36 @@ def merge(
 
 
 def _parameter_options() -> list[inspect.Parameter]:
-    """One ``surgery merge`` option per declared merge parameter with CLI flags, in declaration order."""
-    from surgery.merge import PARAMETERS
+    """One ``surgery merge`` option per name a declared merge parameter with CLI flags goes by (``--lambda`` and
+    its alias ``--alpha`` are two), in declaration order: the recipe resolves each name for the chosen method."""
+    from surgery.merge.registry import DECLARATIONS
 
+    helps: dict[str, list[str]] = {}
+    kinds: dict[str, type] = {}
+    for declarations in DECLARATIONS.values():
+        for parameter in declarations:
+            if not parameter.cli:
+                continue
+            for spelled in (parameter.name, *parameter.aliases):
+                kinds[spelled] = parameter.kind
+                note = parameter.help if spelled == parameter.name else f"Another name for --{parameter.name}."
+                helps.setdefault(spelled, [])
+                if note not in helps[spelled]:
+                    helps[spelled].append(note)
     options = []
-    for parameter in PARAMETERS.values():
-        if parameter.cli_flags:
-            kind = Optional[parameter.kind]
-            option = typer.Option(None, *parameter.cli_flags, help=parameter.help)
-            options.append(inspect.Parameter(parameter.name + "_", inspect.Parameter.KEYWORD_ONLY, default=option,
-                                             annotation=kind))
+    for spelled, notes in helps.items():
+        flag = spelled.replace("_", "-")
+        flags = (f"--{flag}/--no-{flag}",) if kinds[spelled] is bool else (f"--{flag}",)
+        option = typer.Option(None, *flags, help=" ".join(notes))
+        options.append(inspect.Parameter(spelled + "_", inspect.Parameter.KEYWORD_ONLY, default=option,
+                                         annotation=Optional[kinds[spelled]]))
     return options
 
 
 def merge_signature() -> inspect.Signature:
     """The merge command's signature as typer reads it: its fixed options, with one option per declared merge
-    parameter that has CLI flags (``--lambda/--alpha``, ``--density``...) after ``--weights``.
+    parameter name and alias that has CLI flags (``--lambda``, ``--alpha``, ``--density``...) after
+    ``--weights``.
 
     Returns:
         The signature; a parameter's keyword is its name plus ``_`` (``lambda_``, ``density_``).

@@ -4,4 +4,4 @@ A built-in method is a module of its own registering its functions with :func:`s
 and one line here.
 """
 
-from surgery.merge import methods, spectral  # noqa: F401  (each registers its methods)
+from surgery.merge import methods, selection, spectral, spherical  # noqa: F401  (each registers its methods)

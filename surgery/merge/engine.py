@@ -112,7 +112,7 @@ def _as_slices(recipe: Recipe, method: MergeMethod) -> list[Slice]:
     base = recipe.base
     if method.uses_base and base is None:
         base, entries = entries[0].model, entries[1:]
-    if not method.uses_base and base is not None:
+    if not method.uses_base and not method.optional_base and base is not None:
         raise BadInput(f"--base: method {method.name!r} does not use a base model")
     return [Slice(([ModelEntry(base)] if base else []) + entries, base=base)]
 
@@ -133,7 +133,7 @@ def _open_slice(number: int, part: Slice, recipe: Recipe, method: MergeMethod, o
         raise BadInput(f"{where}: every source needs the same number of layers; layers per model: {counts}")
     base_name = part.base or recipe.base
     base_index = None
-    if method.uses_base:
+    if method.uses_base or (method.optional_base and base_name is not None):
         if base_name is None or not recipe.slices:
             base_index = 0
         else:
@@ -447,6 +447,9 @@ class TensorMerger:
                 values[parameter.name] = value(parameter, globals_)
             if parameter.finish is not None:
                 values[parameter.name] = parameter.finish(values[parameter.name], self.recipe)
+            if parameter.required and values[parameter.name] is None:
+                raise BadInput(f"tensor {name!r}: no setting of parameter {parameter.name!r} applies to it "
+                               f"(method {self.inputs.method.name!r} needs one)")
         return values
 
     def _merge(self, merge_input: TensorMerge, name: str) -> torch.Tensor:

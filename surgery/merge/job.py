@@ -48,6 +48,9 @@ def check_parameters(recipe: Recipe, method: MergeMethod | None = None) -> None:
             raise BadInput(f"parameter {key!r} ({where}) does not apply to method {method.name!r} "
                            f"(it takes: {accepted})")
         taken[key].check(value, where)
+    for name, parameter in taken.items():
+        if parameter.required and all(key != name for _, key, _ in given):
+            raise BadInput(f"method {method.name!r} needs parameter {name!r} ({parameter.help})")
     if recipe.dare_rescale not in DARE_RESCALES:
         raise BadInput(f"--dare-rescale {recipe.dare_rescale!r}: expected l1, inverse or none")
 
@@ -64,9 +67,10 @@ def _weights(value: str | Sequence[float] | None) -> list[float] | None:
         raise BadInput(f"--weights {value!r}: expected comma-separated numbers") from None
 
 
-def _parameter_values(values: Mapping[str, Any]) -> dict[str, Any]:
-    """The given parameters by their names (``alpha`` → ``lambda``), unset (None) ones left out."""
-    names = aliases()
+def _parameter_values(values: Mapping[str, Any], method: MergeMethod) -> dict[str, Any]:
+    """The given parameters by their names for ``method`` (``alpha`` → ``lambda``, but ramplus_tl's own ``alpha``),
+    unset (None) ones left out."""
+    names = {**aliases(), **aliases(method)}
     chosen: dict[str, Any] = {}
     for key, value in values.items():
         if key not in names:
@@ -130,8 +134,7 @@ def build_recipe(models: Sequence[str] = (), *, method: str | None = None, base:
             raise BadInput(f"--weights: {len(weight_list)} value(s) for {non_base} non-base model(s)")
         for entry, value in zip(built.models[len(built.models) - non_base:], weight_list):
             entry.parameters["weight"] = value
-    given = _parameter_values({**(parameters or {}), **parameter_values})
-    built.parameters.update({name: given[name] for name in PARAMETERS if name in given})
+    built.parameters.update(_parameter_values({**(parameters or {}), **parameter_values}, get_method(built.method)))
     for field, value in (("seed", seed), ("dtype", dtype), ("dare_rescale", dare_rescale),
                          ("tokenizer_source", tokenizer_source)):
         if value is not None:

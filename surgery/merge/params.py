@@ -34,8 +34,9 @@ class Parameter:
 
     ``kind`` is float, int or bool; numbers must lie within [low, high] (an open end excluded). ``per_model``
     parameters get one value per model (a model entry's value overrides the slice's and the global one).
-    ``flags`` are the ``surgery merge`` options setting its global value: None gives ``--NAME`` (and ``--ALIAS``
-    for each alias; ``--NAME/--no-NAME`` for a bool), ``()`` none (recipes only). ``finish`` turns the resolved
+    With ``cli``, ``surgery merge`` sets its global value with ``--NAME`` and ``--ALIAS`` for each alias
+    (``--NAME/--no-NAME`` for a bool); without, only recipes set it. A ``required`` one has no
+    default: a recipe must set it. ``finish`` turns the resolved
     value into what the method receives, given the recipe (e.g. rescale → the recipe's ``dare_rescale`` mode).
 
     Example::
@@ -55,24 +56,9 @@ class Parameter:
     low_open: bool = False
     high_open: bool = False
     aliases: tuple[str, ...] = ()
-    flags: tuple[str, ...] | None = None
+    cli: bool = True  # a `surgery merge` option (else recipes only)
     finish: Callable[[Any, Any], Any] | None = None
-
-    @property
-    def cli_flags(self) -> tuple[str, ...]:
-        """The command-line flags of this parameter (empty for a recipe-only one).
-
-        Returns:
-            e.g. ``("--lambda", "--alpha")``, ``("--normalize/--no-normalize",)`` or ``()``.
-
-        Example: ``LAMBDA.cli_flags == ("--lambda", "--alpha")``
-        """
-        if self.flags is not None:
-            return self.flags
-        names = [self.name, *self.aliases]
-        if self.kind is bool:
-            return tuple(f"--{n.replace('_', '-')}/--no-{n.replace('_', '-')}" for n in names)
-        return tuple(f"--{n.replace('_', '-')}" for n in names)
+    required: bool = False  # no default: a recipe that does not set it is refused
 
     def problem(self, value: Any) -> str | None:
         """Why ``value`` is not allowed for this parameter.
@@ -149,7 +135,7 @@ def _dare_mode(on: Any, recipe: Any) -> str | None:
 
 
 WEIGHT = Parameter("weight", float, 1.0, "Weight of a model (per model; the CLI's --weights).", per_model=True,
-                   low=-MAX_MAGNITUDE, high=MAX_MAGNITUDE, flags=())
+                   low=-MAX_MAGNITUDE, high=MAX_MAGNITUDE, cli=False)
 LAMBDA = Parameter("lambda", float, 1.0, "Scale of the merged task vector.", low=-MAX_MAGNITUDE, high=MAX_MAGNITUDE,
                    aliases=("alpha",))
 DENSITY = Parameter("density", float, 1.0, "Fraction of task-vector entries KEPT.", per_model=True, low=0, high=1,
@@ -166,11 +152,11 @@ RANK = Parameter("rank", int, None, "star, tsv, svd: a fixed rank instead of the
 MU = Parameter("mu", float, 0.1, "lore: singular-value threshold relative to the largest one (0.1).", low=0, high=1)
 NORMALIZE = Parameter("normalize", bool, None, "Divide by the summed weights (method default).")
 SCALE = Parameter("scale", float, None, "passthrough: multiply the tensors by this.", low=-MAX_MAGNITUDE,
-                  high=MAX_MAGNITUDE, flags=())
+                  high=MAX_MAGNITUDE, cli=False)
 RESCALE = Parameter("rescale", bool, True, "DARE / DELLA: rescale the kept entries (how: --dare-rescale).",
-                    flags=(), finish=_dare_mode)
+                    cli=False, finish=_dare_mode)
 # mergekit's option to hold masks as int8 to save memory; accepted so its configs run, without effect on the result
-INT8_MASK = Parameter("int8_mask", bool, None, "mergekit's int8 masks (accepted, no effect).", flags=())
+INT8_MASK = Parameter("int8_mask", bool, None, "mergekit's int8 masks (accepted, no effect).", cli=False)
 
 
 def setting_values(setting: Any, key: str, where: str) -> Iterator[Any]:

@@ -307,6 +307,17 @@ def _mergekit_tokenizer(config: dict, origin: str) -> tuple[str | None, int | No
     return _model_name(block.get("source", "union"), origin), 1 if multiple is None else multiple
 
 
+def _merges_base_as_a_model(method_name: Any) -> bool:
+    """Whether mergekit merges a ``base_model`` as one more model for this method: it always reads the base, and a
+    method without a base and without per-model parameters (karcher) takes it like any other input. (One with
+    per-model parameters, linear, fails there for the base's missing weight; here it is refused as a base.)"""
+    from surgery.merge.registry import METHODS
+
+    method = METHODS.get(method_name) if isinstance(method_name, str) else None
+    return (method is not None and not method.uses_base and not method.optional_base
+            and not any(parameter.per_model for parameter in method.parameters))
+
+
 def _from_mergekit(config: dict, origin: str) -> Recipe:
     """Translate a mergekit YAML config; BadInput for keys mergekit does not have and features we do not run."""
     unknown = set(config) - MERGEKIT_KEYS
@@ -335,6 +346,9 @@ def _from_mergekit(config: dict, origin: str) -> Recipe:
         # mergekit lists the base among the models too; we keep it apart
         data["models"] = [{**e, "model": _model_name(e, origin)} if isinstance(e, dict) else _model_name(e, origin)
                           for e in _list(config.get("models"), "models", origin) if _model_name(e, origin) != base]
+        if base is not None and _merges_base_as_a_model(config["merge_method"]):
+            data["models"].insert(0, base)
+            del data["base"]
     return Recipe.from_dict({key: value for key, value in data.items() if value is not None}, origin)
 
 

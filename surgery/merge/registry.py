@@ -13,7 +13,11 @@ with a parameter of its own is one file: declare the parameter, register the met
         return x.base + x.value("beta") * sum(w * (m - x.base) for w, m in zip(x.per_model("weight"), x.models))
 
 The recipe then accepts ``beta``, ``surgery merge`` has ``--beta`` and ``surgery sweep --grid beta=...`` parses.
-The built-in methods are registered by :mod:`surgery.merge.builtin` (imported by ``surgery.merge``).
+Two methods may declare a parameter of the same name differently (mergekit's ``epsilon`` is della's per-model
+spread and ram's global threshold) as long as its type is the same; each method gets its own declaration's default,
+range and scope, and a name one method declares wins over another parameter's alias (``alpha`` is ``lambda``'s
+other name, but ramplus_tl's own ``alpha``). The built-in methods are registered by :mod:`surgery.merge.builtin`
+(imported by ``surgery.merge``).
 """
 
 from __future__ import annotations
@@ -106,6 +110,7 @@ class MergeMethod:
     max_models: int | None = None
     summary: str = ""
     random: bool = False
+    optional_base: bool = False  # uses a base only when one is named (nuslerp, multislerp)
 
     @property
     def parameter_names(self) -> frozenset[str]:
@@ -120,7 +125,7 @@ class MergeMethod:
 
         Example: ``get_method("slerp").check_model_count(2)``   # BadInput: takes at most 1 model(s)
         """
-        base_note = " besides the base" if self.uses_base else ""
+        base_note = " besides the base" if self.uses_base or self.optional_base else ""
         if count < self.min_models:
             raise BadInput(f"--method {self.name}: needs at least {self.min_models} model(s){base_note}, got {count}")
         if self.max_models is not None and count > self.max_models:
@@ -128,22 +133,25 @@ class MergeMethod:
 
 
 METHODS: dict[str, MergeMethod] = {}
-PARAMETERS: dict[str, Parameter] = {p.name: p for p in SHARED}  # every declared parameter, by name
+PARAMETERS: dict[str, Parameter] = {p.name: p for p in SHARED}  # every parameter name, by its first declaration
+DECLARATIONS: dict[str, list[Parameter]] = {p.name: [p] for p in SHARED}  # every declaration of each name
 
 
-def register(name: str, *, uses_base: bool, parameters: Iterable[Parameter], min_models: int = 1,
+def register(name: str, *, uses_base: bool | str, parameters: Iterable[Parameter], min_models: int = 1,
              max_models: int | None = None, random: bool = False):
     """Decorator adding a method to :data:`METHODS` and its parameters to :data:`PARAMETERS`.
 
     Args:
         name: the method's name (``--method NAME``, a recipe's ``method``).
-        uses_base: whether it merges task vectors relative to a base model.
+        uses_base: True when it merges task vectors relative to a base model (the first model is the base when
+            none is named), False when it takes none, ``"optional"`` when it uses a base only if one is named.
         parameters: the :class:`~surgery.merge.params.Parameter` declarations it takes.
         min_models, max_models: how many models besides the base it merges.
         random: whether it draws random masks (it then gets a seeded ``generator``).
 
     Returns:
-        The decorator; the function's docstring's first line is the ``--help`` summary.
+        The decorator; the function's docstring's first line is the ``--help`` summary. The function it returns
+        fills the parameters a caller leaves out with this method's declared defaults.
 
     Example::
 
@@ -151,35 +159,54 @@ def register(name: str, *, uses_base: bool, parameters: Iterable[Parameter], min
         def my_method(x: TensorMerge) -> torch.Tensor: ...
     """
     parameters = tuple(parameters)
+    spellings = [spelled for parameter in parameters for spelled in (parameter.name, *parameter.aliases)]
+    repeated = sorted({spelled for spelled in spellings if spellings.count(spelled) > 1})
+    if repeated:
+        raise ValueError(f"merge method {name!r}: {repeated[0]!r} names two of its parameters")
+    kinds = {spelled: PARAMETERS[known].kind for spelled, known in aliases().items()}
     for parameter in parameters:
-        known = PARAMETERS.get(parameter.name)
-        if known is not None and known != parameter:
-            raise ValueError(f"merge method {name!r}: parameter {parameter.name!r} is declared twice, differently")
-        clash = [alias for alias in parameter.aliases if alias in aliases() and aliases()[alias] != parameter.name]
-        if clash:
-            raise ValueError(f"merge method {name!r}: alias {clash[0]!r} already names another parameter")
+        for spelled in (parameter.name, *parameter.aliases):
+            if kinds.get(spelled, parameter.kind) is not parameter.kind:
+                raise ValueError(f"merge method {name!r}: {spelled!r} already names a parameter of another type")
 
     def decorate(function: Callable[[TensorMerge], torch.Tensor]):
         summary = (function.__doc__ or "").strip().splitlines()[0] if function.__doc__ else ""
         for parameter in parameters:
-            PARAMETERS[parameter.name] = parameter
-        METHODS[name] = MergeMethod(name, function, uses_base, parameters, min_models, max_models, summary, random)
-        return function
+            PARAMETERS.setdefault(parameter.name, parameter)
+            declared = DECLARATIONS.setdefault(parameter.name, [])
+            if parameter not in declared:
+                declared.append(parameter)
+
+        def with_defaults(x: TensorMerge) -> torch.Tensor:
+            missing = {p.name: [p.default] * len(x.models) if p.per_model else p.default
+                       for p in parameters if p.name not in x.parameters}
+            return function(replace(x, parameters={**missing, **x.parameters}) if missing else x)
+
+        with_defaults.__doc__, with_defaults.__name__ = function.__doc__, function.__name__
+        METHODS[name] = MergeMethod(name, with_defaults, uses_base is True, parameters, min_models, max_models,
+                                    summary, random, optional_base=uses_base == "optional")
+        return with_defaults
 
     return decorate
 
 
-def aliases() -> dict[str, str]:
-    """Every name a parameter goes by (its name and its aliases) → its name.
+def aliases(method: MergeMethod | None = None) -> dict[str, str]:
+    """Every name a parameter goes by (its name and its aliases) → its name; a declared name wins over an alias.
+
+    Args:
+        method: only the parameters this method takes (default: every declared parameter).
 
     Returns:
         e.g. ``{"lambda": "lambda", "alpha": "lambda", "density": "density", ...}``
 
-    Example: ``aliases()["alpha"] == "lambda"``
+    Example: ``aliases()["alpha"] == "lambda"``, ``aliases(get_method("ramplus_tl"))["alpha"] == "alpha"``
     """
-    names = {}
-    for parameter in PARAMETERS.values():
-        names.update({alias: parameter.name for alias in (parameter.name, *parameter.aliases)})
+    if method is None:
+        declared = [parameter for same_name in DECLARATIONS.values() for parameter in same_name]
+    else:
+        declared = list(method.parameters)
+    names = {alias: parameter.name for parameter in declared for alias in parameter.aliases}
+    names.update({parameter.name: parameter.name for parameter in declared})
     return names
 
 
