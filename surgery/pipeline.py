@@ -89,6 +89,8 @@ OPERATIONS = {
     "quantize": Operation("surgery.quantize.engine:QuantizeConfig", "surgery.quantize.engine:quantize", ("input",),
                           {"input": "source"}),
     "moe": Operation("surgery.moe:MoeConfig.from_file", "surgery.moe:moe", ("config",), {"config": "path"}),
+    "extract-lora": Operation("surgery.adapters.lora:ExtractLoraConfig", "surgery.adapters.lora:extract_lora",
+                              ("input", "base"), {"input": "finetuned"}),
     "push": Operation("surgery.hub:PushConfig", "surgery.hub:push", ("input", "repo"),
                       {"input": "directory", "repo": "repo_id"}, writes=False, replaceable=False),
 }
