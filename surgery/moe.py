@@ -96,7 +96,7 @@ def _model_reference(entry: dict, key: str, where: str) -> str:
     """``entry[key]`` when it is a model path or Hub id; BadInput naming ``key`` else."""
     model = entry.get(key)
     if not isinstance(model, str) or not model:
-        raise BadInput(f"{where}: {key} must be a model path or Hub id (LoRA references are not supported), found "
+        raise BadInput(f"{where}: {key} must be a model path, Hub id or MODEL+ADAPTER, found "
                        f"{_short_repr(model)}")
     return model
 

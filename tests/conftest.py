@@ -408,3 +408,23 @@ def save_awq(source: Path, destination: Path, group: int = 32, seed: int = 0) ->
     (destination / "config.json").write_text(json.dumps(config))
     save_file(tensors, str(destination / "model.safetensors"), metadata={"format": "pt"})
     return weights
+
+
+def save_peft_lora(base: Path, directory: Path, seed: int = 0, **config) -> Path:
+    """A PEFT LoRA adapter for the model in ``base``, made and saved by PEFT with random (not zero) B factors:
+    ranks 4 (up_proj 2), alpha 8 (v_proj 3), on q/v/up projections and the embeddings, lm_head saved whole and
+    changed; ``config`` overrides LoraConfig fields (e.g. ``use_rslora=True``)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    settings = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "up_proj", "embed_tokens"],
+                "init_lora_weights": False, "rank_pattern": {"up_proj": 2}, "alpha_pattern": {"v_proj": 3},
+                "modules_to_save": ["lm_head"], **config}
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(**settings))
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.endswith("lm_head.modules_to_save.default"):
+                module.weight.add_(0.5)
+    model.save_pretrained(directory)
+    return directory

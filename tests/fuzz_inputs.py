@@ -25,7 +25,10 @@ Families, each generated from its own fixed seed (``random.Random(SEEDS[family])
   overflowing E8M0 scales) or quantization_config are wrong → ``inspect``, ``quantize``, ``merge`` with a bf16 one;
 - ``quantized``: a tiny llama as compressed-tensors (asymmetric int4), FP8_DYNAMIC, NVFP4A16, GPTQ, AutoAWQ GEMM and
   DeepSeek-V3 FP8, two modules' stored tensors (missing, a row short, dtypes, NaN scales, another module's, random
-  bits) or the quantization_config wrong → ``convert``, which reads every tensor decoded.
+  bits) or the quantization_config wrong → ``convert``, which reads every tensor decoded;
+- ``lora``: a PEFT LoRA adapter of the tiny llama applied as ``MODEL+ADAPTER``, its adapter_config.json (peft_type,
+  ranks, alphas and their patterns, DoRA, biases, broken JSON) or its factors (missing, shapes, NaN, overflowing,
+  naming modules the model lacks) or files (truncated, missing) wrong → ``inspect``, ``convert``.
 
 Each mutation says whether its input is bad (``valid=False``: exit 0 is a failure), may be valid (``None``: exit 0
 with a complete output, or a clean exit 2, both pass) or is a valid control (``True``: must exit 0 complete).
@@ -73,7 +76,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SEEDS = {"safetensors": 1101, "index": 2202, "config": 3303, "gguf": 4404, "recipe": 5505, "pipeline": 6606,
-         "moe": 7707, "mxfp4": 8808, "quantized": 9909}
+         "moe": 7707, "mxfp4": 8808, "quantized": 9909, "lora": 1010}
 LIMIT_SECONDS = 2.0  # a valid case takes 0.5 s at most on these loaded cores
 MEMORY_GROWTH = 2 << 30
 ISOLATED_ADDRESS_SPACE = 4 << 30
@@ -1222,10 +1225,110 @@ def pipeline_cases(root: Path, sources: "Sources", rng: random.Random) -> list[C
     return cases
 
 
+# ---- LoRA adapters applied as MODEL+ADAPTER
+
+LORA_CONFIG_VALUES = {  # adapter_config.json key → (value, valid)
+    "peft_type": [("PREFIX_TUNING", False), (None, False), (5, False), ("lora", False)],
+    "r": [(0, False), (-4, False), ("4", False), (True, False), (3, False), (8, False), (None, False), (1e300, False)],
+    "lora_alpha": [(0, False), ("x", False), (None, False), (-1, False), (16, None), (float("nan"), False)],
+    "rank_pattern": [(5, False), ([1], False), ({"up_proj": 3}, False), ({"up_proj": "x"}, False),
+                     ({"(": 2}, False), ({"q_proj": 2}, False), ({}, False), ({"nothing": 4}, False)],
+    "alpha_pattern": [(5, False), ({"v_proj": "x"}, False), ({"v_proj": 0}, False), ({"[": 1}, False),
+                      ({"v_proj": 100}, None), ({}, None)],
+    "use_dora": [(True, False), ("yes", False), (False, None)],
+    "lora_bias": [(True, False)],
+    "use_rslora": [(True, None), ("no", None)],
+    "fan_in_fan_out": [(True, None)],  # PEFT ignores it on nn.Linear, so does surgery
+}
+
+
+def lora_config_mutations(config: dict) -> Iterator[tuple[Mutation, str]]:
+    for key, values in LORA_CONFIG_VALUES.items():
+        for value, valid in values:
+            changed = {**config, key: value}
+            yield Mutation(f"{key}={short(value)}", valid, names=(key, CONFIG_FILE_LORA)), json.dumps(changed)
+    for label, text in (("broken JSON", "{\"peft_type\": "), ("a list", "[1, 2]"), ("empty", ""),
+                        ("deep nesting", deep_json()), ("not UTF-8", b"\xff\xfe{")):
+        yield Mutation(label, False, names=(CONFIG_FILE_LORA,)), text
+
+
+CONFIG_FILE_LORA = "adapter_config.json"
+WEIGHTS_FILE_LORA = "adapter_model.safetensors"
+
+
+def lora_tensor_mutations(tensors: dict, rng: random.Random) -> Iterator[tuple[Mutation, dict]]:
+    import torch
+
+    factors = sorted(name for name in tensors if ".lora_A" in name or ".lora_embedding_A" in name)
+    for a in rng.sample(factors, min(8, len(factors))):
+        b = a.replace("lora_A", "lora_B").replace("lora_embedding_A", "lora_embedding_B")
+        module = a.split(".lora_")[0]
+        names = (module.removeprefix("base_model.model."), WEIGHTS_FILE_LORA)
+        yield Mutation(f"{module}: A missing", False, names=names), {k: v for k, v in tensors.items() if k != a}
+        yield Mutation(f"{module}: B missing", False, names=names), {k: v for k, v in tensors.items() if k != b}
+        yield Mutation(f"{module}: A a row short", False, names=names), {**tensors, a: tensors[a][:-1].clone()}
+        yield Mutation(f"{module}: B a column short", False, names=names), {**tensors, b: tensors[b][:, :-1].clone()}
+        yield Mutation(f"{module}: B transposed", False, names=names), {**tensors, b: tensors[b].T.contiguous()}
+        yield Mutation(f"{module}: A 1-D", False, names=names), {**tensors, a: tensors[a].reshape(-1).clone()}
+        unread = frozenset({"inspect"})  # inspect reads no values
+        yield Mutation(f"{module}: B NaN", False, unread, names), {**tensors, b: torch.full_like(tensors[b], float("nan"))}
+        yield Mutation(f"{module}: B inf", False, unread, names), {**tensors, b: torch.full_like(tensors[b], float("inf"))}
+        yield Mutation(f"{module}: B 1e30", None, names=names), {**tensors, b: torch.full_like(tensors[b], 1e30)}
+        yield Mutation(f"{module}: int factors", None, names=names), {**tensors, a: tensors[a].to(torch.int32)}
+        yield Mutation(f"{module}: bfloat16 factors", True), {**tensors, a: tensors[a].to(torch.bfloat16),
+                                                              b: tensors[b].to(torch.bfloat16)}
+        moved = a.replace("layers.0.", "layers.7.").replace("layers.1.", "layers.7.")
+        if moved != a:
+            yield Mutation(f"{module}: of a layer the model lacks", False, names=names), {
+                **{k: v for k, v in tensors.items() if k not in (a, b)}, moved: tensors[a].clone(),
+                moved.replace("lora_A", "lora_B"): tensors[b].clone()}
+        yield Mutation(f"{module}: a third factor", False, names=names), {
+            **tensors, a[:a.rindex("_A")] + "_C" + a[a.rindex("_A") + 2:]: tensors[a].clone()}
+    yield Mutation("an unknown tensor", False, names=(WEIGHTS_FILE_LORA,)), {**tensors, "base_model.model.x": torch.ones(2)}
+    saved = next(name for name in tensors if name.endswith("lm_head.weight"))
+    yield Mutation("lm_head copy a row short", False, names=(WEIGHTS_FILE_LORA, "lm_head")), {
+        **tensors, saved: tensors[saved][:-1].clone()}
+    yield Mutation("no tensors", False, names=(WEIGHTS_FILE_LORA,)), {}
+
+
+def lora_cases(root: Path, sources: "Sources", rng: random.Random) -> list[Case]:
+    from safetensors.torch import load_file, save_file
+
+    pristine = sources.lora
+    tensors = load_file(str(pristine / WEIGHTS_FILE_LORA))
+    config = json.loads((pristine / CONFIG_FILE_LORA).read_text())
+    inputs: list[tuple[Mutation, Callable[[Path], None]]] = []
+    for mutation, text in lora_config_mutations(config):
+        inputs.append((mutation, lambda adapter, text=text: write_fresh(adapter / CONFIG_FILE_LORA, text)))
+    for mutation, changed in lora_tensor_mutations(tensors, rng):
+        inputs.append((mutation, lambda adapter, changed=changed: (
+            (adapter / WEIGHTS_FILE_LORA).unlink(), save_file(changed, str(adapter / WEIGHTS_FILE_LORA)))))
+    content = (pristine / WEIGHTS_FILE_LORA).read_bytes()
+    for label, data in (("truncated", content[:len(content) // 2]), ("random bytes", rng.randbytes(4096)),
+                        ("header only", content[:8])):
+        inputs.append((Mutation(f"weights {label}", False, names=(WEIGHTS_FILE_LORA,)),
+                       lambda adapter, data=data: write_fresh(adapter / WEIGHTS_FILE_LORA, data)))
+    for missing in (CONFIG_FILE_LORA, WEIGHTS_FILE_LORA):
+        inputs.append((Mutation(f"{missing} missing", False, names=(missing,)),
+                       lambda adapter, missing=missing: (adapter / missing).unlink()))
+    cases = []
+    for mutation, damage in inputs:
+        workdir = root / f"case-{len(cases):03d}"
+        adapter = link_tree(pristine, workdir / "adapter")
+        damage(adapter)
+        for command in ("inspect", "convert"):
+            output = workdir / f"out-{command}"
+            argv = [command, f"{sources.llama}+{adapter}"] + (["-o", output] if command == "convert" else [])
+            cases.append(make_case("lora", len(cases), mutation, command, argv, workdir, (adapter,),
+                                   output=str(output) if command == "convert" else None,
+                                   writes=command == "convert"))
+    return cases
+
+
 FAMILIES: dict[str, Callable[[Path, "Sources", random.Random], list[Case]]] = {
     "safetensors": safetensors_cases, "index": index_cases, "config": config_cases, "gguf": gguf_cases,
     "recipe": recipe_cases, "pipeline": pipeline_cases, "moe": moe_cases, "mxfp4": mxfp4_cases,
-    "quantized": quantized_cases,
+    "quantized": quantized_cases, "lora": lora_cases,
 }
 
 
@@ -1239,6 +1342,7 @@ class Sources:
     gpt_oss: Path  # a tiny gpt-oss saved by transformers
     mxfp4: Path  # that gpt-oss written by surgery quantize --format mxfp4
     quantized: dict  # QUANTIZED_INPUTS kind → the llama quantized so (deepseek-fp8: written by conftest's formula)
+    lora: Path  # a PEFT LoRA adapter of the llama (conftest.save_peft_lora)
 
 
 def make_gpt_oss(root: Path) -> tuple[Path, Path]:
@@ -1277,7 +1381,10 @@ def build_sources(root: Path, llama: Path | None = None, sharded: Path | None = 
     if sharded is None:
         sharded = root / "sharded"
         make_tiny_model("llama", seed=1).save_pretrained(sharded, max_shard_size="40KB")
-    return Sources(llama, sharded, make_gguf(root), *make_gpt_oss(root), make_quantized(root, llama))
+    from conftest import save_peft_lora
+
+    return Sources(llama, sharded, make_gguf(root), *make_gpt_oss(root), make_quantized(root, llama),
+                   save_peft_lora(llama, root / "lora"))
 
 
 def make_quantized(root: Path, llama: Path) -> dict[str, Path]:

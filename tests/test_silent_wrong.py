@@ -73,15 +73,6 @@ def merge_recipe(tmp_path: Path, recipe: dict, *extra: str):
     return run_surgery("merge", "--recipe", path, "-o", tmp_path / "out", *extra)
 
 
-@pytest.mark.parametrize("model", [{"model": "{ft}", "lora": "org/some-lora"}, "{ft}+org/some-lora"])
-def test_mergekit_lora_is_refused_not_ignored(model, tiny_checkpoints, tmp_path):
-    ft = str(tiny_checkpoints["llama"])
-    entry = {"model": json.loads(json.dumps(model).replace("{ft}", ft))}
-    config = {"merge_method": "ties", "base_model": ft, "models": [entry], "parameters": {"density": 0.5}}
-    assert_bad_input(merge_recipe(tmp_path, config), "LoRA")
-    assert not (tmp_path / "out").exists()
-
-
 def test_mergekit_chat_template_is_written(tiny_checkpoints, tmp_path):
     from transformers import AutoTokenizer
 

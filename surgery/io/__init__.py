@@ -25,8 +25,9 @@ __all__ = [
 
 
 def open_checkpoint(source: str | Path, *, raw: bool = False) -> Checkpoint:
-    """Open a checkpoint lazily (see :func:`surgery.io.sources.resolve_source` for what a source may be). A
-    quantized checkpoint is read decoded unless ``raw``: gpt-oss MXFP4 (surgery/io/mxfp4_input.py), compressed-tensors,
+    """Open a checkpoint lazily (see :func:`surgery.io.sources.resolve_source` for what a source may be;
+    ``MODEL+ADAPTER`` is a model with a PEFT LoRA adapter applied, surgery/io/lora_input.py). A quantized checkpoint
+    is read decoded unless ``raw``: gpt-oss MXFP4 (surgery/io/mxfp4_input.py), compressed-tensors,
     FP8 and GPTQ (surgery/io/quantized_input.py).
 
     Args:
@@ -43,6 +44,23 @@ def open_checkpoint(source: str | Path, *, raw: bool = False) -> Checkpoint:
             ckpt.config["model_type"], len(ckpt.tensors)
     """
     text = str(source)
+    from surgery.io.lora_input import LoraApplied, split_model_and_adapter
+
+    pair = split_model_and_adapter(text) if not isinstance(source, Path) else None
+    if pair is not None:
+        try:
+            adapter = resolve_source(pair[1])
+        except BadInput as err:
+            raise BadInput(f"{text}: the adapter {err}") from None
+        if not adapter.is_dir():
+            raise BadInput(f"{pair[1]}: a LoRA adapter is a directory (adapter_config.json, "
+                           "adapter_model.safetensors)")
+        model = open_checkpoint(pair[0], raw=raw)
+        try:
+            return LoraApplied(model, adapter, text)
+        except BaseException:
+            model.close()
+            raise
     path = resolve_source(source)
     if path.is_file() and path.suffix == ".gguf":
         from surgery.io.gguf_reader import GGUFCheckpoint

@@ -54,8 +54,6 @@ DARE_RESCALES = ("l1", "inverse", "none")  # DARE / DELLA rescale: mergekit's L1
 # mergekit's MergeConfiguration fields (mergekit/config.py); anything else in a mergekit config is refused by name
 MERGEKIT_KEYS = {"merge_method", "base_model", "models", "slices", "modules", "parameters", "dtype", "out_dtype",
                  "tokenizer_source", "tokenizer", "chat_template"}
-NO_LORA = ("LoRA adapters in a recipe are not supported yet: merge the adapter into its model first (PEFT's "
-           "merge_and_unload) and name that model")
 
 
 @dataclass
@@ -234,7 +232,7 @@ def _model_entry(entry: Any, origin: str) -> ModelEntry:
     if not isinstance(entry, dict) or "model" not in entry:
         raise BadInput(f"{origin}: each model entry needs a 'model' key, found {entry!r}")
     if "lora" in entry:
-        raise BadInput(f"{origin}: {entry['model']!r}: {NO_LORA}")
+        raise BadInput(f"{origin}: {entry['model']!r}: name a model with a LoRA adapter as model: MODEL+ADAPTER")
     unknown = set(entry) - MODEL_KEYS
     if unknown:
         raise BadInput(f"{origin}: model {entry['model']!r}: unknown key(s) {', '.join(sorted(map(str, unknown)))}")
@@ -255,12 +253,15 @@ def _check_reference(model: str, origin: str) -> None:
     """BadInput naming the recipe when ``model`` is neither a local path nor a valid Hub repo id."""
     from surgery.io.sources import REPO_ID, check_repo_id
 
-    match = REPO_ID.match(model)
-    if match and not Path(model).expanduser().exists():
-        try:
-            check_repo_id(match["repo"])
-        except BadInput as err:
-            raise BadInput(f"{origin}: model {err}") from None
+    from surgery.io.lora_input import split_model_and_adapter
+
+    for part in split_model_and_adapter(model) or (model,):
+        match = REPO_ID.match(part)
+        if match and not Path(part).expanduser().exists():
+            try:
+                check_repo_id(match["repo"])
+            except BadInput as err:
+                raise BadInput(f"{origin}: model {err}") from None
 
 
 def _slice(entry: Any, origin: str) -> Slice:
@@ -276,15 +277,16 @@ def _slice(entry: Any, origin: str) -> Slice:
 
 
 def _model_name(entry: Any, origin: str) -> Any:
-    """mergekit writes a model as a string, {model: path} or {model: {model: path, lora: ...}}; a LoRA (also the
-    ``model+lora`` string form) is refused."""
+    """mergekit writes a model as a string (``model+lora`` too), {model: path} or {model: {model: path, lora: ...}};
+    a LoRA becomes our ``MODEL+ADAPTER`` form."""
     model = entry.get("model") if isinstance(entry, dict) else entry
     if isinstance(model, dict):
-        if model.get("lora"):
-            raise BadInput(f"{origin}: {model.get('model') or model.get('path')!r}: {NO_LORA}")
+        lora = model.get("lora")
         model = model.get("model") or model.get("path")
-    if isinstance(model, str) and "+" in model and not Path(model).exists():
-        raise BadInput(f"{origin}: {model!r} names a model+LoRA pair: {NO_LORA}")
+        if lora is not None:
+            if not isinstance(lora, str) or not lora or not isinstance(model, str):
+                raise BadInput(f"{origin}: lora {lora!r} of model {model!r}: expected a PEFT adapter's path or Hub id")
+            model = f"{model}+{lora}"
     return model
 
 
