@@ -175,7 +175,11 @@ def logits_of(directory):
 
     config = transformers.AutoConfig.from_pretrained(directory)
     cls = getattr(transformers, config.architectures[0])
-    model, info = cls.from_pretrained(directory, output_loading_info=True, dtype=torch.float32)
+    extra = {}
+    if (getattr(config, "quantization_config", None) or {}).get("quant_method") == "mxfp4":
+        # transformers' CPU path; with `kernels` installed it would otherwise fetch Triton kernels from the Hub
+        extra["quantization_config"] = transformers.Mxfp4Config(dequantize=True)
+    model, info = cls.from_pretrained(directory, output_loading_info=True, dtype=torch.float32, **extra)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     with torch.no_grad():
         return model.eval()(input_ids=TOKENS).logits

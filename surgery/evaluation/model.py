@@ -44,7 +44,9 @@ def load_model(source: str, device: str = "cpu"):
     directory = path.parent if gguf else path
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, **({"gguf_file": path.name} if gguf else {}))
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **kwargs)
+        # use_kernels=False: the eager layers everywhere, not Hub kernels fetched over the network (transformers >= 5.25
+        # kernelizes by default when `kernels` is installed), so an evaluation repeats bit for bit offline.
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, use_kernels=False, **kwargs)
     except (OSError, ValueError) as err:
         raise BadInput(f"{source}: transformers cannot load it ({str(err).splitlines()[0]})") from None
     return model.to(device).eval(), tokenizer

@@ -231,6 +231,10 @@ def _findings(path: Path) -> dict[str, Problem]:
         except _LoadCrashed as err:
             return {"crashed": Problem("crashed", frozenset(), f"transformers would not build the model: {err}")}
         return {problem.kind: problem for problem in _gptq_problems(model, specs, raw["quantization_config"])}
+    if method == "mxfp4":
+        # the layout of its CPU path (blocks and scales read by name and shape, dequantized); with `kernels`
+        # installed transformers would first fetch gpt-oss's Triton kernels from the Hub, which meta cannot run
+        config.quantization_config["dequantize"] = True
     problems = _problems_with(config, specs)
     # transformers' compressed path refuses (loudly: a shape mismatch raises) the packed asymmetric zero points
     # compressed-tensors itself writes; its dequantizing path reads them. A load that would silently leave
@@ -279,8 +283,9 @@ def _load_on_meta(config, state: dict) -> tuple:
     cls = model_class(config)
     try:
         with _quiet() as messages:
+            # Hub kernels cannot replace layers on meta (transformers >= 5.25 tries by default when `kernels` is in).
             return cls.from_pretrained(None, config=config, state_dict=state, device_map="meta",
-                                       output_loading_info=True)
+                                       output_loading_info=True, use_kernels=False)
     except Exception as err:  # noqa: BLE001 - a crash while loading is the finding
         raise _LoadCrashed(_report_rows(messages) or {"crashed": Problem("crashed", frozenset(), one_line(err))}) \
             from None
