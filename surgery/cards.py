@@ -42,6 +42,29 @@ class Card:
     library: str | None = None
 
 
+def model_name(source: str) -> str:
+    """How a card names an input: a Hub repo id as given, a local path by its file or directory name (never the
+    absolute path of the machine that made it), ``MODEL+ADAPTER`` as both names.
+
+    Args:
+        source: the input as the user gave it.
+
+    Returns:
+        The name a card shows.
+
+    Example: ``model_name("/home/me/build/final/extended")   # "extended"``
+    """
+    from surgery.io.lora_input import split_model_and_adapter
+
+    pair = split_model_and_adapter(source)
+    if pair:
+        return " + ".join(map(model_name, pair))
+    path = Path(source).expanduser()
+    if path.exists():
+        return path.resolve().name
+    return source if looks_like_repo_id(source) else path.name
+
+
 class CardInput(Protocol):
     """What a card reads of an input: ``source`` (base_model when a Hub repo id) and ``path``, a file or directory
     whose README.md gives the input's license (an opened :class:`surgery.io.Checkpoint` is one)."""

@@ -30,6 +30,7 @@ from surgery.io import open_checkpoint, write_checkpoint
 from surgery.io.checkpoint import Checkpoint, TensorInfo, parse_dtype
 from surgery.io.loader_check import check_transformers
 from surgery.io.writer import DEFAULT_MAX_SHARD_SIZE, WriteResult, check_output_available
+from surgery.cards import model_name
 from surgery.output import Card, OutputRecord
 from surgery.runtime.sampling import tensor_seed
 
@@ -497,7 +498,7 @@ def moe(config: MoeConfig, *, progress: Callable[[int], None] | None = None) -> 
         if dtype is not None:
             out_config["dtype"] = str(dtype).removeprefix("torch.")
         record = OutputRecord("moe", [base, *dict.fromkeys(sources)])
-        card = Card(f"A {len(config.experts)}-expert {family.model_type} of {Path(config.base_model).name}",
+        card = Card(f"A {len(config.experts)}-expert {family.model_type} of {model_name(config.base_model)}",
                     "merge", "moe", _card_body(config, family))
 
         def files() -> dict[str, bytes]:

@@ -27,6 +27,17 @@ def test_sources_tell_paths_from_repo_ids(tmp_path, monkeypatch):
         resolve_source("not-there")
 
 
+def test_cards_name_inputs_by_name_or_repo_id(tmp_path, monkeypatch):
+    from surgery.cards import model_name
+
+    (tmp_path / "build" / "final").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "build")
+    assert model_name(str(tmp_path / "build" / "final")) == "final"
+    assert model_name(".") == "build" and model_name("final/") == "final"
+    assert model_name("org/model") == "org/model"  # a Hub id as given
+    assert model_name("org/model+final") == "org/model + final"  # MODEL+ADAPTER
+
+
 def test_write_output_writes_manifest_and_card_with_the_files(tiny_checkpoints, tmp_path):
     def write(staging: Path) -> dict:
         (staging / "a.txt").write_text("a")

@@ -265,6 +265,8 @@ def test_outputs_are_deterministic_and_carry_provenance(outputs, tiny_checkpoint
         assert (again / path.name).read_bytes() == path.read_bytes(), path.name
     assert (first / "tokenizer.json").exists()
     assert "base_model_relation: quantized" in (first / "README.md").read_text()
+    title = next(line for line in (first / "README.md").read_text().splitlines() if line.startswith("# "))
+    assert title.startswith(f"# {tiny_checkpoints['llama'].name}, ") and "/" not in title  # never an absolute path
     manifest = json.loads((first / "surgery.json").read_text())
     assert manifest["command"] == "quantize" and manifest["recipe"]["method"] == "hqq"
     assert manifest["inputs"][0]["sha256"]

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from surgery.arch import NOT_DECOMPOSED_KINDS, Architecture
+from surgery.cards import model_name
 from surgery.errors import BadInput
 from surgery.io import open_checkpoint
 from surgery.io.loader_check import check_peft
@@ -218,8 +219,8 @@ def extract_lora(config: ExtractLoraConfig) -> ExtractLoraResult:
         files = write_adapter(
             config.output, base, tensors_file=WEIGHTS_FILE, tensors=tensors,
             files={CONFIG_FILE: json_bytes(peft_config)}, recipe=recipe, measurements=measurements,
-            method="lora", library="peft", title=f"{Path(config.finetuned).name}: LoRA extracted against "
-                                                  f"{Path(config.base).name}",
+            method="lora", library="peft", title=f"{model_name(config.finetuned)}: LoRA extracted against "
+                                                  f"{model_name(config.base)}",
             body=body, force=config.force, check=lambda staging: check_peft(staging, base.config))
     return ExtractLoraResult(str(config.output), ranks, kept_energy, worst, not_carried, unchanged, files,
                              time.perf_counter() - started)

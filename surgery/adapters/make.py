@@ -27,6 +27,7 @@ from surgery.adapters.prompts import (
     TRAINING, file_queries, file_sha256, prefill, prompt_ids, query_seed, read_text, self_generated_queries,
     with_prompt_logprobs,
 )
+from surgery.cards import model_name
 from surgery.errors import BadInput, CheckFailed
 from surgery.io import open_checkpoint
 from surgery.io.loader_check import check_peft
@@ -117,7 +118,7 @@ def make_prefix_adapter(config: PrefixAdapterConfig, *, progress: Callable[[str]
             files={prefix.CONFIG_FILE: json_bytes(prefix.prefix_config(geometry, ids.shape[1],
                                                                          _base_model_reference(source)))},
             recipe=recipe, measurements=measurements, method="prefix-tuning", library="peft",
-            title=f"{Path(source).name}: prefix adapter", body=body, force=force,
+            title=f"{model_name(source)}: prefix adapter", body=body, force=force,
             check=lambda staging: check_peft(staging, checkpoint.config))
     return AdapterResult(str(output), "prefix", measurements, files, time.perf_counter() - started)
 
@@ -191,7 +192,7 @@ def make_ntk_adapter(config: NTKAdapterConfig, *, progress: Callable[[str], None
         files = write_adapter(
             output, checkpoint, tensors_file=ntk_attention.WEIGHTS_FILE, tensors=adapter.tensors(),
             files={ntk_attention.CONFIG_FILE: adapter.config_json()}, recipe=recipe, measurements=measurements,
-            method="ntk-attention", title=f"{Path(source).name}: NTK-attention adapter", body=body, force=force,
+            method="ntk-attention", title=f"{model_name(source)}: NTK-attention adapter", body=body, force=force,
             check=_check_ntk_adapter)
     return AdapterResult(str(output), "ntk", measurements, files, time.perf_counter() - started)
 

@@ -24,6 +24,7 @@ from surgery.extend.verify import Expectation, check_plan, problems, read_back
 from surgery.io import open_checkpoint, write_checkpoint
 from surgery.io.loader_check import check_transformers
 from surgery.io.writer import DEFAULT_MAX_SHARD_SIZE, WriteResult, check_output_available
+from surgery.cards import model_name
 from surgery.output import Card, OutputRecord
 from surgery.provenance import read_manifest
 
@@ -176,7 +177,7 @@ def extend(config: ExtendConfig, *, progress=None) -> ExtendResult:
         intended = check_plan(result).to_json()
         record = OutputRecord("extend", [ckpt])
         recipe = {"rope": method, **result.parameters, "source": str(source)}
-        card = Card(f"{Path(str(source)).name}, context extended ({method})", None, f"rope-{method}",
+        card = Card(f"{model_name(str(source))}, context extended ({method})", None, f"rope-{method}",
                     _card_body(result, str(source)))
 
         def files() -> dict[str, bytes]:

@@ -31,6 +31,7 @@ from surgery.io import open_checkpoint
 from surgery.io.checkpoint import Checkpoint, TensorInfo, require_finite
 from surgery.io.writer import DEFAULT_MAX_SHARD_SIZE, check_output_available
 from surgery.memory import release_freed_memory
+from surgery.cards import model_name
 from surgery.output import Card, OutputRecord
 from surgery.quantize.formats import FORMATS, format_named
 from surgery.quantize.formats.base import Fit, Plan, QuantFormat
@@ -485,7 +486,7 @@ def quantize(config: QuantizeConfig, *, progress: Callable[[int], None] | None =
 
         def files() -> dict[str, bytes]:
             measured = measurements()
-            card = Card(f"{ckpt.source}, {config.preset or f'{config.bits}-bit'} {config.method}"
+            card = Card(f"{model_name(ckpt.source)}, {config.preset or f'{config.bits}-bit'} {config.method}"
                         f"{fmt.card_title_note}", "quantized",
                         f"quantize-{config.method}", _card_body(config, ckpt, measured))
             return record.files(config.recipe(), card, measured)
