@@ -82,6 +82,69 @@ def test_batched_answers_equal_one_by_one_greedy_decoding(long_to_short):
     assert set(report["by_difficulty"]) == {"1", "2", "3", "4"}
 
 
+def test_sampled_first_tokens_follow_the_tempered_softmax(long_to_short):
+    """With --temperature T every response is a draw from softmax(logits / T): over 600 one-token samples of one
+    prompt, each token's frequency is within 4.5 standard errors of its probability computed here from a forward
+    pass; the same seed repeats the samples exactly, another seed does not, and the caller's RNG is untouched."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = long_to_short / "models" / "base"
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    task = load_tasks(long_to_short / "tasks.jsonl")[1]
+    temperature, samples = 2.0, 600
+    with torch.no_grad():
+        logits = model(torch.tensor([tokenizer(task["prompt"])["input_ids"]])).logits[0, -1].double()
+    probability = torch.softmax(logits / temperature, dim=-1)
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    report = evaluate_length(model, tokenizer, [task], max_new_tokens=1, temperature=temperature, samples=samples,
+                             seed=7, batch_size=4)
+    assert torch.rand(1) == before  # fork_rng: the global stream goes on as if nothing had been sampled
+    assert report["count"] == samples and report["samples"] == samples and len(report["responses"]) == samples
+    # what each token comes back as: (length, text); special tokens other than <eos> decode to ""
+    outcome = [(0, "") if token == tokenizer.eos_token_id else (1, tokenizer.decode([token], skip_special_tokens=True))
+               for token in range(len(probability))]
+    expected = {}
+    for token, key in enumerate(outcome):
+        expected[key] = expected.get(key, 0.0) + float(probability[token])
+    seen = {}
+    for row in report["responses"]:
+        seen[(row["length"], row["response"])] = seen.get((row["length"], row["response"]), 0) + 1
+    assert set(seen) <= set(expected)
+    assert max(expected.values()) < 0.9  # a spread distribution, so that the test can tell sampling from greedy
+    for key, chance in expected.items():
+        error = (chance * (1 - chance) / samples) ** 0.5 + 1e-3
+        assert abs(seen.get(key, 0) / samples - chance) <= 4.5 * error, (key, seen.get(key, 0), chance)
+    again = evaluate_length(model, tokenizer, [task], max_new_tokens=1, temperature=temperature, samples=samples,
+                            seed=7, batch_size=4)
+    other = evaluate_length(model, tokenizer, [task], max_new_tokens=1, temperature=temperature, samples=samples,
+                            seed=8, batch_size=4)
+    assert again["responses"] == report["responses"] and other["responses"] != report["responses"]
+
+
+def test_sampling_at_a_tiny_temperature_is_greedy_and_rates_average_the_samples(long_to_short):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = long_to_short / "models" / "system2"
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tasks = load_tasks(long_to_short / "tasks.jsonl")[:6]
+    greedy = evaluate_length(model, tokenizer, tasks, max_new_tokens=MINI_MAX_NEW_TOKENS)
+    cold = evaluate_length(model, tokenizer, tasks, max_new_tokens=MINI_MAX_NEW_TOKENS, temperature=1e-4, samples=3)
+    assert [(row["task"], row["sample"]) for row in cold["responses"]] == [(t, s) for t in range(6) for s in range(3)]
+    assert [row["response"] for row in cold["responses"]] == [row["response"] for row in greedy["responses"]
+                                                              for _ in range(3)]
+    hot = evaluate_length(model, tokenizer, tasks, max_new_tokens=MINI_MAX_NEW_TOKENS, temperature=1.5, samples=4)
+    rows = hot["responses"]
+    assert hot["accuracy"] == pytest.approx(sum(row["correct"] for row in rows) / 24)
+    assert hot["mean_length"] == pytest.approx(sum(row["length"] for row in rows) / 24)
+    for level, figures in hot["by_difficulty"].items():
+        members = [row for row in rows if str(row["difficulty"]) == level]
+        assert figures["count"] == len(members) == 4 * sum(str(t["difficulty"]) == level for t in tasks)
+
+
 def test_command_line_report_and_responses_file(long_to_short, tmp_path):
     responses = tmp_path / "responses.jsonl"
     model = long_to_short / "models" / "base"
@@ -109,7 +172,9 @@ def test_bad_task_files_are_one_line_errors(long_to_short, tmp_path):
              (model, "--tasks", no_answer): "line 1 needs a string \"prompt\" and an \"answer\"",
              (model, "--tasks", tmp_path / "missing.jsonl"): "cannot read it",
              (tmp_path / "no-model", "--tasks", long_to_short / "tasks.jsonl"): "no such file or directory",
-             (model, "--tasks", no_answer, "--max-new-tokens", "0"): "--max-new-tokens"}
+             (model, "--tasks", no_answer, "--max-new-tokens", "0"): "--max-new-tokens",
+             (model, "--tasks", no_answer, "--samples", "4"): "more than one sample needs a temperature above 0",
+             (model, "--tasks", no_answer, "--temperature", "-1"): "--temperature -1 --samples 1"}
     for args, message in cases.items():
         result = run_surgery("eval", "length", *args)
         assert result.returncode == 2, (args, result.stderr)

@@ -112,6 +112,35 @@ def test_aim_sweep_calibrates_once(long_to_short, tmp_path):
         (out / "models" / "point-01" / "model.safetensors").read_bytes()
 
 
+def test_search_sweep_end_to_end(long_to_short, tmp_path):
+    """--search: generation 0 is a Latin hypercube of the box (each quarter of each coordinate once), a later
+    generation follows; a KEY@2 dimension becomes a two-point gradient in the point's recipe; the Pareto flags are
+    the brute-force front of all visited points; the same search twice gives the same bytes."""
+    models = long_to_short / "models"
+    args = ["sweep", models / "system1", models / "system2", "--method", "task_arithmetic", "--search",
+            "lambda@2=0:1", "--population", "4", "--generations", "2", "--seed", "3", "--eval",
+            long_to_short / "tasks.jsonl", "--limit", "4", "--max-new-tokens", "8", "--json"]
+    result = run_surgery(*args, "-o", tmp_path / "a")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["search"] == {"space": "lambda@2=0:1", "population": 4, "generations": 2, "seed": 3}
+    points = report["points"]
+    first = [row["setting"]["lambda"] for row in points if row["generation"] == 0]
+    assert len(first) == 4 and 1 <= len(points) - 4 <= 4 and {row["generation"] for row in points[4:]} == {1}
+    for coordinate in zip(*first):
+        assert sorted(min(int(value * 4), 3) for value in coordinate) == [0, 1, 2, 3]
+    settings = [json.dumps(row["setting"], sort_keys=True) for row in points]
+    assert len(set(settings)) == len(settings)  # nothing evaluated twice
+    recipe = yaml.safe_load((tmp_path / "a" / "recipes" / "point-05.yaml").read_text())
+    assert recipe["parameters"] == {"lambda": points[4]["setting"]["lambda"]} and len(recipe["parameters"]["lambda"]) == 2
+    figures = [(row["accuracy"], row["mean_length"]) for row in points]
+    front = [i for i, p in enumerate(figures) if not any(_dominates(q, p) for q in figures)]
+    assert [i for i, row in enumerate(points) if row["pareto"]] == front
+    again = run_surgery(*args, "-o", tmp_path / "b")
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "a" / "sweep.json").read_bytes() == (tmp_path / "b" / "sweep.json").read_bytes()
+
+
 def test_bad_sweeps_are_one_line_errors(long_to_short, tmp_path):
     models = long_to_short / "models"
     tasks = long_to_short / "tasks.jsonl"
@@ -122,6 +151,14 @@ def test_bad_sweeps_are_one_line_errors(long_to_short, tmp_path):
         (*pair, "--method", "ties", "--grid", "method=nope", "--eval", tasks): "nope",
         (*pair, "--grid", "lambda=1", "--eval", tasks): "--method is required",
         (*pair, "--method", "ties", "--grid", "lambda=1", "--eval", tmp_path / "none.jsonl"): "--eval",
+        (*pair, "--method", "ties", "--eval", tasks): "give --grid or --search",
+        (*pair, "--method", "ties", "--grid", "lambda=1", "--search", "lambda=0:1", "--eval", tasks): "one of them",
+        (*pair, "--method", "ties", "--search", "lambda=1:0", "--eval", tasks): "needs LOW < HIGH",
+        (*pair, "--method", "ties", "--search", "method=0:1", "--eval", tasks): "not a numeric parameter",
+        (*pair, "--method", "ties", "--search", "density=0:1", "--eval", tasks): "density",
+        (*pair, "--method", "ties", "--search", "omega=0:1", "--eval", tasks): "omega needs a recipe with an aim",
+        (*pair, "--method", "ties", "--search", "lambda=0:1", "--population", "1", "--eval", tasks): "--population",
+        (*pair, "--method", "ties", "--grid", "lambda=1", "--samples", "3", "--eval", tasks): "needs a temperature",
     }
     for args, message in cases.items():
         result = run_surgery("sweep", *args, "-o", tmp_path / "out")

@@ -7,7 +7,8 @@ from typing import Optional
 import typer
 
 from surgery.cli.options import (BATCH_OPTION, CHAT_TEMPLATE_OPTION, DEVICE_OPTION, JSON_OPTION, LENGTHS_OPTION,
-                                 LIMIT_OPTION, MAX_NEW_TOKENS_OPTION, check_device, print_json)
+                                 LIMIT_OPTION, MAX_NEW_TOKENS_OPTION, SAMPLE_SEED_OPTION, SAMPLES_OPTION,
+                                 TEMPERATURE_OPTION, check_device, print_json)
 from surgery.errors import BadInput
 
 app = typer.Typer(name="eval", help="Evaluations that run offline: answer accuracy against length, passkey retrieval, "
@@ -88,20 +89,25 @@ def eval_length(
     batch_size: int = BATCH_OPTION,
     chat_template: Optional[bool] = CHAT_TEMPLATE_OPTION,
     limit: Optional[int] = LIMIT_OPTION,
+    temperature: float = TEMPERATURE_OPTION,
+    samples: int = SAMPLES_OPTION,
+    seed: int = SAMPLE_SEED_OPTION,
     responses: Optional[str] = typer.Option(None, "--responses", help="Also write every response and its score to "
                                                                       "this JSONL file."),
     device: str = DEVICE_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Accuracy, mean response length and reflection rate (greedy), per difficulty: the long-to-short measures."""
-    from surgery.evaluation.length import evaluate_length, load_tasks, write_responses
+    """Accuracy, mean response length and reflection rate per difficulty, the long-to-short measures: greedy, or
+    --samples answers per task at --temperature (seeded) so that they are rates."""
+    from surgery.evaluation.length import check_sampling, evaluate_length, load_tasks, write_responses
 
     if max_new_tokens < 1 or batch_size < 1 or (limit is not None and limit < 1):
         raise BadInput("--max-new-tokens, --batch-size and --limit must be at least 1")
+    check_sampling(temperature, samples)
     chosen = load_tasks(tasks)[:limit]
     loaded, tokenizer = _eval_model(model, device)
     report = evaluate_length(loaded, tokenizer, chosen, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                             chat_template=chat_template)
+                             chat_template=chat_template, temperature=temperature, samples=samples, seed=seed)
     rows = report.pop("responses")
     if responses:
         write_responses(responses, rows)
@@ -109,7 +115,7 @@ def eval_length(
         return print_json({"model": model, "tasks": tasks, **report})
     typer.echo(f"{model}: accuracy {report['accuracy']:.3f}, mean length {report['mean_length']:.1f} tokens, "
                f"reflective {report['reflection_rate']:.2f}, truncated {report['truncated_rate']:.2f} "
-               f"({report['count']} tasks)")
+               f"({len(chosen)} tasks{f', {samples} samples each at temperature {temperature:g}' if temperature else ''})")
     for level, row in report["by_difficulty"].items():
         typer.echo(f"  difficulty {level}: accuracy {row['accuracy']:.3f}, mean length {row['mean_length']:.1f}, "
                    f"reflective {row['reflection_rate']:.2f} ({row['count']})")

@@ -9,8 +9,8 @@ from typing import Optional
 import typer
 
 from surgery.cli.options import (BATCH_OPTION, CHAT_TEMPLATE_OPTION, DEVICE_OPTION, JSON_OPTION, LIMIT_OPTION,
-                                 MAX_NEW_TOKENS_OPTION, SHARD_OPTION, print_json, progress,
-                                 human_size)
+                                 MAX_NEW_TOKENS_OPTION, SAMPLES_OPTION, SHARD_OPTION, TEMPERATURE_OPTION, human_size,
+                                 print_json, progress)
 
 app = typer.Typer()
 
@@ -215,8 +215,16 @@ def sweep_command(
     models: list[str] = typer.Argument(None, help="Models to merge, as for `surgery merge` (or give --recipe)."),
     output: str = typer.Option(..., "-o", "--output", help="Directory for sweep.json, pareto.png and the recipes "
                                                            "(written atomically)."),
-    grid: str = typer.Option(..., "--grid", help="Settings to try, e.g. \"lambda=0.5:1.0:0.1,density=0.1,0.2\" "
-                                                 "(START:STOP:STEP includes STOP; also method, seed, omega)."),
+    grid: Optional[str] = typer.Option(None, "--grid", help="Settings to try, e.g. \"lambda=0.5:1.0:0.1,"
+                                                           "density=0.1,0.2\" (START:STOP:STEP includes STOP; also "
+                                                           "method, seed, omega)."),
+    search: Optional[str] = typer.Option(None, "--search", help="Instead of --grid, search this box with NSGA-II "
+                                                               "for the accuracy / length Pareto front, e.g. "
+                                                               "\"lambda@3=0.4:1.6,density=0.1:0.9\" (KEY@K: K "
+                                                               "values over the layers, a gradient)."),
+    population: int = typer.Option(8, "--population", help="Points per generation of --search."),
+    generations: int = typer.Option(3, "--generations", help="Generations of --search (the first a Latin "
+                                                             "hypercube)."),
     tasks: str = typer.Option(..., "--eval", help="Tasks for `surgery eval length` (JSONL with prompt, answer)."),
     recipe_file: Optional[str] = typer.Option(None, "--recipe", help="Merge recipe (YAML, mergekit config, or a "
                                                                      "surgery.json)."),
@@ -227,6 +235,9 @@ def sweep_command(
     batch_size: int = BATCH_OPTION,
     chat_template: Optional[bool] = CHAT_TEMPLATE_OPTION,
     limit: Optional[int] = LIMIT_OPTION,
+    temperature: float = TEMPERATURE_OPTION,
+    samples: int = SAMPLES_OPTION,
+    seed: int = typer.Option(0, "--seed", help="Seed of --search and of sampled answers."),
     keep_models: bool = typer.Option(False, "--keep-models", help="Keep every merge in OUTPUT/models/."),
     executor: str = typer.Option("local", "--executor", help="local, or ray: every merge + evaluation a Ray task "
                                                               "(one GPU each with --device cuda)."),
@@ -236,11 +247,13 @@ def sweep_command(
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists (once the new one is complete)."),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Merge at every grid point, evaluate accuracy and response length, and recommend a setting on the Pareto front."""
+    """Merge at every grid point (or where --search leads), evaluate accuracy and response length, and recommend a
+    setting on the Pareto front."""
     from surgery.sweep import SweepConfig, sweep
 
     config = SweepConfig(tuple(models or ()), output, grid, tasks, recipe=recipe_file, method=method,
-                         tolerance=tolerance, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                         search=search, population=population, generations=generations, temperature=temperature,
+                         samples=samples, seed=seed, tolerance=tolerance, max_new_tokens=max_new_tokens, batch_size=batch_size,
                          chat_template=chat_template, limit=limit, keep_models=keep_models, executor=executor,
                          ray_address=ray_address, device=device, force=force)
     report = sweep(config, progress=lambda line: typer.echo(line, err=True)).summary()
@@ -249,6 +262,7 @@ def sweep_command(
     for row in report["inputs"] + report["points"]:
         mark = " <- recommended" if row.get("recommended") else " (Pareto front)" if row.get("pareto") else ""
         label = json.dumps(row["setting"]) if "setting" in row else "input"
+        label += f" (generation {row['generation']})" if "generation" in row else ""
         typer.echo(f"{row['name']:<12} {label:<40} accuracy {row['accuracy']:.3f}  mean length "
                    f"{row['mean_length']:7.1f}  reflective {row['reflection_rate']:.2f}{mark}")
     best = report["recommended"]

@@ -20,6 +20,10 @@ BATCH_OPTION = typer.Option(16, "--batch-size", help="Prompts generated together
 CHAT_TEMPLATE_OPTION = typer.Option(None, "--chat-template/--no-chat-template",
                                     help="Wrap prompts in the tokenizer's chat template (default: when it has one).")
 LIMIT_OPTION = typer.Option(None, "--limit", help="Only the first N tasks.")
+TEMPERATURE_OPTION = typer.Option(0.0, "--temperature", help="Sample answers at this temperature (0: greedy).")
+SAMPLES_OPTION = typer.Option(1, "--samples", help="Answers sampled per task (with --temperature above 0): the "
+                                                   "figures become rates over the samples.")
+SAMPLE_SEED_OPTION = typer.Option(0, "--seed", help="Seed of the sampled answers.")
 
 
 def print_json(value: dict) -> None:
