@@ -132,7 +132,8 @@ def test_search_sweep_end_to_end(long_to_short, tmp_path):
     settings = [json.dumps(row["setting"], sort_keys=True) for row in points]
     assert len(set(settings)) == len(settings)  # nothing evaluated twice
     recipe = yaml.safe_load((tmp_path / "a" / "recipes" / "point-05.yaml").read_text())
-    assert recipe["parameters"] == {"lambda": points[4]["setting"]["lambda"]} and len(recipe["parameters"]["lambda"]) == 2
+    assert recipe["parameters"] == {"lambda": points[4]["setting"]["lambda"]}
+    assert len(recipe["parameters"]["lambda"]) == 2
     figures = [(row["accuracy"], row["mean_length"]) for row in points]
     front = [i for i, p in enumerate(figures) if not any(_dominates(q, p) for q in figures)]
     assert [i for i, row in enumerate(points) if row["pareto"]] == front

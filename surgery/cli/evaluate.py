@@ -113,9 +113,10 @@ def eval_length(
         write_responses(responses, rows)
     if as_json:
         return print_json({"model": model, "tasks": tasks, **report})
+    sampled = f", {samples} samples each at temperature {temperature:g}" if temperature else ""
     typer.echo(f"{model}: accuracy {report['accuracy']:.3f}, mean length {report['mean_length']:.1f} tokens, "
                f"reflective {report['reflection_rate']:.2f}, truncated {report['truncated_rate']:.2f} "
-               f"({len(chosen)} tasks{f', {samples} samples each at temperature {temperature:g}' if temperature else ''})")
+               f"({len(chosen)} tasks{sampled})")
     for level, row in report["by_difficulty"].items():
         typer.echo(f"  difficulty {level}: accuracy {row['accuracy']:.3f}, mean length {row['mean_length']:.1f}, "
                    f"reflective {row['reflection_rate']:.2f} ({row['count']})")

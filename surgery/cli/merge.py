@@ -253,8 +253,8 @@ def sweep_command(
 
     config = SweepConfig(tuple(models or ()), output, grid, tasks, recipe=recipe_file, method=method,
                          search=search, population=population, generations=generations, temperature=temperature,
-                         samples=samples, seed=seed, tolerance=tolerance, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                         chat_template=chat_template, limit=limit, keep_models=keep_models, executor=executor,
+                         samples=samples, seed=seed, tolerance=tolerance, max_new_tokens=max_new_tokens,
+                         batch_size=batch_size, chat_template=chat_template, limit=limit, keep_models=keep_models, executor=executor,
                          ray_address=ray_address, device=device, force=force)
     report = sweep(config, progress=lambda line: typer.echo(line, err=True)).summary()
     if as_json:

@@ -4,13 +4,15 @@
 
 Each row is a dict with ``name``, ``accuracy``, ``mean_length`` and optionally ``kind`` ("input" rows are drawn as
 squares), ``by_difficulty`` ({level: {accuracy, mean_length}}), ``pareto`` (joined by a line) and ``recommended``
-(a star). The file is written atomically and carries no timestamp, so the same rows give the same bytes.
+(a star); inputs are labelled by directory name or Hub id. The file is written atomically and carries no timestamp,
+so the same rows give the same bytes.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from surgery.cards import model_name
 from surgery.io.writer import write_file_atomic
 
 LABELLED_ROWS = 16  # name every point when there are at most this many
@@ -29,7 +31,7 @@ def _panel(axes, rows: list[dict], title: str) -> None:
         axes.scatter(row["mean_length"], row["accuracy"], marker=marker, color=colour,
                      s=140 if row.get("recommended") else 40, zorder=3)
         if labelled or row.get("kind") == "input" or row.get("recommended"):
-            axes.annotate(row["name"], (row["mean_length"], row["accuracy"]), fontsize=7,
+            axes.annotate(model_name(row["name"]), (row["mean_length"], row["accuracy"]), fontsize=7,
                           xytext=(4, 3), textcoords="offset points")
     axes.set_title(title, fontsize=9)
     axes.set_xlabel("mean response length (tokens)")
