@@ -449,13 +449,15 @@ class _Search:
         vectors, evaluated, seen = latin_hypercube(rng, self.population, self.space.size), [], set()
         total = f"≤{self.population * self.generations}"
         for generation in range(self.generations):
-            fresh = []
+            fresh, settings = [], []
             for vector in vectors:
-                key = json.dumps(self.space.setting(vector), sort_keys=True)
+                setting = self.space.setting(vector)
+                key = json.dumps(setting, sort_keys=True)
                 if key not in seen:
                     seen.add(key)
                     fresh.append(vector)
-            rows = points.run([self.space.setting(v) for v in fresh], total, generation=generation)
+                    settings.append(setting)
+            rows = points.run(settings, total, generation=generation)
             evaluated += [(vector, (-row["accuracy"], row["mean_length"])) for vector, row in zip(fresh, rows)]
             if generation + 1 < self.generations:
                 vectors = next_generation(rng, [v for v, _ in evaluated], [o for _, o in evaluated],
@@ -491,8 +493,8 @@ def _sweep(recipe: Recipe, points: list[dict] | _Search, evaluation: Evaluation,
     from surgery.evaluation.plots import accuracy_length_plot
 
     check_executor(executor, ray_address)
-    if not isinstance(points, _Search):
-        [with_setting(recipe, setting) for setting in points]  # a bad point is an error before anything runs
+    for setting in [] if isinstance(points, _Search) else points:
+        with_setting(recipe, setting)  # a bad point is an error before anything runs
     check_output_available(output, force)
     began = time.perf_counter()
     with atomic_directory(output, force) as staging, tempfile.TemporaryDirectory(dir=staging) as scratch:
