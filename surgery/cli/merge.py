@@ -92,7 +92,15 @@ def merge(
     device: str = typer.Option("cpu", "--device", help="Where the math runs: cpu or cuda."),
     max_shard_size: str = SHARD_OPTION,
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists (once the new one is complete)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Check the inputs and print the plan; write nothing."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check the inputs and print the plan, then read them as "
+                                                           "the merge would and print per layer each task vector's "
+                                                           "norm relative to the base's, the cosine between task "
+                                                           "vectors, TIES' sign conflicts, and the estimated time, "
+                                                           "disk and memory; write nothing."),
+    check: bool = typer.Option(False, "--check", help="Before the output appears, measure the merge on text the "
+                                                       "base generates: KL and top-1 agreement against each parent, "
+                                                       "probe NLL, finite weights, tokenizer and chat template; "
+                                                       "written into the card and surgery.json."),
     executor: str = typer.Option("local", "--executor", help="local, or ray: one Ray task per output shard (pip "
                                                               "install 'surgery[ray]'; inputs and OUTPUT's parent "
                                                               "on a path every node sees). Same bytes."),
@@ -112,22 +120,84 @@ def merge(
                                 tokenizer_source=tokenizer_source, pad_to_multiple_of=pad_to_multiple_of,
                                 modules=modules, routers=routers, recipe=recipe, aim=aim, omega=omega, calibration=calibration, stats=stats,
                                 max_tokens=max_tokens, device=device, max_shard_size=max_shard_size, force=force,
-                                executor=executor, ray_address=ray_address)
+                                executor=executor, ray_address=ray_address, check=check)
     if dry_run:
+        from surgery.merge.diagnostics import diagnose
+
         plan = plan_merge(job)
+        report = diagnose(job)
         if as_json:
-            return print_json(plan)
+            return print_json(plan | {"diagnostics": report})
         typer.echo(f"would merge {len(plan['models'])} model(s) into {output} with {plan['method']}"
                    + (f" on base {plan['base']}" if plan["base"] else ""))
         typer.echo(f"  {plan['tensors']} tensors, {human_size(plan['total_bytes'])} in {plan['shards']} shard(s), "
                    f"dtype {plan['dtype']}, seed {plan['seed']}, parameters {json.dumps(plan['parameters'])}")
-        return
+        return _print_diagnostics(report)
     with progress(None, "B", "merge") as advance:
         result = run_merge(job, progress=advance)
     if as_json:
         return print_json(result.summary())
     typer.echo(f"wrote {result.write.directory}: {job.recipe.method} merge, {len(result.write.shards)} shard(s), "
                f"{human_size(result.write.total_size)}")
+    if result.check is not None:
+        _print_check(result.check)
+
+
+def _print_diagnostics(report: dict) -> None:
+    """The dry run's task-vector table, estimate and warnings (:func:`surgery.merge.diagnostics.diagnose`)."""
+    models = list(report["models"])
+    if report["layers"]:
+        pairs = list(report["overall"]["cosine"])
+        typer.echo("task vectors τ = model − base: ‖τ‖/‖W0‖ per model, cosine between them, sign conflicts "
+                   "(entries kept by 2+ models whose signs differ)")
+        if len(models) > 2:
+            typer.echo("  models: " + ", ".join(f"{k + 1} = {m}" for k, m in enumerate(models)))
+        numbered = {pair: "·".join(str(models.index(m) + 1) for m in pair.split(" · ")) for pair in pairs}
+        width = max(len(layer["group"]) for layer in report["layers"])
+        header = [f"{'group':<{width}}"] + [f"{m[:12]:>12}" for m in models] + \
+            [f"{'cosine' if len(pairs) == 1 else 'cos ' + numbered[pair]:>8}" for pair in pairs] + [f"{'conflicts':>9}"]
+        typer.echo("  " + " ".join(header))
+        for layer in report["layers"] + [report["overall"]]:
+            cells = [f"{layer['group']:<{width}}"]
+            cells += [f"{_number(layer['relative_norm'][m]):>12}" for m in models]
+            cells += [f"{_number(layer['cosine'][pair]):>8}" for pair in pairs]
+            conflicts = layer["sign_conflicts"]
+            cells.append(f"{'-' if conflicts is None else f'{conflicts:.1%}':>9}")
+            typer.echo("  " + " ".join(cells))
+    else:
+        typer.echo("no base, so no task vectors to report")
+    estimate = report["estimate"]
+    free = f", {human_size(estimate['free_bytes'])} free" if estimate["free_bytes"] is not None else ""
+    typer.echo(f"estimate: {estimate['seconds']:.2g} s = reading {estimate['read_seconds']:.2g} s (measured now) + "
+               f"merging {estimate['merge_seconds']:.2g} s (the method timed on one tensor of each shape) over "
+               f"{estimate['workers']} worker(s), writing not included")
+    typer.echo(f"  disk {human_size(estimate['disk_bytes'])}{free}; memory at most "
+               f"{human_size(estimate['memory_bytes'])} beyond the inputs' mapped files")
+    for warning in report["warnings"]:
+        typer.echo(f"warning: {warning}")
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def _print_check(report: dict) -> None:
+    """``--check``'s measurements (:func:`surgery.merge.check.check_merge`)."""
+    probe = report["probe"]
+    if "skipped" in probe:
+        typer.echo(f"check: probe skipped ({probe['skipped']})")
+    else:
+        typer.echo(f"check on {probe['tokens']} tokens {probe['written_by']} wrote (seed {probe['seed']}): merge's "
+                   f"NLL {report['merged_nll']:.3f}")
+        for row in report["parents"]:
+            if "skipped" in row:
+                typer.echo(f"  {row['model']}: skipped ({row['skipped']})")
+                continue
+            extra = f", KL(base ‖ it) {row['kl_to_base']:.4f}" if "kl_to_base" in row else ""
+            typer.echo(f"  {row['model']}{' (base)' if row['base'] else ''}: KL(it ‖ merge) {row['kl']:.4f}, "
+                       f"top-1 agreement {row['top1_agreement']:.3f}, NLL {row['nll']:.3f}{extra}")
+    for warning in report["warnings"]:
+        typer.echo(f"warning: {warning}")
 
 
 def _parameter_options() -> list[inspect.Parameter]:

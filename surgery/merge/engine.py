@@ -30,6 +30,7 @@ from surgery.io.checkpoint import Checkpoint, TensorInfo, natural_key, parse_dty
 from surgery.io.loader_check import check_transformers
 from surgery.io.writer import WriteResult, check_output_available, write_shard_file
 from surgery.merge.chat_template import resolve_template, with_chat_template
+from surgery.merge.check import check_merge, check_section
 from surgery.merge.job import MergeJob, check_parameters
 from surgery.merge.params import resolve_value
 from surgery.merge.sparsify import chunk_slices
@@ -399,6 +400,49 @@ def aim_factors_for(recipe: Recipe, inputs: MergeInputs, plan: list[PlannedTenso
     return factors
 
 
+def resolved_parameters(method: MergeMethod, recipe: Recipe, entries: list[ModelEntry], slice_parameters: dict,
+                        name: str, t: float) -> dict:
+    """The method's parameters for one tensor: the first setting that applies (a model entry's for a per-model
+    one, then the slice's, then the recipe's), else the declared default; per-model ones as a list in ``entries``'
+    order.
+
+    Args:
+        method: the merge method.
+        recipe: the recipe (its global parameters; ``finish`` reads it).
+        entries: the recipe entries of the tensor's non-base models.
+        slice_parameters: the slice's parameters ({} without slices).
+        name: the output tensor's name (for filters).
+        t: its layer position in [0, 1] (for gradients).
+
+    Returns:
+        Parameter name → value, what :class:`TensorMerge` carries.
+
+    Example: ``resolved_parameters(get_method("ties"), recipe, recipe.models, {}, "model.layers.0.mlp.up_proj.weight", 0.0)``
+    """
+    globals_ = [slice_parameters, recipe.parameters]
+
+    def value(parameter, setting_sources):
+        for settings in setting_sources:
+            if parameter.name in settings:
+                resolved = resolve_value(settings[parameter.name], name, t)
+                if resolved is not None:
+                    return resolved
+        return parameter.default
+
+    values = {}
+    for parameter in method.parameters:
+        if parameter.per_model:
+            values[parameter.name] = [value(parameter, [entry.parameters, *globals_]) for entry in entries]
+        else:
+            values[parameter.name] = value(parameter, globals_)
+        if parameter.finish is not None:
+            values[parameter.name] = parameter.finish(values[parameter.name], recipe)
+        if parameter.required and values[parameter.name] is None:
+            raise BadInput(f"tensor {name!r}: no setting of parameter {parameter.name!r} applies to it "
+                           f"(method {method.name!r} needs one)")
+    return values
+
+
 class TensorMerger:
     """Computes one merged output tensor at a time (the ``load`` callback handed to the writer)."""
 
@@ -426,75 +470,65 @@ class TensorMerger:
                        "finite inputs (check the weights and parameters)")
 
     def _parameters(self, planned: PlannedTensor) -> dict:
-        """The method's parameters for this tensor: the first setting that applies (a model entry's for a per-model
-        one, then the slice's, then the recipe's), else the declared default."""
-        part, name, t = planned.part, planned.spec.name, planned.t
-        globals_ = [part.parameters, self.recipe.parameters]
+        return resolved_parameters(self.inputs.method, self.recipe, planned.part.entries, planned.part.parameters,
+                                   planned.spec.name, planned.t)
 
-        def value(parameter, setting_sources):
-            for settings in setting_sources:
-                if parameter.name in settings:
-                    resolved = resolve_value(settings[parameter.name], name, t)
-                    if resolved is not None:
-                        return resolved
-            return parameter.default
+    def pieces(self, merge_input: TensorMerge) -> list[TensorMerge]:
+        """What the method merges separately: the tensor, or on a fused MoE tensor (every expert stacked along dim
+        0) each expert, so that expert i's task vector is model i's expert i minus the base's and SVD methods
+        decompose each expert's matrix, exactly as for experts stored one tensor each."""
+        if self.arch.role(merge_input.name).experts is None or merge_input.models[0].ndim < 2:
+            return [merge_input]
+        return [replace(merge_input, base=None if merge_input.base is None else merge_input.base[index],
+                        models=[model[index] for model in merge_input.models],
+                        is_matrix=merge_input.models[0].ndim == 3)
+                for index in range(merge_input.models[0].shape[0])]  # gpt-oss's per-expert biases (experts, out) too
 
-        values = {}
-        for parameter in self.inputs.method.parameters:
-            if parameter.per_model:
-                values[parameter.name] = [value(parameter, [entry.parameters, *globals_]) for entry in part.entries]
-            else:
-                values[parameter.name] = value(parameter, globals_)
-            if parameter.finish is not None:
-                values[parameter.name] = parameter.finish(values[parameter.name], self.recipe)
-            if parameter.required and values[parameter.name] is None:
-                raise BadInput(f"tensor {name!r}: no setting of parameter {parameter.name!r} applies to it "
-                               f"(method {self.inputs.method.name!r} needs one)")
-        return values
-
-    def _merge(self, merge_input: TensorMerge, name: str) -> torch.Tensor:
-        """The method on one tensor; on a fused MoE tensor (every expert stacked along dim 0), expert by expert, so
-        that expert i's task vector is model i's expert i minus the base's and SVD methods decompose each expert's
-        matrix, exactly as for experts stored one tensor each."""
-        role = self.arch.role(name)
-        if role.experts is None or merge_input.models[0].ndim < 2:
-            return self.inputs.method.function(merge_input)
-        experts = []  # gpt-oss's per-expert biases (experts, out) too
-        for index in range(merge_input.models[0].shape[0]):
-            experts.append(self.inputs.method.function(replace(
-                merge_input, base=None if merge_input.base is None else merge_input.base[index],
-                models=[model[index] for model in merge_input.models],
-                is_matrix=merge_input.models[0].ndim == 3)))
-        return torch.stack(experts)
-
-    def __call__(self, name: str) -> torch.Tensor:
+    def merge_input(self, name: str) -> TensorMerge | None:
+        """The method's input for output tensor ``name``: the tensors read (rows matched by token for the
+        vocabulary), the parameters resolved for it, its seeded generator; None for a tensor copied from the base."""
         planned = self.plan[name]
-        part = planned.part
         if copied_from_base(self.inputs, self.arch, name):
-            ckpt, input_name = planned.inputs()[0]  # the base (the first model for methods without one)
-            return self._read(ckpt, input_name).to(planned.spec.dtype)
+            return None
         tensors = [self._read(ckpt, input_name) for ckpt, input_name in planned.inputs()]
         vocabulary = self.inputs.vocabulary
         if self.arch.role(name).kind in VOCAB_ROLES and vocabulary is not None:
             indices = [vocabulary.index[ckpt.source] for ckpt, _ in planned.inputs()]
             tensors = align_rows(tensors, [None if i is None else i.to(self.device) for i in indices],
-                                 vocabulary.rows, base_position=0 if part.base else None)
-        base, models = (tensors[0], tensors[1:]) if part.base else (None, tensors)
+                                 vocabulary.rows, base_position=0 if planned.part.base else None)
+        base, models = (tensors[0], tensors[1:]) if planned.part.base else (None, tensors)
         generator = None
         if self.inputs.method.random:
             generator = torch.Generator(device=self.device).manual_seed(tensor_seed(self.recipe.seed, name))
-        factors = self.aim_factors.get(name)
-        dtype = planned.spec.dtype if planned.spec.dtype.is_floating_point and factors is None else torch.float32
-        merge_input = TensorMerge(
+        dtype = planned.spec.dtype if planned.spec.dtype.is_floating_point and name not in self.aim_factors \
+            else torch.float32
+        return TensorMerge(
             name=name, base=base, models=models, parameters=self._parameters(planned),
             is_matrix=len(planned.spec.shape) == 2 and self.arch.role(name).kind not in NOT_DECOMPOSED_KINDS,
             generator=generator, out_dtype=dtype,
         )
-        result = self._merge(merge_input, name)
+
+    def merged(self, merge_input: TensorMerge) -> torch.Tensor:
+        """The method (then AIM, when its factors are given) on one tensor's input."""
+        pieces = self.pieces(merge_input)
+        if len(pieces) == 1 and pieces[0] is merge_input:
+            result = self.inputs.method.function(merge_input)
+        else:
+            result = torch.stack([self.inputs.method.function(piece) for piece in pieces])
+        factors = self.aim_factors.get(merge_input.name)
         if factors is not None:
             from surgery.merge.aim import apply_aim
 
-            result = apply_aim(base, result, factors.to(self.device))
+            result = apply_aim(merge_input.base, result, factors.to(self.device))
+        return result
+
+    def __call__(self, name: str) -> torch.Tensor:
+        planned = self.plan[name]
+        merge_input = self.merge_input(name)
+        if merge_input is None:
+            ckpt, input_name = planned.inputs()[0]  # the base (the first model for methods without one)
+            return self._read(ckpt, input_name).to(planned.spec.dtype)
+        result = self.merged(merge_input)
         self._check_finite(planned, result)
         return result
 
@@ -505,17 +539,19 @@ class MergeResult:
 
     write: WriteResult
     recipe: Recipe
+    check: dict | None = None  # --check's report (surgery.merge.check.check_merge)
 
     def summary(self) -> dict:
         """What ``surgery merge --json`` prints.
 
         Returns:
-            output directory, method, shard count, total bytes and the files written.
+            output directory, method, shard count, total bytes, the files written, and ``check`` with --check.
 
         Example: ``merge(job).summary()["shards"]``
         """
         return {"output": str(self.write.directory), "method": self.recipe.method, "shards": len(self.write.shards),
-                "total_bytes": self.write.total_size, "files": self.write.files}
+                "total_bytes": self.write.total_size, "files": self.write.files} \
+            | ({"check": self.check} if self.check is not None else {})
 
 
 def _output_config(inputs: MergeInputs, specs: list[TensorInfo], dtype: torch.dtype | None) -> dict | None:
@@ -631,24 +667,37 @@ def merge(job: MergeJob, *, progress: Callable[[int], None] | None = None) -> Me
             shard_task = ShardTask(recipe, task_device(device), aim_factors)
             shards = RayShards(ray, shard_task, device, progress)
 
+        checked: dict = {}  # --check's report, once measured
+
+        def record_files() -> dict[str, bytes]:
+            vocabulary, report = inputs.vocabulary, checked.get("report")
+            card = Card(f"A {inputs.method.name} merge", "merge", inputs.method.name,
+                        _card_body(recipe, inputs) + check_section(report))
+            measurements = ({"vocabulary": {"rows": vocabulary.rows, "tokens": vocabulary.tokens,
+                                            "note": vocabulary.note}} if vocabulary else {}) \
+                | ({"check": report} if report else {})
+            return record.files(recipe.to_dict(), card, measurements or None)
+
         def files() -> dict[str, bytes]:
             aux = dict(inputs.auxiliary[inputs.tokenizer_source.source])
             if inputs.vocabulary is not None and inputs.vocabulary.tokenizer_files:  # a union tokenizer
                 aux = {n: d for n, d in aux.items() if n not in TOKENIZER_FILES} | inputs.vocabulary.tokenizer_files
             aux = with_chat_template(aux, recipe.chat_template, list(inputs.auxiliary.values()), "chat_template")
-            vocabulary = inputs.vocabulary
-            card = Card(f"A {inputs.method.name} merge", "merge", inputs.method.name, _card_body(recipe, inputs))
-            return aux | record.files(recipe.to_dict(), card, {"vocabulary": {
-                "rows": vocabulary.rows, "tokens": vocabulary.tokens, "note": vocabulary.note}} if vocabulary else None)
+            return aux | record_files()
 
         def check(staging: Path) -> None:
             check_transformers(staging, list(inputs.checkpoints))
+            if job.check:  # measured on the complete output, then the card and manifest say what was measured
+                checked["report"] = check_merge(staging, list(inputs.checkpoints), reference=inputs.reference,
+                                                base=inputs.base, seed=recipe.seed or 0)
+                for name, content in record_files().items():
+                    (staging / name).write_bytes(content)
 
         with _cpu_workers(merger.device) as workers:
             result = write_checkpoint(output, specs, merger, config=_output_config(inputs, specs, dtype),
                                       files=files, max_shard_size=job.max_shard_size, force=job.force,
                                       progress=progress, workers=workers, write_shards=shards, check=check)
-    return MergeResult(result, recipe)
+    return MergeResult(result, recipe, checked.get("report"))
 
 
 @dataclass(frozen=True)
@@ -682,9 +731,24 @@ def _cpu_workers(device: torch.device) -> Iterator[int]:
     if device.type != "cpu":
         yield 1
         return
+    workers = merge_workers(device)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield max(1, min(threads, os.cpu_count() or 1))
+        yield workers
     finally:
         torch.set_num_threads(threads)
+
+
+def merge_workers(device: torch.device) -> int:
+    """How many tensors a merge on ``device`` computes at once: one per core on CPU (see :func:`_cpu_workers`).
+
+    Args:
+        device: where the merge runs.
+
+    Returns:
+        The worker count.
+
+    Example: ``merge_workers(torch.device("cpu"))``
+    """
+    return 1 if device.type != "cpu" else max(1, min(torch.get_num_threads(), os.cpu_count() or 1))

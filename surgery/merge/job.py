@@ -158,7 +158,8 @@ class MergeJob:
     """A checked merge: the recipe, the output directory and how to write it.
 
     Fields are ``surgery merge``'s options: ``output`` (``-o``, written atomically), ``device`` (cpu, cuda),
-    ``max_shard_size``, ``force`` (replace an existing output), ``executor`` (local, ray) and ``ray_address``.
+    ``max_shard_size``, ``force`` (replace an existing output), ``executor`` (local, ray), ``ray_address`` and
+    ``check`` (measure the merge against its parents before it appears: :mod:`surgery.merge.check`).
     Construction checks the executor, the device and the recipe's parameters (BadInput, the CLI's messages).
 
     Example::
@@ -173,6 +174,7 @@ class MergeJob:
     force: bool = False
     executor: str = "local"
     ray_address: str | None = None
+    check: bool = False
 
     def __post_init__(self) -> None:
         check_executor(self.executor, self.ray_address)
@@ -186,13 +188,14 @@ class MergeJob:
     @classmethod
     def from_options(cls, models: Sequence[str] = (), *, output: str | Path, device: str = "cpu",
                      max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, force: bool = False,
-                     executor: str = "local", ray_address: str | None = None, **recipe_options: Any) -> "MergeJob":
+                     executor: str = "local", ray_address: str | None = None, check: bool = False,
+                     **recipe_options: Any) -> "MergeJob":
         """The job ``surgery merge MODELS... [options] -o OUTPUT`` runs (a pipeline's merge step: its keys).
 
         Args:
             models: model sources (or ``recipe=FILE``).
             output: the output directory.
-            device, max_shard_size, force, executor, ray_address: how to write it (the fields).
+            device, max_shard_size, force, executor, ray_address, check: how to write it (the fields).
             **recipe_options: :func:`build_recipe`'s options: method, base, weights, parameters, seed, dtype,
                 dare_rescale, tokenizer_source, pad_to_multiple_of, modules, routers, recipe, aim, omega,
                 calibration, stats, max_tokens, and parameter values by name or alias (``density=0.2``, ``alpha=0.5``).
@@ -203,7 +206,7 @@ class MergeJob:
         Example: ``MergeJob.from_options(["base", "ft"], method="dare_ties", density=0.3, seed=1, output="out")``
         """
         return cls(build_recipe(models, **recipe_options), output, device=device, max_shard_size=max_shard_size,
-                   force=force, executor=executor, ray_address=ray_address)
+                   force=force, executor=executor, ray_address=ray_address, check=check)
 
 
 def option_types() -> dict[str, Any]:

@@ -20,6 +20,20 @@ from surgery.io.checkpoint import Checkpoint
 BLOCK_SIZE = 512
 
 
+def has_tokenizer_files(files: dict[str, bytes]) -> bool:
+    """Whether a checkpoint's auxiliary files include a tokenizer.
+
+    Args:
+        files: file name → content (:meth:`Checkpoint.auxiliary_files`).
+
+    Returns:
+        True when one of them is a tokenizer file.
+
+    Example: ``has_tokenizer_files(checkpoint.auxiliary_files())``
+    """
+    return any(name.startswith("tokenizer") or name in ("vocab.json", "vocab.txt") for name in files)
+
+
 def load_tokenizer(checkpoint: Checkpoint):
     """The checkpoint's tokenizer, built by transformers from the files the checkpoint carries (for a GGUF file,
     the files transformers rebuilds from its vocabulary).
@@ -35,7 +49,7 @@ def load_tokenizer(checkpoint: Checkpoint):
     from transformers import AutoTokenizer
 
     files = checkpoint.auxiliary_files()
-    if not any(name.startswith("tokenizer") or name in ("vocab.json", "vocab.txt") for name in files):
+    if not has_tokenizer_files(files):
         raise BadInput(f"{checkpoint.source}: no tokenizer files, so calibration text cannot be tokenized")
     with tempfile.TemporaryDirectory(prefix="surgery-tokenizer-") as scratch:
         for name, content in files.items():

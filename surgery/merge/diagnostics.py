@@ -1,0 +1,237 @@
+"""What ``surgery merge --dry-run`` measures before anything is written: the task vectors, layer by layer, and what
+the merge will cost. It answers "will this merge work?" up front (mergekit #169, #671, #652: "why is my merge
+gibberish?"): a model that is no fine-tune of the base shows a task vector as large as the base itself, two models
+that undo each other show a negative cosine, and TIES' sign conflicts show how much of the models' changes the
+sign election will drop.
+
+Per group (a decoder layer — ``model.layers.3`` — or a tensor outside the layers: embeddings, final norm,
+lm_head), with τi = model i − base in float32, over every merged tensor of the group:
+
+- ``relative_norm[i]`` = ‖τi‖ / ‖W0‖ (Frobenius norms over the group's tensors together);
+- ``cosine[i, j]`` = ⟨τi, τj⟩ / (‖τi‖ ‖τj‖);
+- ``sign_conflicts`` = of the entries kept by two or more models, the share whose kept values do not all have
+  the same sign; kept is TIES' trim (the top ``density`` of |τi| per tensor, per expert for fused experts) for
+  methods with a density, every nonzero entry otherwise.
+
+The inputs are read exactly as the merge reads them (slices, vocabulary rows matched by token, parameters per
+tensor), one tensor at a time::
+
+    from surgery.merge import MergeJob
+    from surgery.merge.diagnostics import diagnose
+    report = diagnose(MergeJob.from_options(["base", "ft1", "ft2"], method="ties", density=0.2, output="out"))
+    report["layers"][0]["relative_norm"], report["estimate"]["seconds"], report["warnings"]
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections import defaultdict
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from surgery.arch import LAYER_INDEX
+from surgery.io.checkpoint import parse_dtype
+from surgery.merge.engine import PlannedTensor, TensorMerger, merge_workers, open_inputs, plan_tensors
+from surgery.merge.job import MergeJob
+from surgery.merge.registry import TensorMerge
+from surgery.merge.sparsify import magnitude
+
+FAR_FROM_BASE = 0.5  # ‖τ‖/‖W0‖ above this in a layer: hardly a fine-tune of that base (fine-tunes: ~1e-3 to 1e-1)
+OPPOSED = -0.2  # a model-wide cosine below this: the two task vectors largely cancel
+
+
+@dataclass
+class _Sums:
+    """Running sums over one group's tensors."""
+
+    base_squares: float = 0.0
+    task_squares: list[float] = field(default_factory=list)
+    dots: dict[tuple[int, int], float] = field(default_factory=dict)
+    overlapping: int = 0  # entries kept by two or more models
+    conflicting: int = 0  # of those, entries whose kept values differ in sign
+    tensors: int = 0
+
+    def add(self, base: torch.Tensor, deltas: list[torch.Tensor], kept: list[torch.Tensor]) -> None:
+        if not self.task_squares:
+            self.task_squares = [0.0] * len(deltas)
+        self.base_squares += float(base.double().square().sum())
+        for i, delta in enumerate(deltas):
+            self.task_squares[i] += float(delta.double().square().sum())
+            for j in range(i + 1, len(deltas)):
+                self.dots[i, j] = self.dots.get((i, j), 0.0) + float((delta.double() * deltas[j].double()).sum())
+        if len(kept) > 1:
+            signs = torch.stack([k.sign() for k in kept])
+            overlap = (signs != 0).sum(0) > 1
+            mixed = (signs > 0).any(0) & (signs < 0).any(0)
+            self.overlapping += int(overlap.sum())
+            self.conflicting += int((overlap & mixed).sum())
+        self.tensors += 1
+
+    def merge_into(self, other: "_Sums") -> None:
+        if not other.task_squares:
+            other.task_squares = [0.0] * len(self.task_squares)
+        other.base_squares += self.base_squares
+        other.task_squares = [a + b for a, b in zip(other.task_squares, self.task_squares)]
+        for pair, value in self.dots.items():
+            other.dots[pair] = other.dots.get(pair, 0.0) + value
+        other.overlapping += self.overlapping
+        other.conflicting += self.conflicting
+        other.tensors += self.tensors
+
+    def report(self, group: str, models: list[str]) -> dict:
+        base_norm = self.base_squares ** 0.5
+        norms = [value ** 0.5 for value in self.task_squares]
+        cosine = {f"{models[i]} · {models[j]}": (dot / (norms[i] * norms[j]) if norms[i] and norms[j] else None)
+                  for (i, j), dot in sorted(self.dots.items())}
+        return {
+            "group": group, "tensors": self.tensors,
+            "relative_norm": {model: (norm / base_norm if base_norm else None) for model, norm in zip(models, norms)},
+            "norm": dict(zip(models, norms)), "cosine": cosine,
+            "sign_conflicts": self.conflicting / self.overlapping if self.overlapping else None,
+        }
+
+
+def group_of(name: str) -> str:
+    """The group a tensor's statistics add to: its decoder layer, else its module.
+
+    Args:
+        name: a tensor name.
+
+    Returns:
+        The group's name.
+
+    Example: ``group_of("model.layers.3.mlp.up_proj.weight")`` is ``"model.layers.3"``, ``group_of("lm_head.weight")``
+    is ``"lm_head"``
+    """
+    match = LAYER_INDEX.search(name)
+    return name[:match.end(1)] if match else name.rsplit(".", 1)[0] if "." in name else name
+
+
+def _kept(piece: TensorMerge, deltas: list[torch.Tensor]) -> list[torch.Tensor]:
+    densities = piece.per_model("density") if "density" in piece.parameters else [None] * len(deltas)
+    return [delta if density is None else magnitude(delta, density) for delta, density in zip(deltas, densities)]
+
+
+def _check_inputs_finite(planned: PlannedTensor, merge_input: TensorMerge) -> None:
+    from surgery.errors import BadInput
+
+    tensors = ([merge_input.base] if merge_input.base is not None else []) + merge_input.models
+    for (ckpt, name), tensor in zip(planned.inputs(), tensors):
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise BadInput(f"{ckpt.source}: tensor {name!r} contains NaN or Inf")
+
+
+def _free_bytes(output: Path) -> int | None:
+    for directory in (output, *output.parents):
+        if directory.exists():
+            return shutil.disk_usage(directory).free
+    return None
+
+
+def _working_bytes(planned: PlannedTensor) -> int:
+    """An upper bound of one tensor's working memory: its inputs as stored, a float32 copy of each and of the
+    result (methods that work chunk by chunk need far less)."""
+    numel = planned.spec.numel
+    stored = sum(ckpt.tensors[name].nbytes if name in ckpt.tensors else planned.spec.nbytes  # a tied lm_head
+                 for ckpt, name in planned.inputs())
+    return stored + 4 * numel * (len(planned.inputs()) + 1)
+
+
+def diagnose(job: MergeJob, workers: int | None = None) -> dict:
+    """Read every input tensor as the merge would and report the task vectors per group, warnings, and the
+    merge's estimated time, disk and memory (see the module's docstring for the definitions).
+
+    Args:
+        job: the merge job (nothing is written).
+        workers: tensors merged at once (default: as many as the merge would use, one per CPU core).
+
+    Returns:
+        ``{"models", "layers": [group reports], "overall": group report, "estimate": {...}, "warnings": [...]}``;
+        with no base (slerp without one, linear...) there are no task vectors: ``layers`` is empty.
+
+    Example: ``diagnose(MergeJob.from_options(["base", "ft"], method="ties", output="out"))["overall"]``
+    """
+    recipe = job.recipe
+    workers = workers or merge_workers(torch.device(job.device))
+    dtype = parse_dtype(recipe.dtype) if recipe.dtype else None
+    with ExitStack() as stack:
+        inputs = open_inputs(recipe, stack)
+        plan = plan_tensors(inputs, dtype)
+        merger = TensorMerger(recipe, inputs, plan, "cpu")
+        models = [ckpt.source for ckpt in inputs.checkpoints if ckpt is not inputs.base]
+        groups: dict[str, _Sums] = defaultdict(_Sums)
+        read_seconds = 0.0
+        merge_seconds: dict[tuple, float] = {}
+        estimated_merge = 0.0
+        for planned in plan:
+            started = time.perf_counter()
+            merge_input = merger.merge_input(planned.spec.name)
+            read_seconds += time.perf_counter() - started
+            if merge_input is None:
+                continue
+            _check_inputs_finite(planned, merge_input)
+            kind = (tuple(planned.spec.shape), merge_input.models[0].dtype, merge_input.is_matrix)
+            if kind not in merge_seconds:  # the method timed once per shape: merges cost the same per shape
+                started = time.perf_counter()
+                merger.merged(merge_input)
+                merge_seconds[kind] = time.perf_counter() - started
+            estimated_merge += merge_seconds[kind]
+            if merge_input.base is None:
+                continue
+            for piece in merger.pieces(merge_input):
+                base = piece.base.float()
+                deltas = [model.float() - base for model in piece.models]
+                groups[group_of(planned.spec.name)].add(base, deltas, _kept(piece, deltas))
+        labels = [_label(model, models) for model in models]
+        layers = [groups[group].report(group, labels) for group in groups]
+        overall = _Sums()
+        for sums in groups.values():
+            sums.merge_into(overall)
+        total_bytes = sum(planned.spec.nbytes for planned in plan)
+        estimate = {
+            "seconds": read_seconds + estimated_merge / workers,
+            "read_seconds": read_seconds, "merge_seconds": estimated_merge, "workers": workers,
+            "disk_bytes": total_bytes, "free_bytes": _free_bytes(Path(job.output)),
+            "memory_bytes": max(1, min(workers, len(plan))) * max((_working_bytes(p) for p in plan), default=0),
+        }
+        report = {"models": dict(zip(labels, models)), "layers": layers,
+                  "overall": overall.report("all", labels) if groups else None, "estimate": estimate}
+        report["warnings"] = _warnings(report)
+        return report
+
+
+def _label(model: str, models: list[str]) -> str:
+    """A short name for a model in tables: its card name, or its position when two share one."""
+    from surgery.cards import model_name
+
+    names = [model_name(m) for m in models]
+    name = model_name(model)
+    return name if names.count(name) == 1 else f"{name} ({models.index(model) + 1})"
+
+
+def _warnings(report: dict) -> list[str]:
+    warnings = []
+    for model in report["models"]:
+        far = [layer for layer in report["layers"] if (layer["relative_norm"][model] or 0) > FAR_FROM_BASE]
+        if far:
+            worst = max(far, key=lambda layer: layer["relative_norm"][model])
+            warnings.append(f"{model}: its task vector is over {FAR_FROM_BASE:.0%} of the base's norm in "
+                            f"{len(far)} group(s) (up to {worst['relative_norm'][model]:.2f}, in {worst['group']}): "
+                            "is it a fine-tune of this base?")
+        overall = report["overall"]
+        if overall and overall["norm"][model] == 0:
+            warnings.append(f"{model}: identical to the base in every merged tensor: it adds nothing")
+    if report["overall"]:
+        for pair, cosine in report["overall"]["cosine"].items():
+            if cosine is not None and cosine < OPPOSED:
+                warnings.append(f"{pair}: the task vectors point against each other (cosine {cosine:.2f}): their "
+                                "changes largely cancel")
+    estimate = report["estimate"]
+    if estimate["free_bytes"] is not None and estimate["free_bytes"] < estimate["disk_bytes"]:
+        warnings.append(f"the output needs {estimate['disk_bytes']} bytes; its file system has "
+                        f"{estimate['free_bytes']} free")
+    return warnings
