@@ -137,3 +137,73 @@ def test_same_seed_same_bytes_and_bad_inputs_leave_nothing(models, tmp_path):
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
         assert not (tmp_path / "bad").exists()
+
+
+@pytest.fixture(scope="module")
+def everything_changed(tmp_path_factory):
+    """A llama base and a fine-tune whose Linear layers and embedding change by rank-3 matrices and whose norms
+    and lm_head change freely."""
+    root = tmp_path_factory.mktemp("extract-everything")
+    make_tiny_model("llama").save_pretrained(root / "base")
+    tuned = make_tiny_model("llama")
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, value in tuned.named_parameters():
+            if value.ndim == 2 and "lm_head" not in name:
+                rows, columns = value.shape
+                value.add_(0.05 * torch.randn(rows, LOW_RANK, generator=generator)
+                           @ torch.randn(LOW_RANK, columns, generator=generator))
+            else:
+                value.add_(0.01 * torch.randn(value.shape, generator=generator))
+    tuned.save_pretrained(root / "tuned")
+    return root
+
+
+def test_embeddings_and_saved_modules_carry_the_whole_fine_tune(everything_changed, tmp_path):
+    """--embeddings and --save-module for the norms and lm_head: PEFT's merged model is the fine-tune, every tensor."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    root = everything_changed
+    saved = ["input_layernorm", "post_attention_layernorm", "model.norm", "lm_head"]
+    result = run_surgery("extract-lora", root / "tuned", "--base", root / "base", "--rank", str(LOW_RANK),
+                         "--embeddings", *[a for m in saved for a in ("--save-module", m)], "-o", tmp_path / "lora",
+                         "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["not_carried"] == {} and summary["ranks"]["model.embed_tokens"] == LOW_RANK
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == sorted(saved)
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(root / "base"),
+                                       tmp_path / "lora").merge_and_unload()
+    tuned = read_numpy(root / "tuned")
+    state = {name: value.detach().numpy() for name, value in merged.state_dict().items()}
+    assert state.keys() == tuned.keys()
+    for name in tuned:
+        np.testing.assert_allclose(state[name], tuned[name], rtol=0, atol=1e-5, err_msg=name)
+    assert "Saved whole, as PEFT's modules_to_save" in (tmp_path / "lora" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--save-module", "q_proj"], "is a Linear layer the LoRA covers"),
+    (["--save-module", "nothing_here"], "--save-module nothing_here: "),
+    (["--save-module", ".norm"], "--save-module '.norm': a module name"),
+])
+def test_bad_save_modules_are_one_line_errors(everything_changed, tmp_path, arguments, message):
+    root = everything_changed
+    result = run_surgery("extract-lora", root / "tuned", "--base", root / "base", "--rank", "2", *arguments,
+                         "-o", tmp_path / "lora")
+    assert result.returncode == 2 and message in result.stderr and result.stderr.strip().count("\n") == 0
+    assert not (tmp_path / "lora").exists()
+
+
+def test_embeddings_of_a_tied_model_are_refused(tmp_path):
+    make_tiny_model("qwen2").save_pretrained(tmp_path / "base")
+    tuned = make_tiny_model("qwen2")
+    with torch.no_grad():
+        tuned.get_input_embeddings().weight.add_(0.01)
+        tuned.model.layers[0].mlp.up_proj.weight.add_(0.01)
+    tuned.save_pretrained(tmp_path / "tuned")
+    result = run_surgery("extract-lora", tmp_path / "tuned", "--base", tmp_path / "base", "--rank", "2",
+                         "--embeddings", "-o", tmp_path / "lora")
+    assert result.returncode == 2 and "ties lm_head to the embedding" in result.stderr

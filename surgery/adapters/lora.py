@@ -41,7 +41,9 @@ class ExtractLoraConfig:
 
     ``rank`` fixes every module's rank; ``energy`` (0 to 1] instead keeps per module the smallest rank whose
     singular values hold that fraction of the task matrix's squared Frobenius norm, at most ``max_rank``. ``seed``
-    seeds the randomised SVD (same inputs and seed → identical bytes).
+    seeds the randomised SVD (same inputs and seed → identical bytes). ``embeddings`` adds the input embedding's
+    change as an embedding LoRA; ``save_modules`` names modules (a module path or its last parts: ``lm_head``,
+    ``norm``, ``input_layernorm``) whose fine-tuned tensors are saved whole, as PEFT's modules_to_save.
 
     Example: ``ExtractLoraConfig("tuned", base="base", output="lora", rank=16)``
     """
@@ -55,8 +57,14 @@ class ExtractLoraConfig:
     seed: int = 0
     device: str = "cpu"
     force: bool = False
+    embeddings: bool = False  # the input embedding's change as PEFT's lora_embedding_A/B (same rank rule)
+    save_modules: tuple[str, ...] = ()  # modules saved whole (PEFT's modules_to_save): norms, lm_head...
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "save_modules", tuple(self.save_modules))
+        for module in self.save_modules:
+            if not isinstance(module, str) or not module or module.startswith(".") or module.endswith("."):
+                raise BadInput(f"--save-module {module!r}: a module name (lm_head, norm, input_layernorm...)")
         if (self.rank is None) == (self.energy is None):
             raise BadInput("extract-lora: give --rank R or --energy E (one of them)")
         if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
@@ -138,6 +146,76 @@ def chosen_rank(singular_values: torch.Tensor, total_energy: float, energy: floa
     return min(cap, int(hits[0]) + 1 if len(hits) else len(singular_values))
 
 
+@dataclass(frozen=True)
+class Factors:
+    """A task matrix Δ as ``lora_B @ lora_A`` of ``rank`` (√σ on both sides), with ‖Δ − BA‖_F / ‖Δ‖_F and the
+    σ² kept."""
+
+    lora_b: torch.Tensor
+    lora_a: torch.Tensor
+    rank: int
+    relative_error: float
+    kept_squares: float
+
+    def tensors(self, module: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The factors under PEFT's names for ``module``, on the CPU in ``dtype``."""
+        return {f"base_model.model.{module}.lora_A.weight": self.lora_a.to("cpu", dtype).contiguous(),
+                f"base_model.model.{module}.lora_B.weight": self.lora_b.to("cpu", dtype).contiguous()}
+
+
+def factored(delta: torch.Tensor, norm: float, generator: torch.Generator, *, rank: int | None, energy: float | None,
+             cap: int) -> Factors:
+    """``delta`` factored at a fixed ``rank``, or at the smallest rank keeping ``energy`` of its squared norm (at
+    most ``cap``).
+
+    Args:
+        delta: a nonzero float32 task matrix.
+        norm: its Frobenius norm.
+        generator: seeds the randomised SVD.
+        rank: the rank (or None, with ``energy``).
+        energy: the fraction of ‖Δ‖² to keep (or None, with ``rank``).
+        cap: the largest rank ``energy`` may choose.
+
+    Returns:
+        The :class:`Factors`.
+
+    Example: ``factored(delta, float(delta.norm()), torch.Generator().manual_seed(0), rank=8, energy=None, cap=256)``
+    """
+    u, s, vt = singular_triplets(delta, rank or cap, generator)
+    chosen = min(rank or chosen_rank(s, norm ** 2, energy, cap), len(s))
+    root = s[:chosen].sqrt()
+    lora_b, lora_a = u[:, :chosen] * root, root[:, None] * vt[:chosen]
+    return Factors(lora_b, lora_a, chosen, float((delta - lora_b @ lora_a).norm()) / norm,
+                   float((s[:chosen].double() ** 2).sum()))
+
+
+def peft_lora_config(base: str, ranks: dict[str, int]) -> dict:
+    """PEFT's ``adapter_config.json`` for LoRA factors of these ranks, each module's α its rank (scale 1).
+
+    Args:
+        base: the base model's source (recorded as base_model_name_or_path).
+        ranks: module name → its LoRA's rank.
+
+    Returns:
+        The config as a dict (``json_bytes`` writes it).
+
+    Example: ``peft_lora_config("org/base", {"model.layers.0.self_attn.q_proj": 8})["rank_pattern"]``
+    """
+    from surgery.adapters.output import base_model_reference
+
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_reference(base),
+            "r": max(ranks.values()), "lora_alpha": max(ranks.values()), "target_modules": sorted(ranks),
+            "rank_pattern": ranks, "alpha_pattern": ranks, "lora_dropout": 0.0, "bias": "none",
+            "fan_in_fan_out": False, "use_rslora": False, "init_lora_weights": True, "modules_to_save": None,
+            "inference_mode": True}
+
+
+def _saved_module(name: str, save_modules: tuple[str, ...]) -> str | None:
+    """The ``save_modules`` entry whose module holds tensor ``name`` (its path is the entry or ends with it)."""
+    module = name.rsplit(".", 1)[0]
+    return next((entry for entry in save_modules if module == entry or module.endswith("." + entry)), None)
+
+
 def _targets(arch: Architecture, name: str, shape) -> bool:
     """An nn.Linear weight of a decoder layer of the language model (what PEFT's LoRA wraps)."""
     role = arch.role(name)
@@ -156,7 +234,6 @@ def extract_lora(config: ExtractLoraConfig) -> ExtractLoraResult:
 
     Example: ``extract_lora(ExtractLoraConfig("tuned", base="base", output="lora", energy=0.95)).ranks``
     """
-    from surgery.adapters.make import _base_model_reference
     from surgery.adapters.output import json_bytes, write_adapter
 
     started = time.perf_counter()
@@ -164,7 +241,7 @@ def extract_lora(config: ExtractLoraConfig) -> ExtractLoraResult:
     generator = torch.Generator().manual_seed(config.seed)
     with open_checkpoint(config.base) as base, open_checkpoint(config.finetuned) as tuned:
         arch = Architecture.from_config(base.config)
-        tensors, ranks, not_carried, unchanged = {}, {}, {}, []
+        tensors, ranks, not_carried, unchanged, saved = {}, {}, {}, [], set()
         kept = total = 0.0
         worst = 0.0
         for name in sorted(tuned.tensors):
@@ -178,6 +255,25 @@ def extract_lora(config: ExtractLoraConfig) -> ExtractLoraResult:
             delta = (tuned.get(name).to(config.device, torch.float32)
                      - base.get(name).to(config.device, torch.float32))
             norm = float(delta.norm())
+            saved_as = _saved_module(name, config.save_modules)
+            if saved_as is not None:
+                if _targets(arch, name, spec.shape):
+                    raise BadInput(f"--save-module {saved_as}: {name!r} is a Linear layer the LoRA covers")
+                tensors[f"base_model.model.{name}"] = tuned.get(name).contiguous()
+                saved.add(saved_as)
+                continue
+            if config.embeddings and arch.role(name).kind == "embedding" and norm > 0:
+                if arch.tie_word_embeddings:
+                    raise BadInput(f"--embeddings: {config.base} ties lm_head to the embedding, which a LoRA of "
+                                   "the embedding changes only once merged; use --save-module with its module")
+                module = name.removesuffix(".weight")
+                factors = factored(delta.T, norm, generator, rank=config.rank, energy=config.energy,
+                                   cap=config.max_rank)  # PEFT's embedding delta is (B @ A)ᵀ
+                worst, kept, total = max(worst, factors.relative_error), kept + factors.kept_squares, total + norm ** 2
+                ranks[module] = factors.rank
+                tensors[f"base_model.model.{module}.lora_embedding_A"] = factors.lora_a.to("cpu").contiguous()
+                tensors[f"base_model.model.{module}.lora_embedding_B"] = factors.lora_b.to("cpu").contiguous()
+                continue
             if not _targets(arch, name, spec.shape):
                 if norm > 0:
                     not_carried[name] = norm / max(float(base.get(name).float().norm()), 1e-12)
@@ -186,32 +282,25 @@ def extract_lora(config: ExtractLoraConfig) -> ExtractLoraResult:
             if norm == 0:
                 unchanged.append(module)
                 continue
-            cap = config.rank or config.max_rank
-            u, s, vt = singular_triplets(delta, cap, generator)
-            rank = config.rank or chosen_rank(s, norm ** 2, config.energy, cap)
-            rank = min(rank, len(s))
-            root = s[:rank].sqrt()
-            lora_b, lora_a = u[:, :rank] * root, root[:, None] * vt[:rank]
-            error = float((delta - lora_b @ lora_a).norm()) / norm
-            worst = max(worst, error)
-            kept += float((s[:rank].double() ** 2).sum())
+            factors = factored(delta, norm, generator, rank=config.rank, energy=config.energy, cap=config.max_rank)
+            worst = max(worst, factors.relative_error)
+            kept += factors.kept_squares
             total += norm ** 2
-            ranks[module] = rank
+            ranks[module] = factors.rank
             dtype = spec.dtype if spec.dtype.is_floating_point and spec.dtype.itemsize <= 4 else torch.float32
-            tensors[f"base_model.model.{module}.lora_A.weight"] = lora_a.to("cpu", dtype).contiguous()
-            tensors[f"base_model.model.{module}.lora_B.weight"] = lora_b.to("cpu", dtype).contiguous()
+            tensors |= factors.tensors(module, dtype)
         if not ranks:
             raise BadInput(f"{config.finetuned}: no Linear weight of its decoder layers differs from "
                            f"{config.base}'s: nothing to extract")
-        peft_config = {
-            "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": _base_model_reference(config.base),
-            "r": max(ranks.values()), "lora_alpha": max(ranks.values()), "target_modules": sorted(ranks),
-            "rank_pattern": ranks, "alpha_pattern": ranks, "lora_dropout": 0.0, "bias": "none",
-            "fan_in_fan_out": False, "use_rslora": False, "init_lora_weights": True, "modules_to_save": None,
-            "inference_mode": True}
+        missing = sorted(set(config.save_modules) - saved)
+        if missing:
+            raise BadInput(f"--save-module {missing[0]}: {config.finetuned} has no tensor of a module so named")
+        peft_config = peft_lora_config(config.base, ranks)
+        peft_config["modules_to_save"] = sorted(saved) or None
         kept_energy = kept / total
         recipe = {"method": "extract-lora", "finetuned": config.finetuned, "base": config.base, "rank": config.rank,
-                  "energy": config.energy, "max_rank": config.max_rank, "seed": config.seed}
+                  "energy": config.energy, "max_rank": config.max_rank, "seed": config.seed,
+                  "embeddings": config.embeddings, "save_modules": sorted(config.save_modules)}
         measurements = {"modules": len(ranks), "kept_energy": round(kept_energy, 6),
                         "max_relative_error": round(worst, 6), "ranks": ranks,
                         "not_carried": {k: round(v, 6) for k, v in not_carried.items()}}
@@ -236,6 +325,11 @@ def _card_body(config: ExtractLoraConfig, ranks: dict[str, int], kept_energy: fl
              f"kept, worst module's relative error {worst:.4f}.",
              "", "```python\nfrom peft import PeftModel\nmodel = PeftModel.from_pretrained(base_model, ADAPTER_DIR)"
              "\n```"]
+    if config.embeddings:
+        lines += ["", "The input embedding's change is an embedding LoRA (PEFT's lora_embedding_A/B)."]
+    if config.save_modules:
+        lines += ["", "Saved whole, as PEFT's modules_to_save: " + ", ".join(f"`{m}`" for m in config.save_modules)
+                  + "."]
     if not_carried:
         shown = ", ".join(f"`{name}` ({change:.2g})" for name, change in sorted(not_carried.items())[:20])
         more = f" and {len(not_carried) - 20} more" if len(not_carried) > 20 else ""

@@ -22,7 +22,7 @@ import torch
 
 from surgery.adapters import ntk, ntk_attention, prefix
 from surgery.adapters.config import AdapterResult, NTKAdapterConfig, PrefixAdapterConfig
-from surgery.adapters.output import json_bytes, write_adapter
+from surgery.adapters.output import base_model_reference, json_bytes, write_adapter
 from surgery.adapters.prompts import (
     TRAINING, file_queries, file_sha256, prefill, prompt_ids, query_seed, read_text, self_generated_queries,
     with_prompt_logprobs,
@@ -61,15 +61,6 @@ def _check_length(model, tokens: int, extra: int, source: str) -> None:
     if limit is not None and tokens + extra > limit:
         raise BadInput(f"--prompt-file: {tokens} prompt tokens + {extra} query tokens exceed {source}'s "
                        f"{limit} positions")
-
-
-def _base_model_reference(source: str) -> str:
-    """What an adapter records as its base model: a Hub repo id as given, a local model as its absolute path (a
-    relative one would name another model, or none, from anywhere else)."""
-    from surgery.io.sources import looks_like_repo_id
-
-    path = Path(source).expanduser()
-    return source if looks_like_repo_id(source) and not path.exists() else str(path.resolve())
 
 
 def _check_ntk_adapter(staging: Path) -> None:
@@ -116,7 +107,7 @@ def make_prefix_adapter(config: PrefixAdapterConfig, *, progress: Callable[[str]
         files = write_adapter(
             output, checkpoint, tensors_file=prefix.WEIGHTS_FILE, tensors={"prompt_embeddings": embeddings},
             files={prefix.CONFIG_FILE: json_bytes(prefix.prefix_config(geometry, ids.shape[1],
-                                                                         _base_model_reference(source)))},
+                                                                         base_model_reference(source)))},
             recipe=recipe, measurements=measurements, method="prefix-tuning", library="peft",
             title=f"{model_name(source)}: prefix adapter", body=body, force=force,
             check=lambda staging: check_peft(staging, checkpoint.config))
@@ -154,7 +145,7 @@ def make_ntk_adapter(config: NTKAdapterConfig, *, progress: Callable[[str], None
     checkpoint, model, tokenizer = _load(source, ntk_attention.FAMILIES, "NTK-attention", config.device, loaded)
     with checkpoint:
         recipe = {"method": "ntk", "source": source, "steps": steps, "lr": lr, "batch": batch, "seed": seed}
-        settings = {"base_model_name_or_path": _base_model_reference(source)}
+        settings = {"base_model_name_or_path": base_model_reference(source)}
         if text is not None:
             ids = prompt_ids(tokenizer, text)
             _check_length(model, ids.shape[1], length, source)

@@ -36,6 +36,25 @@ def json_bytes(value: dict) -> bytes:
     return (json.dumps(value, indent=2, sort_keys=True) + "\n").encode()
 
 
+def base_model_reference(source: str) -> str:
+    """What an adapter records as its base model: a Hub repo id as given, a local model as its absolute path (a
+    relative one would name another model, or none, from anywhere else).
+
+    Args:
+        source: the base model as the user named it.
+
+    Returns:
+        The reference for ``base_model_name_or_path``.
+
+    Example: ``base_model_reference("org/model")`` is ``"org/model"``; ``base_model_reference("models/base")`` its
+    absolute path
+    """
+    from surgery.io.sources import looks_like_repo_id
+
+    path = Path(source).expanduser()
+    return source if looks_like_repo_id(source) and not path.exists() else str(path.resolve())
+
+
 def write_adapter(output: str | Path, checkpoint: Checkpoint, *, tensors_file: str, tensors: dict[str, torch.Tensor],
                   files: dict[str, bytes], recipe: dict, measurements: dict, method: str, title: str, body: str,
                   library: str | None = None, force: bool = False,

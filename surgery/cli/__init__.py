@@ -30,7 +30,7 @@ COMMANDS = {
     "inspect": "checkpoint", "diff": "checkpoint", "convert": "checkpoint",
     "merge": "merge", "quantize": "quantize", "verify": "quantize", "calibrate": "merge",
     "extend": "extend", "verify-rope": "extend", "eval": "evaluate", "adapter": "adapter",
-    "sweep": "merge", "run": "run", "push": "push", "moe": "moe", "extract-lora": "lora",
+    "sweep": "merge", "run": "run", "push": "push", "moe": "moe", "extract-lora": "lora", "merge-lora": "lora",
 }
 GROUPS = {"eval", "adapter"}
 

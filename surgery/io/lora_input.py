@@ -120,6 +120,7 @@ class LoraApplied(Checkpoint):
                 raise BadInput(f"{weights_file}: tensor {name!r} is neither a LoRA factor nor a tensor of "
                                f"{inner.source} of its shape")
         self.deltas: dict[str, tuple[str, str, float, bool]] = {}  # weight → (A, B, scale, transposed)
+        self.ranks: dict[str, int] = {}  # weight → its LoRA's rank
         for module, factors in sorted(pairs.items()):
             embedding = "lora_embedding_A" in factors or "lora_embedding_B" in factors
             a, b = factors.get("lora_embedding_A" if embedding else "lora_A"), \
@@ -143,6 +144,7 @@ class LoraApplied(Checkpoint):
             module_alpha = _pattern_value(patterns["alpha_pattern"], module, alpha, str(config_file))
             scale = module_alpha / (math.sqrt(module_rank) if adapter.get("use_rslora") else module_rank)
             self.deltas[target] = (a, b, float(scale), transposed)
+            self.ranks[target] = module_rank
         if not self.deltas and not self.replaced:
             raise BadInput(f"{weights_file}: holds no LoRA factors")
         self.tensors = inner.tensors
@@ -154,14 +156,19 @@ class LoraApplied(Checkpoint):
             weight = self.inner.get(name)
         if name not in self.deltas:
             return weight
-        a, b, scale, transposed = self.deltas[name]
-        delta = self._handle.get_tensor(b).to(torch.float32) @ self._handle.get_tensor(a).to(torch.float32)
-        if transposed:
-            delta = delta.T
-        applied = weight.to(torch.float32) + scale * delta
+        applied = weight.to(torch.float32) + self.delta(name)
         if not bool(torch.isfinite(applied).all()):
             raise BadInput(f"{self.adapter_dir / WEIGHTS_FILE}: applying it to {name!r} gives NaN or Inf")
         return applied.to(weight.dtype)
+
+    def delta(self, name: str) -> torch.Tensor:
+        """The adapter's float32 change to weight ``name`` (one of ``deltas``), scale · B @ A in the weight's layout.
+
+        Example: ``applied.delta("model.layers.0.self_attn.q_proj.weight").shape``
+        """
+        a, b, scale, transposed = self.deltas[name]
+        delta = self._handle.get_tensor(b).to(torch.float32) @ self._handle.get_tensor(a).to(torch.float32)
+        return scale * (delta.T if transposed else delta)
 
     def auxiliary_files(self) -> dict[str, bytes]:
         return self.inner.auxiliary_files()

@@ -1,0 +1,189 @@
+"""``surgery merge-lora``: LoRA adapters of one base merged in adapter space, into one PEFT LoRA of bounded rank.
+
+Each adapter's change to a module is its task matrix Δi = scale_i · B_i A_i (zero where it has no factors for the
+module). The merge method sees the Δi as task vectors over a zero base, exactly as ``surgery merge`` sees
+model − base — task arithmetic, TIES, DARE, DELLA, breadcrumbs and TSV depend on their inputs only through the task
+vectors, so the result is the change the same merge of the applied models would make — and the merged change is
+factored again by a seeded randomised SVD: by default at the sum of the inputs' ranks for the module (exact for task
+arithmetic: a sum of rank-r_i terms has rank ≤ Σ r_i), or at ``rank`` / the smallest rank keeping ``energy`` of the
+merged change's squared norm. Nothing but one module's Δi is in memory at a time, and no merged model is written::
+
+    from surgery.adapters.lora_merge import MergeLoraConfig, merge_lora
+    from surgery.merge.job import build_recipe
+    recipe = build_recipe(["code-lora", "math-lora"], method="ties", base="org/base", density=0.5)
+    result = merge_lora(MergeLoraConfig(recipe, output="merged-lora"))
+    result.ranks, result.max_relative_error
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from surgery.arch import Architecture
+from surgery.adapters.lora import CONFIG_FILE, WEIGHTS_FILE, factored, peft_lora_config
+from surgery.cards import model_name
+from surgery.errors import BadInput
+from surgery.io import open_checkpoint
+from surgery.io.lora_input import LoraApplied
+from surgery.io.writer import check_output_available
+from surgery.merge.engine import resolved_parameters
+from surgery.merge.job import check_parameters
+from surgery.merge.recipe import Recipe
+from surgery.merge.registry import TensorMerge, get_method
+from surgery.runtime.sampling import tensor_seed
+
+ADAPTER_SPACE_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
+                         "della", "della_linear", "tsv")
+
+
+@dataclass(frozen=True)
+class MergeLoraConfig:
+    """What ``surgery merge-lora ADAPTER... --base BASE -o OUTPUT`` does.
+
+    ``recipe``: the method, its parameters and the adapters as its models (``recipe.base`` the model they adapt);
+    ``rank`` fixes every module's output rank, ``energy`` keeps per module the smallest rank holding that fraction of
+    the merged change's squared norm (at most ``max_rank``); neither: the sum of the inputs' ranks.
+
+    Example: ``MergeLoraConfig(build_recipe(["a", "b"], method="ties", base="base"), output="merged", rank=16)``
+    """
+
+    recipe: Recipe
+    output: str | Path
+    rank: int | None = None
+    energy: float | None = None
+    max_rank: int = 256
+    device: str = "cpu"
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        if self.recipe.method not in ADAPTER_SPACE_METHODS:
+            raise BadInput(f"--method {self.recipe.method}: adapter-space merging takes "
+                           f"{', '.join(ADAPTER_SPACE_METHODS)} (methods that see only the task vectors)")
+        if not self.recipe.base:
+            raise BadInput("merge-lora: --base names the model the adapters were trained on")
+        if len(self.recipe.models) < 1 or self.recipe.slices:
+            raise BadInput("merge-lora: give one or more adapters (no slices)")
+        if self.rank is not None and self.energy is not None:
+            raise BadInput("merge-lora: give --rank R or --energy E, not both")
+        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
+            raise BadInput(f"--rank {self.rank!r}: must be a whole number of at least 1")
+        if self.energy is not None and not 0 < self.energy <= 1:
+            raise BadInput(f"--energy {self.energy!r}: must be in (0, 1]")
+        if isinstance(self.max_rank, bool) or not isinstance(self.max_rank, int) or self.max_rank < 1:
+            raise BadInput(f"--max-rank {self.max_rank!r}: must be a whole number of at least 1")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise BadInput(f"--device {self.device}: no CUDA device is available")
+        check_parameters(self.recipe)
+
+
+@dataclass
+class MergeLoraResult:
+    """What was written: the adapter directory, each module's rank and the relative error of its factoring,
+    ‖Δ − BA‖_F / ‖Δ‖_F (the worst module's), and the merged modules whose change came out zero (not written)."""
+
+    output: str
+    ranks: dict[str, int]
+    max_relative_error: float
+    zero: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        """What ``--json`` prints."""
+        return {"output": self.output, "modules": len(self.ranks), "ranks": self.ranks,
+                "max_relative_error": self.max_relative_error, "zero": self.zero, "files": self.files}
+
+
+def _opened_adapters(base, recipe: Recipe) -> list[LoraApplied]:
+    adapters = []
+    for entry in recipe.models:
+        applied = LoraApplied(base, Path(entry.model), f"{recipe.base}+{entry.model}")
+        if applied.replaced:
+            raise BadInput(f"{entry.model}: holds whole tensors (modules_to_save: {next(iter(applied.replaced))}); "
+                           "adapter-space merging takes LoRA factors only")
+        transposed = [name for name, (_, _, _, flipped) in applied.deltas.items() if flipped]
+        if transposed:
+            raise BadInput(f"{entry.model}: LoRA of {transposed[0]!r} is an embedding or Conv1D factor pair; "
+                           "adapter-space merging takes Linear modules only")
+        adapters.append(applied)
+    return adapters
+
+
+def merge_lora(config: MergeLoraConfig) -> MergeLoraResult:
+    """Merge the recipe's adapters in adapter space and write the result as one PEFT LoRA (atomically, checked by
+    PEFT). See the module's docstring.
+
+    Args:
+        config: the recipe, the rank rule and the output.
+
+    Returns:
+        The :class:`MergeLoraResult`.
+
+    Example: ``merge_lora(MergeLoraConfig(build_recipe(["a", "b"], method="task_arithmetic", base="base"), "out"))``
+    """
+    from surgery.adapters.output import json_bytes, write_adapter
+    from surgery.io.loader_check import check_peft
+
+    recipe = config.recipe
+    method = get_method(recipe.method)
+    check_output_available(config.output, config.force)
+    with open_checkpoint(recipe.base) as base:
+        adapters = _opened_adapters(base, recipe)
+        names = sorted({name for adapter in adapters for name in adapter.deltas})
+        arch = Architecture.from_config(base.config)
+        layers = arch.num_layers or 1
+        tensors, ranks, zero, worst = {}, {}, [], 0.0
+        for name in names:
+            shape = tuple(base.tensors[name].shape)
+            deltas = [adapter.delta(name).to(config.device) if name in adapter.deltas
+                      else torch.zeros(shape, device=config.device) for adapter in adapters]
+            layer = arch.role(name).layer or 0  # gradients run over the layers, as in surgery merge
+            position = layer / (layers - 1) if layers > 1 else 1.0
+            generator = torch.Generator(device=config.device).manual_seed(tensor_seed(recipe.seed, name))
+            merged = method.function(TensorMerge(
+                name=name, base=torch.zeros(shape, device=config.device), models=deltas, is_matrix=True,
+                parameters=resolved_parameters(method, recipe, recipe.models, {}, name, position),
+                generator=generator))
+            module = name.removesuffix(".weight")
+            norm = float(merged.norm())
+            if norm == 0:
+                zero.append(module)
+                continue
+            if not torch.isfinite(merged).all():
+                raise BadInput(f"module {module!r}: the {method.name} merge of the adapters gives NaN or Inf")
+            summed = sum(adapter.ranks[name] for adapter in adapters if name in adapter.deltas)
+            factors = factored(merged, norm, torch.Generator().manual_seed(tensor_seed(recipe.seed, module)),
+                               rank=config.rank or (None if config.energy else summed), energy=config.energy,
+                               cap=config.max_rank)
+            ranks[module], worst = factors.rank, max(worst, factors.relative_error)
+            tensors |= factors.tensors(module, torch.float32)
+        if not ranks:
+            raise BadInput(f"the {method.name} merge of the adapters changes no module: nothing to write")
+        measurements = {"modules": len(ranks), "ranks": ranks, "max_relative_error": round(worst, 6), "zero": zero}
+        files = write_adapter(
+            config.output, base, tensors_file=WEIGHTS_FILE, tensors=tensors,
+            files={CONFIG_FILE: json_bytes(peft_lora_config(recipe.base, ranks))},
+            recipe={"command": "merge-lora", **recipe.to_dict(), "rank": config.rank, "energy": config.energy,
+                    "max_rank": config.max_rank},
+            measurements=measurements, method="lora", library="peft",
+            title=f"A {method.name} merge of {len(adapters)} LoRA adapter(s) of {model_name(recipe.base)}",
+            body=_card_body(config, ranks, worst), force=config.force,
+            check=lambda staging: check_peft(staging, base.config))
+    return MergeLoraResult(str(config.output), ranks, worst, zero, files)
+
+
+def _card_body(config: MergeLoraConfig, ranks: dict[str, int], worst: float) -> str:
+    recipe = config.recipe
+    rule = (f"rank {config.rank}" if config.rank else
+            f"the smallest rank keeping {config.energy:g} of each merged change's squared norm" if config.energy else
+            "the sum of the inputs' ranks")
+    lines = [f"A PEFT LoRA adapter of `{model_name(recipe.base)}`: the **{recipe.method}** merge of "
+             f"{len(recipe.models)} LoRA adapter(s), computed in adapter space by "
+             f"[surgery](https://pypi.org/project/surgery/) and factored at {rule}: {len(ranks)} modules, ranks "
+             f"{min(ranks.values())}-{max(ranks.values())}, worst module's relative error {worst:.4f}.", ""]
+    lines += [f"- adapter: `{model_name(entry.model)}`" for entry in recipe.models]
+    lines += ["", "```python\nfrom peft import PeftModel\nmodel = PeftModel.from_pretrained(base_model, ADAPTER_DIR)"
+              "\n```"]
+    return "\n".join(lines)
