@@ -71,15 +71,34 @@ def read_yaml(path: str | Path, kind: str) -> Any:
 
         data = read_yaml("pipeline.yaml", "pipeline")
     """
+    documents = read_yaml_documents(path, kind)
+    if len(documents) > 1:
+        raise BadInput(f"{Path(path).expanduser()}: the {kind} must be one YAML document, found {len(documents)}")
+    return documents[0] if documents else None
+
+
+def read_yaml_documents(path: str | Path, kind: str) -> list:
+    """Every document of a multi-document YAML file (``---`` between them), each measured as :func:`read_yaml`
+    measures one.
+
+    Args:
+        path: a YAML file; ``~`` is expanded.
+        kind: what the file holds, for messages.
+
+    Returns:
+        The parsed documents, in order ([] for an empty file); BadInput as :func:`read_yaml`.
+
+    Example: ``[doc.get("name") for doc in read_yaml_documents("multi.yaml", "multi-merge config")]``
+    """
     import yaml
 
     path = Path(path).expanduser()
     try:
         text = path.read_text(encoding="utf-8")
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        if root is not None:
-            _measure(root, path, kind)
-        return yaml.safe_load(text)
+        for root in yaml.compose_all(text, Loader=yaml.SafeLoader):
+            if root is not None:
+                _measure(root, path, kind)
+        return [document for document in yaml.safe_load_all(text)]
     except FileNotFoundError:
         raise BadInput(f"{path}: {kind} file not found") from None
     except RecursionError:

@@ -20,6 +20,8 @@ Families, each generated from its own fixed seed (``random.Random(SEEDS[family])
 - ``recipe``: merge recipes (our YAML, mergekit configs, a surgery.json manifest) with wrong field types, nesting,
   anchors and aliases → ``merge --recipe F -o OUT`` and the same with ``--dry-run``;
 - ``pipeline``: pipeline YAML (step shapes, option keys and value types, aliases) → ``run F --dry-run``, ``run F``;
+- ``multi``: mergekit-multi files (names, references, cycles, documents that are no configs, seeded junk at random
+  keys of either document, YAML bombs) → ``merge-multi F -I DIR -o OUT``;
 - ``moe``: mergekit-moe YAML (field types and ranges, experts and their prompts, anchors, nesting) → ``moe F -o OUT``;
 - ``mxfp4``: a gpt-oss MXFP4 checkpoint whose ``_blocks`` / ``_scales`` pairs (missing, shapes, dtypes, NaN and
   overflowing E8M0 scales) or quantization_config are wrong → ``inspect``, ``quantize``, ``merge`` with a bf16 one;
@@ -76,7 +78,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SEEDS = {"safetensors": 1101, "index": 2202, "config": 3303, "gguf": 4404, "recipe": 5505, "pipeline": 6606,
-         "moe": 7707, "mxfp4": 8808, "quantized": 9909, "lora": 1010}
+         "moe": 7707, "mxfp4": 8808, "quantized": 9909, "lora": 1010, "multi": 1111}
 LIMIT_SECONDS = 2.0  # a valid case takes 0.5 s at most on these loaded cores
 MEMORY_GROWTH = 2 << 30
 ISOLATED_ADDRESS_SPACE = 4 << 30
@@ -862,6 +864,85 @@ def recipe_cases(root: Path, sources: "Sources", rng: random.Random) -> list[Cas
     return cases
 
 
+# ---- mergekit-multi configs
+
+def multi_template(a: str, b: str) -> list[dict]:
+    """A valid multi-merge file over the models ``a`` and ``b``: a named linear merge, and a final TIES on it."""
+    return [{"name": "pair", "merge_method": "linear", "dtype": "float32",
+             "models": [{"model": a, "parameters": {"weight": 0.6}}, {"model": b, "parameters": {"weight": 0.4}}]},
+            {"merge_method": "ties", "base_model": a, "dtype": "float32",
+             "models": [{"model": "pair", "parameters": {"density": 0.5, "weight": 1.0}}, {"model": b}]}]
+
+
+JUNK = [5, -1, 2.5, "", "x", "org/..", None, True, [], [1, "a"], {}, {"a": 1}, "../../etc", "pair", 1e308]
+
+
+def multi_mutations(template: list[dict], rng: random.Random, draws: int = 120) -> Iterator[tuple[Mutation, str]]:
+    """(mutation, text): structure and name mutations, then seeded junk at random keys of a random document."""
+    def dump(documents) -> str:
+        return yaml.safe_dump_all(documents, sort_keys=False)
+
+    first, final = template
+    yield Mutation("unchanged", valid=True), dump(template)
+    yield Mutation("final merge first", valid=True), dump([final, first])
+    structural = [
+        ("name an int", [{**first, "name": 5}, final], ("name",)),
+        ("name empty", [{**first, "name": ""}, final], ("name",)),
+        ("name a path", [{**first, "name": "../up"}, final], ("name",)),
+        ("name twice", [first, {**first}, final], ("name", "pair")),
+        ("two unnamed", [first, final, {**final}], ("name",)),
+        ("self reference", [{**first, "models": [{"model": "pair"}, first["models"][1]]}, final], ("pair",)),
+        ("cycle", [{**first, "models": [{"model": "other"}, first["models"][1]]},
+                   {**first, "name": "other", "models": [{"model": "pair"}, first["models"][1]]}, final],
+         ("other", "pair", "cycle")),
+        ("unknown reference", [first, {**final, "models": [{"model": "missing-merge"}]}], ("missing-merge",)),
+        ("document a list", [first, ["merge_method", "ties"]], ("document",)),
+        ("document a scalar", [first, "ties"], ("document",)),
+        ("no merge_method", [{k: v for k, v in first.items() if k != "merge_method"}, final], ("merge_method",)),
+        ("unknown key", [{**first, "mehtod": 1}, final], ("mehtod",)),
+        ("no documents", [], ("merge",)),
+    ]
+    for label, documents, names in structural:
+        yield Mutation(label, names=names), dump(documents)
+    text = dump(template)
+    for label, bad in (("syntax error", text + "---\nmerge_method: [ties\n"), ("empty file", ""),
+                       ("only separators", "---\n---\n"), ("python object tag", "merge_method: !!python/object:os.system\n"),
+                       ("billion laughs in a document", text + "---\nname: bomb\nmerge_method: linear\nparameters:\n"
+                        "  weight:\n" + billion_laughs("    ") + "    all: *a8\n"),
+                       ("nested deep", text + "---\nname: deep\nmerge_method: linear\nmodels:" + nested_yaml("  "))):
+        yield Mutation(label, names=("merge_method", "models", "weight", "parameter"),
+                       isolated="laughs" in label), bad
+    yield Mutation("invalid UTF-8"), text.replace("merge_method", "merge\udcffmethod", 1)
+    for _ in range(draws):
+        index = rng.randrange(2)
+        documents = copy.deepcopy(template)
+        target = documents[index]
+        path = rng.choice([("merge_method",), ("dtype",), ("base_model",), ("models",), ("models", 0, "model"),
+                           ("models", 0, "parameters"), ("models", 0, "parameters", "weight"),
+                           ("models", 1, "model"), ("parameters",), ("parameters", "density"), ("name",)])
+        if path[0] == "base_model" and index == 0 or path == ("name",) and index == 1:
+            continue
+        value = rng.choice(JUNK)
+        documents[index] = set_path(target, path, value)
+        yield Mutation(f"document {index + 1}: {'.'.join(map(str, path))} = {short(value)}", valid=None,
+                       names=mention_words(path, value) + ("document",)), dump(documents)
+
+
+def multi_cases(root: Path, sources: "Sources", rng: random.Random) -> list[Case]:
+    cases = []
+    template = multi_template(str(sources.llama), str(sources.sharded))
+    for number, (mutation, text) in enumerate(multi_mutations(template, rng)):
+        workdir = root / f"case-{number:03d}"
+        workdir.mkdir(parents=True)
+        config = workdir / "multi.yaml"
+        config.write_bytes(text.encode("utf-8", "surrogateescape"))
+        output = workdir / "out"
+        cases.append(make_case("multi", len(cases), mutation, "merge-multi",
+                               ["merge-multi", config, "-I", workdir / "work", "-o", output], workdir,
+                               ("multi.yaml",), output=str(output), writes=True))
+    return cases
+
+
 # ---- mergekit-moe configs
 
 def moe_template(model: str) -> dict:
@@ -1328,7 +1409,7 @@ def lora_cases(root: Path, sources: "Sources", rng: random.Random) -> list[Case]
 FAMILIES: dict[str, Callable[[Path, "Sources", random.Random], list[Case]]] = {
     "safetensors": safetensors_cases, "index": index_cases, "config": config_cases, "gguf": gguf_cases,
     "recipe": recipe_cases, "pipeline": pipeline_cases, "moe": moe_cases, "mxfp4": mxfp4_cases,
-    "quantized": quantized_cases, "lora": lora_cases,
+    "quantized": quantized_cases, "lora": lora_cases, "multi": multi_cases,
 }
 
 

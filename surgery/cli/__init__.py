@@ -28,7 +28,7 @@ from surgery.errors import BadInput, Failed
 # command → its module under surgery/cli/ (help lists them in this order); eval and adapter are groups
 COMMANDS = {
     "inspect": "checkpoint", "diff": "checkpoint", "convert": "checkpoint",
-    "merge": "merge", "quantize": "quantize", "verify": "quantize", "calibrate": "merge",
+    "merge": "merge", "merge-multi": "merge", "quantize": "quantize", "verify": "quantize", "calibrate": "merge",
     "extend": "extend", "verify-rope": "extend", "eval": "evaluate", "adapter": "adapter",
     "sweep": "merge", "run": "run", "push": "push", "moe": "moe", "extract-lora": "lora", "merge-lora": "lora",
 }

@@ -249,6 +249,36 @@ merge.__signature__ = merge_signature()
 app.command(help=MERGE_HELP)(merge)
 
 
+MERGE_MULTI_HELP = " ".join("""
+Run mergekit-multi's interdependent merges: CONFIG holds mergekit configs as YAML documents (separated by ---), each
+with a name by which later ones use its output as a model (written to INTERMEDIATE_DIR/NAME); the one without a name
+is the final merge, written to --output. They run in dependency order; with --lazy (default) a merge whose output
+already holds the same recipe is skipped unless a merge it reads was rebuilt.
+""".split("\n")).strip()
+
+
+@app.command("merge-multi", help=MERGE_MULTI_HELP)
+def merge_multi(
+    config: str = typer.Argument(..., help="The multi-document YAML of mergekit configs."),
+    intermediate_dir: str = typer.Option(..., "-I", "--intermediate-dir", help="Where named merges are written."),
+    output: Optional[str] = typer.Option(None, "-o", "--output", "--out-path",
+                                         help="Where the unnamed (final) merge is written."),
+    lazy: bool = typer.Option(True, "--lazy/--no-lazy", help="Skip merges whose output holds the same recipe."),
+    device: str = typer.Option("cpu", "--device", help="Where the math runs: cpu or cuda."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    from surgery.merge.multi import MultiMergeConfig, multi_merge
+
+    with progress(None, "B", "merge") as advance:
+        result = multi_merge(MultiMergeConfig(config, intermediate_dir, output, lazy=lazy, device=device),
+                             progress=advance)
+    if as_json:
+        return print_json(result.summary())
+    for step in result.steps:
+        typer.echo(f"{'wrote' if step.ran else 'up to date'} {step.output}"
+                   + (f" ({step.name})" if step.name else " (final)"))
+
+
 CALIBRATE_HELP = " ".join("""
 Run calibration text through BASE and store, for every module with a weight except embeddings (linear layers,
 norms, lm_head), the per-input-channel activity Σ_blocks mean_tokens |x| (blocks of up to 512 tokens): the

@@ -320,8 +320,18 @@ def _merges_base_as_a_model(method_name: Any) -> bool:
             and not any(parameter.per_model for parameter in method.parameters))
 
 
-def _from_mergekit(config: dict, origin: str) -> Recipe:
-    """Translate a mergekit YAML config; BadInput for keys mergekit does not have and features we do not run."""
+def from_mergekit(config: dict, origin: str) -> Recipe:
+    """Translate a mergekit YAML config.
+
+    Args:
+        config: the parsed config (a mapping with ``merge_method``).
+        origin: where it comes from, for messages (a file, a document of one).
+
+    Returns:
+        The :class:`Recipe`; BadInput for keys mergekit does not have and features we do not run.
+
+    Example: ``from_mergekit({"merge_method": "linear", "models": ["a", "b"]}, "config.yml").method``
+    """
     unknown = set(config) - MERGEKIT_KEYS
     if unknown:
         raise BadInput(f"{origin}: unknown mergekit key(s) {', '.join(sorted(map(str, unknown)))}")
@@ -378,7 +388,7 @@ def load_recipe(path: str | Path) -> Recipe:
         if not isinstance(data, dict):
             raise BadInput(f"{path}: the manifest's recipe must be a mapping, found {type(data).__name__}")
     if "merge_method" in data:
-        return _from_mergekit(data, str(path))
+        return from_mergekit(data, str(path))
     return Recipe.from_dict(data, str(path))
 
 
