@@ -67,14 +67,28 @@ class ExtractLoraConfig:
                 raise BadInput(f"--save-module {module!r}: a module name (lm_head, norm, input_layernorm...)")
         if (self.rank is None) == (self.energy is None):
             raise BadInput("extract-lora: give --rank R or --energy E (one of them)")
-        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
-            raise BadInput(f"--rank {self.rank!r}: must be a whole number of at least 1")
-        if self.energy is not None and not 0 < self.energy <= 1:
-            raise BadInput(f"--energy {self.energy!r}: must be in (0, 1]")
-        if isinstance(self.max_rank, bool) or not isinstance(self.max_rank, int) or self.max_rank < 1:
-            raise BadInput(f"--max-rank {self.max_rank!r}: must be a whole number of at least 1")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise BadInput(f"--device {self.device}: no CUDA device is available")
+        check_rank_rule(self.rank, self.energy, self.max_rank, self.device)
+
+
+def check_rank_rule(rank: int | None, energy: float | None, max_rank: int, device: str) -> None:
+    """BadInput (the CLI's wording) unless the rank rule and device are usable.
+
+    Args:
+        rank: a fixed rank, or None.
+        energy: the share of the squared norm to keep, or None.
+        max_rank: the cap of ``energy``'s ranks.
+        device: where the SVDs run.
+
+    Example: ``check_rank_rule(16, None, 256, "cpu")``
+    """
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise BadInput(f"--rank {rank!r}: must be a whole number of at least 1")
+    if energy is not None and not 0 < energy <= 1:
+        raise BadInput(f"--energy {energy!r}: must be in (0, 1]")
+    if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1:
+        raise BadInput(f"--max-rank {max_rank!r}: must be a whole number of at least 1")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BadInput(f"--device {device}: no CUDA device is available")
 
 
 @dataclass

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
+from surgery.adapters.lora import CONFIG_FILE, WEIGHTS_FILE, check_rank_rule, factored, peft_lora_config
 from surgery.arch import Architecture
-from surgery.adapters.lora import CONFIG_FILE, WEIGHTS_FILE, factored, peft_lora_config
 from surgery.cards import model_name
 from surgery.errors import BadInput
 from surgery.io import open_checkpoint
@@ -68,14 +68,7 @@ class MergeLoraConfig:
             raise BadInput("merge-lora: give one or more adapters (no slices)")
         if self.rank is not None and self.energy is not None:
             raise BadInput("merge-lora: give --rank R or --energy E, not both")
-        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
-            raise BadInput(f"--rank {self.rank!r}: must be a whole number of at least 1")
-        if self.energy is not None and not 0 < self.energy <= 1:
-            raise BadInput(f"--energy {self.energy!r}: must be in (0, 1]")
-        if isinstance(self.max_rank, bool) or not isinstance(self.max_rank, int) or self.max_rank < 1:
-            raise BadInput(f"--max-rank {self.max_rank!r}: must be a whole number of at least 1")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise BadInput(f"--device {self.device}: no CUDA device is available")
+        check_rank_rule(self.rank, self.energy, self.max_rank, self.device)
         check_parameters(self.recipe)
 
 
