@@ -32,9 +32,11 @@ def dry_run(*args) -> dict:
 
 
 def group_of(name: str) -> str:
+    """A decoder layer (``model.layers.3``, GPT-2's ``transformer.h.0``), else the tensor's module."""
     parts = name.split(".")
-    if "layers" in parts:
-        return ".".join(parts[:parts.index("layers") + 2])
+    for position, part in enumerate(parts[:-1]):
+        if part in ("layers", "h", "blocks", "layer", "block") and parts[position + 1].isdigit():
+            return ".".join(parts[:position + 2])
     return ".".join(parts[:-1])
 
 
@@ -91,6 +93,26 @@ def test_dry_run_diagnostics_match_an_independent_computation(family, tmp_path, 
     merged = run_surgery("merge", base, ft1, ft2, "--method", method, *extra, "-o", tmp_path / "merged", "--json")
     assert merged.returncode == 0, merged.stderr
     assert report["estimate"]["disk_bytes"] == json.loads(merged.stdout)["total_bytes"]
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss", "gpt2"])
+def test_dry_run_norms_and_cosines_of_moe_and_conv1d_families(family, family_pairs, tmp_path):
+    """Fused 3-D experts (gpt-oss), per-expert tensors, GPT-2's Conv1D: the task-vector norms per group are the
+    files' own (the fine-tune here is another seed, so every group is far from the base and warned about)."""
+    base, ft = family_pairs[family]
+    report = dry_run(base, ft, "--method", "ties", "-o", tmp_path / "out")["diagnostics"]
+    w0, w1 = read_numpy(base), read_numpy(ft)
+    squares: dict[str, list[float]] = {}
+    for name in w0:
+        if name in w1 and w0[name].dtype.kind == "f":
+            group = squares.setdefault(group_of(name), [0.0, 0.0])
+            group[0] += float((w0[name] ** 2).sum())
+            group[1] += float(((w1[name] - w0[name]) ** 2).sum())
+    for layer in report["layers"]:
+        base_squares, task_squares = squares[layer["group"]]
+        assert layer["relative_norm"]["ft"] == pytest.approx(np.sqrt(task_squares / base_squares), rel=1e-6)
+    assert {layer["group"] for layer in report["layers"]} <= set(squares)
+    assert any("ft: its task vector is over 50% of the base's norm" in w for w in report["warnings"])
 
 
 def test_dry_run_warns_about_a_model_that_is_no_fine_tune_and_opposed_task_vectors(family, tmp_path):

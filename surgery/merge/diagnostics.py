@@ -38,7 +38,7 @@ from surgery.io.checkpoint import parse_dtype
 from surgery.merge.engine import PlannedTensor, TensorMerger, merge_workers, open_inputs, plan_tensors
 from surgery.merge.job import MergeJob
 from surgery.merge.registry import TensorMerge
-from surgery.merge.sparsify import magnitude
+from surgery.merge.sparsify import chunk_slices, kept_count, magnitude_cut
 
 FAR_FROM_BASE = 0.5  # ‖τ‖/‖W0‖ above this in a layer: hardly a fine-tune of that base (fine-tunes: ~1e-3 to 1e-1)
 OPPOSED = -0.2  # a model-wide cosine below this: the two task vectors largely cancel
@@ -55,21 +55,41 @@ class _Sums:
     conflicting: int = 0  # of those, entries whose kept values differ in sign
     tensors: int = 0
 
-    def add(self, base: torch.Tensor, deltas: list[torch.Tensor], kept: list[torch.Tensor]) -> None:
+    def add(self, piece: TensorMerge) -> None:
+        """Add one tensor (or one expert of a fused tensor), chunk by chunk: no whole float32 copy is made."""
+        base, models = piece.base.reshape(-1), [model.reshape(-1) for model in piece.models]
+        numel, count = base.numel(), len(models)
         if not self.task_squares:
-            self.task_squares = [0.0] * len(deltas)
-        self.base_squares += float(base.double().square().sum())
-        for i, delta in enumerate(deltas):
-            self.task_squares[i] += float(delta.double().square().sum())
-            for j in range(i + 1, len(deltas)):
-                self.dots[i, j] = self.dots.get((i, j), 0.0) + float((delta.double() * deltas[j].double()).sum())
-        if len(kept) > 1:
-            signs = torch.stack([k.sign() for k in kept])
-            overlap = (signs != 0).sum(0) > 1
-            mixed = (signs > 0).any(0) & (signs < 0).any(0)
+            self.task_squares = [0.0] * count
+
+        def delta(i: int, part: slice) -> torch.Tensor:
+            return models[i][part].float() - base[part].float()
+
+        densities = piece.per_model("density") if "density" in piece.parameters else [None] * count
+        cuts = [None if density is None or density >= 1 or count < 2 else
+                magnitude_cut(lambda part, i=i: delta(i, part).abs_(), numel, kept_count(numel, density))
+                for i, density in enumerate(densities)]  # TIES' trim, exactly as ties() cuts
+        ties_seen = [0] * count
+        for part in chunk_slices(numel):
+            self.base_squares += float(base[part].double().square().sum())
+            deltas = [delta(i, part).double() for i in range(count)]
+            for i, one in enumerate(deltas):
+                self.task_squares[i] += float(one.square().sum())
+                for j in range(i + 1, count):
+                    self.dots[i, j] = self.dots.get((i, j), 0.0) + float((one * deltas[j]).sum())
+            if count < 2:
+                continue
+            signs = []
+            for i, one in enumerate(deltas):
+                sign = one.sign()
+                if cuts[i] is not None:
+                    keep, ties_seen[i] = cuts[i].keep(one.abs().float(), ties_seen[i])
+                    sign *= keep
+                signs.append(sign)
+            stacked = torch.stack(signs)
+            overlap = (stacked != 0).sum(0) > 1
             self.overlapping += int(overlap.sum())
-            self.conflicting += int((overlap & mixed).sum())
-        self.tensors += 1
+            self.conflicting += int((overlap & (stacked > 0).any(0) & (stacked < 0).any(0)).sum())
 
     def merge_into(self, other: "_Sums") -> None:
         if not other.task_squares:
@@ -109,11 +129,6 @@ def group_of(name: str) -> str:
     """
     match = LAYER_INDEX.search(name)
     return name[:match.end(1)] if match else name.rsplit(".", 1)[0] if "." in name else name
-
-
-def _kept(piece: TensorMerge, deltas: list[torch.Tensor]) -> list[torch.Tensor]:
-    densities = piece.per_model("density") if "density" in piece.parameters else [None] * len(deltas)
-    return [delta if density is None else magnitude(delta, density) for delta, density in zip(deltas, densities)]
 
 
 def _check_inputs_finite(planned: PlannedTensor, merge_input: TensorMerge) -> None:
@@ -182,10 +197,10 @@ def diagnose(job: MergeJob, workers: int | None = None) -> dict:
             estimated_merge += merge_seconds[kind]
             if merge_input.base is None:
                 continue
+            group = groups[group_of(planned.spec.name)]
             for piece in merger.pieces(merge_input):
-                base = piece.base.float()
-                deltas = [model.float() - base for model in piece.models]
-                groups[group_of(planned.spec.name)].add(base, deltas, _kept(piece, deltas))
+                group.add(piece)
+            group.tensors += 1
         labels = [_label(model, models) for model in models]
         layers = [groups[group].report(group, labels) for group in groups]
         overall = _Sums()
