@@ -154,10 +154,22 @@ def test_bad_options_are_one_line_errors(adapters, tmp_path, extra, message):
     assert not (tmp_path / "out").exists()
 
 
-def test_an_adapter_with_whole_tensors_is_refused(adapters, tmp_path):
-    base, first, _ = adapters
-    saved = save_peft_lora(base, tmp_path / "with-lm-head", seed=4, target_modules=["q_proj"])  # lm_head saved whole
-    result = run_surgery("merge-lora", first, saved, "--base", base, "-o", tmp_path / "out")
-    assert result.returncode == 2
-    assert "modules_to_save" in result.stderr and result.stderr.strip().count("\n") == 0
-    assert not (tmp_path / "out").exists()
+def test_embedding_loras_and_whole_modules_merge_as_the_applied_models_do(adapters, tmp_path):
+    """PEFT's own adapters with an embedding LoRA and lm_head saved whole (conftest.save_peft_lora's defaults):
+    merged at full rank, base + adapter is every tensor of the model-space merge."""
+    base = adapters[0]
+    full = [save_peft_lora(base, tmp_path / f"full{seed}", seed=seed) for seed in (5, 6)]
+    out = tmp_path / "merged"
+    result = run_surgery("merge-lora", *full, "--base", base, "--method", "ties", "--density", "0.4",
+                         "--rank", "64", "-o", out, "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "adapter_config.json").read_text())["modules_to_save"] == ["lm_head"]
+    assert "model.embed_tokens" in json.loads(result.stdout)["ranks"]
+    done = run_surgery("merge", base, *[f"{base}+{adapter}" for adapter in full], "--method", "ties",
+                       "--density", "0.4", "-o", tmp_path / "model-space")
+    assert done.returncode == 0, done.stderr
+    merged, theirs = peft_merged(base, out), read_numpy(tmp_path / "model-space")
+    assert merged.keys() == theirs.keys()
+    for name in theirs:  # float32 SVD and W0 + Δ − W0: errors of 1e-5 of the largest entry (embeddings reach 7)
+        np.testing.assert_allclose(merged[name], theirs[name], rtol=0, atol=1e-5 * np.abs(theirs[name]).max(),
+                                   err_msg=name)

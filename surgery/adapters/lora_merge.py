@@ -6,7 +6,9 @@ model − base — task arithmetic, TIES, DARE, DELLA, breadcrumbs and TSV depen
 vectors, so the result is the change the same merge of the applied models would make — and the merged change is
 factored again by a seeded randomised SVD: by default at the sum of the inputs' ranks for the module (exact for task
 arithmetic: a sum of rank-r_i terms has rank ≤ Σ r_i), or at ``rank`` / the smallest rank keeping ``energy`` of the
-merged change's squared norm. Nothing but one module's Δi is in memory at a time, and no merged model is written::
+merged change's squared norm. Embedding LoRAs merge the same way (their Δ is (B A)ᵀ); tensors an adapter saves
+whole (modules_to_save: lm_head, norms) merge as full weights against the base's, and stay whole. Nothing but one
+module's Δi is in memory at a time, and no merged model is written::
 
     from surgery.adapters.lora_merge import MergeLoraConfig, merge_lora
     from surgery.merge.job import build_recipe
@@ -93,13 +95,11 @@ def _opened_adapters(base, recipe: Recipe) -> list[LoraApplied]:
     adapters = []
     for entry in recipe.models:
         applied = LoraApplied(base, Path(entry.model), f"{recipe.base}+{entry.model}")
-        if applied.replaced:
-            raise BadInput(f"{entry.model}: holds whole tensors (modules_to_save: {next(iter(applied.replaced))}); "
-                           "adapter-space merging takes LoRA factors only")
-        transposed = [name for name, (_, _, _, flipped) in applied.deltas.items() if flipped]
-        if transposed:
-            raise BadInput(f"{entry.model}: LoRA of {transposed[0]!r} is an embedding or Conv1D factor pair; "
-                           "adapter-space merging takes Linear modules only")
+        conv1d = [name for name, (_, _, _, flipped) in applied.deltas.items()
+                  if flipped and name not in applied.embeddings]
+        if conv1d:
+            raise BadInput(f"{entry.model}: LoRA of {conv1d[0]!r} is a Conv1D (fan_in_fan_out) factor pair; "
+                           "adapter-space merging takes Linear and embedding modules")
         adapters.append(applied)
     return adapters
 
@@ -127,37 +127,63 @@ def merge_lora(config: MergeLoraConfig) -> MergeLoraResult:
         names = sorted({name for adapter in adapters for name in adapter.deltas})
         arch = Architecture.from_config(base.config)
         layers = arch.num_layers or 1
+
+        def merged_tensor(name: str, base_tensor: torch.Tensor, models: list[torch.Tensor]) -> torch.Tensor:
+            layer = arch.role(name).layer or 0  # gradients run over the layers, as in surgery merge
+            generator = torch.Generator(device=config.device).manual_seed(tensor_seed(recipe.seed, name))
+            result = method.function(TensorMerge(
+                name=name, base=base_tensor, models=models, is_matrix=base_tensor.ndim == 2,
+                parameters=resolved_parameters(method, recipe, recipe.models, {}, name,
+                                               layer / (layers - 1) if layers > 1 else 1.0),
+                generator=generator))
+            if not torch.isfinite(result).all():
+                raise BadInput(f"tensor {name!r}: the {method.name} merge of the adapters gives NaN or Inf")
+            return result
+
         tensors, ranks, zero, worst = {}, {}, [], 0.0
         for name in names:
             shape = tuple(base.tensors[name].shape)
-            deltas = [adapter.delta(name).to(config.device) if name in adapter.deltas
-                      else torch.zeros(shape, device=config.device) for adapter in adapters]
-            layer = arch.role(name).layer or 0  # gradients run over the layers, as in surgery merge
-            position = layer / (layers - 1) if layers > 1 else 1.0
-            generator = torch.Generator(device=config.device).manual_seed(tensor_seed(recipe.seed, name))
-            merged = method.function(TensorMerge(
-                name=name, base=torch.zeros(shape, device=config.device), models=deltas, is_matrix=True,
-                parameters=resolved_parameters(method, recipe, recipe.models, {}, name, position),
-                generator=generator))
+            merged = merged_tensor(name, torch.zeros(shape, device=config.device),
+                                   [adapter.delta(name).to(config.device) if name in adapter.deltas
+                                    else torch.zeros(shape, device=config.device) for adapter in adapters])
             module = name.removesuffix(".weight")
             norm = float(merged.norm())
             if norm == 0:
                 zero.append(module)
                 continue
-            if not torch.isfinite(merged).all():
-                raise BadInput(f"module {module!r}: the {method.name} merge of the adapters gives NaN or Inf")
+            embedding = any(name in adapter.embeddings for adapter in adapters)
             summed = sum(adapter.ranks[name] for adapter in adapters if name in adapter.deltas)
-            factors = factored(merged, norm, torch.Generator().manual_seed(tensor_seed(recipe.seed, module)),
+            factors = factored(merged.T if embedding else merged, norm,  # PEFT's embedding delta is (B @ A)ᵀ
+                               torch.Generator().manual_seed(tensor_seed(recipe.seed, module)),
                                rank=config.rank or (None if config.energy else summed), energy=config.energy,
                                cap=config.max_rank)
             ranks[module], worst = factors.rank, max(worst, factors.relative_error)
-            tensors |= factors.tensors(module, torch.float32)
+            if embedding:
+                tensors[f"base_model.model.{module}.lora_embedding_A"] = factors.lora_a.to("cpu").contiguous()
+                tensors[f"base_model.model.{module}.lora_embedding_B"] = factors.lora_b.to("cpu").contiguous()
+            else:
+                tensors |= factors.tensors(module, torch.float32)
+        for name in sorted({name for adapter in adapters for name in adapter.replaced}):  # modules_to_save
+            own = base.get(name)
+            if name in names:  # PEFT's saved copy of a LoRA target's own weights (save_embedding_layers)
+                changed = next((adapter for adapter in adapters if name in adapter.replaced
+                                and not torch.equal(adapter.saved(name), own)), None)
+                if changed is not None:
+                    raise BadInput(f"{changed.adapter_dir}: saves changed base weights under the LoRA of {name!r} "
+                                   "(a resized vocabulary?), which adapter-space merging does not merge")
+                continue
+            merged = merged_tensor(name, own.to(config.device), [
+                (adapter.saved(name) if name in adapter.replaced else own).to(config.device) for adapter in adapters])
+            tensors[f"base_model.model.{name}"] = merged.to("cpu", own.dtype).contiguous()
+        saved = sorted({module for adapter in adapters
+                        for module in adapter.adapter_config.get("modules_to_save") or []})
         if not ranks:
             raise BadInput(f"the {method.name} merge of the adapters changes no module: nothing to write")
         measurements = {"modules": len(ranks), "ranks": ranks, "max_relative_error": round(worst, 6), "zero": zero}
         files = write_adapter(
             config.output, base, tensors_file=WEIGHTS_FILE, tensors=tensors,
-            files={CONFIG_FILE: json_bytes(peft_lora_config(recipe.base, ranks))},
+            files={CONFIG_FILE: json_bytes(peft_lora_config(recipe.base, ranks)
+                                           | {"modules_to_save": saved or None})},
             recipe={"command": "merge-lora", **recipe.to_dict(), "rank": config.rank, "energy": config.energy,
                     "max_rank": config.max_rank},
             measurements=measurements, method="lora", library="peft",

@@ -121,6 +121,8 @@ class LoraApplied(Checkpoint):
                                f"{inner.source} of its shape")
         self.deltas: dict[str, tuple[str, str, float, bool]] = {}  # weight → (A, B, scale, transposed)
         self.ranks: dict[str, int] = {}  # weight → its LoRA's rank
+        self.embeddings: set[str] = set()  # weights whose factors are lora_embedding_A/B
+        self.adapter_config = adapter
         for module, factors in sorted(pairs.items()):
             embedding = "lora_embedding_A" in factors or "lora_embedding_B" in factors
             a, b = factors.get("lora_embedding_A" if embedding else "lora_A"), \
@@ -145,13 +147,15 @@ class LoraApplied(Checkpoint):
             scale = module_alpha / (math.sqrt(module_rank) if adapter.get("use_rslora") else module_rank)
             self.deltas[target] = (a, b, float(scale), transposed)
             self.ranks[target] = module_rank
+            if embedding:
+                self.embeddings.add(target)
         if not self.deltas and not self.replaced:
             raise BadInput(f"{weights_file}: holds no LoRA factors")
         self.tensors = inner.tensors
 
     def get(self, name: str) -> torch.Tensor:
         if name in self.replaced:
-            weight = self._handle.get_tensor(self.replaced[name]).to(self.inner.tensors[name].dtype)
+            weight = self.saved(name)
         else:
             weight = self.inner.get(name)
         if name not in self.deltas:
@@ -160,6 +164,13 @@ class LoraApplied(Checkpoint):
         if not bool(torch.isfinite(applied).all()):
             raise BadInput(f"{self.adapter_dir / WEIGHTS_FILE}: applying it to {name!r} gives NaN or Inf")
         return applied.to(weight.dtype)
+
+    def saved(self, name: str) -> torch.Tensor:
+        """The whole tensor the adapter saves for model tensor ``name`` (one of ``replaced``), in the model's dtype.
+
+        Example: ``applied.saved("lm_head.weight")``
+        """
+        return self._handle.get_tensor(self.replaced[name]).to(self.inner.tensors[name].dtype)
 
     def delta(self, name: str) -> torch.Tensor:
         """The adapter's float32 change to weight ``name`` (one of ``deltas``), scale · B @ A in the weight's layout.
