@@ -30,7 +30,8 @@ Families, each generated from its own fixed seed (``random.Random(SEEDS[family])
   bits) or the quantization_config wrong → ``convert``, which reads every tensor decoded;
 - ``lora``: a PEFT LoRA adapter of the tiny llama applied as ``MODEL+ADAPTER``, its adapter_config.json (peft_type,
   ranks, alphas and their patterns, DoRA, biases, broken JSON) or its factors (missing, shapes, NaN, overflowing,
-  naming modules the model lacks) or files (truncated, missing) wrong → ``inspect``, ``convert``.
+  naming modules the model lacks) or files (truncated, missing) wrong → ``inspect``, ``convert``, ``merge-lora``
+  (with the pristine adapter).
 
 Each mutation says whether its input is bad (``valid=False``: exit 0 is a failure), may be valid (``None``: exit 0
 with a complete output, or a clean exit 2, both pass) or is a valid control (``True``: must exit 0 complete).
@@ -1397,12 +1398,15 @@ def lora_cases(root: Path, sources: "Sources", rng: random.Random) -> list[Case]
         workdir = root / f"case-{len(cases):03d}"
         adapter = link_tree(pristine, workdir / "adapter")
         damage(adapter)
-        for command in ("inspect", "convert"):
+        for command in ("inspect", "convert", "merge-lora"):
             output = workdir / f"out-{command}"
-            argv = [command, f"{sources.llama}+{adapter}"] + (["-o", output] if command == "convert" else [])
+            argv = {"inspect": ["inspect", f"{sources.llama}+{adapter}"],
+                    "convert": ["convert", f"{sources.llama}+{adapter}", "-o", output],
+                    "merge-lora": ["merge-lora", adapter, pristine, "--base", sources.llama, "--method", "ties",
+                                   "-o", output]}[command]
             cases.append(make_case("lora", len(cases), mutation, command, argv, workdir, (adapter,),
-                                   output=str(output) if command == "convert" else None,
-                                   writes=command == "convert"))
+                                   output=None if command == "inspect" else str(output),
+                                   writes=command != "inspect"))
     return cases
 
 
@@ -1638,17 +1642,19 @@ def all_staging_leftovers(directory: Path) -> list[str]:
 
 
 def incomplete(directory: Path) -> str | None:
-    """Why ``directory`` is not a complete checkpoint (config.json; every weight file, finite), or None."""
+    """Why ``directory`` is not a complete checkpoint (config.json, or an adapter's adapter_config.json; every
+    weight file, finite), or None."""
     import torch
     from safetensors import safe_open
 
     if not directory.is_dir():
         return f"no output {directory.name}"
+    config = CONFIG_FILE_LORA if (directory / CONFIG_FILE_LORA).is_file() else "config.json"
     try:
-        if not isinstance(json.loads((directory / "config.json").read_text()), dict):
-            return "config.json is not an object"
+        if not isinstance(json.loads((directory / config).read_text()), dict):
+            return f"{config} is not an object"
     except (OSError, ValueError):
-        return "no readable config.json"
+        return f"no readable {config}"
     if (directory / INDEX).is_file():
         try:
             missing = [shard for shard in set(json.loads((directory / INDEX).read_text())["weight_map"].values())

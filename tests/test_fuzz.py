@@ -1,4 +1,4 @@
-"""Seeded fuzz of the command line: a few hundred malformed inputs over ten families (see fuzz_inputs.py).
+"""Seeded fuzz of the command line: a few hundred malformed inputs over eleven families (see fuzz_inputs.py).
 
 Each family's cases come from a fixed seed and all run; the test then asserts that every case is "exit 2 clean"
 (one ``surgery: error:`` line naming the input, no traceback, nothing left behind) or "exit 0 complete" (on an
