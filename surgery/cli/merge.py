@@ -168,11 +168,13 @@ def _print_diagnostics(report: dict) -> None:
         typer.echo("no base, so no task vectors to report")
     estimate = report["estimate"]
     free = f", {human_size(estimate['free_bytes'])} free" if estimate["free_bytes"] is not None else ""
-    typer.echo(f"estimate: {estimate['seconds']:.2g} s = reading {estimate['read_seconds']:.2g} s (measured now) + "
-               f"merging {estimate['merge_seconds']:.2g} s (the method timed on one tensor of each shape) over "
-               f"{estimate['workers']} worker(s), writing not included")
-    typer.echo(f"  disk {human_size(estimate['disk_bytes'])}{free}; memory at most "
-               f"{human_size(estimate['memory_bytes'])} beyond the inputs' mapped files")
+    typer.echo(f"estimate: {estimate['seconds']:.2g} s = opening and planning {estimate['planning_seconds']:.2g} s + "
+               f"merging {estimate['merge_seconds']:.2g} s (the method on one tensor of each shape, reading "
+               f"included) over {estimate['workers']} worker(s) + writing {estimate['write_seconds']:.2g} s (at the "
+               "rate a synced scratch file was written beside OUTPUT)")
+    typer.echo(f"  disk {human_size(estimate['disk_bytes'])}{free}; memory about "
+               f"{human_size(estimate['memory_bytes'])} (this process now, plus each worker's peak on its largest "
+               "tensor kind)")
     for warning in report["warnings"]:
         typer.echo(f"warning: {warning}")
 

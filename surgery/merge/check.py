@@ -170,8 +170,8 @@ def check_merge(output: str | Path, parents: list[Checkpoint], *, reference: Che
                 raise CheckFailed(f"{output}: {problem}")
             report["warnings"].append(f"{problem} (as in a parent)")
         if report["tokenizer"]["chat_template"] is None and any(template_of(p.auxiliary_files()) for p in parents):
-            report["warnings"].append("a parent has a chat template and the merge has none (--chat-template auto "
-                                      "carries one over)")
+            report["warnings"].append("a parent has a chat template and the merge has none (a recipe's "
+                                      "chat_template: auto carries one over)")
         if report["tokenizer"]["tokens"] is None:
             report["probe"] = {"skipped": "no tokenizer, so no probe text"}
             report["parents"] = []

@@ -24,12 +24,16 @@ tensor), one tensor at a time::
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
+import threading
 import time
 from collections import defaultdict
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -39,9 +43,12 @@ from surgery.merge.engine import PlannedTensor, TensorMerger, merge_workers, ope
 from surgery.merge.job import MergeJob
 from surgery.merge.registry import TensorMerge
 from surgery.merge.sparsify import chunk_slices, kept_count, magnitude_cut
+from surgery.runtime.model import one_torch_thread
 
 FAR_FROM_BASE = 0.5  # ‖τ‖/‖W0‖ above this in a layer: hardly a fine-tune of that base (fine-tunes: ~1e-3 to 1e-1)
 OPPOSED = -0.2  # a model-wide cosine below this: the two task vectors largely cancel
+WRITE_PROBE_BYTES = 512 << 20  # at most this much is written (and synced) to time the output's writing: smaller
+# probes measure the device's cache (2 GB/s on the benchmark machine, 0.5 GB/s sustained; 512 MB: 0.65 GB/s)
 
 
 @dataclass
@@ -70,26 +77,26 @@ class _Sums:
                 magnitude_cut(lambda part, i=i: delta(i, part).abs_(), numel, kept_count(numel, density))
                 for i, density in enumerate(densities)]  # TIES' trim, exactly as ties() cuts
         ties_seen = [0] * count
-        for part in chunk_slices(numel):
-            self.base_squares += float(base[part].double().square().sum())
-            deltas = [delta(i, part).double() for i in range(count)]
+        for part in chunk_slices(numel):  # float32 chunks, sums accumulated in float64
+            chunk = base[part].float()
+            self.base_squares += float(torch.dot(chunk, chunk).double())
+            deltas = [delta(i, part) for i in range(count)]
             for i, one in enumerate(deltas):
-                self.task_squares[i] += float(one.square().sum())
+                self.task_squares[i] += float(one.square().sum(dtype=torch.float64))
                 for j in range(i + 1, count):
-                    self.dots[i, j] = self.dots.get((i, j), 0.0) + float((one * deltas[j]).sum())
+                    self.dots[i, j] = self.dots.get((i, j), 0.0) + float((one * deltas[j]).sum(dtype=torch.float64))
             if count < 2:
                 continue
-            signs = []
+            positive, negative = torch.zeros_like(chunk), torch.zeros_like(chunk)
             for i, one in enumerate(deltas):
-                sign = one.sign()
+                kept = one
                 if cuts[i] is not None:
-                    keep, ties_seen[i] = cuts[i].keep(one.abs().float(), ties_seen[i])
-                    sign *= keep
-                signs.append(sign)
-            stacked = torch.stack(signs)
-            overlap = (stacked != 0).sum(0) > 1
-            self.overlapping += int(overlap.sum())
-            self.conflicting += int((overlap & (stacked > 0).any(0) & (stacked < 0).any(0)).sum())
+                    mask, ties_seen[i] = cuts[i].keep(one.abs(), ties_seen[i])
+                    kept = one * mask
+                positive += kept > 0
+                negative += kept < 0
+            self.overlapping += int(torch.count_nonzero(positive + negative > 1))
+            self.conflicting += int(torch.count_nonzero((positive > 0) & (negative > 0)))
 
     def merge_into(self, other: "_Sums") -> None:
         if not other.task_squares:
@@ -147,13 +154,71 @@ def _free_bytes(output: Path) -> int | None:
     return None
 
 
-def _working_bytes(planned: PlannedTensor) -> int:
-    """An upper bound of one tensor's working memory: its inputs as stored, a float32 copy of each and of the
-    result (methods that work chunk by chunk need far less)."""
-    numel = planned.spec.numel
-    stored = sum(ckpt.tensors[name].nbytes if name in ckpt.tensors else planned.spec.nbytes  # a tied lm_head
-                 for ckpt, name in planned.inputs())
-    return stored + 4 * numel * (len(planned.inputs()) + 1)
+def _anon_bytes() -> int | None:
+    """This process's resident anonymous memory (Linux: RssAnon), None where /proc does not say."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _process_seconds() -> float | None:
+    """Seconds since this process started (Linux /proc), None elsewhere: what starting, importing, opening and
+    planning cost before the first tensor, which the merge pays as well."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _timed(function: Callable[[], object]) -> tuple[float, int]:
+    """(seconds, peak growth of anonymous memory) of ``function()``, its result held until measured; memory is
+    sampled every 2 ms by a thread (torch's kernels release the GIL), 0 where it cannot be read."""
+    start_anon = _anon_bytes()
+    peak = [0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.002):
+            now = _anon_bytes()
+            if now is not None and start_anon is not None:
+                peak[0] = max(peak[0], now - start_anon)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    started = time.perf_counter()
+    result = function()
+    seconds = time.perf_counter() - started
+    now = _anon_bytes()
+    done.set()
+    sampler.join()
+    if now is not None and start_anon is not None:
+        peak[0] = max(peak[0], now - start_anon)
+    del result
+    return seconds, peak[0]
+
+
+def _write_rate(output: Path, size: int) -> float | None:
+    """Bytes per second the output's file system takes, written and synced: a scratch file of ``size`` bytes (whole
+    MiB, at least one) beside where the output would go, deleted at once (None where nothing can be written)."""
+    size = max(1 << 20, size >> 20 << 20)
+    directory = next((d for d in (output.parent, *output.parent.parents) if d.exists()), None)
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".surgery-write-probe-") as scratch:
+            block = os.urandom(1 << 20)
+            started = time.perf_counter()
+            for _ in range(size >> 20):
+                scratch.write(block)
+            scratch.flush()
+            os.fsync(scratch.fileno())
+            return size / max(time.perf_counter() - started, 1e-9)
+    except OSError:
+        return None
 
 
 def diagnose(job: MergeJob, workers: int | None = None) -> dict:
@@ -174,27 +239,27 @@ def diagnose(job: MergeJob, workers: int | None = None) -> dict:
     workers = workers or merge_workers(torch.device(job.device))
     dtype = parse_dtype(recipe.dtype) if recipe.dtype else None
     with ExitStack() as stack:
+        started = time.perf_counter()
         inputs = open_inputs(recipe, stack)
         plan = plan_tensors(inputs, dtype)
+        planning_seconds = _process_seconds() or time.perf_counter() - started  # the merge's start as well
         merger = TensorMerger(recipe, inputs, plan, "cpu")
         models = [ckpt.source for ckpt in inputs.checkpoints if ckpt is not inputs.base]
         groups: dict[str, _Sums] = defaultdict(_Sums)
-        read_seconds = 0.0
-        merge_seconds: dict[tuple, float] = {}
-        estimated_merge = 0.0
+        samples: dict[tuple, tuple[float, int]] = {}  # per kind of tensor: (seconds, working bytes)
+        merge_seconds, working_bytes, baseline = 0.0, 0, _anon_bytes()
         for planned in plan:
-            started = time.perf_counter()
             merge_input = merger.merge_input(planned.spec.name)
-            read_seconds += time.perf_counter() - started
             if merge_input is None:
                 continue
-            _check_inputs_finite(planned, merge_input)
             kind = (tuple(planned.spec.shape), merge_input.models[0].dtype, merge_input.is_matrix)
-            if kind not in merge_seconds:  # the method timed once per shape: merges cost the same per shape
-                started = time.perf_counter()
-                merger.merged(merge_input)
-                merge_seconds[kind] = time.perf_counter() - started
-            estimated_merge += merge_seconds[kind]
+            if kind not in samples:  # the method timed once per kind, before anything else touches the inputs'
+                # mapped pages (faulting them in is part of a merge's reading): merges cost the same per kind
+                with one_torch_thread() if workers > 1 else nullcontext():  # as the merge runs each worker
+                    samples[kind] = _timed(lambda: merger.merged(merge_input))
+            _check_inputs_finite(planned, merge_input)
+            merge_seconds += samples[kind][0]
+            working_bytes = max(working_bytes, samples[kind][1])
             if merge_input.base is None:
                 continue
             group = groups[group_of(planned.spec.name)]
@@ -207,11 +272,14 @@ def diagnose(job: MergeJob, workers: int | None = None) -> dict:
         for sums in groups.values():
             sums.merge_into(overall)
         total_bytes = sum(planned.spec.nbytes for planned in plan)
+        rate = _write_rate(Path(job.output), min(total_bytes, WRITE_PROBE_BYTES))
+        write_seconds = total_bytes / rate if rate else 0.0
         estimate = {
-            "seconds": read_seconds + estimated_merge / workers,
-            "read_seconds": read_seconds, "merge_seconds": estimated_merge, "workers": workers,
+            "seconds": planning_seconds + merge_seconds / workers + write_seconds,
+            "planning_seconds": planning_seconds, "merge_seconds": merge_seconds, "workers": workers,
+            "write_seconds": write_seconds, "write_bytes_per_second": rate,
             "disk_bytes": total_bytes, "free_bytes": _free_bytes(Path(job.output)),
-            "memory_bytes": max(1, min(workers, len(plan))) * max((_working_bytes(p) for p in plan), default=0),
+            "memory_bytes": (baseline or 0) + min(workers, max(1, len(plan))) * working_bytes,
         }
         report = {"models": dict(zip(labels, models)), "layers": layers,
                   "overall": overall.report("all", labels) if groups else None, "estimate": estimate}
