@@ -96,7 +96,8 @@ def merge(
                                                            "the merge would and print per layer each task vector's "
                                                            "norm relative to the base's, the cosine between task "
                                                            "vectors, TIES' sign conflicts, and the estimated time, "
-                                                           "disk and memory; write nothing."),
+                                                           "disk and memory; write nothing (but a scratch file that "
+                                                           "times the disk, deleted at once)."),
     check: bool = typer.Option(False, "--check", help="Before the output appears, measure the merge on text the "
                                                        "base generates: KL and top-1 agreement against each parent, "
                                                        "probe NLL, finite weights, tokenizer and chat template; "

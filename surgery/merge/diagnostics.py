@@ -226,7 +226,7 @@ def diagnose(job: MergeJob, workers: int | None = None) -> dict:
     merge's estimated time, disk and memory (see the module's docstring for the definitions).
 
     Args:
-        job: the merge job (nothing is written).
+        job: the merge job (nothing is written but a scratch file beside the output, deleted at once).
         workers: tensors merged at once (default: as many as the merge would use, one per CPU core).
 
     Returns:
