@@ -4,6 +4,7 @@ vocabulary (mergekit's tokenizer_source), and compared with mergekit's own outpu
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -288,3 +289,31 @@ def vocab_align(tensors, plan):
     from surgery.merge.vocab import align_rows
 
     return align_rows(tensors, list(plan.index.values()), plan.rows, base_position=0)
+
+
+def test_dry_run_and_check_see_rows_matched_by_token(two_tokenizers, tmp_path):
+    """--dry-run's embedding task vector is the one the merge uses (rows matched by token, padding by id), and
+    --check compares only the parent whose vocabulary is the output's."""
+    base, tuned, base_ids, tuned_ids = two_tokenizers
+    arguments = ["merge", base, tuned, "--method", "task_arithmetic", "--dtype", "float32", "-o", tmp_path / "out"]
+    plan = json.loads(run_surgery(*arguments, "--dry-run", "--json").stdout)["diagnostics"]
+    b, t = read_numpy(base), read_numpy(tuned)
+    for name in VOCAB_TENSORS:
+        aligned = t[name].copy()
+        for token, row in base_ids.items():
+            aligned[row] = t[name][tuned_ids[token]]
+        group = next(layer for layer in plan["layers"] if layer["group"] == name.rsplit(".", 1)[0])
+        expected = np.linalg.norm(aligned - b[name]) / np.linalg.norm(b[name])
+        assert group["relative_norm"][tuned.name] == pytest.approx(expected, rel=1e-6)
+    checked = run_surgery(*arguments, "--check", "--json")  # this tokenizer has no BOS or EOS to sample from
+    assert checked.returncode == 0, checked.stderr
+    assert "no BOS or EOS token" in json.loads(checked.stdout)["check"]["probe"]["skipped"]
+    for model in (base, tuned):  # with a BOS token the base's probe runs; the fine-tune's ids mean other words
+        shutil.copytree(model, tmp_path / model.name)
+        settings = json.loads((tmp_path / model.name / "tokenizer_config.json").read_text())
+        (tmp_path / model.name / "tokenizer_config.json").write_text(json.dumps({**settings, "bos_token": "w0"}))
+    checked = run_surgery("merge", tmp_path / base.name, tmp_path / tuned.name, "--method", "task_arithmetic",
+                          "-o", tmp_path / "checked", "--check", "--json")
+    assert checked.returncode == 0, checked.stderr
+    rows = {row["model"]: row for row in json.loads(checked.stdout)["check"]["parents"]}
+    assert "kl" in rows[base.name] and rows[tuned.name]["skipped"].startswith("another vocabulary")

@@ -127,6 +127,8 @@ def self_generated_ids(model, tokenizer, tokens: int, seed: int, sequences: int 
             held_out = self_generated_ids(model, tokenizer, tokens=256, seed=7)
     """
     start, pad = start_and_pad(tokenizer)
+    if start is None:
+        raise BadInput("the tokenizer has no BOS or EOS token to start self-generated text from")
     return sampled_ids(model, start, pad, tokens, seed, sequences)
 
 
