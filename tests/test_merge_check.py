@@ -290,3 +290,19 @@ def test_a_pipeline_merge_step_checks_with_check_true(family, tmp_path):
     result = run_surgery("run", pipeline)
     assert result.returncode == 0, result.stderr
     assert "kl" in json.loads((tmp_path / "merged" / "surgery.json").read_text())["output"]["check"]["parents"][0]
+
+
+@pytest.mark.parametrize("family, reason", [("gpt2", "has no decoder with a list of layers"),
+                                            ("llava", "cannot build a causal LM")])
+def test_check_skips_the_probe_of_a_family_the_runtime_cannot_stream(family, reason, family_pairs, tmp_path):
+    """The merge is written and its card says why the probe was skipped, naming inputs by name, not by path."""
+    pair = []
+    for path in family_pairs[family]:
+        shutil.copytree(path, tmp_path / path.name)
+        save_tokenizer(tmp_path / path.name)
+        pair.append(tmp_path / path.name)
+    result = run_surgery("merge", *pair, "--method", "ties", "-o", tmp_path / "out", "--check", "--json")
+    assert result.returncode == 0, result.stderr
+    skipped = json.loads(result.stdout)["check"]["probe"]["skipped"]
+    assert reason in skipped and str(tmp_path) not in skipped
+    assert "Probe: skipped" in (tmp_path / "out" / "README.md").read_text()

@@ -133,8 +133,49 @@ def _same_vocabulary(parent: Checkpoint, tokenizer) -> bool:
         return False
 
 
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> float:
+    """Mean KL(P ‖ Q) over the positions; float32 rounding can make a zero KL slightly negative: clamped at 0."""
+    from surgery.runtime import kl_per_position
+
+    return _rounded(max(0.0, float(kl_per_position(log_p, log_q).mean())))
+
+
 def _rounded(value: float) -> float:
     return float(f"{value:.{DIGITS}g}") if math.isfinite(value) else value
+
+
+def _measure_parents(report: dict, merged: Checkpoint, parents: list[Checkpoint], *, reference: Checkpoint,
+                     base: Checkpoint | None, seed: int) -> None:
+    """Fill ``report``'s probe, merged_nll and parents (KL, top-1, NLL, KL to the base) and the NLL warning."""
+    from surgery.runtime import top1_agreement
+
+    ids, tokenizer = _probe(reference, merged, seed)
+    probe = {"tokens": int(ids.numel()), "sequences": int(ids.shape[0]), "written_by": model_name(reference.source),
+             "seed": seed}
+    merged_log_p = _log_probs(merged, ids)
+    merged_nll = _rounded(_nll(merged_log_p, ids))
+    base_log_p = None
+    rows = []
+    for parent in sorted(parents, key=lambda p: p is not base):  # the base first: the others compare with it
+        row: dict = {"model": model_name(parent.source), "base": parent is base}
+        if not _same_vocabulary(parent, tokenizer) or _embedding_rows(parent) != _embedding_rows(merged):
+            row["skipped"] = "another vocabulary: its next-token distributions are over other tokens"
+            rows.append(row)
+            continue
+        log_p = _log_probs(parent, ids)
+        row |= {"kl": _kl(log_p, merged_log_p),
+                "top1_agreement": _rounded(top1_agreement(log_p, merged_log_p)), "nll": _rounded(_nll(log_p, ids))}
+        if parent is base:
+            base_log_p = log_p
+        elif base_log_p is not None:
+            row["kl_to_base"] = _kl(base_log_p, log_p)
+        rows.append(row)
+    report |= {"probe": probe, "merged_nll": merged_nll, "parents": rows}
+    measured = [row["nll"] for row in rows if "nll" in row]
+    if measured and merged_nll > max(measured) + GIBBERISH_NLL:
+        report["warnings"].append(f"the merge predicts the probe text far worse than every parent (NLL "
+                                  f"{merged_nll:.2f} vs {min(measured):.2f}-{max(measured):.2f} nats): check the "
+                                  "method and parameters")
 
 
 def check_merge(output: str | Path, parents: list[Checkpoint], *, reference: Checkpoint, base: Checkpoint | None,
@@ -155,7 +196,7 @@ def check_merge(output: str | Path, parents: list[Checkpoint], *, reference: Che
 
     Example: ``check_merge(staging, inputs.checkpoints, reference=inputs.reference, base=inputs.base)``
     """
-    from surgery.runtime import kl_per_position, one_torch_thread, top1_agreement
+    from surgery.runtime import one_torch_thread
 
     report: dict = {"warnings": []}
     with open_checkpoint(str(output)) as merged, one_torch_thread():
@@ -177,38 +218,12 @@ def check_merge(output: str | Path, parents: list[Checkpoint], *, reference: Che
             report["parents"] = []
             return report
         try:
-            ids, tokenizer = _probe(reference, merged, seed)
-        except BadInput as err:  # e.g. a tokenizer without BOS or EOS to start from
-            report["probe"] = {"skipped": one_line(err)}
-            report["parents"] = []
-            return report
-        report["probe"] = {"tokens": int(ids.numel()), "sequences": int(ids.shape[0]),
-                           "written_by": model_name(reference.source), "seed": seed}
-        merged_log_p = _log_probs(merged, ids)
-        report["merged_nll"] = _rounded(_nll(merged_log_p, ids))
-        base_log_p = None
-        rows = []
-        for parent in sorted(parents, key=lambda p: p is not base):  # the base first: the others compare with it
-            row: dict = {"model": model_name(parent.source), "base": parent is base}
-            if not _same_vocabulary(parent, tokenizer) or _embedding_rows(parent) != _embedding_rows(merged):
-                row["skipped"] = "another vocabulary: its next-token distributions are over other tokens"
-                rows.append(row)
-                continue
-            log_p = _log_probs(parent, ids)
-            row |= {"kl": _rounded(float(kl_per_position(log_p, merged_log_p).mean())),
-                    "top1_agreement": _rounded(top1_agreement(log_p, merged_log_p)),
-                    "nll": _rounded(_nll(log_p, ids))}
-            if parent is base:
-                base_log_p = log_p
-            elif base_log_p is not None:
-                row["kl_to_base"] = _rounded(float(kl_per_position(base_log_p, log_p).mean()))
-            rows.append(row)
-        report["parents"] = rows
-        measured = [row["nll"] for row in rows if "nll" in row]
-        if measured and report["merged_nll"] > max(measured) + GIBBERISH_NLL:
-            report["warnings"].append(f"the merge predicts the probe text far worse than every parent (NLL "
-                                      f"{report['merged_nll']:.2f} vs {min(measured):.2f}-{max(measured):.2f} nats): "
-                                      "check the method and parameters")
+            _measure_parents(report, merged, parents, reference=reference, base=base, seed=seed)
+        except BadInput as err:  # no BOS or EOS to start from, a family the streaming runtime cannot run...
+            reason = one_line(err).replace(str(output), "the merge")  # no staging or absolute input paths
+            for parent in parents:
+                reason = reason.replace(str(parent.source), model_name(parent.source))
+            report["probe"], report["parents"] = {"skipped": reason}, []
     return report
 
 
