@@ -2,7 +2,7 @@
 
 A step is one command with the options of the CLI, written as YAML (the pipeline builds the operation's config
 from them, e.g. :class:`~surgery.quantize.QuantizeConfig`, and calls the operation: the same checks as the command
-line, no argv); positional arguments have names (``models`` for merge, ``config`` for moe's mergekit-moe YAML,
+line, no argv); positional arguments have names (``models`` for merge, ``adapters`` for merge-lora, ``config`` for moe's mergekit-moe YAML,
 ``input`` for the others, ``repo`` for push) and ``output`` is ``-o``::
 
     steps:
@@ -91,6 +91,9 @@ OPERATIONS = {
     "moe": Operation("surgery.moe:MoeConfig.from_file", "surgery.moe:moe", ("config",), {"config": "path"}),
     "extract-lora": Operation("surgery.adapters.lora:ExtractLoraConfig", "surgery.adapters.lora:extract_lora",
                               ("input", "base"), {"input": "finetuned"}),
+    "merge-lora": Operation("surgery.adapters.lora_merge:MergeLoraConfig.from_options",
+                            "surgery.adapters.lora_merge:merge_lora", ("adapters",), {},
+                            options="surgery.adapters.lora_merge:option_types"),
     "push": Operation("surgery.hub:PushConfig", "surgery.hub:push", ("input", "repo"),
                       {"input": "directory", "repo": "repo_id"}, writes=False, replaceable=False),
 }
@@ -116,7 +119,7 @@ class Step:
     def inputs(self) -> list[str]:
         """Every path or repo id the step reads (positional inputs, a recipe, AIM statistics, calibration text)."""
         values = []
-        for key in ("models", "input", "recipe", "config", "base", "stats", "calibration", "text"):
+        for key in ("models", "adapters", "input", "recipe", "config", "base", "stats", "calibration", "text"):
             value = self.options.get(key)
             values += value if isinstance(value, list) else [] if value is None else [value]
         return [str(v) for v in values]
@@ -242,9 +245,10 @@ def _check_options(command: str, options: dict, where: str) -> dict[str, Any]:
     for key in ("output", "input", "repo"):
         if key in options and not (isinstance(options[key], str) and options[key]):
             raise BadInput(f"{where}: {key} must be a path or name (a string), found {options[key]!r}")
-    models = options.get("models")
-    if models is not None and not (isinstance(models, list) and all(isinstance(m, str) and m for m in models)):
-        raise BadInput(f"{where}: models must be a list of model paths or repo ids, found {models!r}")
+    for key in ("models", "adapters"):
+        models = options.get(key)
+        if models is not None and not (isinstance(models, list) and all(isinstance(m, str) and m for m in models)):
+            raise BadInput(f"{where}: {key} must be a list of model paths or repo ids, found {models!r}")
     return checked
 
 

@@ -173,3 +173,21 @@ def test_embedding_loras_and_whole_modules_merge_as_the_applied_models_do(adapte
     for name in theirs:  # float32 SVD and W0 + Δ − W0: errors of 1e-5 of the largest entry (embeddings reach 7)
         np.testing.assert_allclose(merged[name], theirs[name], rtol=0, atol=1e-5 * np.abs(theirs[name]).max(),
                                    err_msg=name)
+
+
+def test_a_pipeline_step_merges_adapters_as_the_command_does(adapters, tmp_path):
+    base, first, second = adapters
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(f"steps:\n  - merge-lora: {{adapters: [{first}, {second}], base: {base}, method: ties, "
+                        f"density: 0.3, rank: 4, output: {tmp_path / 'step'}}}\n")
+    assert run_surgery("run", pipeline).returncode == 0
+    command = run_surgery("merge-lora", first, second, "--base", base, "--method", "ties", "--density", "0.3",
+                          "--rank", "4", "-o", tmp_path / "command")
+    assert command.returncode == 0, command.stderr
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "step" / name).read_bytes() == (tmp_path / "command" / name).read_bytes()
+    again = run_surgery("run", pipeline)
+    assert again.returncode == 0 and "up to date" in again.stdout
+    pipeline.write_text(pipeline.read_text().replace("adapters: [", "adapters: 5, x: ["))
+    bad = run_surgery("run", pipeline)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0

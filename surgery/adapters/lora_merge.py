@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 
@@ -32,7 +33,7 @@ from surgery.io import open_checkpoint
 from surgery.io.lora_input import LoraApplied
 from surgery.io.writer import check_output_available
 from surgery.merge.engine import resolved_parameters
-from surgery.merge.job import check_parameters
+from surgery.merge.job import build_recipe, check_parameters
 from surgery.merge.recipe import Recipe
 from surgery.merge.registry import TensorMerge, get_method
 from surgery.runtime.sampling import tensor_seed
@@ -72,6 +73,52 @@ class MergeLoraConfig:
             raise BadInput("merge-lora: give --rank R or --energy E, not both")
         check_rank_rule(self.rank, self.energy, self.max_rank, self.device)
         check_parameters(self.recipe)
+
+    @classmethod
+    def from_options(cls, adapters: Sequence[str] = (), *, base: str, output: str | Path,
+                     method: str = "task_arithmetic", weights: str | Sequence[float] | None = None,
+                     seed: int | None = None, rank: int | None = None, energy: float | None = None,
+                     max_rank: int = 256, device: str = "cpu", force: bool = False,
+                     **parameters: Any) -> "MergeLoraConfig":
+        """What ``surgery merge-lora ADAPTER... --base BASE -o OUTPUT [options]`` runs (a pipeline's merge-lora step:
+        its keys).
+
+        Args:
+            adapters: the PEFT LoRA adapter directories.
+            base, output, rank, energy, max_rank, device, force: the fields.
+            method, weights, seed: the recipe's, as for ``surgery merge``.
+            **parameters: merge parameter values by name or alias (``density=0.5``).
+
+        Returns:
+            The checked :class:`MergeLoraConfig`.
+
+        Example: ``MergeLoraConfig.from_options(["a", "b"], base="base", output="out", method="ties", density=0.5)``
+        """
+        recipe = build_recipe(adapters, method=method, base=base, weights=weights, parameters=parameters, seed=seed)
+        return cls(recipe, output, rank=rank, energy=energy, max_rank=max_rank, device=device, force=force)
+
+
+def option_types() -> dict[str, Any]:
+    """Every option :meth:`MergeLoraConfig.from_options` takes → its type (a pipeline step's keys are these).
+
+    Returns:
+        e.g. ``{"adapters": Sequence[str], "base": str, ..., "density": float, "alpha": float, ...}``.
+
+    Example: ``option_types()["rank"]``
+    """
+    import inspect
+    import typing
+
+    from surgery.merge import builtin  # noqa: F401  (the built-in methods declare their parameters)
+    from surgery.merge.registry import PARAMETERS, aliases
+
+    hints = typing.get_type_hints(MergeLoraConfig.from_options)
+    types: dict[str, Any] = {name: hints.get(name, Any) for name, parameter
+                             in inspect.signature(MergeLoraConfig.from_options).parameters.items()
+                             if parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)}
+    for alias, name in aliases().items():
+        types[alias] = PARAMETERS[name].kind
+    return types
 
 
 @dataclass

@@ -81,12 +81,11 @@ def merge_lora(
     **parameters,
 ) -> None:
     from surgery.adapters.lora_merge import MergeLoraConfig, merge_lora as run
-    from surgery.merge.job import build_recipe
 
-    parameters = {key.removesuffix("_"): value for key, value in parameters.items()}
-    recipe = build_recipe(adapters, method=method, base=base, weights=weights, parameters=parameters, seed=seed)
-    result = run(MergeLoraConfig(recipe, output, rank=rank, energy=energy, max_rank=max_rank, device=device,
-                                 force=force))
+    parameters = {key.removesuffix("_"): value for key, value in parameters.items() if value is not None}
+    result = run(MergeLoraConfig.from_options(adapters, base=base, output=output, method=method, weights=weights,
+                                              seed=seed, rank=rank, energy=energy, max_rank=max_rank, device=device,
+                                              force=force, **parameters))
     if as_json:
         return print_json(result.summary())
     ranks = list(result.ranks.values())
@@ -102,7 +101,9 @@ def _merge_lora_signature() -> inspect.Signature:
              for p in inspect.signature(merge_lora, eval_str=True).parameters.values()
              if p.kind is not inspect.Parameter.VAR_KEYWORD]
     at = [p.name for p in fixed].index("weights") + 1
-    return inspect.Signature(fixed[:at] + _parameter_options() + fixed[at:])
+    own = {p.name for p in fixed}  # --rank is the output's rank here, not tsv's parameter
+    declared = [p for p in _parameter_options() if p.name.removesuffix("_") not in own]
+    return inspect.Signature(fixed[:at] + declared + fixed[at:])
 
 
 merge_lora.__signature__ = _merge_lora_signature()
