@@ -1192,8 +1192,10 @@ def quantized_cases(root: Path, sources: "Sources", rng: random.Random) -> list[
 
 # ---- pipelines
 
-def pipeline_templates(llama: str, sharded: str) -> dict[str, list]:
+def pipeline_templates(llama: str, sharded: str, lora: str) -> dict[str, list]:
     return {
+        "merge-lora": [{"merge-lora": {"adapters": [lora, lora], "base": llama, "method": "ties", "density": 0.5,
+                                       "output": "out/lora"}}],
         "convert": [{"convert": {"input": llama, "dtype": "bfloat16", "output": "out/bf16"}}],
         "extend": [{"extend": {"input": llama, "rope": "linear", "factor": 2, "output": "out/long"}}],
         "quantize": [{"quantize": {"input": llama, "bits": 4, "group_size": 32, "output": "out/q4"}}],
@@ -1212,6 +1214,8 @@ PIPELINE_VALUES = {  # command → (option, value, valid): values the command re
     "merge": [("method", {"a": 1}, False), ("density", "heavy", False), ("models", 5, False),
               ("models", ["--help"], False)],
     "convert": [("dtype", "float128", False), ("input", "--help", False)],
+    "merge-lora": [("rank", 0, False), ("adapters", 5, False), ("density", "heavy", False),
+                   ("method", "slerp", False), ("base", 5, False)],
     "push": [("repo", "a/..", False), ("repo", "org/..", False), ("repo", 5, None), ("input", "--help", False)],
 }
 PIPELINE_KEYS = [("output=x", True), ("", 1), ("help", True), (5, "x"), (None, "x"), ("frobnicate", 1)]
@@ -1222,7 +1226,7 @@ PIPELINE_SHAPES = [("pipeline = a list", lambda steps: steps), ("steps = 5", lam
                    ("unknown command", lambda steps: {"steps": [{"frobnicate": {"output": "out/x"}}]}),
                    ("options = 5", lambda steps: {"steps": [{"merge": 5}]}),
                    ("extend without input", lambda steps: {"steps": [{"extend": {"output": "out/x"}}]})]
-PIPELINE_CONTROLS = ("convert", "quantize", "merge+extend", "push")
+PIPELINE_CONTROLS = ("convert", "quantize", "merge+extend", "push", "merge-lora")
 
 
 def pipeline_option_mutations(templates: dict, rng: random.Random) -> Iterator[tuple[Mutation, str]]:
@@ -1290,13 +1294,14 @@ def step_outputs(text: str) -> list[str]:
 
 
 def pipeline_cases(root: Path, sources: "Sources", rng: random.Random) -> list[Case]:
-    templates = pipeline_templates("models/llama", "models/sharded")
+    templates = pipeline_templates("models/llama", "models/sharded", "models/lora")
     mutations = [*pipeline_option_mutations(templates, rng), *pipeline_structure_mutations(templates, rng)]
     cases = []
     for number, (mutation, text) in enumerate(mutations):
         workdir = root / f"case-{number:03d}"
         link_tree(sources.llama, workdir / "models" / "llama")
         link_tree(sources.sharded, workdir / "models" / "sharded")
+        link_tree(sources.lora, workdir / "models" / "lora")
         pipeline = workdir / "pipeline.yaml"
         pipeline.write_bytes(text.encode("utf-8", "surrogateescape"))
         outputs = [str(workdir / output) for output in step_outputs(text)]
