@@ -33,7 +33,7 @@ from surgery.io import open_checkpoint
 from surgery.io.lora_input import LoraApplied
 from surgery.io.writer import check_output_available
 from surgery.merge.engine import resolved_parameters
-from surgery.merge.job import build_recipe, check_parameters
+from surgery.merge.job import build_recipe, check_parameters, options_with_parameters
 from surgery.merge.recipe import Recipe
 from surgery.merge.registry import TensorMerge, get_method
 from surgery.runtime.sampling import tensor_seed
@@ -106,19 +106,7 @@ def option_types() -> dict[str, Any]:
 
     Example: ``option_types()["rank"]``
     """
-    import inspect
-    import typing
-
-    from surgery.merge import builtin  # noqa: F401  (the built-in methods declare their parameters)
-    from surgery.merge.registry import PARAMETERS, aliases
-
-    hints = typing.get_type_hints(MergeLoraConfig.from_options)
-    types: dict[str, Any] = {name: hints.get(name, Any) for name, parameter
-                             in inspect.signature(MergeLoraConfig.from_options).parameters.items()
-                             if parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)}
-    for alias, name in aliases().items():
-        types[alias] = PARAMETERS[name].kind
-    return types
+    return options_with_parameters(MergeLoraConfig.from_options)
 
 
 @dataclass

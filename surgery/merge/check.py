@@ -10,11 +10,12 @@ model and each parent run through the streaming runtime (one decoder layer in me
 - ``kl_to_base``: each other parent's KL(base ‖ parent), the scale the merged model's distances compare with.
 
 Also: every output tensor finite; the tokenizer loads, has no more tokens than the embedding has rows and its special
-tokens are inside them; the chat template renders, and is there when a parent has one. A broken tokenizer or a
-non-finite weight is CheckFailed (nothing written) unless a parent has the same problem; the rest are numbers and
-warnings, written into the card and ``surgery.json``::
+tokens are inside them; the chat template renders, and is there when a parent has one. A non-finite weight, and a
+broken tokenizer no parent shares, are CheckFailed (nothing written); the rest are numbers and warnings, written
+into the card and ``surgery.json``. Where the probe cannot run (no BOS or EOS, a family the streaming runtime
+cannot run), the report says why instead::
 
-    report = check_merge(staging, inputs.checkpoints, reference=inputs.reference, seed=0)
+    report = check_merge(staging, inputs.checkpoints, reference=inputs.reference, base=inputs.base, seed=0)
     report["parents"][0]["kl"], report["merged_nll"], report["warnings"]
 """
 

@@ -218,13 +218,28 @@ def option_types() -> dict[str, Any]:
 
     Example: ``option_types()["normalize"] is bool``
     """
+    return options_with_parameters(MergeJob.from_options, build_recipe)
+
+
+def options_with_parameters(*functions) -> dict[str, Any]:
+    """The keyword options of ``functions`` (the first's type winning) and every merge parameter by name and alias,
+    each → its type: what a pipeline step of a command built on a merge recipe may set.
+
+    Args:
+        *functions: the constructors the step's keys go to.
+
+    Returns:
+        Option name → type.
+
+    Example: ``options_with_parameters(MergeLoraConfig.from_options)["density"] is float``
+    """
     import inspect
     import typing
 
     from surgery.merge import builtin  # noqa: F401  (the built-in methods declare their parameters)
 
     types: dict[str, Any] = {}
-    for function in (MergeJob.from_options, build_recipe):
+    for function in functions:
         hints = typing.get_type_hints(function)
         for name, parameter in inspect.signature(function).parameters.items():
             if parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY) and name != "parameters":

@@ -23,7 +23,6 @@ from surgery.merge.recipe import MERGEKIT_KEYS, from_mergekit
 from surgery.output import MANIFEST
 
 
-
 @dataclass(frozen=True)
 class MultiMergeConfig:
     """What ``surgery merge-multi CONFIG -I INTERMEDIATE_DIR [-o OUTPUT]`` does.
