@@ -42,6 +42,40 @@ def scales_and_mins(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sc, mn
 
 
+def skewed_importance(columns: int = 1024, seed: int = 1) -> np.ndarray:
+    """Mean squared activations as LLM inputs have them: most columns small, a few hundred times larger, some 0."""
+    importance = (np.random.default_rng(seed).gamma(0.5, size=columns) ** 2).astype(np.float32)
+    importance[:40] = 0.0
+    return importance
+
+
+def levels_and_deviation(kind: str, data: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The decoded weights (gguf's decoder) and each weight's distance to the nearest level of its (sub-)block, from
+    the scales this test unpacks itself (K-quants: d·sc·k − dmin·m; Q4_0 / Q5_0: d·(k − 8 | 16); Q4_1 / Q5_1:
+    d·k + m)."""
+    import gguf
+
+    decoded = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[kind])
+    block = 32 if kind in ("Q4_0", "Q4_1", "Q5_0", "Q5_1") else 256
+    blocks = data.reshape(-1, data.shape[1] // (weight.shape[1] // block))
+    half = lambda first: blocks[:, first:first + 2].copy().view(np.float16).astype(np.float64)  # noqa: E731
+    if kind == "Q6_K":
+        d, sc = half(208), blocks[:, 192:208].copy().view(np.int8).astype(np.float64)
+        step, offset, size, levels = d * sc, 32 * d * sc, 16, 63
+    elif kind in ("Q4_K", "Q5_K"):
+        sc, mn = scales_and_mins(blocks)
+        step, offset, size, levels = half(0) * sc, half(2) * mn, 32, {"Q4_K": 15, "Q5_K": 31}[kind]
+    else:
+        levels = {"Q4_0": 15, "Q4_1": 15, "Q5_0": 31, "Q5_1": 31}[kind]
+        step = half(0)
+        offset = -half(2) if kind.endswith("_1") else step * (levels + 1) / 2
+        size = 32
+    # every level of every sub-block, from the parameters unpacked here: step·k − offset, k = 0..levels
+    grid = step.reshape(-1, 1, 1) * np.arange(levels + 1) - offset.reshape(-1, 1, 1)
+    sub = weight.reshape(-1, size, 1).astype(np.float64)
+    return decoded, np.abs(sub - grid).min(axis=-1).reshape(weight.shape)
+
+
 @pytest.mark.parametrize("kind, levels, baseline", [("Q4_K", 15, "Q4_1"), ("Q5_K", 31, "Q5_1"), ("Q6_K", 63, None)])
 def test_k_blocks_decode_to_the_nearest_level_of_their_own_scales(kind, levels, baseline):
     import gguf
@@ -49,22 +83,7 @@ def test_k_blocks_decode_to_the_nearest_level_of_their_own_scales(kind, levels, 
     from surgery.quantize.kquants import quantize_k
 
     weight = weights()
-    data = quantize_k(weight, kind)
-    decoded = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[kind])
-    blocks = data.reshape(-1, data.shape[1] // (weight.shape[1] // 256))
-    if kind == "Q6_K":
-        d = blocks[:, 208:210].copy().view(np.float16).astype(np.float64)
-        sc = blocks[:, 192:208].copy().view(np.int8).astype(np.float64)
-        step, offset, size = d * sc, 32 * d * sc, 16
-    else:
-        d = blocks[:, 0:2].copy().view(np.float16).astype(np.float64)
-        dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float64)
-        sc, mn = scales_and_mins(blocks)
-        step, offset, size = d * sc, dmin * mn, 32
-    # every level of every sub-block, from the parameters unpacked here: step·k − offset, k = 0..levels
-    grid = step.reshape(-1, 1, 1) * np.arange(levels + 1) - offset.reshape(-1, 1, 1)
-    sub = weight.reshape(-1, size, 1).astype(np.float64)
-    nearest = np.abs(sub - grid).min(axis=-1).reshape(weight.shape)
+    decoded, nearest = levels_and_deviation(kind, quantize_k(weight, kind), weight)
     error = np.abs(decoded - weight)
     assert np.all(error <= nearest + 1e-6 + 1e-3 * np.abs(weight)), (kind, float((error - nearest).max()))
     assert np.all(decoded[0] == 0) and np.allclose(decoded[1, :256], 0.3, rtol=2e-2)
@@ -75,6 +94,35 @@ def test_k_blocks_decode_to_the_nearest_level_of_their_own_scales(kind, levels, 
                                            gguf.GGMLQuantizationType[baseline])
         assert relative < np.linalg.norm(reference - weight) / np.linalg.norm(weight)
     assert relative < {"Q4_K": 0.07, "Q5_K": 0.034, "Q6_K": 0.0202}[kind]
+
+
+@pytest.mark.parametrize("kind", ["Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+def test_an_importance_matrix_lowers_the_weighted_error_and_keeps_values_on_the_nearest_level(kind):
+    """``--imatrix``'s blocks: still every value on the nearest level of its block's own scales, and Σ importance ·
+    (x − x̂)² well below that of the blocks written without it (surgery's K-quants, gguf's own blocks of 32);
+    columns of importance 0 do not break a block."""
+    import gguf
+
+    from surgery.quantize.kquants import quantize_k
+
+    weight, importance = weights(), skewed_importance()
+    decoded, nearest = levels_and_deviation(kind, quantize_k(weight, kind, importance), weight)
+    error = np.abs(decoded - weight)
+    assert np.all(error <= nearest + 1e-6 + 1e-3 * np.abs(weight)), (kind, float((error - nearest).max()))
+    assert np.all(decoded[0] == 0) and np.allclose(decoded[1, :256], 0.3, rtol=2e-2)
+    if kind.endswith("_K"):
+        plain = gguf.quants.dequantize(quantize_k(weight, kind), gguf.GGMLQuantizationType[kind])
+    else:
+        code = gguf.GGMLQuantizationType[kind]
+        plain = gguf.quants.dequantize(gguf.quants.quantize(weight, code), code)
+
+    def weighted(approx: np.ndarray) -> float:
+        return float((importance * (approx.astype(np.float64) - weight) ** 2).sum())
+
+    assert weighted(decoded) < 0.9 * weighted(plain), (kind, weighted(decoded) / weighted(plain))
+    uniform = gguf.quants.dequantize(quantize_k(weight, kind, np.ones(1024, np.float32)),
+                                     gguf.GGMLQuantizationType[kind])
+    assert np.linalg.norm(uniform - weight) < 1.1 * np.linalg.norm(plain - weight)  # no worse where all matter
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +201,30 @@ def test_transformers_loads_q4_k_m_with_the_logits_of_the_decoded_weights(writte
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["passed"] and len(report["layers"]) == 7 * LAYERS
+
+
+@pytest.mark.parametrize("kind, options", [("Q4_1", []), ("Q5_0", []), ("Q5_1", ["--imatrix",
+                                                                             "--calibration-sequences", "2"])])
+def test_blocks_of_32_file_types_load_in_transformers(kind, options, source, tmp_path):
+    """--gguf-type Q4_1 / Q5_0 / Q5_1: every decoder Linear in that type, read by transformers' GGUF loader with the
+    logits of the weights surgery's reader decodes."""
+    from transformers import AutoModelForCausalLM
+
+    from surgery.io import open_checkpoint
+
+    done = run_surgery("quantize", source, "-o", tmp_path / kind, "--gguf-type", kind, *options)
+    assert done.returncode == 0, done.stderr
+    types = file_types(tmp_path / kind)
+    assert {types[f"blk.{layer}.{tensor}.weight"] for layer in range(LAYERS)
+            for tensor in ("attn_q", "attn_v", "ffn_down")} == {kind}
+    (path,) = (tmp_path / kind).glob("*.gguf")
+    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    reference = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    with open_checkpoint(path) as ckpt:
+        reference.load_state_dict({name: ckpt.get(name).float() for name in reference.state_dict()
+                                   if name in ckpt.tensors}, strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(TOKENS).logits, reference(TOKENS).logits, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("options, message", [

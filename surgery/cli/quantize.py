@@ -19,8 +19,9 @@ tensor at a time, into a format stock loaders read: compressed-tensors pack-quan
 compressed-tensors), its float formats by preset name (--preset FP8_DYNAMIC: FP8 E4M3 weights per output channel;
 FP8_BLOCK: per 128x128 block; both with FP8 activations the loader quantizes at run time; NVFP4A16: FP4 E2M1 with
 FP8 scales per 16 and one global scale, shared by q/k/v and by gate/up; MXFP4A16: FP4 with power-of-two scales per
-32; all rtn), GPTQ v1 (no MoE experts), GGUF (llama family; one .gguf file, Q4_0 or Q8_0 blocks of 32, or --gguf-type K-quant mixes, read by llama.cpp and transformers;
-symmetric only), or mxfp4: gpt-oss's 3-D expert tensors in its own MXFP4 layout (FP4 E2M1 in blocks of 32, one
+32; all rtn), GPTQ v1 (no MoE experts), GGUF (llama family; one .gguf file, Q4_0 or Q8_0 blocks of 32, or --gguf-type K-quant
+mixes or Q4_1 / Q5_0 / Q5_1, read by llama.cpp and transformers; --imatrix searches every block's scales under a
+data-free importance matrix), or mxfp4: gpt-oss's 3-D expert tensors in its own MXFP4 layout (FP4 E2M1 in blocks of 32, one
 E8M0 scale each; rtn only; attention and the rest kept), which transformers and vLLM load (the other formats leave
 those tensors in full precision, with a warning). An MXFP4 gpt-oss input is read decoded. Methods: rtn (round to nearest), hqq (half-quadratic refinement of the scales, and integer zero
 points when asymmetric; kept per group only where it lowers the squared error without any weight erring more than
@@ -51,18 +52,25 @@ def quantize(
     method: str = typer.Option("rtn", "--method", help="rtn, hqq or selfcal."),
     fmt: Optional[str] = typer.Option(None, "--format", help="compressed-tensors (default), fp8-dynamic, "
                                                              "fp8-block, nvfp4a16, mxfp4a16, gptq, gguf or mxfp4."),
-    gguf_type: Optional[str] = typer.Option(None, "--gguf-type", help="GGUF: Q4_K_M, Q5_K_M, Q6_K, Q4_K_S, Q8_0 "
-                                                                      "or Q4_0, with llama.cpp's per-tensor mix "
-                                                                      "(implies --format gguf; K-quants rtn only)."),
+    gguf_type: Optional[str] = typer.Option(None, "--gguf-type", help="GGUF: Q4_K_M, Q5_K_M, Q6_K, Q4_K_S, Q8_0, "
+                                                                      "Q4_0, Q4_1, Q5_0 or Q5_1, with llama.cpp's "
+                                                                      "per-tensor mix (implies --format gguf; all "
+                                                                      "but Q4_0 / Q8_0 rtn only)."),
     ignore: str = typer.Option("lm_head,vision,projector", "--ignore",
                                help="Comma-separated modules left unquantized: names, trailing parts "
                                     "(mlp.down_proj), re:REGEX, or vision / projector (those parts of a "
                                     "vision-language model). Routers, norms and embeddings are never quantized."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="selfcal: seed of the generated text (0)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="selfcal, --imatrix: seed of the generated text (0)."),
     calibration_sequences: Optional[int] = typer.Option(None, "--calibration-sequences",
                                               help="selfcal: sequences kept for calibration per round (twice as "
-                                                   "many are generated)."),
+                                                   "many are generated); --imatrix: sequences generated (32)."),
     rounds: Optional[int] = typer.Option(None, "--rounds", help="selfcal: score → select → calibrate rounds (2)."),
+    imatrix: bool = typer.Option(False, "--imatrix", help="GGUF (rtn): search each block's scales under a "
+                                                          "data-free importance matrix, the mean squared input of "
+                                                          "every column over text the model writes itself "
+                                                          "(--calibration-sequences sequences of 256 tokens, "
+                                                          "default 8; --seed), as llama.cpp's --imatrix does with "
+                                                          "a calibration file."),
     device: str = typer.Option("cpu", "--device", help="Where each tensor's grid is fitted (rtn, hqq, selfcal's GPTQ "
                                                        "rounding): cpu or cuda[:N]; reading, the layers and writing "
                                                        "stay on the CPU. rtn writes the same bytes on either."),
@@ -75,7 +83,8 @@ def quantize(
     check_device(device)
     config = QuantizeConfig(source, output, bits=bits, group_size=group_size, scheme=scheme, method=method,
                             format=fmt, preset=preset, gguf_type=gguf_type, ignore=tuple(part.strip() for part in ignore.split(",") if part.strip()),
-                            seed=seed, calibration_sequences=calibration_sequences, rounds=rounds, device=device,
+                            seed=seed, calibration_sequences=calibration_sequences, rounds=rounds, imatrix=imatrix,
+                            device=device,
                             max_shard_size=max_shard_size, force=force)
     with progress(None, "B", "quantize") as advance:
         summary = run_quantize(config, progress=advance).summary()

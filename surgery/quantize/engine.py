@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 UNSET_DEFAULTS = {"scheme": "sym", "format": "compressed-tensors"}  # what neither option nor preset set
 METHOD_OPTIONS = ("seed", "calibration_sequences", "rounds")  # QuantizeConfig fields only some methods take
+IMATRIX_OPTIONS = ("seed", "calibration_sequences")  # what --imatrix takes of them
 FORMAT_OPTIONS = ("gguf_type",)  # QuantizeConfig fields only some formats take (their ``options``)
 
 
@@ -100,6 +101,7 @@ class QuantizeConfig:
     seed: int | None = None
     calibration_sequences: int | None = None
     rounds: int | None = None
+    imatrix: bool = False
     device: str = "cpu"
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE
     force: bool = False
@@ -136,11 +138,13 @@ class QuantizeConfig:
     def check(self) -> None:
         """BadInput naming the first option that is out of range or that the method or format would ignore."""
         taken = METHODS[self.method].options if self.method in METHODS else ()
+        taken = (*taken, *IMATRIX_OPTIONS) if self.imatrix else taken
         for option in METHOD_OPTIONS:
             if getattr(self, option) is not None and option not in taken:
                 owners = " or ".join(name for name, method in METHODS.items() if option in method.options)
-                raise BadInput(f"--{option.replace('_', '-')}: applies only to --method {owners} (the method is "
-                               f"{self.method})")
+                also = " or --imatrix" if option in IMATRIX_OPTIONS else ""
+                raise BadInput(f"--{option.replace('_', '-')}: applies only to --method {owners}{also} (the method "
+                               f"is {self.method})")
         fmt = FORMATS.get(self.format)
         if fmt is not None and self.group_size is not None:
             fmt.check_group_size(self.group_size)  # a fixed group size is named before anything else
@@ -157,10 +161,34 @@ class QuantizeConfig:
         if self.gguf_type not in (None, "Q4_0", "Q8_0") and self.method != "rtn":
             raise BadInput(f"--gguf-type {self.gguf_type} --method {self.method}: K-quant mixes are written by "
                            f"rounding to nearest (rtn) only")
+        if self.imatrix:
+            self.check_imatrix()
         fmt.check_scheme(self.scheme)
         if self.bits not in fmt.bits:
             raise BadInput(f"--format {fmt.name} --bits {self.bits}: it writes {' or '.join(map(str, fmt.bits))} bits")
         compute_device(self.device)
+
+    def check_imatrix(self) -> None:
+        """BadInput where ``--imatrix`` does not apply: it weighs round-to-nearest's scales in the integer formats
+        (compressed-tensors, GPTQ, GGUF's blocks), and GGUF's Q8_0 ignores it (as llama.cpp's does)."""
+        from surgery.quantize.imatrix import resolve
+
+        if not self.quant_format.takes_importance:
+            owners = ", ".join(name for name, fmt in FORMATS.items() if fmt.takes_importance)
+            raise BadInput(f"--imatrix: applies only to --format {owners} (the format is {self.format})")
+        if self.method != "rtn":
+            raise BadInput(f"--imatrix --method {self.method}: the importance matrix weighs round-to-nearest's "
+                           f"scales (method rtn); {self.method} fits its own")
+        if self.format == "gguf" and self.bits == 8:
+            raise BadInput("--imatrix: Q8_0 blocks are rounded to nearest whatever the importance (as llama.cpp "
+                           "does); use it with Q4_0 or a K-quant mix")
+        resolve({"sequences": self.calibration_sequences})
+
+    def imatrix_parameters(self) -> dict | None:
+        """imatrix.py's resolved parameters (None without ``--imatrix``)."""
+        from surgery.quantize.imatrix import resolve
+
+        return resolve({"sequences": self.calibration_sequences}) if self.imatrix else None
 
     def format_options(self) -> dict:
         """The fields of FORMAT_OPTIONS (options only some formats take), by name."""
@@ -191,6 +219,7 @@ class QuantizeConfig:
                 "method": self.method, "format": self.format, "ignore": sorted(self.ignore),
                 "seed": self.seed or 0, **({"preset": self.preset} if self.preset else {}),
                 **{option: value for option, value in self.format_options().items() if value is not None},
+                **({"imatrix": self.imatrix_parameters()} if self.imatrix else {}),
                 **self.quant_method.recipe(self)}
 
 
@@ -436,6 +465,34 @@ class _Quantizer:
         return result
 
 
+def _importance(ckpt: Checkpoint, plan: Plan, config: QuantizeConfig) -> tuple[dict, dict]:
+    """``--imatrix``'s importance per quantized module (by its checkpoint name) and the report; modules it has none
+    for (outside the decoder layers, fused experts) are counted in the report and named in a warning."""
+    from surgery.quantize.imatrix import importance_matrix
+
+    loader = Architecture.from_config(ckpt.config).loader_module
+    named = {loader(module): module for module in plan.modules}  # the model's names → the checkpoint's
+    measured, report = importance_matrix(ckpt, list(named), config.imatrix_parameters(), config.seed or 0)
+    importance = {named[name]: values for name, values in measured.items()}
+    without = sorted(set(plan.modules) - set(importance))
+    if without:
+        log.warning("--imatrix: %d quantized modules have no importance (outside the decoder layers' Linear "
+                    "modules, such as %s) and are rounded as without it", len(without), without[0])
+    return importance, {**report, "without_importance": len(without)}
+
+
+def _importance_weighted(fit: Fit, importance: dict, stored: torch.dtype, device: torch.device) -> Fit:
+    """``fit`` with the grids of modules that have an importance searched under it (weighted_grid.py); GGUF's
+    blocks read ``plan.importance`` themselves."""
+    from surgery.quantize.weighted_grid import weighted_grid
+
+    def weighted(module: str, weight: torch.Tensor, scheme: Scheme):
+        if module not in importance:
+            return fit(module, weight, scheme)
+        return weighted_grid(weight.to(device), scheme, importance[module], stored).to("cpu")
+    return weighted
+
+
 def _card_body(config: QuantizeConfig, ckpt: Checkpoint, measurements: dict) -> str:
     grid = config.quant_format.grid_words(config.bits, config.resolved_group_size, config.scheme == "sym")
     return "\n".join([
@@ -445,6 +502,10 @@ def _card_body(config: QuantizeConfig, ckpt: Checkpoint, measurements: dict) -> 
         f"- quantized weights: {measurements['modules']}",
         f"- group sizes used (modules each): {measurements['group_sizes']}",
         f"- weight-space relative error (all quantized weights): {measurements['weight_relative_error']:.4f}",
+        *([f"- importance matrix (`--imatrix`): each block's scales searched to lower the error weighted by the "
+           f"mean squared input of its columns, measured on {measurements['importance_matrix']['tokens']} tokens "
+           f"the model wrote itself ({measurements['importance_matrix']['sequences']} sequences, seed "
+           f"{config.seed or 0}); no calibration data"] if "importance_matrix" in measurements else []),
         "", "Reproduce with `surgery quantize` and the recipe in `surgery.json`.",
     ])
 
@@ -477,12 +538,18 @@ def quantize(config: QuantizeConfig, *, progress: Callable[[int], None] | None =
             log.warning("--group-size %d does not divide every quantized module's input dimension; group sizes used "
                         "(modules each): %s", requested, note["group_sizes"])
         fit, calibration = method.prepare(ckpt, plan.schemes, config, fmt.scale_dtype(plan.dtype), device)
+        importance_report = None
+        if config.imatrix:
+            plan.importance, importance_report = _importance(ckpt, plan, config)
+            plan.extra["imatrix"] = importance_report
+            fit = _importance_weighted(fit, plan.importance, fmt.scale_dtype(plan.dtype), device)
         quantizer = _Quantizer(ckpt, plan, fmt, method, fit)
 
         def measurements() -> dict:
             return {"modules": len(plan.modules), **note, **fmt.plan_extra(plan),
                     "weight_relative_error": round((quantizer.error_sq / quantizer.norm_sq) ** 0.5, 6),
-                    **({method.name: calibration} if calibration else {})}
+                    **({method.name: calibration} if calibration else {}),
+                    **({"importance_matrix": importance_report} if importance_report else {})}
 
         def files() -> dict[str, bytes]:
             measured = measurements()

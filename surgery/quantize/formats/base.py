@@ -57,6 +57,7 @@ class Plan:
     source_of: dict[str, str]  # output tensor name → module it belongs to (quantized ones only)
     extra: dict = field(default_factory=dict)  # what the format's prepare() computed (NVFP4: global scales)
     options: dict = field(default_factory=dict)  # the format's options (engine.FORMAT_OPTIONS) as requested
+    importance: dict = field(default_factory=dict)  # module → mean x² per input column (--imatrix; GGUF reads it)
 
     @property
     def bits(self) -> int:
@@ -137,6 +138,9 @@ class QuantFormat:
     writes_outputs: bool = True  # False: an input format only (AWQ), not a --format value
     stored_names: tuple[str, ...] = ()  # the local names of what it stores beside (or instead of) a weight
     options: tuple[str, ...] = ()  # the QuantizeConfig fields of engine.FORMAT_OPTIONS it takes (gguf: gguf_type)
+    # whether --imatrix applies: its grids come from the method's fit (weighted_grid.py searches them under the
+    # importance) or it reads plan.importance itself (GGUF's blocks)
+    takes_importance: bool = False
 
     # ------------------------------------------------------------------------------------------- options
 

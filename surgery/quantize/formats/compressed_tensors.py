@@ -66,6 +66,7 @@ def compressed_tensors_config(compression: str, groups: list[dict], ignore: list
 
 class CompressedTensors(QuantFormat):
     name = "compressed-tensors"
+    takes_importance = True
     reads_inputs = True
     stored_names = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
 

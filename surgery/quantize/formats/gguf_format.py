@@ -1,4 +1,6 @@
-"""GGUF output (``--format gguf``): llama-family checkpoints as one ``.gguf`` file, Q4_0 (4 bits) or Q8_0 (8 bits).
+"""GGUF output (``--format gguf``): llama-family checkpoints as one ``.gguf`` file, Q4_0 (4 bits) or Q8_0 (8 bits),
+or a ``--gguf-type``: llama.cpp's K-quant mixes (Q4_K_M, Q5_K_M, Q6_K, Q4_K_S) or its blocks of 32 (Q4_1, Q5_0,
+Q5_1).
 
     from surgery.quantize import QuantizeConfig, quantize
     quantize(QuantizeConfig("smollm2-dir", "smol-gguf", bits=4, format="gguf"))   # smol-gguf/model-Q4_0.gguf
@@ -12,7 +14,9 @@ Q8_0: x = q·d with q int8. Method rtn is llama.cpp's own reference quantizer (`
 symmetric grid with fp16 scales, packed into the same blocks where it beats llama.cpp's block. The tokenizer: copied from a
 GGUF source's ``tokenizer.*`` metadata, or exported from a byte-level BPE ``tokenizer.json`` (tokens, token types,
 merges, special ids; pre-tokenizer "default"); anything else is BadInput. Read back (``surgery verify``) with surgery's GGUF reader, which dequantizes each tensor
-with ``gguf.quants.dequantize`` and undoes the Q/K permutation (transformers' tensor processor).
+with ``gguf.quants.dequantize`` and undoes the Q/K permutation (transformers' tensor processor). With ``--imatrix``
+(surgery/quantize/imatrix.py) every type but Q8_0 is written by kquants.quantize_k's search under the importance
+matrix, and the file records it (``quantize.imatrix.*``, as llama-quantize does).
 """
 
 from __future__ import annotations
@@ -30,16 +34,18 @@ from surgery.io.loader_check import check_gguf
 from surgery.io.writer import atomic_directory
 from surgery.quantize.formats.base import Encoded, Fit, Plan, QuantFormat, Written
 from surgery.quantize.grid import Grid, Scheme
+from surgery.quantize.kquants import IMPORTANCE_KINDS, quantize_k
 
 BLOCK = 32
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 # --gguf-type → (its bits, the type of most tensors); the _M / _S mixes raise some tensors (see tensor_types)
 GGUF_TYPES = {"Q4_0": (4, "Q4_0"), "Q8_0": (8, "Q8_0"), "Q4_K_S": (4, "Q4_K"), "Q4_K_M": (4, "Q4_K"),
-              "Q5_K_M": (5, "Q5_K"), "Q6_K": (6, "Q6_K")}
+              "Q5_K_M": (5, "Q5_K"), "Q6_K": (6, "Q6_K"), "Q4_1": (4, "Q4_1"), "Q5_0": (5, "Q5_0"),
+              "Q5_1": (5, "Q5_1")}
 K_QUANTS = ("Q4_K", "Q5_K", "Q6_K")
 # llama.cpp's fallback where a K-quant's 256-weight super-blocks do not divide a row
 K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
-WRITTEN_TYPES = {"Q4_0": 4, "Q5_0": 5, "Q5_1": 5, "Q8_0": 8, "Q4_K": 4, "Q5_K": 5, "Q6_K": 6}  # type → bits
+WRITTEN_TYPES = {"Q4_0": 4, "Q4_1": 4, "Q5_0": 5, "Q5_1": 5, "Q8_0": 8, "Q4_K": 4, "Q5_K": 5, "Q6_K": 6}  # → bits
 
 
 def gguf_type_of(bits: int, gguf_type: str | None) -> str:
@@ -180,7 +186,8 @@ def _encode_blocks(grid: Grid) -> np.ndarray:
 
 
 def quantize_weight(weight: torch.Tensor, bits: int, reference_only: bool,
-                    fit: Callable[[torch.Tensor, Scheme], Grid], kind: str | None = None) -> np.ndarray:
+                    fit: Callable[[torch.Tensor, Scheme], Grid], kind: str | None = None,
+                    importance: torch.Tensor | None = None) -> np.ndarray:
     """One weight (already in llama.cpp's row order) → block bytes. ``reference_only`` (rtn): llama.cpp's reference
     quantizer. Otherwise per block the fitted grid or llama.cpp's, whichever is closer to the weight (Q4_0's
     reference uses the signed extreme, so all 16 levels, which a symmetric fit started from amax / 7.5 does not
@@ -193,6 +200,8 @@ def quantize_weight(weight: torch.Tensor, bits: int, reference_only: bool,
         fit: ``fit(weight, scheme) → Grid``, the method's symmetric grid with group size 32.
         kind: the GGML type (default: Q4_0 for 4 bits, Q8_0 for 8); K-quants (surgery/quantize/kquants.py) and
             Q5_0 / Q5_1 are written by their rounding to nearest, whatever the method.
+        importance: the input columns' mean squared activations (``--imatrix``): the scales of every type but
+            Q8_0 are searched under them (kquants.quantize_k), whatever ``reference_only`` says.
 
     Returns:
         (rows, blocks · bytes per block) uint8.
@@ -204,9 +213,9 @@ def quantize_weight(weight: torch.Tensor, bits: int, reference_only: bool,
     import gguf
 
     kind = kind or gguf_type_of(bits, None)
+    if importance is not None and kind in IMPORTANCE_KINDS:
+        return quantize_k(weight.float().numpy(), kind, importance.float().numpy())
     if kind in K_QUANTS:
-        from surgery.quantize.kquants import quantize_k
-
         return quantize_k(weight.float().numpy(), kind)
     reference = gguf.quants.quantize(weight.float().numpy(), gguf.GGMLQuantizationType[kind])
     if reference_only or kind not in ("Q4_0", "Q8_0"):
@@ -290,7 +299,8 @@ def _export_bpe_tokenizer(writer, files: dict[str, bytes], source: str) -> None:
 # ---------------------------------------------------------------------------------------------------- writer
 
 def write_gguf(path: Path, ckpt: Checkpoint, modules: dict[str, str], kind: str, load: Callable[[str], object],
-               name: str, progress: Callable[[int], None] = lambda nbytes: None) -> None:
+               name: str, progress: Callable[[int], None] = lambda nbytes: None,
+               imatrix: dict | None = None) -> None:
     """Write ``ckpt`` as one GGUF file at ``path``: ``load(hf_name)`` gives each tensor, the block bytes of
     ``modules`` (names without ``.weight``; already in llama.cpp's row order) and float tensors otherwise. The header
     needs every tensor's size before the data: quantized tensors are kept as their (small) block bytes between the
@@ -304,6 +314,8 @@ def write_gguf(path: Path, ckpt: Checkpoint, modules: dict[str, str], kind: str,
         load: ``load(hf_name)``: block bytes for ``modules``' weights, a float tensor otherwise.
         name: the model name recorded in the metadata.
         progress: called with the bytes of each tensor written.
+        imatrix: the importance matrix's report (``--imatrix``), written as llama-quantize writes its own
+            (``quantize.imatrix.*``), the data set named "self-generated".
 
     Returns:
         None.
@@ -340,6 +352,10 @@ def write_gguf(path: Path, ckpt: Checkpoint, modules: dict[str, str], kind: str,
     writer.add_vocab_size(config["vocab_size"])
     writer.add_file_type(gguf.LlamaFileType[f"MOSTLY_{kind}"])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if imatrix:
+        writer.add_string("quantize.imatrix.dataset", f"self-generated ({imatrix['tokens']} tokens)")
+        writer.add_int32("quantize.imatrix.entries_count", imatrix["modules"])
+        writer.add_int32("quantize.imatrix.chunks_count", imatrix["sequences"])
     if ckpt.format == "gguf":
         _copy_gguf_tokenizer(writer, ckpt.path)
     else:
@@ -390,6 +406,7 @@ class GGUF(QuantFormat):
     ``--gguf-type`` mix (K-quants in super-blocks of 256)."""
 
     name = "gguf"
+    takes_importance = True
     bits = (4, 5, 6, 8)
     options = ("gguf_type",)
     schemes = ("sym",)
@@ -466,7 +483,8 @@ class GGUF(QuantFormat):
             data = _encode_blocks(grid)
         else:
             data = quantize_weight(laid, scheme.bits, method.reference_rounding,
-                                   lambda w, grid_scheme: fit(module, w, grid_scheme), kind)
+                                   lambda w, grid_scheme: fit(module, w, grid_scheme), kind,
+                                   plan.importance.get(module))
         return Encoded({"weight": data}, laid, _dequantize_bytes(data, kind))
 
     def quantization_config(self, schemes: dict[str, Scheme], scheme: Scheme, ignore: list[str],
@@ -485,7 +503,7 @@ class GGUF(QuantFormat):
         name = file_name(plan.extra["gguf_type"])
         with atomic_directory(output, force=force, check=lambda staging: check_gguf(staging / name)) as staging:
             write_gguf(staging / name, ckpt, plan.extra["ggml_types"], plan.extra["gguf_type"], load,
-                       Path(str(ckpt.source)).name, progress)
+                       Path(str(ckpt.source)).name, progress, plan.extra.get("imatrix"))
             for file, content in files().items():
                 (staging / file).write_bytes(content)
             total = (staging / name).stat().st_size

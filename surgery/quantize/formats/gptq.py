@@ -21,6 +21,7 @@ from surgery.quantize.groups import one_group_size
 
 class GPTQ(QuantFormat):
     name = "gptq"
+    takes_importance = True
     reads_inputs = True
     stored_names = ("qweight", "qzeros", "scales", "g_idx")
     loads_per_expert = False  # transformers' GPTQ loader replaces Linear modules only; MoE experts are fused tensors
