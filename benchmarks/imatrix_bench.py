@@ -1,4 +1,4 @@
-"""GGUF with and without ``--imatrix`` (the data-free importance matrix), side by side in one run, on the real
+"""Quantization with and without ``--imatrix`` (the data-free importance matrix), side by side in one run, on the real
 SmolLM2-135M-Instruct: KL(P_reference ‖ P_quantized), top-1 agreement and perplexity over the 10,239 positions of
 CPython's pydoc text that ``benchmarks/quantize_peers.py`` scores (its Scorer and its reference: the PyPI Q4_1 GGUF
 converted to float32, by default with each decoder weight dithered off that grid).
@@ -14,12 +14,14 @@ installed into benchmarks/data/peers as quantize_peers.py does; ``--no-peer`` sk
 
 The integer part (``--part integer``): compressed-tensors' 4-bit grids (fp16 scales, integer zero points, groups
 of 32 / 64 / 128, symmetric and asymmetric) by rtn, with and without the importance matrix (weighted_grid.py: each
-group's scale and zero searched under it), against hqq 0.2.8's asymmetric grid with its float zero and with that
-zero rounded after fitting (what an integer-zero format could store of it). These run in process through the
-functions ``surgery quantize --imatrix`` calls, with the importance computed once::
+group's scale and zero searched under it; and the same search with every importance 1, i.e. how far the
+integer-zero grid goes without any activation statistics), against hqq 0.2.8's asymmetric grid with its float
+zero and with that zero rounded after fitting (what an integer-zero format could store of it). These run in process
+through the functions ``surgery quantize --imatrix`` calls, with the importance computed once::
 
-    python benchmarks/imatrix_bench.py                            # ~8 minutes on 2 cores
+    python benchmarks/imatrix_bench.py                            # both parts, ~20 minutes on 2 cores
     python benchmarks/imatrix_bench.py --types Q4_K_M --reference q4_1 --out benchmarks/results/imatrix.json
+    python benchmarks/imatrix_bench.py --part integer --group-sizes 64
 """
 
 from __future__ import annotations
@@ -85,7 +87,9 @@ def integer_grids(scorer: Scorer, reference: Path, group_sizes: list[int], seque
             variants = [(f"surgery rtn {scheme}", lambda w, g, s=symmetric: rtn(w, Scheme(4, g, s), torch.float16)
                          .dequantize()),
                         (f"surgery rtn {scheme} --imatrix", lambda w, g, s=symmetric: weighted_grid(
-                            w, Scheme(4, g, s), by_weight[id(w)], torch.float16).dequantize())]
+                            w, Scheme(4, g, s), by_weight[id(w)], torch.float16).dequantize()),
+                        (f"searched {scheme}, importance 1", lambda w, g, s=symmetric: weighted_grid(
+                            w, Scheme(4, g, s), torch.ones(w.shape[1]), torch.float16).dequantize())]
             if not symmetric:
                 variants += [("hqq 0.2.8 asym, float zero", lambda w, g: hqq_package(w, g, False)),
                              ("hqq 0.2.8 asym, zero rounded after", lambda w, g: hqq_package(w, g, True))]

@@ -20,8 +20,7 @@ compressed-tensors), its float formats by preset name (--preset FP8_DYNAMIC: FP8
 FP8_BLOCK: per 128x128 block; both with FP8 activations the loader quantizes at run time; NVFP4A16: FP4 E2M1 with
 FP8 scales per 16 and one global scale, shared by q/k/v and by gate/up; MXFP4A16: FP4 with power-of-two scales per
 32; all rtn), GPTQ v1 (no MoE experts), GGUF (llama family; one .gguf file, Q4_0 or Q8_0 blocks of 32, or --gguf-type K-quant
-mixes or Q4_1 / Q5_0 / Q5_1, read by llama.cpp and transformers; --imatrix searches every block's scales under a
-data-free importance matrix), or mxfp4: gpt-oss's 3-D expert tensors in its own MXFP4 layout (FP4 E2M1 in blocks of 32, one
+mixes or Q4_1 / Q5_0 / Q5_1, read by llama.cpp and transformers), or mxfp4: gpt-oss's 3-D expert tensors in its own MXFP4 layout (FP4 E2M1 in blocks of 32, one
 E8M0 scale each; rtn only; attention and the rest kept), which transformers and vLLM load (the other formats leave
 those tensors in full precision, with a warning). An MXFP4 gpt-oss input is read decoded. Methods: rtn (round to nearest), hqq (half-quadratic refinement of the scales, and integer zero
 points when asymmetric; kept per group only where it lowers the squared error without any weight erring more than
@@ -31,7 +30,10 @@ tokens, then sampling; --seed); the hqq model scores each by its mean next-token
 25% lowest-KL ones plus an even spread of those between the 20th and 80th KL percentiles, --calibration-sequences in
 all, drive GPTQ rounding (H = XᵀX per layer, damping 0.01, per-group scales re-fitted on the format's grid,
 layers quantized in sequence), for --rounds rounds, each re-scored by the previous round's model; one decoder layer
-in memory at a time after the generation, which loads the whole model; parameters recorded in surgery.json). Where
+in memory at a time after the generation, which loads the whole model; parameters recorded in surgery.json).
+--imatrix (rtn into the integer formats): the model samples its own text the same way, the streaming runtime
+records every quantized Linear's mean squared input per column, and each group's scale and integer zero point
+(GGUF: each block's, as llama-quantize --imatrix) is searched to lower the error weighted by it. Where
 --group-size does not divide a module's input dimension: compressed-tensors puts those modules in a second config group at 64 or 32,
 GPTQ lowers its one group size to the largest power of two that divides all (both reported).
 """.split("\n")).strip()
@@ -65,9 +67,10 @@ def quantize(
                                               help="selfcal: sequences kept for calibration per round (twice as "
                                                    "many are generated); --imatrix: sequences generated (32)."),
     rounds: Optional[int] = typer.Option(None, "--rounds", help="selfcal: score → select → calibrate rounds (2)."),
-    imatrix: bool = typer.Option(False, "--imatrix", help="GGUF (rtn): search each block's scales under a "
-                                                          "data-free importance matrix, the mean squared input of "
-                                                          "every column over text the model writes itself "
+    imatrix: bool = typer.Option(False, "--imatrix", help="rtn into compressed-tensors, GPTQ or GGUF: search each "
+                                                          "group's scale (and zero point) under a data-free "
+                                                          "importance matrix, the mean squared input of every "
+                                                          "column over text the model writes itself "
                                                           "(--calibration-sequences sequences of 256 tokens, "
                                                           "default 8; --seed), as llama.cpp's --imatrix does with "
                                                           "a calibration file."),

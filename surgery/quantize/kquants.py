@@ -17,6 +17,11 @@ of the grid those rounded numbers make. On heavy-tailed 1024 × 4096 weights (on
 error from plain min/max by 6.5 % (Q4_K: 0.0985 → 0.0921), 3.7 % (Q5_K) and 2.5 % (Q6_K), about nine tenths of
 what llama.cpp's full candidate lists gain, at 45-55 M weights/s against 15-20 M/s for the full lists
 (``python benchmarks/kquant_bench.py``).
+
+With an importance matrix (``quantize_k(w, kind, importance)``, ``--imatrix``: one weight per input column) the
+searches weigh each value as llama.cpp's ``*_impl`` quantizers do, Q4_K / Q5_K's super-block scales are searched
+for the 6-bit ones (make_qp_quants), and llama.cpp's blocks of 32 (Q4_0, Q4_1, Q5_0, Q5_1) are written by the same
+searches instead of gguf's rounding.
 """
 
 from __future__ import annotations
