@@ -1,8 +1,9 @@
-"""``--imatrix``: a data-free importance matrix for GGUF quantization, from text the model writes itself.
+"""``--imatrix``: a data-free importance matrix (GGUF, compressed-tensors, GPTQ), from text the model writes itself.
 
 llama.cpp's ``llama-imatrix`` runs the model over a calibration file and records, for every matrix multiplication,
 the mean squared activation of each input column; ``llama-quantize --imatrix`` then searches each block's scales to
-lower Σ importance · (x − x̂)² instead of the plain error (surgery/quantize/kquants.py does the same). Here no file
+lower Σ importance · (x − x̂)² instead of the plain error (kquants.py does the same for GGUF's blocks,
+weighted_grid.py for the integer grids of compressed-tensors and GPTQ). Here no file
 is needed: the full-precision model samples ``sequences`` sequences of ``length`` tokens (a uniformly random start
 token, ``greedy_tokens`` greedy tokens, then temperature 1: selfcal's pool, seeded by ``--seed``), and the streaming
 runtime runs them through one decoder layer at a time, summing x² per input column of every quantized Linear::
