@@ -30,11 +30,11 @@ from surgery.errors import BadInput
 from surgery.io import open_checkpoint
 from surgery.io.checkpoint import Checkpoint, TensorInfo, require_finite
 from surgery.io.writer import DEFAULT_MAX_SHARD_SIZE, check_output_available
-from surgery.memory import release_freed_memory
+from surgery.memory import TrimAbove, release_freed_memory
 from surgery.cards import model_name
 from surgery.output import Card, OutputRecord
 from surgery.quantize.formats import FORMATS, format_named
-from surgery.quantize.formats.base import Fit, Plan, QuantFormat
+from surgery.quantize.formats.base import Fit, NonFiniteWeight, Plan, QuantFormat
 from surgery.quantize.grid import Scheme
 from surgery.quantize.methods import METHODS, QuantMethod, method_named
 from surgery.quantize.presets import preset_options
@@ -417,6 +417,8 @@ def group_size_note(plan: Plan) -> dict:
 # so a module's small tensors of a wider dtype (FP8's scales) are asked for long before its packed values: held
 # for every module, those would be the whole output in memory. Past this budget they are encoded again instead.
 WAITING_BYTES = 64 << 20
+# How far freed memory may pile up before it is given back, when modules are fitted a chunk of rows at a time.
+TRIM_BUDGET = 64 << 20
 
 
 class _Quantizer:
@@ -431,6 +433,7 @@ class _Quantizer:
         self.waiting_bytes = 0
         self.error_sq = self.norm_sq = 0.0
         self.per_module: dict[str, float] = {}
+        self.trim = TrimAbove(TRIM_BUDGET)
 
     def __call__(self, name: str) -> Any:
         if name in self.waiting:
@@ -445,18 +448,23 @@ class _Quantizer:
         if local in planned:
             return planned[local]
         source = self.plan.modules[module].name
-        weight = require_finite(self.ckpt.get(source), self.ckpt.source, source).float()
-        encoded = self.fmt.encode(self.plan, module, weight, self.fit, self.method)
+        try:
+            encoded = self.fmt.encode(self.plan, module, self.ckpt.get(source), self.fit, self.method)
+        except NonFiniteWeight:
+            raise BadInput(f"{self.ckpt.source}: tensor {source!r} contains NaN or Inf") from None
         if module not in self.per_module:
-            error = float((encoded.weight - encoded.approx).pow(2).sum())
-            norm = float(encoded.weight.pow(2).sum())
+            error, norm = encoded.error_sq, encoded.norm_sq
             self.error_sq += error
             self.norm_sq += norm
             self.per_module[module] = (error / norm) ** 0.5 if norm else 0.0
         tensors = {self.fmt.tensor_name(module, local): t for local, t in encoded.tensors.items()
                    if local not in planned}
-        del weight, encoded
-        release_freed_memory()  # surgery/memory.py: else freed copies stay resident, fragmented
+        by_rows = encoded.by_rows
+        del encoded
+        if by_rows:
+            self.trim()  # chunk temporaries are small: give memory back only past a budget
+        else:
+            release_freed_memory()  # surgery/memory.py: else freed whole-module copies stay resident, fragmented
         result = tensors.pop(name)
         held = sum(tensor.nbytes for tensor in tensors.values())
         if self.method.precomputed or self.waiting_bytes + held <= WAITING_BYTES:
@@ -467,7 +475,8 @@ class _Quantizer:
 
 def _importance(ckpt: Checkpoint, plan: Plan, config: QuantizeConfig) -> tuple[dict, dict]:
     """``--imatrix``'s importance per quantized module (by its checkpoint name) and the report; modules it has none
-    for (outside the decoder layers, fused experts) are counted in the report and named in a warning."""
+    for (fused experts, other modules outside the decoder layers and the lm_head) are counted in the report and
+    named in a warning."""
     from surgery.quantize.imatrix import importance_matrix
 
     loader = Architecture.from_config(ckpt.config).loader_module
@@ -476,8 +485,8 @@ def _importance(ckpt: Checkpoint, plan: Plan, config: QuantizeConfig) -> tuple[d
     importance = {named[name]: values for name, values in measured.items()}
     without = sorted(set(plan.modules) - set(importance))
     if without:
-        log.warning("--imatrix: %d quantized modules have no importance (outside the decoder layers' Linear "
-                    "modules, such as %s) and are rounded as without it", len(without), without[0])
+        log.warning("--imatrix: %d quantized modules have no importance (not an nn.Linear of the decoder layers "
+                    "or the lm_head, such as %s) and are rounded as without it", len(without), without[0])
     return importance, {**report, "without_importance": len(without)}
 
 

@@ -34,6 +34,7 @@ class QuantMethod:
     options: tuple[str, ...] = ()  # the QuantizeConfig fields of engine.METHOD_OPTIONS it takes
     reference_rounding = False
     precomputed = False
+    row_separable = False  # each row's grid depends on that row alone, so rows may be fitted a chunk at a time
 
     def grid(self, weight: torch.Tensor, scheme: Scheme, stored: torch.dtype) -> Grid:
         raise NotImplementedError
@@ -66,6 +67,7 @@ class QuantMethod:
 class RTN(QuantMethod):
     name = "rtn"
     reference_rounding = True
+    row_separable = True
 
     def grid(self, weight: torch.Tensor, scheme: Scheme, stored: torch.dtype) -> Grid:
         return rtn(weight, scheme, stored)

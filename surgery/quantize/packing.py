@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 
@@ -24,10 +26,33 @@ def pack(values: torch.Tensor, bits: int) -> torch.Tensor:
     """
     per_word = 32 // bits
     rows = values.shape[:-1]
+    if bits in (4, 8) and sys.byteorder == "little":
+        # a little-endian int32's first byte is its lowest: bytes of two 4-bit fields (low one first) are the words
+        fields = values.to(torch.uint8)
+        if bits == 4:
+            pairs = fields.reshape(*rows, -1, 2)
+            fields = pairs[..., 0] | (pairs[..., 1] << 4)
+        return fields.contiguous().view(torch.int32)
     fields = values.to(torch.int64).reshape(*rows, -1, per_word)
     shifts = torch.arange(per_word, dtype=torch.int64) * bits
     words = (fields << shifts).sum(-1)
     return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+
+
+def unsigned_fields(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Signed grid values (int8, in [−2^(b−1), 2^(b−1) − 1]) → their unsigned fields q + 2^(b−1), as uint8 (what
+    :func:`pack` stores; uint8 addition wraps, so 8-bit values need no wider type).
+
+    Args:
+        q: int8 values on a ``bits``-bit signed grid.
+        bits: 4 or 8.
+
+    Returns:
+        uint8 fields of the same shape.
+
+    Example: ``unsigned_fields(torch.tensor([-8, 0, 7], dtype=torch.int8), 4)   # tensor([0, 8, 15], uint8)``
+    """
+    return q.view(torch.uint8) + (1 << (bits - 1))
 
 
 def unpack(words: torch.Tensor, bits: int) -> torch.Tensor:

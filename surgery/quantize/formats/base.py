@@ -18,14 +18,15 @@ directory by default, GGUF one file) and how it is read back (:meth:`~QuantForma
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
 from surgery.errors import BadInput
-from surgery.io.checkpoint import Checkpoint, TensorInfo
+from surgery.io.checkpoint import Checkpoint, TensorInfo, all_finite
 from surgery.io.loader_check import check_transformers
 from surgery.io.writer import write_checkpoint
 from surgery.quantize.grid import Grid, Scheme, dequantize
@@ -34,14 +35,122 @@ from surgery.quantize.grid import Grid, Scheme, dequantize
 Fit = Callable[[str, torch.Tensor, Scheme], Grid]
 
 
+# A method whose grids are fitted row by row (``row_separable``) is given this many weights at a time: the float32
+# copy and its temporaries (4 MB each) stay in the CPU's cache, and memory does not grow with the module's size.
+# On a 4096×1536 bf16 weight, rtn W4A16 so measured 290-560 M weights/s against 55-80 M/s for the whole-module
+# path (one process, 2 cores, the same bytes).
+ROW_CHUNK_ELEMENTS = 1 << 20
+
+
+class NonFiniteWeight(ValueError):
+    """Raised by :meth:`QuantFormat.encode` when the weight holds NaN or Inf (the engine names the tensor)."""
+
+
 @dataclass
 class Encoded:
-    """One module as the format stores it: ``tensors`` (local name → tensor, or block bytes), and the weight as the
-    format lays it out with its stored approximation, which the engine's error accounting compares."""
+    """One module as the format stores it: ``tensors`` (local name → tensor, or block bytes), and the squared error
+    ‖W − Ŵ‖² of its stored approximation and ‖W‖², which the engine's error accounting sums. ``by_rows``: encoded a
+    chunk of rows at a time, so no whole-module float copies were made (the engine need not give memory back)."""
 
     tensors: dict[str, Any]
-    weight: torch.Tensor
-    approx: torch.Tensor
+    error_sq: float
+    norm_sq: float
+    by_rows: bool = False
+
+    @classmethod
+    def compared(cls, tensors: dict[str, Any], weight: torch.Tensor, approx: torch.Tensor) -> "Encoded":
+        """``tensors`` with the errors of ``approx`` against ``weight`` (both as the format lays them out)."""
+        return cls(tensors, float((weight - approx).pow(2).sum()), float(weight.pow(2).sum()))
+
+
+def finite_float(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` in float32; NonFiniteWeight when it holds NaN or Inf.
+
+    Args:
+        weight: a module's weight as stored.
+
+    Returns:
+        Its float32 copy (the tensor itself when it is float32).
+
+    Example: ``weight = finite_float(weight)   # first line of a format's encode()``
+    """
+    if weight.is_floating_point() and not all_finite(weight):
+        raise NonFiniteWeight("NaN or Inf")
+    return weight.float()
+
+
+def _row_chunks(weight: torch.Tensor, multiple: int = 1) -> Iterator[tuple[int, torch.Tensor, float]]:
+    """(first row, the rows in float32, their ‖·‖²) for consecutive chunks of about :data:`ROW_CHUNK_ELEMENTS`
+    weights, each a multiple of ``multiple`` rows (but the last); NonFiniteWeight when a chunk holds NaN or Inf
+    (its ‖·‖² is then not finite, which costs no extra pass)."""
+    rows, columns = weight.shape
+    step = max(multiple, ROW_CHUNK_ELEMENTS // columns // multiple * multiple)
+    for start in range(0, rows, step):
+        part = weight[start:start + step].float()
+        flat = part.reshape(-1)
+        norm = float(torch.dot(flat, flat))
+        if not math.isfinite(norm):
+            if not bool(torch.isfinite(part).all()):
+                raise NonFiniteWeight("NaN or Inf")
+            norm = float(part.double().square().sum())  # finite, but its squares overflow float32
+        yield start, part, norm
+
+
+def fit_rows(fit: Fit, module: str, weight: torch.Tensor, scheme: Scheme) -> tuple[Grid, float, float]:
+    """A row-separable method's grid for ``weight`` (any float dtype), fitted :data:`ROW_CHUNK_ELEMENTS` weights at a
+    time, with ‖W − Ŵ‖² and ‖W‖²; NonFiniteWeight when the weight holds NaN or Inf.
+
+    Args:
+        fit: the method's fit (its rows' grids depend on those rows alone).
+        module: the module, for ``fit``.
+        weight: the 2-D weight as stored.
+        scheme: its grid.
+
+    Returns:
+        (grid, error_sq, norm_sq): the same grid as ``fit`` on the whole weight.
+
+    Example: ``grid, error_sq, norm_sq = fit_rows(fit, "model.layers.0.mlp.up_proj", weight, scheme)``
+    """
+    q = torch.empty(weight.shape, dtype=torch.int8)
+    scales, zeros = [], []
+    error_sq = norm_sq = 0.0
+    for start, part, norm in _row_chunks(weight):
+        grid = fit(module, part, scheme)
+        q[start:start + part.shape[0]] = grid.q
+        scales.append(grid.scale)
+        zeros.append(grid.zero)
+        norm_sq += norm
+        error_sq += float(grid.dequantize().sub_(part).square_().sum())
+    return Grid(q, torch.cat(scales), torch.cat(zeros), scheme), error_sq, norm_sq
+
+
+def encode_rows(encode_part: Callable[[torch.Tensor], tuple[dict[str, torch.Tensor], torch.Tensor]],
+                weight: torch.Tensor, multiple: int = 1, per_module: tuple[str, ...] = ()) -> Encoded:
+    """A row-separable encoding of ``weight`` (any float dtype), a chunk of rows at a time (a multiple of
+    ``multiple`` rows: FP8's 128-row blocks); NonFiniteWeight when the weight holds NaN or Inf.
+
+    Args:
+        encode_part: float32 rows → (their stored tensors, each split along dim 0 with the rows; their float32
+            approximation).
+        weight: the 2-D weight as stored.
+        multiple: the chunks' row count is a multiple of it.
+        per_module: stored tensors that are the module's, the same for every chunk (the first chunk's is kept).
+
+    Returns:
+        The :class:`Encoded` module, its tensors those of the whole weight.
+
+    Example: ``encode_rows(lambda rows: ({"weight": rows.half()}, rows.half().float()), weight)``
+    """
+    pieces: dict[str, list[torch.Tensor]] = {}
+    error_sq = norm_sq = 0.0
+    for _, part, norm in _row_chunks(weight, multiple):
+        tensors, approx = encode_part(part)
+        for name, tensor in tensors.items():
+            pieces.setdefault(name, []).append(tensor)
+        norm_sq += norm
+        error_sq += float(approx.sub_(part).square_().sum())
+    tensors = {name: parts[0] if name in per_module else torch.cat(parts) for name, parts in pieces.items()}
+    return Encoded(tensors, error_sq, norm_sq, by_rows=True)
 
 
 @dataclass
@@ -226,11 +335,17 @@ class QuantFormat:
         return {}
 
     def encode(self, plan: Plan, module: str, weight: torch.Tensor, fit: Fit, method) -> Encoded:
-        """One module's stored tensors, given its float32 ``weight`` and the method (``fit`` its grid-fitting
-        function, ``method`` the :class:`~surgery.quantize.methods.QuantMethod`): by default the method's grid in the
-        format's layout (:meth:`encode_grid`)."""
-        grid = fit(module, weight, plan.schemes[module])
-        return Encoded(self.encode_grid(grid, plan.dtype), weight, grid.dequantize())
+        """One module's stored tensors, given its ``weight`` as stored (any float dtype; NonFiniteWeight when it
+        holds NaN or Inf: :func:`finite_float`) and the method (``fit`` its grid-fitting function, ``method`` the
+        :class:`~surgery.quantize.methods.QuantMethod`): by default the method's grid in the format's layout
+        (:meth:`encode_grid`), fitted in chunks of rows where the method is ``row_separable``."""
+        scheme = plan.schemes[module]
+        if method.row_separable:
+            grid, error_sq, norm_sq = fit_rows(fit, module, weight, scheme)
+            return Encoded(self.encode_grid(grid, plan.dtype), error_sq, norm_sq, by_rows=True)
+        weight = finite_float(weight)
+        grid = fit(module, weight, scheme)
+        return Encoded.compared(self.encode_grid(grid, plan.dtype), weight, grid.dequantize())
 
     def encode_grid(self, grid: Grid, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """A grid → local tensor name → tensor."""

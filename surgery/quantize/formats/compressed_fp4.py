@@ -19,8 +19,8 @@ import torch
 
 from surgery.arch import Architecture
 from surgery.errors import BadInput
-from surgery.io.checkpoint import Checkpoint, TensorInfo
-from surgery.quantize.formats.base import Encoded, Fit, Plan, module_tensors, require_dtypes
+from surgery.io.checkpoint import Checkpoint, TensorInfo, largest_magnitude
+from surgery.quantize.formats.base import Encoded, Fit, Plan, encode_rows, module_tensors, require_dtypes
 from surgery.quantize.formats.compressed_fp8 import FP8, FP8_MAX, RoundToNearestOnly
 from surgery.quantize.formats.compressed_tensors import compressed_tensors_config, quantization_entry
 from surgery.quantize.grid import Scheme
@@ -129,7 +129,7 @@ class PackedFP4(RoundToNearestOnly):
             return
         arch, amax, fused = Architecture.from_config(ckpt.config), {}, {}
         for module, info in plan.modules.items():
-            amax[module] = float(ckpt.get(info.name).float().abs().max())
+            amax[module] = largest_magnitude(ckpt.get(info.name))  # in chunks: no whole float32 copy
             kind = FUSED_KINDS.get(arch.role(info.name).kind)
             fused[module] = (module.rpartition(".")[0], kind) if kind else module
         peak: dict = {}
@@ -141,6 +141,12 @@ class PackedFP4(RoundToNearestOnly):
             for module, key in fused.items()}
 
     def encode(self, plan: Plan, module: str, weight: torch.Tensor, fit: Fit, method) -> Encoded:
+        """Row by row: every group's scale is its own (NVFP4's global scale, the module's, is from prepare())."""
+        return encode_rows(lambda rows: self._encode_rows(plan, module, rows), weight,
+                           per_module=("weight_global_scale",))
+
+    def _encode_rows(self, plan: Plan, module: str, weight: torch.Tensor) -> tuple[dict[str, torch.Tensor],
+                                                                                    torch.Tensor]:
         out, inp = weight.shape
         group = self.default_group_size
         amax = weight.reshape(out, -1, group).abs().amax(dim=-1)
@@ -156,7 +162,7 @@ class PackedFP4(RoundToNearestOnly):
             tensors = {"weight_scale": (exponent + E8M0_BIAS).to(torch.uint8)}
         expanded = scale.repeat_interleave(group, dim=1)
         codes = e2m1_codes(weight / expanded)
-        return Encoded({"weight_packed": pack_pairs(codes), **tensors}, weight, e2m1_values(codes) * expanded)
+        return {"weight_packed": pack_pairs(codes), **tensors}, e2m1_values(codes).mul_(expanded)
 
     def quantization_config(self, schemes: dict[str, Scheme], scheme: Scheme, ignore: list[str],
                             dtype: torch.dtype, fallbacks: dict[int, list[str]]) -> dict:

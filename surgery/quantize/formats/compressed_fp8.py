@@ -19,7 +19,7 @@ import torch
 
 from surgery.errors import BadInput
 from surgery.io.checkpoint import Checkpoint, TensorInfo
-from surgery.quantize.formats.base import Encoded, Fit, Plan, QuantFormat
+from surgery.quantize.formats.base import Encoded, Fit, Plan, QuantFormat, encode_rows
 from surgery.quantize.formats.compressed_tensors import compressed_tensors_config, quantization_entry
 from surgery.quantize.grid import Scheme
 
@@ -95,6 +95,10 @@ class FloatFP8(RoundToNearestOnly):
                 TensorInfo(f"{module}.weight_scale", dtype, self._scale_shape(shape))]
 
     def encode(self, plan: Plan, module: str, weight: torch.Tensor, fit: Fit, method) -> Encoded:
+        """Row by row (blocks of 128 rows): every channel's or block's scale is its own."""
+        return encode_rows(lambda rows: self._encode_rows(rows, plan.dtype), weight, self.block or 1)
+
+    def _encode_rows(self, weight: torch.Tensor, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         if self.block:
             rows, columns = self._scale_shape(weight.shape)
             padded = torch.zeros(rows * self.block, columns * self.block)
@@ -102,12 +106,12 @@ class FloatFP8(RoundToNearestOnly):
             amax = padded.reshape(rows, self.block, columns, self.block).amax(dim=(1, 3))
         else:
             amax = weight.abs().amax(dim=1, keepdim=True)
-        stored = (amax / FP8_MAX).to(plan.dtype)
+        stored = (amax / FP8_MAX).to(dtype)
         # an all-zero channel or block: any scale decodes its zeros; compressed-tensors writes its dtype's eps
-        stored = torch.where(stored == 0, torch.finfo(plan.dtype).eps, stored)
+        stored = torch.where(stored == 0, torch.finfo(dtype).eps, stored)
         scale = expand_scales(stored.float(), weight.shape, self.block)
         q = (weight / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-        return Encoded({"weight": q, "weight_scale": stored}, weight, q.float() * scale)
+        return {"weight": q, "weight_scale": stored}, q.float().mul_(scale)
 
     def quantization_config(self, schemes: dict[str, Scheme], scheme: Scheme, ignore: list[str],
                             dtype: torch.dtype, fallbacks: dict[int, list[str]]) -> dict:

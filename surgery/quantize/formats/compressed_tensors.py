@@ -21,7 +21,7 @@ import torch
 from surgery.arch import Architecture
 from surgery.io.checkpoint import Checkpoint, TensorInfo
 from surgery.quantize.formats.base import Plan, QuantFormat, module_tensors, require_dtypes
-from surgery.quantize.packing import pack, pad_rows, unpack
+from surgery.quantize.packing import pack, pad_rows, unpack, unsigned_fields
 from surgery.quantize.grid import Grid, Scheme
 from surgery.quantize.groups import fallback_targets, group_size_of, per_module_group_sizes
 
@@ -94,7 +94,7 @@ class CompressedTensors(QuantFormat):
 
     def encode_grid(self, grid: Grid, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         scheme, offset = grid.scheme, 1 << (grid.scheme.bits - 1)
-        tensors = {"weight_packed": pack(grid.q.to(torch.int32) + offset, scheme.bits),
+        tensors = {"weight_packed": pack(unsigned_fields(grid.q, scheme.bits), scheme.bits),
                    "weight_scale": grid.scale.to(dtype),
                    "weight_shape": torch.tensor(grid.q.shape, dtype=torch.int64)}
         if not scheme.symmetric:

@@ -32,7 +32,7 @@ from surgery.errors import BadInput
 from surgery.io.checkpoint import Checkpoint, TensorInfo
 from surgery.io.loader_check import check_gguf
 from surgery.io.writer import atomic_directory
-from surgery.quantize.formats.base import Encoded, Fit, Plan, QuantFormat, Written
+from surgery.quantize.formats.base import Encoded, Fit, Plan, QuantFormat, Written, finite_float
 from surgery.quantize.grid import Grid, Scheme
 from surgery.quantize.kquants import IMPORTANCE_KINDS, quantize_k
 
@@ -473,6 +473,7 @@ class GGUF(QuantFormat):
     def encode(self, plan: Plan, module: str, weight: torch.Tensor, fit: Fit, method) -> Encoded:
         """In llama.cpp's row order. A method whose grids were computed beforehand (selfcal: GPTQ trades weight
         error for output error) is stored as it is; otherwise :func:`quantize_weight` (rtn: llama.cpp's own)."""
+        weight = finite_float(weight)
         heads, kv_heads = _heads(plan.config)
         scheme, kind = plan.schemes[module], plan.extra["ggml_types"][module]
         laid = _llama_cpp_rows(module, weight, heads, kv_heads)
@@ -485,7 +486,7 @@ class GGUF(QuantFormat):
             data = quantize_weight(laid, scheme.bits, method.reference_rounding,
                                    lambda w, grid_scheme: fit(module, w, grid_scheme), kind,
                                    plan.importance.get(module))
-        return Encoded({"weight": data}, laid, _dequantize_bytes(data, kind))
+        return Encoded.compared({"weight": data}, laid, _dequantize_bytes(data, kind))
 
     def quantization_config(self, schemes: dict[str, Scheme], scheme: Scheme, ignore: list[str],
                             dtype: torch.dtype, fallbacks: dict[int, list[str]]) -> None:

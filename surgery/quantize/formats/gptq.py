@@ -14,7 +14,7 @@ import torch
 
 from surgery.io.checkpoint import Checkpoint, TensorInfo
 from surgery.quantize.formats.base import Plan, QuantFormat, module_tensors, require_dtypes
-from surgery.quantize.packing import pack, unpack
+from surgery.quantize.packing import pack, unpack, unsigned_fields
 from surgery.quantize.grid import Grid, Scheme
 from surgery.quantize.groups import one_group_size
 
@@ -55,7 +55,7 @@ class GPTQ(QuantFormat):
         unsigned_zero = grid.zero.to(torch.int32) + offset - 1  # v1 stores zero − 1
         padded = torch.cat([unsigned_zero.T, unsigned_zero.new_zeros(unsigned_zero.shape[1], -out % (32 // bits))],
                            dim=1)
-        return {"qweight": pack(grid.q.to(torch.int32) + offset, bits).T.contiguous(),
+        return {"qweight": pack(unsigned_fields(grid.q, bits), bits).T.contiguous(),
                 "qzeros": pack(padded & ((1 << bits) - 1), bits),
                 "scales": grid.scale.T.to(torch.float16).contiguous(),
                 "g_idx": torch.arange(inp, dtype=torch.int32) // grid.scheme.group_size}

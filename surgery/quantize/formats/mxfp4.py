@@ -20,7 +20,7 @@ import torch
 from surgery.errors import BadInput
 from surgery.io.checkpoint import Checkpoint, TensorInfo
 from surgery.io.mxfp4_input import is_mxfp4
-from surgery.quantize.formats.base import Encoded, Fit, Plan, QuantFormat
+from surgery.quantize.formats.base import Encoded, Fit, Plan, QuantFormat, finite_float
 from surgery.quantize.grid import Scheme
 from surgery.quantize.microscaling import (BLOCK, E8M0_BIAS, decode_experts, mxfp4_dequantize, mxfp4_quantize,
                                            pack_fp4, unpack_fp4)
@@ -75,6 +75,7 @@ class MXFP4(QuantFormat):
                 TensorInfo(f"{module}_scales", torch.uint8, (experts, outputs, inputs // BLOCK))]
 
     def encode(self, plan: Plan, module: str, weight: torch.Tensor, fit: Fit, method) -> Encoded:
+        weight = finite_float(weight)
         experts, inputs, outputs = weight.shape
         blocks = torch.empty(experts, outputs, inputs // BLOCK, BLOCK // 2, dtype=torch.uint8)
         scales = torch.empty(experts, outputs, inputs // BLOCK, dtype=torch.uint8)
@@ -83,7 +84,7 @@ class MXFP4(QuantFormat):
             codes, exponents = mxfp4_quantize(weight[expert].T)  # blocks run along each output's inputs
             blocks[expert], scales[expert] = pack_fp4(codes), (exponents + E8M0_BIAS).to(torch.uint8)
             approx[expert] = mxfp4_dequantize(codes, exponents).T
-        return Encoded({"blocks": blocks, "scales": scales}, weight, approx)
+        return Encoded.compared({"blocks": blocks, "scales": scales}, weight, approx)
 
     def quantization_config(self, schemes: dict[str, Scheme], scheme: Scheme, ignore: list[str],
                             dtype: torch.dtype, fallbacks: dict[int, list[str]]) -> dict:
