@@ -49,14 +49,15 @@ def outputs(source, tmp_path_factory):
     return out
 
 
-def hooked_importance(source, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Mean x² per input column of every decoder Linear, from transformers' whole model in float64."""
+def hooked_importance(source, ids: torch.Tensor, head: bool = False) -> dict[str, torch.Tensor]:
+    """Mean x² per input column of every decoder Linear (and the lm_head's), from transformers' whole model in
+    float64."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float64).eval()
     sums, counts, handles = {}, {}, []
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+        if isinstance(module, torch.nn.Linear) and (".layers." in name or (head and name == "lm_head")):
             def record(module, args, name=name):
                 x = args[0].reshape(-1, args[0].shape[-1])
                 sums[name] = sums.get(name, 0) + (x * x).sum(0)
@@ -224,3 +225,37 @@ def test_integer_grids_under_imatrix_lower_the_weighted_error_and_load(options, 
     reference.load_state_dict({f"{n}.weight": w for n, w in decoded["imatrix"].items()}, strict=False)
     with torch.no_grad():
         torch.testing.assert_close(loaded(TOKENS).logits, reference(TOKENS).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_a_quantized_lm_head_gets_the_importance_of_its_input(source, tmp_path):
+    """The lm_head's input is the final norm's output: measured after the last layer without running the head, it
+    is transformers' own (float64 hooks); with --ignore leaving lm_head quantized, --imatrix weighs its grid too."""
+    from safetensors.torch import load_file
+
+    from surgery.io import open_checkpoint
+    from surgery.quantize.imatrix import importance_matrix, resolve
+    from surgery.quantize.selfcal import generate_pool
+
+    with open_checkpoint(source) as ckpt:
+        importance, report = importance_matrix(ckpt, ["lm_head", "model.layers.3.mlp.down_proj"],
+                                               resolve({"sequences": SEQUENCES, "length": 32}), seed=3)
+        pool = generate_pool(ckpt, {"candidates": SEQUENCES, "length": 32, "greedy_tokens": 4}, 3)
+    expected = hooked_importance(source, pool, head=True)
+    assert sorted(importance) == ["lm_head", "model.layers.3.mlp.down_proj"] and report["modules"] == 2
+    torch.testing.assert_close(importance["lm_head"].double(), expected["lm_head"], rtol=1e-4, atol=1e-9)
+
+    decoded, manifests = {}, {}
+    for name, extra in (("plain", []), ("imatrix", ["--imatrix", "--calibration-sequences", str(SEQUENCES)])):
+        done = run_surgery("quantize", source, "-o", tmp_path / name, "--ignore", "vision", "--group-size", "64",
+                           *extra)
+        assert done.returncode == 0, done.stderr
+        manifests[name] = json.loads((tmp_path / name / "surgery.json").read_text())
+        with open_checkpoint(tmp_path / name) as ckpt:
+            decoded[name] = ckpt.get("lm_head.weight").double()
+    assert manifests["imatrix"]["output"]["importance_matrix"]["without_importance"] == 0
+    with open_checkpoint(source) as ckpt:
+        pool = generate_pool(ckpt, {"candidates": SEQUENCES, "length": 256, "greedy_tokens": 4}, 0)
+    weight = hooked_importance(source, pool, head=True)["lm_head"]
+    original = load_file(source / "model.safetensors")["lm_head.weight"].double()
+    errors = {name: float((weight * (original - values) ** 2).sum()) for name, values in decoded.items()}
+    assert errors["imatrix"] < 0.9 * errors["plain"], errors

@@ -22,8 +22,9 @@ chunk              8        sequences run through a layer at once
 =================  =======  ================================================================================
 
 Generating loads the whole model once (float32), as selfcal's pool does; the statistics then need one decoder
-layer and the pool's hidden states. Modules outside the decoder layers (a quantized lm_head) get no importance and
-are quantized as without one. Deterministic for a seed on a given machine and thread count.
+layer and the pool's hidden states, and a quantized lm_head its input (the final norm's output; the head itself is
+not run). Other modules outside the decoder layers' Linears (fused MoE experts) get no importance and are quantized
+as without one. Deterministic for a seed on a given machine and thread count.
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ def importance_matrix(ckpt: Checkpoint, modules: list[str], params: dict,
         seed: the seed of the generated text.
 
     Returns:
-        ``(importance, report)``: module → float32 (in_features,) for every module inside the decoder layers, and
+        ``(importance, report)``: module → float32 (in_features,) for every module inside the decoder layers and
+        the lm_head, and
         ``{"sequences", "tokens", "modules"}`` for the manifest.
 
     Example::
@@ -111,6 +113,10 @@ def importance_matrix(ckpt: Checkpoint, modules: list[str], params: dict,
             linears = [name for name in stream.linears(index) if name in wanted]
             with input_hooks(stream.model, {name: accumulate(name) for name in linears}):
                 hidden = [stream.run(index, h, kwargs[c]) for c, h in enumerate(hidden)]
+        head = stream.names.get(id(stream.head)) if stream.head is not None else None
+        if head in wanted:  # a quantized lm_head: its input is the final norm's output
+            for ids, h in zip(stream.chunks(pool), hidden):
+                accumulate(head)(stream.head_inputs(ids, h))
     finally:
         torch.set_flush_denormal(False)
     importance = {name: (sums[name] / counts[name]).float() for name in sums}

@@ -137,6 +137,10 @@ def _swapped_layers(decoder: nn.Module, replacement: list[nn.Module]) -> Iterato
         decoder.layers = original
 
 
+class _HeadReached(Exception):
+    """Stops a forward pass at the lm_head (LayerStream.head_inputs)."""
+
+
 def _output(result):
     return result[0] if isinstance(result, tuple) else result
 
@@ -220,6 +224,41 @@ class LayerStream:
                     for index, layer in enumerate(self.layers)]
         with _swapped_layers(self.decoder, catchers):
             return self.model(input_ids=ids, use_cache=False).logits.float()
+
+    @torch.no_grad()
+    def head_inputs(self, ids: torch.Tensor, final_hidden: torch.Tensor) -> torch.Tensor | None:
+        """What the lm_head multiplies (the final norm's output: transformers' own path) given the last layer's
+        output ``final_hidden`` for ``ids``; the head itself is not run (no vocabulary-wide logits). None when the
+        model has no output embeddings.
+
+        Args:
+            ids: the token ids the hidden states are of.
+            final_hidden: the last decoder layer's output.
+
+        Returns:
+            (sequences, length, hidden) float tensor, or None::
+
+                x = stream.head_inputs(ids, hidden[0])      # its mean x² per column: the head's importance
+        """
+        if self.head is None:
+            return None
+        record: dict = {}
+
+        def stop(module, args):
+            record["inputs"] = args[0]
+            raise _HeadReached
+
+        catchers = [_Catcher(layer, {}, index == 0, final_hidden if index == 0 else None)
+                    for index, layer in enumerate(self.layers)]
+        handle = self.head.register_forward_pre_hook(stop)
+        try:
+            with _swapped_layers(self.decoder, catchers):
+                self.model(input_ids=ids, use_cache=False)
+        except _HeadReached:
+            pass
+        finally:
+            handle.remove()
+        return record.get("inputs")
 
     def load_layer(self, index: int) -> nn.Module:
         """Load decoder layer ``index`` from the checkpoint and return it (free it with :meth:`free_layer`)."""
