@@ -21,15 +21,17 @@
    its block of 32 (what rounding to that grid took away, in distribution), and all rows are scored against
    that model.
 2. Speed and memory: ``surgery quantize --method rtn`` (W4A16, group 128) against llm-compressor 0.14's
-   ``model_free_ptq(scheme="W4A16")`` on a synthetic 0.45 B-parameter Llama (bf16), alternating, ``--repeat``
-   runs each, with wall time and peak anonymous memory of the process tree (benchmarks/procmem.py), and whether
-   the two wrote the same tensors byte for byte (embeddings and lm_head left out by both).
+   ``model_free_ptq(scheme="W4A16")`` on synthetic 0.45 B and 1.2 B-parameter Llamas (bf16), alternating,
+   ``--repeat`` runs each, with wall time and peak anonymous memory of the process tree (benchmarks/procmem.py),
+   the ratios of the medians, and whether the two wrote the same tensors byte for byte (embeddings and lm_head
+   left out by both). Each tool runs with only its own packages importable (hqq is not: transformers imports it
+   wherever it can, ~1.7 s per process).
 
 ::
 
     python benchmarks/quantize_peers.py                          # both parts, ~25 minutes on 2 cores
     python benchmarks/quantize_peers.py --part quality --group-sizes 64
-    python benchmarks/quantize_peers.py --part speed --repeat 3 --out benchmarks/results/quantize_peers.json
+    python benchmarks/quantize_peers.py --part speed --sizes 0.45b --out benchmarks/results/quantize_peers.json
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,21 +52,29 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-PEERS = ROOT / "benchmarks" / "data" / "peers"
-PEER_PACKAGES = ["hqq==0.2.8", "einops", "termcolor", "llmcompressor==0.14.0.1"]
+PEERS = ROOT / "benchmarks" / "data" / "peers"  # hqq, for the quality part
+PEER_PACKAGES = ["hqq==0.2.8", "einops", "termcolor"]
+# llm-compressor apart from hqq: transformers imports hqq wherever it is importable (its quantized KV cache), which
+# costs every process that loads a model ~1.7 s; neither timed tool needs it
+LLMCOMPRESSOR = ROOT / "benchmarks" / "data" / "peers-llmcompressor"
+LLMCOMPRESSOR_PACKAGES = ["llmcompressor==0.14.0.1"]
 SOURCE = ROOT / "benchmarks" / "data" / "smollm2-f32"
-SPEED_LAYOUT = dict(hidden_size=1536, num_hidden_layers=14, intermediate_size=4096, vocab_size=32000,
-                    num_attention_heads=12, num_key_value_heads=4)
+SPEED_LAYOUTS = {  # synthetic bf16 Llamas: fixed start-up costs weigh on the small one, compute on the larger
+    "0.45b": dict(hidden_size=1536, num_hidden_layers=14, intermediate_size=4096, vocab_size=32000,
+                  num_attention_heads=12, num_key_value_heads=4),
+    "1.2b": dict(hidden_size=2048, num_hidden_layers=24, intermediate_size=5632, vocab_size=32000,
+                 num_attention_heads=16, num_key_value_heads=4),
+}
 WINDOW, WINDOWS = 1024, 10
 
 
 def install_peers() -> None:
-    """The peers into benchmarks/data/peers (without their dependencies: this environment has torch,
-    transformers and compressed-tensors already), unless there."""
-    if (PEERS / "hqq").exists() and (PEERS / "llmcompressor").exists():
-        return
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(PEERS),
-                    *PEER_PACKAGES], check=True)
+    """The peers into benchmarks/data/peers and peers-llmcompressor (without their dependencies: this environment
+    has torch, transformers and compressed-tensors already), unless there."""
+    for target, packages in ((PEERS, PEER_PACKAGES), (LLMCOMPRESSOR, LLMCOMPRESSOR_PACKAGES)):
+        if not (target / packages[0].split("==")[0]).exists():
+            subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
+                            *packages], check=True)
 
 
 def source_checkpoint() -> Path:
@@ -177,13 +188,28 @@ def quality(group_sizes: list[int], dither: bool) -> list[dict]:
     return rows
 
 
-def speed(repeat: int) -> list[dict]:
+def speed(repeat: int, sizes: list[str]) -> list[dict]:
+    """Rows per run and tool for each size, then per size the medians' ratios and whether the outputs match."""
+    rows = []
+    for size in sizes:
+        runs = speed_runs(repeat, size)
+        rows += runs
+        median = {tool: {key: statistics.median(row[key] for row in runs if row["tool"] == tool)
+                         for key in ("wall_s", "peak_anon_MB")} for tool in ("surgery", "llmcompressor")}
+        rows.append({"size": size, "tool": "surgery / llmcompressor (medians)",
+                     "wall_s": round(median["surgery"]["wall_s"] / median["llmcompressor"]["wall_s"], 3),
+                     "peak_anon_MB": round(median["surgery"]["peak_anon_MB"] / median["llmcompressor"]["peak_anon_MB"],
+                                           3)})
+    return rows
+
+
+def speed_runs(repeat: int, size: str) -> list[dict]:
     from procmem import measure
     from synthetic import ensure_checkpoint
 
-    source = ROOT / "benchmarks" / "data" / "quantize-speed" / "base"
-    ensure_checkpoint(source, SPEED_LAYOUT, 0)
-    env = {"PYTHONPATH": os.pathsep.join([str(ROOT), str(PEERS)])}
+    source = ROOT / "benchmarks" / "data" / f"quantize-speed-{size}" / "base"
+    ensure_checkpoint(source, SPEED_LAYOUTS[size], 0)
+    paths = {"surgery": [str(ROOT)], "llmcompressor": [str(ROOT), str(LLMCOMPRESSOR)]}
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         outputs = {"surgery": Path(scratch) / "surgery", "llmcompressor": Path(scratch) / "llmcompressor"}
@@ -197,13 +223,13 @@ def speed(repeat: int) -> list[dict]:
                               "device='cpu')", str(source), str(outputs["llmcompressor"])]}
         for run in range(repeat):
             for tool, command in commands.items():
-                result = measure(command, env=env)
+                result = measure(command, env={"PYTHONPATH": os.pathsep.join(paths[tool])})
                 if result.returncode:
                     raise SystemExit(f"{tool} failed:\n{result.stderr[-2000:]}")
-                rows.append({"tool": tool, "run": run, "wall_s": round(result.wall_s, 2),
+                rows.append({"size": size, "tool": tool, "run": run, "wall_s": round(result.wall_s, 2),
                              "peak_anon_MB": round(result.peak_anon_bytes / 1e6)})
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-        rows.append({"same_tensors": same_tensors(outputs["surgery"], outputs["llmcompressor"])})
+        print(f"{size}: outputs {same_tensors(outputs['surgery'], outputs['llmcompressor'])}", file=sys.stderr)
     return rows
 
 
@@ -237,7 +263,8 @@ def main() -> None:
     parser.add_argument("--group-sizes", default="32,64,128")
     parser.add_argument("--reference", choices=["dithered", "q4_1"], default="dithered",
                         help="the reference's decoder weights as shipped (q4_1) or dithered off that grid")
-    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--sizes", default=",".join(SPEED_LAYOUTS), help="speed part: synthetic model sizes")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     install_peers()
@@ -248,9 +275,8 @@ def main() -> None:
         results["reference"] = args.reference
         print(table(results["quality"], ["tool", "method", "group", "ppl", "kl", "top1"]))
     if args.part in ("speed", "both"):
-        results["speed"] = speed(args.repeat)
-        print(table(results["speed"], ["tool", "run", "wall_s", "peak_anon_MB"]))
-        print(results["speed"][-1])
+        results["speed"] = speed(args.repeat, args.sizes.split(","))
+        print(table(results["speed"], ["size", "tool", "run", "wall_s", "peak_anon_MB"]))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1))
