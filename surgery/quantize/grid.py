@@ -85,7 +85,7 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_s
     Example: ``dequantize(grid.q, grid.scale, grid.zero, 128)   # the same as grid.dequantize()``
     """
     rows, columns = q.shape
-    grouped = q.float().reshape(rows, -1, group_size)
+    grouped = q.to(torch.float32, copy=True).reshape(rows, -1, group_size)  # a copy: changed in place below
     if zero.any():
         grouped.sub_(zero.float().unsqueeze(-1))
     return grouped.mul_(scale.float().unsqueeze(-1)).reshape(rows, columns)
