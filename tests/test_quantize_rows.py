@@ -128,3 +128,28 @@ def test_trim_above_trims_only_past_its_budget():
     assert trim() is True
     assert trim() is False  # the floor is now what the process holds
     del held
+
+
+@pytest.fixture(scope="module")
+def bf16_llama(tmp_path_factory):
+    """384 output rows in gate / up: three chunks of 128 rows (FP8_BLOCK's chunks are whole 128-row blocks)."""
+    from conftest import make_tiny_model, save_tokenizer
+
+    path = tmp_path_factory.mktemp("rows") / "llama"
+    model = make_tiny_model("llama", hidden_size=256, intermediate_size=384, num_hidden_layers=1,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    model.to(torch.bfloat16).save_pretrained(path)
+    save_tokenizer(path)
+    return path
+
+
+@pytest.mark.parametrize("preset", ["FP8_DYNAMIC", "FP8_BLOCK", "NVFP4A16", "MXFP4A16"])
+def test_presets_encoded_by_rows_are_the_whole_module_encoding(preset, bf16_llama, tmp_path, monkeypatch):
+    from surgery.quantize.engine import QuantizeConfig, quantize
+
+    written = {}
+    for label, elements in (("rows", 128 * 256), ("whole", 1 << 30)):  # 128 rows a chunk, or every module at once
+        monkeypatch.setattr(base, "ROW_CHUNK_ELEMENTS", elements)
+        quantize(QuantizeConfig(str(bf16_llama), str(tmp_path / label), preset=preset))
+        written[label] = (tmp_path / label / "model.safetensors").read_bytes()
+    assert written["rows"] == written["whole"]
