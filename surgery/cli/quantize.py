@@ -64,8 +64,8 @@ def quantize(
                                     "vision-language model). Routers, norms and embeddings are never quantized."),
     seed: Optional[int] = typer.Option(None, "--seed", help="selfcal, --imatrix: seed of the generated text (0)."),
     calibration_sequences: Optional[int] = typer.Option(None, "--calibration-sequences",
-                                              help="selfcal: sequences kept for calibration per round (twice as "
-                                                   "many are generated); --imatrix: sequences generated (32)."),
+                                              help="selfcal: sequences kept for calibration per round (32; twice "
+                                                   "as many are generated); --imatrix: sequences generated (8)."),
     rounds: Optional[int] = typer.Option(None, "--rounds", help="selfcal: score → select → calibrate rounds (2)."),
     imatrix: bool = typer.Option(False, "--imatrix", help="rtn into compressed-tensors, GPTQ or GGUF: search each "
                                                           "group's scale (and zero point) under a data-free "
